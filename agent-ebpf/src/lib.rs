@@ -1,0 +1,168 @@
+//! The kernel/user ABI of connscope: every `#[repr(C)]` type that crosses the
+//! ring buffer or is written into the kernel programs' globals lives here, so
+//! that the kernel side and the agent cannot disagree about a layout.
+#![no_std]
+
+/// Length of a task's `comm`, as the kernel stores it (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+/// Bytes kept of an AF_UNIX path or an exec'd filename (sun_path is 108 bytes).
+pub const PATH_LEN: usize = 108;
+/// Bytes of the dialed `struct sockaddr` copied at `connect()` entry
+/// (sa_family + sun_path, the largest family we decode).
+pub const SOCKADDR_LEN: usize = 112;
+/// Value of an offset the agent could not determine on this kernel.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
+
+/// What an [`Event`] reports; one byte so the event stays small.
+pub mod kind {
+    /// A `connect()` that did not establish a connection.
+    pub const CONNECT_FAILURE: u8 = 1;
+    /// A TCP socket entered LISTEN.
+    pub const LISTEN: u8 = 2;
+    /// A TCP socket left LISTEN (closed).
+    pub const LISTEN_CLOSE: u8 = 3;
+    /// A process called exec (container start times come from these).
+    pub const EXEC: u8 = 4;
+    /// A whole thread group exited.
+    pub const EXIT: u8 = 5;
+}
+
+/// Bits of [`Event::flags`].
+pub mod flags {
+    /// The connect was non-blocking: the application learned of the failure
+    /// later (poll/SO_ERROR), not from the `connect()` return value.
+    pub const NONBLOCKING: u8 = 1;
+    /// `errno` is what `connect()` itself returned.
+    pub const FROM_SYSCALL: u8 = 2;
+    /// A RST was received while the socket was in SYN_SENT.
+    pub const RST: u8 = 4;
+    /// `netns` holds the network namespace inode.
+    pub const NETNS_KNOWN: u8 = 8;
+    /// The task context (pid, comm, uid, cgroup) is that of the connecting
+    /// task; without it the connect was not seen starting (e.g. the agent
+    /// started mid-connect) and the context fields are zero.
+    pub const CONTEXT_KNOWN: u8 = 16;
+}
+
+/// One kernel observation, written to the ring buffer.
+///
+/// Addresses are in network byte order as the kernel keeps them; ports are in
+/// host byte order. For IPv4 only the first four bytes of an address are used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds at which the kernel saw it.
+    pub ts_ns: u64,
+    /// CLOCK_MONOTONIC nanoseconds at which the connect started (0 if unknown).
+    pub start_ns: u64,
+    /// cgroup v2 id of the task (0 if unknown).
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Network namespace inode; valid when [`flags::NETNS_KNOWN`] is set.
+    pub netns: u32,
+    /// Positive errno of a failure, 0 if the kernel did not say.
+    pub errno: i32,
+    /// One of [`kind`].
+    pub kind: u8,
+    /// Bits of [`flags`].
+    pub flags: u8,
+    /// AF_INET, AF_INET6, AF_UNIX, ...
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    /// AF_UNIX path for a connect failure, filename for an exec.
+    pub path: [u8; PATH_LEN],
+    /// Explicit tail padding, so no byte of an event is left uninitialised.
+    pub reserved: [u8; 4],
+}
+
+/// Offsets the kernel programs need, found by the agent at start-up from
+/// tracefs format files and `/sys/kernel/btf/vmlinux` instead of being
+/// compiled in for one kernel (Rust eBPF has no CO-RE).
+///
+/// Every field is a byte offset, or [`OFFSET_UNKNOWN`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `sock:inet_sock_set_state` fields.
+    pub sss_skaddr: u32,
+    pub sss_oldstate: u32,
+    pub sss_newstate: u32,
+    pub sss_sport: u32,
+    pub sss_dport: u32,
+    pub sss_family: u32,
+    pub sss_protocol: u32,
+    pub sss_saddr: u32,
+    pub sss_daddr: u32,
+    pub sss_saddr_v6: u32,
+    pub sss_daddr_v6: u32,
+    /// `tcp:tcp_receive_reset` skaddr.
+    pub rst_skaddr: u32,
+    /// `syscalls:sys_enter_connect` fields.
+    pub enter_fd: u32,
+    pub enter_uservaddr: u32,
+    pub enter_addrlen: u32,
+    /// `syscalls:sys_exit_connect` ret.
+    pub exit_ret: u32,
+    /// `sched:sched_process_exec` __data_loc filename.
+    pub exec_filename: u32,
+    /// `sched:sched_process_exit` group_dead (absent before 6.x kernels).
+    pub exit_group_dead: u32,
+    /// `struct sock`.sk_err (BTF).
+    pub sock_sk_err: u32,
+    /// `struct task_struct`.nsproxy, `struct nsproxy`.net_ns and
+    /// `struct net`.ns.inum (BTF), to read the network namespace.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+    pub net_inum: u32,
+}
+
+impl Config {
+    /// A configuration in which nothing is known; the programs then do
+    /// nothing that needs an offset.
+    pub const UNKNOWN: Config = Config {
+        sss_skaddr: OFFSET_UNKNOWN,
+        sss_oldstate: OFFSET_UNKNOWN,
+        sss_newstate: OFFSET_UNKNOWN,
+        sss_sport: OFFSET_UNKNOWN,
+        sss_dport: OFFSET_UNKNOWN,
+        sss_family: OFFSET_UNKNOWN,
+        sss_protocol: OFFSET_UNKNOWN,
+        sss_saddr: OFFSET_UNKNOWN,
+        sss_daddr: OFFSET_UNKNOWN,
+        sss_saddr_v6: OFFSET_UNKNOWN,
+        sss_daddr_v6: OFFSET_UNKNOWN,
+        rst_skaddr: OFFSET_UNKNOWN,
+        enter_fd: OFFSET_UNKNOWN,
+        enter_uservaddr: OFFSET_UNKNOWN,
+        enter_addrlen: OFFSET_UNKNOWN,
+        exit_ret: OFFSET_UNKNOWN,
+        exec_filename: OFFSET_UNKNOWN,
+        exit_group_dead: OFFSET_UNKNOWN,
+        sock_sk_err: OFFSET_UNKNOWN,
+        task_nsproxy: OFFSET_UNKNOWN,
+        nsproxy_net_ns: OFFSET_UNKNOWN,
+        net_inum: OFFSET_UNKNOWN,
+    };
+}
+
+/// Names of the maps and globals, shared so a rename breaks the build, not a load.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const CONFIG: &str = "CONFIG";
+}
+
+// SAFETY: both types are #[repr(C)], Copy, made only of integers and byte
+// arrays, and every bit pattern is a valid value.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Event {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Config {}

@@ -1,0 +1,501 @@
+//! The BPF-target half of the crate; see the crate docs in `main.rs`.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_user_buf,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
+    },
+    EbpfContext as _,
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use connscope_ebpf::{
+    COMM_LEN, Config, Event, OFFSET_UNKNOWN, PATH_LEN, SOCKADDR_LEN, flags, kind,
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+const EINTR: i32 = 4;
+const EISCONN: i32 = 106;
+const EALREADY: i32 = 114;
+const EINPROGRESS: i32 = 115;
+const ECONNREFUSED: i32 = 111;
+/// Kernel-internal restart codes (ERESTARTSYS..): the connect goes on.
+const ERESTART_MIN: i32 = 512;
+
+/// Offsets, written by the agent before load (a `.rodata` global).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::UNKNOWN;
+
+/// Events to userspace. The agent resizes it (`--ring-buffer-bytes`).
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+
+/// Events the ring buffer had no room for, per CPU; index 0.
+#[map(name = "LOST")]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// A `connect()` in flight, keyed by thread id: what was dialed, and what the
+/// socket did while the syscall ran.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Pending {
+    start_ns: u64,
+    /// The socket that entered SYN_SENT during this syscall (0: none yet).
+    sk: u64,
+    saddr: [u8; 16],
+    sport: u16,
+    /// Set when the socket failed while the syscall was still running.
+    failed: u8,
+    sk_flags: u8,
+    failed_errno: i32,
+    addr: [u8; SOCKADDR_LEN],
+}
+
+/// Context of a socket in SYN_SENT, captured in the connecting task.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockCtx {
+    start_ns: u64,
+    cgroup_id: u64,
+    tgid: u32,
+    tid: u32,
+    uid: u32,
+    gid: u32,
+    netns: u32,
+    /// 1 while the connecting thread is still inside `connect()`.
+    in_syscall: u8,
+    /// Bits of `flags` collected so far (RST, NETNS_KNOWN, NONBLOCKING).
+    flags: u8,
+    _pad: [u8; 2],
+    comm: [u8; COMM_LEN],
+}
+
+/// Bounded: a thread has at most one connect in flight; LRU drops entries of
+/// threads that died inside the syscall.
+#[map(name = "PENDING")]
+static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(16384, 0);
+
+/// Bounded: sockets in SYN_SENT; removed on every state change out of it.
+#[map(name = "SYNSENT")]
+static SYNSENT: LruHashMap<u64, SockCtx> = LruHashMap::with_max_entries(65536, 0);
+
+#[inline(always)]
+fn config() -> Config {
+    // SAFETY: CONFIG is a plain global; the volatile read keeps the compiler
+    // from folding the compile-time default into the code.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, off: u32) -> Option<T> {
+    if off == OFFSET_UNKNOWN {
+        return None;
+    }
+    // SAFETY: the offset comes from this kernel's tracefs format file for
+    // this tracepoint; the helper faults safely on a bad address anyway.
+    unsafe { ctx.read_at::<T>(off as usize) }.ok()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn cgroup_id() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// Network namespace inode of the current task, via BTF-derived offsets.
+#[inline(always)]
+fn current_netns(cfg: &Config) -> Option<u32> {
+    if cfg.task_nsproxy == OFFSET_UNKNOWN
+        || cfg.nsproxy_net_ns == OFFSET_UNKNOWN
+        || cfg.net_inum == OFFSET_UNKNOWN
+    {
+        return None;
+    }
+    // SAFETY: offsets come from this kernel's BTF; bpf_probe_read_kernel
+    // returns an error instead of faulting on a bad pointer.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let nsproxy: u64 =
+            bpf_probe_read_kernel(task.add(cfg.task_nsproxy as usize) as *const u64).ok()?;
+        if nsproxy == 0 {
+            return None;
+        }
+        let net: u64 = bpf_probe_read_kernel(
+            (nsproxy as *const u8).add(cfg.nsproxy_net_ns as usize) as *const u64,
+        )
+        .ok()?;
+        if net == 0 {
+            return None;
+        }
+        bpf_probe_read_kernel((net as *const u8).add(cfg.net_inum as usize) as *const u32).ok()
+    }
+}
+
+/// Everything about the current task an event carries.
+#[inline(always)]
+fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let (netns, netns_flag) = match current_netns(cfg) {
+        Some(n) => (n, flags::NETNS_KNOWN),
+        None => (0, 0),
+    };
+    SockCtx {
+        start_ns,
+        cgroup_id: cgroup_id(),
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        netns,
+        in_syscall: 0,
+        flags: netns_flag | flags::CONTEXT_KNOWN,
+        _pad: [0; 2],
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+#[inline(always)]
+fn event(k: u8, c: &SockCtx, ts_ns: u64) -> Event {
+    Event {
+        ts_ns,
+        start_ns: c.start_ns,
+        cgroup_id: c.cgroup_id,
+        tgid: c.tgid,
+        tid: c.tid,
+        uid: c.uid,
+        gid: c.gid,
+        netns: c.netns,
+        errno: 0,
+        kind: k,
+        flags: c.flags,
+        family: 0,
+        sport: 0,
+        dport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: c.comm,
+        path: [0; PATH_LEN],
+        reserved: [0; 4],
+    }
+}
+
+/// Sends an event, or counts it as lost: nothing disappears uncounted.
+#[inline(always)]
+fn submit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        if let Some(p) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot of this CPU; programs do not nest on one
+            // CPU for these tracepoints, so the increment is not torn.
+            unsafe { *p += 1 };
+        }
+    }
+}
+
+/// Addresses of an `inet_sock_set_state` event, by family.
+#[inline(always)]
+fn sss_addrs(ctx: &TracePointContext, cfg: &Config, family: u16) -> ([u8; 16], [u8; 16]) {
+    let mut s = [0u8; 16];
+    let mut d = [0u8; 16];
+    if family == AF_INET6 {
+        s = read(ctx, cfg.sss_saddr_v6).unwrap_or(s);
+        d = read(ctx, cfg.sss_daddr_v6).unwrap_or(d);
+    } else {
+        let s4: [u8; 4] = read(ctx, cfg.sss_saddr).unwrap_or([0; 4]);
+        let d4: [u8; 4] = read(ctx, cfg.sss_daddr).unwrap_or([0; 4]);
+        s[..4].copy_from_slice(&s4);
+        d[..4].copy_from_slice(&d4);
+    }
+    (s, d)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let Some(uaddr) = read::<u64>(&ctx, cfg.enter_uservaddr) else {
+        return 0;
+    };
+    let mut p = Pending {
+        start_ns: now(),
+        sk: 0,
+        saddr: [0; 16],
+        sport: 0,
+        failed: 0,
+        sk_flags: 0,
+        failed_errno: 0,
+        addr: [0; SOCKADDR_LEN],
+    };
+    // SAFETY: reads user memory through the helper, which fails cleanly.
+    unsafe {
+        let src = uaddr as *const u8;
+        if bpf_probe_read_user_buf(src, &mut p.addr).is_err() {
+            // A short sockaddr at the end of a mapping: take what an inet
+            // address needs.
+            let _ = bpf_probe_read_user_buf(src, &mut p.addr[..28]);
+        }
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = PENDING.insert(&tid, &p, 0);
+    0
+}
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    if read::<u16>(&ctx, cfg.sss_protocol) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    let (Some(sk), Some(old), Some(new)) = (
+        read::<u64>(&ctx, cfg.sss_skaddr),
+        read::<i32>(&ctx, cfg.sss_oldstate),
+        read::<i32>(&ctx, cfg.sss_newstate),
+    ) else {
+        return 0;
+    };
+    if new == TCP_SYN_SENT {
+        syn_sent(&cfg, sk);
+    } else if old == TCP_SYN_SENT {
+        left_syn_sent(&ctx, &cfg, sk, new);
+    } else if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
+        let k = if new == TCP_LISTEN {
+            kind::LISTEN
+        } else {
+            kind::LISTEN_CLOSE
+        };
+        let ts = now();
+        let c = current_ctx(&cfg, ts);
+        let family = read::<u16>(&ctx, cfg.sss_family).unwrap_or(0);
+        let (saddr, _) = sss_addrs(&ctx, &cfg, family);
+        let mut ev = event(k, &c, ts);
+        ev.family = family;
+        ev.sport = read::<u16>(&ctx, cfg.sss_sport).unwrap_or(0);
+        ev.saddr = saddr;
+        submit(&ev);
+    }
+    0
+}
+
+/// CLOSE -> SYN_SENT runs in the connecting task: remember who it is.
+#[inline(always)]
+fn syn_sent(cfg: &Config, sk: u64) {
+    let ts = now();
+    let mut c = current_ctx(cfg, ts);
+    let tid = c.tid;
+    if let Some(p) = PENDING.get_ptr_mut(&tid) {
+        // SAFETY: pointer into this thread's own map slot.
+        unsafe {
+            (*p).sk = sk;
+            c.start_ns = (*p).start_ns;
+        }
+        c.in_syscall = 1;
+    }
+    let _ = SYNSENT.insert(&sk, &c, 0);
+}
+
+/// SYN_SENT -> anything: ESTABLISHED is success; CLOSE is a failed connect.
+#[inline(always)]
+fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
+    let saved = SYNSENT.get_ptr(&sk).map(|p| {
+        // SAFETY: copied out before the entry is removed.
+        unsafe { *p }
+    });
+    let _ = SYNSENT.remove(&sk);
+    if new == TCP_ESTABLISHED || new != TCP_CLOSE {
+        return;
+    }
+    let ts = now();
+    let mut errno = 0i32;
+    if cfg.sock_sk_err != OFFSET_UNKNOWN {
+        // SAFETY: offset of sk_err in struct sock from this kernel's BTF.
+        errno = unsafe {
+            bpf_probe_read_kernel((sk as *const u8).add(cfg.sock_sk_err as usize) as *const i32)
+        }
+        .unwrap_or(0);
+    }
+    let rst = saved.map(|c| c.flags & flags::RST != 0).unwrap_or(false);
+    if errno == 0 && rst {
+        errno = ECONNREFUSED;
+    }
+    if let Some(c) = saved {
+        if c.in_syscall == 1 {
+            if let Some(p) = PENDING.get_ptr_mut(&c.tid) {
+                // SAFETY: pointer into the connecting thread's map slot; it
+                // reports the failure when its syscall returns.
+                unsafe {
+                    if (*p).sk == sk {
+                        // The source port is assigned after SYN_SENT is
+                        // entered: take it (and the address) from here.
+                        (*p).sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
+                        let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
+                        (*p).saddr = sss_addrs(ctx, cfg, family).0;
+                        (*p).failed = 1;
+                        (*p).failed_errno = errno;
+                        (*p).sk_flags = c.flags;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    // Not inside connect() any more (non-blocking, interrupted, or a connect
+    // we did not see start): report from here.
+    let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
+    let (saddr, daddr) = sss_addrs(ctx, cfg, family);
+    let c = saved.unwrap_or(SockCtx {
+        start_ns: 0,
+        cgroup_id: 0,
+        tgid: 0,
+        tid: 0,
+        uid: 0,
+        gid: 0,
+        netns: 0,
+        in_syscall: 0,
+        flags: 0,
+        _pad: [0; 2],
+        comm: [0; COMM_LEN],
+    });
+    let mut ev = event(kind::CONNECT_FAILURE, &c, ts);
+    ev.errno = errno;
+    ev.family = family;
+    ev.sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
+    ev.dport = read::<u16>(ctx, cfg.sss_dport).unwrap_or(0);
+    ev.saddr = saddr;
+    ev.daddr = daddr;
+    submit(&ev);
+}
+
+#[tracepoint(category = "tcp", name = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let Some(sk) = read::<u64>(&ctx, cfg.rst_skaddr) else {
+        return 0;
+    };
+    if let Some(c) = SYNSENT.get_ptr_mut(&sk) {
+        // SAFETY: pointer into the map slot of a socket in SYN_SENT.
+        unsafe { (*c).flags |= flags::RST };
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(pp) = PENDING.get_ptr(&tid) else {
+        return 0;
+    };
+    // SAFETY: this thread's own slot, copied before removal.
+    let p = unsafe { *pp };
+    let _ = PENDING.remove(&tid);
+    let ret = read::<i64>(&ctx, cfg.exit_ret).unwrap_or(0);
+    if ret == 0 {
+        return 0;
+    }
+    let err = (-ret) as i32;
+    let goes_on = err == EINPROGRESS || err == EINTR || err >= ERESTART_MIN;
+    if goes_on && p.failed == 0 {
+        // The connect continues without the syscall: a later failure is
+        // reported from inet_sock_set_state as non-blocking.
+        if p.sk != 0 {
+            if let Some(c) = SYNSENT.get_ptr_mut(&p.sk) {
+                // SAFETY: pointer into the socket's map slot.
+                unsafe {
+                    (*c).in_syscall = 0;
+                    (*c).flags |= flags::NONBLOCKING;
+                }
+            }
+        }
+        return 0;
+    }
+    if err == EALREADY || err == EISCONN {
+        return 0;
+    }
+    let ts = now();
+    let c = current_ctx(&cfg, p.start_ns);
+    let mut ev = event(kind::CONNECT_FAILURE, &c, ts);
+    if goes_on {
+        // Failed while the syscall ran, yet the application was told
+        // EINPROGRESS: it learns of it later, as with any non-blocking connect.
+        ev.errno = p.failed_errno;
+        ev.flags |= flags::NONBLOCKING | (p.sk_flags & flags::RST);
+    } else {
+        ev.errno = err;
+        ev.flags |= flags::FROM_SYSCALL | (p.sk_flags & flags::RST);
+    }
+    let family = u16::from_ne_bytes([p.addr[0], p.addr[1]]);
+    ev.family = family;
+    ev.sport = p.sport;
+    ev.saddr = p.saddr;
+    if family == AF_INET {
+        ev.dport = u16::from_be_bytes([p.addr[2], p.addr[3]]);
+        ev.daddr[..4].copy_from_slice(&p.addr[4..8]);
+    } else if family == AF_INET6 {
+        ev.dport = u16::from_be_bytes([p.addr[2], p.addr[3]]);
+        ev.daddr.copy_from_slice(&p.addr[8..24]);
+    } else if family == AF_UNIX {
+        ev.path.copy_from_slice(&p.addr[2..2 + PATH_LEN]);
+    }
+    submit(&ev);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let ts = now();
+    let c = current_ctx(&cfg, ts);
+    let mut ev = event(kind::EXEC, &c, ts);
+    if let Some(loc) = read::<u32>(&ctx, cfg.exec_filename) {
+        let off = (loc & 0xffff) as usize;
+        // SAFETY: __data_loc offset into this tracepoint's record.
+        unsafe {
+            let src = (ctx.as_ptr() as *const u8).add(off);
+            let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut ev.path);
+        }
+    }
+    submit(&ev);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let whole_group = match read::<u8>(&ctx, cfg.exit_group_dead) {
+        Some(g) => g != 0,
+        None => (pid_tgid >> 32) as u32 == pid_tgid as u32,
+    };
+    if !whole_group {
+        return 0;
+    }
+    let ts = now();
+    let c = current_ctx(&cfg, ts);
+    submit(&event(kind::EXIT, &c, ts));
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program in which a panic is reachable.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

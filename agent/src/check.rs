@@ -1,0 +1,148 @@
+//! `connscope check`: what this node offers (privileges, BTF, tracefs, each
+//! hook and offset) and what would degrade without it, before deploying.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{offsets, probes::HOOKS};
+
+/// Linux capability numbers the agent cares about.
+const CAPS: &[(u32, &str, &str)] = &[
+    (39, "CAP_BPF", "load programs and create maps"),
+    (38, "CAP_PERFMON", "attach tracepoints and read kernel memory from programs"),
+    (21, "CAP_SYS_ADMIN", "needed instead of CAP_BPF/CAP_PERFMON on kernels before 5.8, and to mount tracefs"),
+    (24, "CAP_SYS_RESOURCE", "raise RLIMIT_MEMLOCK on kernels before 5.11"),
+    (19, "CAP_SYS_PTRACE", "read other processes' /proc/<pid>/net when reconstructing listeners"),
+];
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+pub struct Item {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub items: Vec<Item>,
+    /// False if the agent could not run at all.
+    pub usable: bool,
+}
+
+/// Parses the hex `CapEff:` line of /proc/<pid>/status.
+pub fn effective_caps(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// Builds the report for this machine.
+pub fn run(btf: &Path) -> Report {
+    let mut items = Vec::new();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| effective_caps(&s))
+        .unwrap_or(0);
+    for (bit, name, why) in CAPS {
+        let ok = caps & (1 << bit) != 0;
+        items.push(Item {
+            name: (*name).into(),
+            ok,
+            detail: if ok {
+                "present".into()
+            } else {
+                format!("missing: {why}")
+            },
+        });
+    }
+    let has_bpf = caps & (1 << 39) != 0 || caps & (1 << 21) != 0;
+    items.push(Item {
+        name: "BTF".into(),
+        ok: btf.exists(),
+        detail: if btf.exists() {
+            format!("{} (struct offsets for errno and network namespace)", btf.display())
+        } else {
+            format!("{} missing: no errno for non-blocking failures except RST, no netns", btf.display())
+        },
+    });
+    let tracefs = offsets::tracefs_root();
+    items.push(Item {
+        name: "tracefs".into(),
+        ok: tracefs.is_ok(),
+        detail: match &tracefs {
+            Ok(p) => p.display().to_string(),
+            Err(e) => format!("{e:#}"),
+        },
+    });
+    let mut any_core = false;
+    if let Ok(root) = tracefs {
+        let (_, disc) = offsets::discover(root, btf);
+        for h in HOOKS {
+            let full = format!("{}/{}", h.category, h.name);
+            let ok = !disc.missing_tracepoints.contains(&full);
+            if ok && (h.program == "inet_sock_set_state" || h.program == "sys_exit_connect") {
+                any_core = true;
+            }
+            items.push(Item {
+                name: format!("tracepoint {}:{}", h.category, h.name),
+                ok,
+                detail: if ok {
+                    "available".into()
+                } else {
+                    format!("missing: {}", h.without)
+                },
+            });
+        }
+        for m in disc.missing_btf {
+            items.push(Item {
+                name: "BTF offset".into(),
+                ok: false,
+                detail: m,
+            });
+        }
+    }
+    Report {
+        kernel,
+        usable: has_bpf && any_core,
+        items,
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "kernel {}", self.kernel)?;
+        for i in &self.items {
+            writeln!(f, "[{}] {}: {}", if i.ok { " ok " } else { "MISS" }, i.name, i.detail)?;
+        }
+        write!(
+            f,
+            "{}",
+            if self.usable {
+                "connscope can run here"
+            } else {
+                "connscope cannot run here: it needs CAP_BPF (or CAP_SYS_ADMIN) and sock:inet_sock_set_state or syscalls:sys_exit_connect"
+            }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_capeff() {
+        let s = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(s), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_caps("CapEff:\tzz\n"), None);
+        assert_eq!(effective_caps(""), None);
+    }
+}

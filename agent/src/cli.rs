@@ -1,0 +1,51 @@
+//! Command-line definitions (clap), shared by the binary and the tests.
+
+use std::path::PathBuf;
+
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{events, testbed};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "connscope", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the probes and report connect() failures until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Report which hooks, BTF and privileges this node offers.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
+        btf: PathBuf,
+    },
+    /// Stand-ins used by the demo and the tests (sidecar, application).
+    #[command(hide = true, subcommand)]
+    Testbed(testbed::Command),
+}
+
+/// Options of `connscope run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where JSON events go: stdout, none, or a file path (appended).
+    #[arg(long, default_value = "stdout")]
+    pub events: events::Target,
+    /// Kernel ring buffer size in bytes (power of two).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub ring_buffer_bytes: u32,
+    /// Do not attach this hook (tracepoint name, e.g. tcp_receive_reset). Repeatable.
+    #[arg(long = "disable-probe")]
+    pub disable_probe: Vec<String>,
+    /// Kernel BTF used to find struct offsets.
+    #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
+    pub btf: PathBuf,
+}
+

@@ -1,0 +1,384 @@
+//! Raw ring-buffer records -> typed events with wall-clock times.
+//!
+//! The only place that knows the byte layout of [`connscope_ebpf::Event`]
+//! from the reading side; everything downstream works on [`KernelEvent`].
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use connscope_ebpf::{Event, flags, kind};
+use serde::Serialize;
+
+/// What the kernel saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    ConnectFailure,
+    Listen,
+    ListenClose,
+    Exec,
+    Exit,
+}
+
+/// A decoded kernel event. Fields that the kernel did not know are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEvent {
+    pub kind: Kind,
+    /// Kernel CLOCK_MONOTONIC timestamp (for ordering and intervals).
+    pub mono_ns: u64,
+    /// The same instant as wall-clock time.
+    pub time: SystemTime,
+    /// When the connect started (monotonic ns), for connect failures.
+    pub start_mono_ns: Option<u64>,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: Option<u64>,
+    pub netns: Option<u32>,
+    /// "inet", "inet6", "unix" or the number.
+    pub family: Family,
+    pub src: Option<SocketAddr>,
+    /// Destination as the application dialed it (before any iptables REDIRECT).
+    pub dst: Option<SocketAddr>,
+    /// AF_UNIX path of a failed connect, or the filename of an exec.
+    pub path: Option<String>,
+    pub errno: i32,
+    pub nonblocking: bool,
+    pub from_syscall: bool,
+    pub rst: bool,
+    /// False when the connecting task is unknown (pid/comm/uid are zero).
+    pub context_known: bool,
+}
+
+/// Address family of a socket event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Unix,
+    Inet,
+    Inet6,
+    Other(u16),
+}
+
+impl Family {
+    fn from_raw(f: u16) -> Self {
+        match f as i32 {
+            libc::AF_UNIX => Family::Unix,
+            libc::AF_INET => Family::Inet,
+            libc::AF_INET6 => Family::Inet6,
+            _ => Family::Other(f),
+        }
+    }
+
+    /// Name used in JSON output.
+    pub fn name(self) -> String {
+        match self {
+            Family::Unix => "unix".into(),
+            Family::Inet => "inet".into(),
+            Family::Inet6 => "inet6".into(),
+            Family::Other(n) => n.to_string(),
+        }
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The record is not the size of an event (ABI mismatch or corruption).
+    Size(usize),
+    /// The kind byte is not one we know.
+    Kind(u8),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Size(n) => write!(
+                f,
+                "ring buffer record of {n} bytes, expected {}",
+                size_of::<Event>()
+            ),
+            DecodeError::Kind(k) => write!(f, "unknown event kind {k}"),
+        }
+    }
+}
+
+/// Converts kernel CLOCK_MONOTONIC to wall-clock time.
+///
+/// The offset is re-measured by [`Clock::refresh`] so NTP steps are followed.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// realtime - monotonic, in ns.
+    offset_ns: i128,
+}
+
+impl Clock {
+    /// Measures the offset now.
+    pub fn new() -> Self {
+        let mut c = Clock { offset_ns: 0 };
+        c.refresh();
+        c
+    }
+
+    /// A fixed offset, for tests.
+    pub fn with_offset_ns(offset_ns: i128) -> Self {
+        Clock { offset_ns }
+    }
+
+    /// Re-measures realtime - monotonic.
+    pub fn refresh(&mut self) {
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        let real = clock_ns(libc::CLOCK_REALTIME);
+        self.offset_ns = real as i128 - mono as i128;
+    }
+
+    /// Current CLOCK_MONOTONIC in ns (the kernel's `bpf_ktime_get_ns`).
+    pub fn mono_now() -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC)
+    }
+
+    /// Wall-clock time of a monotonic timestamp.
+    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+        let ns = mono_ns as i128 + self.offset_ns;
+        if ns <= 0 {
+            UNIX_EPOCH
+        } else {
+            UNIX_EPOCH + Duration::from_nanos(ns.min(u64::MAX as i128) as u64)
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads an [`Event`] out of a ring-buffer record.
+pub fn parse(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() != size_of::<Event>() {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: the length was checked; Event is repr(C) plain data for which
+    // every bit pattern is valid; read_unaligned tolerates any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn cstr(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn ip(family: Family, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        Family::Inet => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        Family::Inet6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        _ => None,
+    }
+}
+
+/// Turns a raw event into a [`KernelEvent`].
+pub fn decode(ev: &Event, clock: &Clock) -> Result<KernelEvent, DecodeError> {
+    let k = match ev.kind {
+        kind::CONNECT_FAILURE => Kind::ConnectFailure,
+        kind::LISTEN => Kind::Listen,
+        kind::LISTEN_CLOSE => Kind::ListenClose,
+        kind::EXEC => Kind::Exec,
+        kind::EXIT => Kind::Exit,
+        other => return Err(DecodeError::Kind(other)),
+    };
+    let family = Family::from_raw(ev.family);
+    let is_socket = matches!(k, Kind::ConnectFailure | Kind::Listen | Kind::ListenClose);
+    let src = if is_socket {
+        ip(family, &ev.saddr).map(|a| SocketAddr::new(a, ev.sport))
+    } else {
+        None
+    };
+    let dst = if k == Kind::ConnectFailure {
+        ip(family, &ev.daddr).map(|a| SocketAddr::new(a, ev.dport))
+    } else {
+        None
+    };
+    let path = match k {
+        Kind::ConnectFailure if family == Family::Unix => Some(unix_path(&ev.path)),
+        Kind::Exec => Some(cstr(&ev.path)),
+        _ => None,
+    };
+    let context_known = ev.flags & flags::CONTEXT_KNOWN != 0;
+    Ok(KernelEvent {
+        kind: k,
+        mono_ns: ev.ts_ns,
+        time: clock.wall(ev.ts_ns),
+        start_mono_ns: (ev.start_ns != 0 && k == Kind::ConnectFailure).then_some(ev.start_ns),
+        pid: ev.tgid,
+        tid: ev.tid,
+        uid: ev.uid,
+        gid: ev.gid,
+        comm: cstr(&ev.comm),
+        cgroup_id: (ev.cgroup_id != 0).then_some(ev.cgroup_id),
+        netns: (ev.flags & flags::NETNS_KNOWN != 0).then_some(ev.netns),
+        family,
+        src,
+        dst,
+        path,
+        errno: ev.errno,
+        nonblocking: ev.flags & flags::NONBLOCKING != 0,
+        from_syscall: ev.flags & flags::FROM_SYSCALL != 0,
+        rst: ev.flags & flags::RST != 0,
+        context_known,
+    })
+}
+
+/// AF_UNIX paths: abstract sockets start with NUL and are shown as `@name`.
+fn unix_path(raw: &[u8]) -> String {
+    match raw.first() {
+        Some(0) if raw.len() > 1 && raw[1] != 0 => format!("@{}", cstr(&raw[1..])),
+        _ => cstr(raw),
+    }
+}
+
+/// Symbolic name of an errno (`ECONNREFUSED`), or the number.
+pub fn errno_name(errno: i32) -> String {
+    if errno == 0 {
+        return "none".into();
+    }
+    let e = nix::errno::Errno::from_raw(errno);
+    if e == nix::errno::Errno::UnknownErrno {
+        errno.to_string()
+    } else {
+        format!("{e:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use connscope_ebpf::{COMM_LEN, PATH_LEN};
+
+    fn raw(kind: u8) -> Event {
+        Event {
+            ts_ns: 2_000_000_000,
+            start_ns: 1_500_000_000,
+            cgroup_id: 42,
+            tgid: 100,
+            tid: 101,
+            uid: 1000,
+            gid: 1000,
+            netns: 4026531840,
+            errno: 111,
+            kind,
+            flags: flags::RST | flags::NETNS_KNOWN | flags::CONTEXT_KNOWN | flags::FROM_SYSCALL,
+            family: libc::AF_INET as u16,
+            sport: 40000,
+            dport: 8080,
+            saddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            path: [0; PATH_LEN],
+            reserved: [0; 4],
+        }
+    }
+
+    fn bytes(ev: &Event) -> Vec<u8> {
+        // SAFETY: reading the bytes of a repr(C) value with explicit padding.
+        unsafe {
+            std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>())
+                .to_vec()
+        }
+    }
+
+    #[test]
+    fn decodes_ipv4_refusal() {
+        let clock = Clock::with_offset_ns(1_000_000_000_000_000_000);
+        let ev = parse(&bytes(&raw(kind::CONNECT_FAILURE))).unwrap();
+        let k = decode(&ev, &clock).unwrap();
+        assert_eq!(k.kind, Kind::ConnectFailure);
+        assert_eq!(k.dst, Some("10.0.0.1:8080".parse().unwrap()));
+        assert_eq!(k.src, Some("10.0.0.2:40000".parse().unwrap()));
+        assert_eq!(k.comm, "curl");
+        assert_eq!(k.pid, 100);
+        assert_eq!(k.netns, Some(4026531840));
+        assert_eq!(k.start_mono_ns, Some(1_500_000_000));
+        assert!(k.rst && k.from_syscall && !k.nonblocking && k.context_known);
+        assert_eq!(
+            k.time,
+            UNIX_EPOCH + Duration::from_nanos(1_000_000_002_000_000_000)
+        );
+        assert_eq!(errno_name(k.errno), "ECONNREFUSED");
+    }
+
+    #[test]
+    fn decodes_ipv6_and_unknown_netns() {
+        let mut r = raw(kind::CONNECT_FAILURE);
+        r.family = libc::AF_INET6 as u16;
+        r.daddr = Ipv6Addr::LOCALHOST.octets();
+        r.flags = flags::NONBLOCKING;
+        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.dst, Some("[::1]:8080".parse().unwrap()));
+        assert_eq!(k.netns, None);
+        assert!(k.nonblocking && !k.context_known);
+    }
+
+    #[test]
+    fn decodes_unix_paths_including_abstract() {
+        let mut r = raw(kind::CONNECT_FAILURE);
+        r.family = libc::AF_UNIX as u16;
+        r.path[..9].copy_from_slice(b"/run/x.sk");
+        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.path.as_deref(), Some("/run/x.sk"));
+        assert_eq!(k.dst, None);
+        r.path = [0; PATH_LEN];
+        r.path[1..4].copy_from_slice(b"abc");
+        assert_eq!(
+            decode(&r, &Clock::with_offset_ns(0)).unwrap().path.as_deref(),
+            Some("@abc")
+        );
+    }
+
+    #[test]
+    fn exec_carries_filename_and_no_addresses() {
+        let mut r = raw(kind::EXEC);
+        r.path[..8].copy_from_slice(b"/bin/app");
+        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.path.as_deref(), Some("/bin/app"));
+        assert_eq!((k.src, k.dst, k.start_mono_ns), (None, None, None));
+    }
+
+    #[test]
+    fn rejects_wrong_size_and_unknown_kind() {
+        assert_eq!(parse(&[0u8; 3]), Err(DecodeError::Size(3)));
+        assert_eq!(
+            decode(&raw(99), &Clock::with_offset_ns(0)),
+            Err(DecodeError::Kind(99))
+        );
+    }
+
+    #[test]
+    fn comm_without_nul_and_non_utf8_is_kept() {
+        let mut r = raw(kind::EXIT);
+        r.comm = [0xff; COMM_LEN];
+        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.comm.chars().count(), COMM_LEN);
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno_name(0), "none");
+        assert_eq!(errno_name(110), "ETIMEDOUT");
+        assert_eq!(errno_name(2), "ENOENT");
+        assert_eq!(errno_name(99999), "99999");
+    }
+}

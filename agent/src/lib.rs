@@ -1,0 +1,14 @@
+//! connscope: explains `connect()` failures on Kubernetes nodes, and tells the
+//! Istio sidecar startup race apart from every other refusal.
+//!
+//! Data flows one way: kernel event (`probes`) -> `decode` -> export
+//! (`events`). `testbed` builds the simulated pods used by the demo and tests.
+
+pub mod check;
+pub mod cli;
+pub mod decode;
+pub mod events;
+pub mod offsets;
+pub mod pipeline;
+pub mod probes;
+pub mod testbed;

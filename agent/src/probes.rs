@@ -1,0 +1,197 @@
+//! Loading the kernel programs, attaching them one by one (a hook this kernel
+//! lacks degrades the agent instead of stopping it), and reading what they
+//! send: the ring buffer and the per-CPU lost-event counter.
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use connscope_ebpf::{Config, names};
+use tokio::io::unix::AsyncFd;
+
+/// The kernel object, built by agent/build.rs and embedded in the binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope-ebpf"));
+
+/// A kernel hook: program name in the object, tracepoint category and name,
+/// and what is lost without it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+    pub without: &'static str,
+}
+
+/// Every hook the agent uses.
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        without: "no TCP failures from non-blocking connects, no listener (sidecar readiness) events",
+    },
+    Hook {
+        program: "sys_enter_connect",
+        category: "syscalls",
+        name: "sys_enter_connect",
+        without: "no dialed address for blocking or AF_UNIX failures; non-blocking TCP still reported",
+    },
+    Hook {
+        program: "sys_exit_connect",
+        category: "syscalls",
+        name: "sys_exit_connect",
+        without: "no failures returned by connect() itself (blocking TCP, AF_UNIX)",
+    },
+    Hook {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        without: "RST not flagged; errno still read from sk_err where BTF allows",
+    },
+    Hook {
+        program: "sched_process_exec",
+        category: "sched",
+        name: "sched_process_exec",
+        without: "no process start times (container start in race timelines)",
+    },
+    Hook {
+        program: "sched_process_exit",
+        category: "sched",
+        name: "sched_process_exit",
+        without: "no process exit times (shutdown race, last process exit)",
+    },
+];
+
+/// Outcome of attaching one hook.
+#[derive(Debug, Clone)]
+pub struct HookStatus {
+    pub hook: Hook,
+    /// `None` when attached, else why not.
+    pub error: Option<String>,
+}
+
+/// Loaded and attached programs. Dropping it detaches everything.
+pub struct Probes {
+    /// Owns the programs and their links: dropped last, detaching all.
+    _ebpf: Ebpf,
+    pub status: Vec<HookStatus>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+/// Options for [`Probes::load`].
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub config: Config,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Hooks not to attach (by tracepoint or program name): to run lighter,
+    /// or to test the degraded paths.
+    pub disabled: Vec<String>,
+}
+
+impl Probes {
+    /// Loads the object with this kernel's offsets and attaches every hook it
+    /// can. Fails only if nothing useful could be attached.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < 4096 {
+            bail!(
+                "--ring-buffer-bytes must be a power of two of at least 4096, not {}",
+                opts.ring_bytes
+            );
+        }
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::CONFIG, &opts.config, true)
+            .map_max_entries(names::EVENTS, opts.ring_bytes)
+            .load(OBJECT)
+            .context("loading the eBPF object (needs CAP_BPF and CAP_PERFMON, or root)")?;
+        let mut status = Vec::new();
+        for hook in HOOKS {
+            let full = format!("{}:{}", hook.category, hook.name);
+            let error = if opts
+                .disabled
+                .iter()
+                .any(|d| d == hook.name || d == hook.program || *d == full)
+            {
+                Some("disabled by --disable-probe".to_string())
+            } else {
+                attach(&mut ebpf, hook).err().map(|e| format!("{e:#}"))
+            };
+            if let Some(e) = &error {
+                tracing::warn!(hook = %full, error = %e, without = hook.without, "hook not attached");
+            }
+            status.push(HookStatus { hook: *hook, error });
+        }
+        let core = ["inet_sock_set_state", "sys_exit_connect"];
+        if status
+            .iter()
+            .all(|s| s.error.is_some() || !core.contains(&s.hook.program))
+        {
+            bail!("neither sock:inet_sock_set_state nor syscalls:sys_exit_connect could be attached");
+        }
+        let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
+        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns
+        // the RingBuf, and as_raw_fd always returns that same fd.
+        let ring = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
+        Ok(Probes {
+            _ebpf: ebpf,
+            status,
+            ring,
+            lost,
+        })
+    }
+
+    /// Waits until the ring buffer has data, then hands every record to `f`.
+    /// Returns the number of records read.
+    pub async fn read_batch(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        guard.clear_ready();
+        Ok(n)
+    }
+
+    /// Events the kernel could not submit since load, summed over CPUs.
+    pub fn lost_total(&self) -> Result<u64> {
+        let per_cpu = self.lost.get(&0, 0)?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Whether a hook is attached.
+    pub fn attached(&self, program: &str) -> bool {
+        self.status
+            .iter()
+            .any(|s| s.hook.program == program && s.error.is_none())
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("program {} missing from the object", hook.program))?
+        .try_into()?;
+    prog.load().context("verifier")?;
+    prog.attach(hook.category, hook.name)?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}

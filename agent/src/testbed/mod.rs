@@ -1,0 +1,73 @@
+//! Stand-ins for the demo and the tests: an application that dials out, an
+//! upstream server, and a sidecar that behaves like Envoy where it matters
+//! (uid 1337, listeners opened late, forwarding by SO_ORIGINAL_DST).
+
+pub mod dial;
+pub mod net;
+pub mod sidecar;
+
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpListener},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+
+/// `connscope testbed ...` (hidden).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stand-in Envoy: listens as uid 1337 and forwards to SO_ORIGINAL_DST.
+    Sidecar(sidecar::Args),
+    /// Stand-in application: one connect(), result as a JSON line.
+    Dial(dial::Args),
+    /// Upstream test host: answers every connection with a banner line.
+    Serve {
+        /// Address to listen on; repeatable.
+        #[arg(long = "addr", required = true)]
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+/// Runs a testbed role.
+pub fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Sidecar(a) => sidecar::run(a),
+        Command::Dial(a) => dial::run(a),
+        Command::Serve { addrs } => serve(&addrs),
+    }
+}
+
+/// Sets the calling thread's comm (what the kernel reports as `comm`).
+pub fn set_comm(name: &str) -> Result<()> {
+    let c = std::ffi::CString::new(name.as_bytes().iter().take(15).copied().collect::<Vec<_>>())?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_NAME)");
+    }
+    Ok(())
+}
+
+fn serve(addrs: &[SocketAddr]) -> Result<()> {
+    set_comm("upstream")?;
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+        let addr = *addr;
+        threads.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let mut s = s;
+                let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                let _ = writeln!(s, "upstream {addr}");
+            }
+        }));
+    }
+    println!("{{\"ready\":true}}");
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
