@@ -122,10 +122,12 @@ fn attempt(args: &Args) -> std::result::Result<String, i32> {
         sock.connect(&addr).map_err(errno)?;
     }
     sock.set_read_timeout(Some(timeout)).map_err(errno)?;
-    let mut buf = [0u8; 256];
-    let mut s: std::net::TcpStream = sock.into();
-    let n = s.read(&mut buf).map_err(errno)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    // The peer writes one line and closes; read it whole (bounded).
+    let s: std::net::TcpStream = sock.into();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(s.take(4096)), &mut line)
+        .map_err(errno)?;
+    Ok(line.trim().to_string())
 }
 
 fn wait_writable(sock: &Socket, timeout: Duration) -> std::io::Result<()> {

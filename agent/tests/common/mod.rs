@@ -1,0 +1,235 @@
+//! Helpers for tests that run the real agent against the real kernel.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The agent binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_connscope");
+
+/// Whether this test can run: root with BPF. Under `CI=true` a missing
+/// privilege fails the test instead of skipping it silently.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let why = format!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN) to load probes and create namespaces");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{why}; CI must run these tests as root");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+/// Polls `f` until it returns Some, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `connscope run`, stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Child,
+    pub events: PathBuf,
+    pub stderr: mpsc::Receiver<String>,
+    pub stderr_log: Vec<String>,
+}
+
+impl Agent {
+    /// Starts the agent writing events to a fresh file in `dir`, and waits
+    /// until its probes are attached.
+    pub fn start(dir: &Path, extra: &[&str]) -> Agent {
+        let events = dir.join("events.json");
+        let _ = std::fs::remove_file(&events);
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .arg("--events")
+            .arg(&events)
+            .args(extra)
+            .env("CONNSCOPE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent = Agent {
+            child,
+            events,
+            stderr: rx,
+            stderr_log: Vec::new(),
+        };
+        agent.wait_stderr("probes attached", Duration::from_secs(60));
+        agent
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stderr_log.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) => self.stderr_log.push(l),
+                Err(_) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        panic!("agent exited ({st}) before printing {needle:?}");
+                    }
+                    if Instant::now() > deadline {
+                        panic!("agent did not print {needle:?} within {timeout:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every event line written so far.
+    pub fn events(&self) -> Vec<Value> {
+        read_json_lines(&self.events)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            terminate(&mut self.child, Duration::from_secs(5));
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus {
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses a JSON-lines file; a missing file is empty.
+pub fn read_json_lines(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("connscope-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A background process (sidecar, upstream) killed on drop, with its stdout
+/// lines collected.
+pub struct Bg {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Bg {
+    pub fn spawn(mut cmd: Command) -> Bg {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn background process");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Bg {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.seen.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(l) => self.seen.push(l),
+                Err(_) if Instant::now() > deadline => {
+                    panic!("no line containing {needle:?} within {timeout:?}; saw {:?}", self.seen)
+                }
+                Err(_) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        panic!("process exited ({st}) before printing {needle:?}; saw {:?}", self.seen);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            terminate(&mut self.child, Duration::from_secs(3));
+        }
+    }
+}
