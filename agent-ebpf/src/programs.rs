@@ -1,12 +1,12 @@
 //! The BPF-target half of the crate; see the crate docs in `main.rs`.
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel, bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
     },
-    EbpfContext as _,
     macros::{map, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -198,12 +198,12 @@ fn event(k: u8, c: &SockCtx, ts_ns: u64) -> Event {
 /// Sends an event, or counts it as lost: nothing disappears uncounted.
 #[inline(always)]
 fn submit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err() {
-        if let Some(p) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot of this CPU; programs do not nest on one
-            // CPU for these tracepoints, so the increment is not torn.
-            unsafe { *p += 1 };
-        }
+    if EVENTS.output::<Event>(ev, 0).is_err()
+        && let Some(p) = LOST.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot of this CPU; programs do not nest on one
+        // CPU for these tracepoints, so the increment is not torn.
+        unsafe { *p += 1 };
     }
 }
 
@@ -250,7 +250,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
-    let _ = PENDING.insert(&tid, &p, 0);
+    let _ = PENDING.insert(tid, p, 0);
     0
 }
 
@@ -296,7 +296,7 @@ fn syn_sent(cfg: &Config, sk: u64) {
     let ts = now();
     let mut c = current_ctx(cfg, ts);
     let tid = c.tid;
-    if let Some(p) = PENDING.get_ptr_mut(&tid) {
+    if let Some(p) = PENDING.get_ptr_mut(tid) {
         // SAFETY: pointer into this thread's own map slot.
         unsafe {
             (*p).sk = sk;
@@ -304,17 +304,17 @@ fn syn_sent(cfg: &Config, sk: u64) {
         }
         c.in_syscall = 1;
     }
-    let _ = SYNSENT.insert(&sk, &c, 0);
+    let _ = SYNSENT.insert(sk, c, 0);
 }
 
 /// SYN_SENT -> anything: ESTABLISHED is success; CLOSE is a failed connect.
 #[inline(always)]
 fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
-    let saved = SYNSENT.get_ptr(&sk).map(|p| {
+    let saved = SYNSENT.get_ptr(sk).map(|p| {
         // SAFETY: copied out before the entry is removed.
         unsafe { *p }
     });
-    let _ = SYNSENT.remove(&sk);
+    let _ = SYNSENT.remove(sk);
     if new == TCP_ESTABLISHED || new != TCP_CLOSE {
         return;
     }
@@ -331,24 +331,23 @@ fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
     if errno == 0 && rst {
         errno = ECONNREFUSED;
     }
-    if let Some(c) = saved {
-        if c.in_syscall == 1 {
-            if let Some(p) = PENDING.get_ptr_mut(&c.tid) {
-                // SAFETY: pointer into the connecting thread's map slot; it
-                // reports the failure when its syscall returns.
-                unsafe {
-                    if (*p).sk == sk {
-                        // The source port is assigned after SYN_SENT is
-                        // entered: take it (and the address) from here.
-                        (*p).sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
-                        let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
-                        (*p).saddr = sss_addrs(ctx, cfg, family).0;
-                        (*p).failed = 1;
-                        (*p).failed_errno = errno;
-                        (*p).sk_flags = c.flags;
-                        return;
-                    }
-                }
+    if let Some(c) = saved
+        && c.in_syscall == 1
+        && let Some(p) = PENDING.get_ptr_mut(c.tid)
+    {
+        // SAFETY: pointer into the connecting thread's map slot; it
+        // reports the failure when its syscall returns.
+        unsafe {
+            if (*p).sk == sk {
+                // The source port is assigned after SYN_SENT is
+                // entered: take it (and the address) from here.
+                (*p).sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
+                let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
+                (*p).saddr = sss_addrs(ctx, cfg, family).0;
+                (*p).failed = 1;
+                (*p).failed_errno = errno;
+                (*p).sk_flags = c.flags;
+                return;
             }
         }
     }
@@ -385,7 +384,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let Some(sk) = read::<u64>(&ctx, cfg.rst_skaddr) else {
         return 0;
     };
-    if let Some(c) = SYNSENT.get_ptr_mut(&sk) {
+    if let Some(c) = SYNSENT.get_ptr_mut(sk) {
         // SAFETY: pointer into the map slot of a socket in SYN_SENT.
         unsafe { (*c).flags |= flags::RST };
     }
@@ -396,12 +395,12 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let cfg = config();
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(pp) = PENDING.get_ptr(&tid) else {
+    let Some(pp) = PENDING.get_ptr(tid) else {
         return 0;
     };
     // SAFETY: this thread's own slot, copied before removal.
     let p = unsafe { *pp };
-    let _ = PENDING.remove(&tid);
+    let _ = PENDING.remove(tid);
     let ret = read::<i64>(&ctx, cfg.exit_ret).unwrap_or(0);
     if ret == 0 {
         return 0;
@@ -411,13 +410,13 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if goes_on && p.failed == 0 {
         // The connect continues without the syscall: a later failure is
         // reported from inet_sock_set_state as non-blocking.
-        if p.sk != 0 {
-            if let Some(c) = SYNSENT.get_ptr_mut(&p.sk) {
-                // SAFETY: pointer into the socket's map slot.
-                unsafe {
-                    (*c).in_syscall = 0;
-                    (*c).flags |= flags::NONBLOCKING;
-                }
+        if p.sk != 0
+            && let Some(c) = SYNSENT.get_ptr_mut(p.sk)
+        {
+            // SAFETY: pointer into the socket's map slot.
+            unsafe {
+                (*c).in_syscall = 0;
+                (*c).flags |= flags::NONBLOCKING;
             }
         }
         return 0;

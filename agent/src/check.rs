@@ -10,10 +10,26 @@ use crate::{offsets, probes::HOOKS};
 /// Linux capability numbers the agent cares about.
 const CAPS: &[(u32, &str, &str)] = &[
     (39, "CAP_BPF", "load programs and create maps"),
-    (38, "CAP_PERFMON", "attach tracepoints and read kernel memory from programs"),
-    (21, "CAP_SYS_ADMIN", "needed instead of CAP_BPF/CAP_PERFMON on kernels before 5.8, and to mount tracefs"),
-    (24, "CAP_SYS_RESOURCE", "raise RLIMIT_MEMLOCK on kernels before 5.11"),
-    (19, "CAP_SYS_PTRACE", "read other processes' /proc/<pid>/net when reconstructing listeners"),
+    (
+        38,
+        "CAP_PERFMON",
+        "attach tracepoints and read kernel memory from programs",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN",
+        "needed instead of CAP_BPF/CAP_PERFMON on kernels before 5.8, and to mount tracefs",
+    ),
+    (
+        24,
+        "CAP_SYS_RESOURCE",
+        "raise RLIMIT_MEMLOCK on kernels before 5.11",
+    ),
+    (
+        19,
+        "CAP_SYS_PTRACE",
+        "read other processes' /proc/<pid>/net when reconstructing listeners",
+    ),
 ];
 
 /// One line of the report.
@@ -68,9 +84,15 @@ pub fn run(btf: &Path) -> Report {
         name: "BTF".into(),
         ok: btf.exists(),
         detail: if btf.exists() {
-            format!("{} (struct offsets for errno and network namespace)", btf.display())
+            format!(
+                "{} (struct offsets for errno and network namespace)",
+                btf.display()
+            )
         } else {
-            format!("{} missing: no errno for non-blocking failures except RST, no netns", btf.display())
+            format!(
+                "{} missing: no errno for non-blocking failures except RST, no netns",
+                btf.display()
+            )
         },
     });
     let tracefs = offsets::tracefs_root();
@@ -120,7 +142,13 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "kernel {}", self.kernel)?;
         for i in &self.items {
-            writeln!(f, "[{}] {}: {}", if i.ok { " ok " } else { "MISS" }, i.name, i.detail)?;
+            writeln!(
+                f,
+                "[{}] {}: {}",
+                if i.ok { " ok " } else { "MISS" },
+                i.name,
+                i.detail
+            )?;
         }
         write!(
             f,

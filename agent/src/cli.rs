@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-
 use clap::{Args, Parser, Subcommand};
 
 use crate::{events, testbed};
@@ -27,6 +26,12 @@ pub enum Command {
         #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
         btf: PathBuf,
     },
+    /// Show the agent catching a real sidecar startup race on this machine (root).
+    Demo {
+        /// How long the stand-in sidecar waits before listening on 15001.
+        #[arg(long, default_value_t = 1500)]
+        sidecar_delay_ms: u64,
+    },
     /// Stand-ins used by the demo and the tests (sidecar, application).
     #[command(hide = true, subcommand)]
     Testbed(testbed::Command),
@@ -48,4 +53,3 @@ pub struct RunArgs {
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
 }
-

@@ -343,7 +343,10 @@ mod tests {
         r.path = [0; PATH_LEN];
         r.path[1..4].copy_from_slice(b"abc");
         assert_eq!(
-            decode(&r, &Clock::with_offset_ns(0)).unwrap().path.as_deref(),
+            decode(&r, &Clock::with_offset_ns(0))
+                .unwrap()
+                .path
+                .as_deref(),
             Some("@abc")
         );
     }

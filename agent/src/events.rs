@@ -13,7 +13,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::decode::{Kind, KernelEvent, errno_name};
+use crate::decode::{KernelEvent, Kind, errno_name};
 
 /// Where events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +89,10 @@ impl<'a> Record<'a> {
     pub fn from_kernel(e: &'a KernelEvent) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
-        let socket = matches!(e.kind, Kind::ConnectFailure | Kind::Listen | Kind::ListenClose);
+        let socket = matches!(
+            e.kind,
+            Kind::ConnectFailure | Kind::Listen | Kind::ListenClose
+        );
         Record {
             kind: e.kind,
             time: rfc3339(e.time),
@@ -101,9 +104,15 @@ impl<'a> Record<'a> {
             cgroup_id: e.cgroup_id,
             netns: e.netns,
             family: socket.then(|| e.family.name()),
-            src: if failure { e.src.map(|a| a.to_string()) } else { e.src.map(|a| a.ip().to_string()) },
+            src: if failure {
+                e.src.map(|a| a.to_string())
+            } else {
+                e.src.map(|a| a.ip().to_string())
+            },
             dst: e.dst.map(|a| a.to_string()),
-            port: (!failure && socket).then(|| e.src.map(|a| a.port())).flatten(),
+            port: (!failure && socket)
+                .then(|| e.src.map(|a| a.port()))
+                .flatten(),
             path: e.path.as_deref(),
             errno: failure.then_some(e.errno),
             error: failure.then(|| errno_name(e.errno)),

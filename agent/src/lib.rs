@@ -7,6 +7,7 @@
 pub mod check;
 pub mod cli;
 pub mod decode;
+pub mod demo;
 pub mod events;
 pub mod offsets;
 pub mod pipeline;

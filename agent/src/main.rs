@@ -5,7 +5,7 @@ use clap::Parser as _;
 use connscope::{
     check,
     cli::{Cli, Command},
-    pipeline, testbed,
+    demo, pipeline, testbed,
 };
 
 fn main() -> Result<()> {
@@ -38,6 +38,7 @@ fn main() -> Result<()> {
                 std::process::exit(1)
             }
         }
+        Command::Demo { sidecar_delay_ms } => demo::run(sidecar_delay_ms),
         Command::Testbed(cmd) => testbed::run(cmd),
     }
 }

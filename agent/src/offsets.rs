@@ -86,9 +86,14 @@ pub fn tracefs_root() -> Result<&'static Path> {
 }
 
 /// Reads one tracepoint's format, or `None` if this kernel lacks it.
-pub fn tracepoint_format(root: &Path, category: &str, name: &str) -> Option<HashMap<String, Field>> {
-    let text = std::fs::read_to_string(root.join("events").join(category).join(name).join("format"))
-        .ok()?;
+pub fn tracepoint_format(
+    root: &Path,
+    category: &str,
+    name: &str,
+) -> Option<HashMap<String, Field>> {
+    let text =
+        std::fs::read_to_string(root.join("events").join(category).join(name).join("format"))
+            .ok()?;
     Some(parse_format(&text))
 }
 
@@ -115,7 +120,7 @@ pub fn btf_member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32> 
         bits += b;
         cur = next;
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         bail!("{strukt}.{} is a bitfield", path.join("."));
     }
     Ok(bits / 8)
@@ -137,10 +142,10 @@ fn find_member(btf: &Btf, ty: &Type, name: &str, depth: u32) -> Result<Option<(u
         if mname == name {
             return Ok(Some((m.bit_offset(), mty)));
         }
-        if mname.is_empty() {
-            if let Some((b, t)) = find_member(btf, &mty, name, depth + 1)? {
-                return Ok(Some((m.bit_offset() + b, t)));
-            }
+        if mname.is_empty()
+            && let Some((b, t)) = find_member(btf, &mty, name, depth + 1)?
+        {
+            return Ok(Some((m.bit_offset() + b, t)));
         }
     }
     Ok(None)
@@ -218,9 +223,7 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
             cfg.nsproxy_net_ns = get("nsproxy", &["net_ns"]);
             cfg.net_inum = get("net", &["ns", "inum"]);
         }
-        Err(e) => d
-            .missing_btf
-            .push(format!("{}: {e:#}", btf_path.display())),
+        Err(e) => d.missing_btf.push(format!("{}: {e:#}", btf_path.display())),
     }
     (cfg, d)
 }
@@ -246,9 +249,27 @@ print fmt: \"family=%s\"
     fn parses_scalar_pointer_array_and_data_loc_fields() {
         let f = parse_format(SSS);
         assert_eq!(f["skaddr"], Field { offset: 8, size: 8 });
-        assert_eq!(f["oldstate"], Field { offset: 16, size: 4 });
-        assert_eq!(f["sport"], Field { offset: 24, size: 2 });
-        assert_eq!(f["saddr_v6"], Field { offset: 40, size: 16 });
+        assert_eq!(
+            f["oldstate"],
+            Field {
+                offset: 16,
+                size: 4
+            }
+        );
+        assert_eq!(
+            f["sport"],
+            Field {
+                offset: 24,
+                size: 2
+            }
+        );
+        assert_eq!(
+            f["saddr_v6"],
+            Field {
+                offset: 40,
+                size: 16
+            }
+        );
         assert_eq!(f["filename"].offset, 8);
         assert!(!f.contains_key("print"));
     }

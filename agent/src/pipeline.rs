@@ -40,8 +40,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ring_bytes: args.ring_buffer_bytes,
         disabled: args.disable_probe.clone(),
     })?;
-    let mut sink = Sink::open(&args.events)
-        .with_context(|| format!("opening --events {:?}", args.events))?;
+    let mut sink =
+        Sink::open(&args.events).with_context(|| format!("opening --events {:?}", args.events))?;
     let mut clock = Clock::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -49,7 +49,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut lost_seen = 0u64;
     let mut decode_errors = 0u64;
     let attached = probes.status.iter().filter(|s| s.error.is_none()).count();
-    tracing::info!(attached, total = probes.status.len(), "probes attached, reading events");
+    tracing::info!(
+        attached,
+        total = probes.status.len(),
+        "probes attached, reading events"
+    );
     loop {
         tokio::select! {
             r = probes.read_batch(|bytes| {
@@ -86,7 +90,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
 fn report_lost(probes: &Probes, seen: &mut u64, sink: &mut Sink) -> Result<()> {
     let total = probes.lost_total()?;
     if total > *seen {
-        tracing::warn!(lost = total - *seen, total, "kernel ring buffer full: events lost");
+        tracing::warn!(
+            lost = total - *seen,
+            total,
+            "kernel ring buffer full: events lost"
+        );
         sink.write(&Lost {
             kind: "events_lost",
             time: crate::events::rfc3339(std::time::SystemTime::now()),

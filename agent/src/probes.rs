@@ -130,7 +130,9 @@ impl Probes {
             .iter()
             .all(|s| s.error.is_some() || !core.contains(&s.hook.program))
         {
-            bail!("neither sock:inet_sock_set_state nor syscalls:sys_exit_connect could be attached");
+            bail!(
+                "neither sock:inet_sock_set_state nor syscalls:sys_exit_connect could be attached"
+            );
         }
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
         // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns

@@ -17,12 +17,23 @@ const UPSTREAM_PORT: u16 = 8080;
 
 fn dial(topo: &Topology, target: &str, nonblocking: bool) -> Outcome {
     let mut cmd = topo.pod.command(BIN);
-    cmd.args(["testbed", "dial", "--target", target, "--timeout-ms", "3000"]);
+    cmd.args([
+        "testbed",
+        "dial",
+        "--target",
+        target,
+        "--timeout-ms",
+        "3000",
+    ]);
     if nonblocking {
         cmd.arg("--nonblocking");
     }
     let out = cmd.output().expect("run dialer");
-    assert!(out.status.success(), "dialer failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dialer failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     parse_outcomes(&String::from_utf8_lossy(&out.stdout))
         .expect("dialer output")
         .remove(0)
@@ -76,7 +87,9 @@ fn refusals_before_sidecar_listens_and_none_after() {
     let missing = dir.0.join("missing.sock");
     let unlistened = dir.0.join("bound.sock");
     let bound = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
-    bound.bind(&socket2::SockAddr::unix(&unlistened).unwrap()).unwrap();
+    bound
+        .bind(&socket2::SockAddr::unix(&unlistened).unwrap())
+        .unwrap();
     let unix_missing = dial(&topo, &format!("unix:{}", missing.display()), false);
     let unix_refused = dial(&topo, &format!("unix:{}", unlistened.display()), false);
     assert_eq!(unix_missing.error, "ENOENT");
@@ -88,14 +101,20 @@ fn refusals_before_sidecar_listens_and_none_after() {
         c.args(["testbed", "sidecar", "--delay-ms", "100"]);
         c
     });
-    sidecar.wait_line("\"port\":15006,\"state\":\"listen\"", Duration::from_secs(10));
+    sidecar.wait_line(
+        "\"port\":15006,\"state\":\"listen\"",
+        Duration::from_secs(10),
+    );
     let mut served = Vec::new();
     for t in &targets {
         for nb in [false, true] {
             let o = dial(&topo, t, nb);
             assert!(o.ok, "{t} nonblocking={nb} should pass the sidecar: {o:?}");
             let banner = o.banner.clone().unwrap_or_default();
-            assert!(banner.contains(&format!("upstream {t}")), "forwarded to the dialed address: {banner}");
+            assert!(
+                banner.contains(&format!("upstream {t}")),
+                "forwarded to the dialed address: {banner}"
+            );
             served.push(o);
         }
     }
@@ -103,27 +122,42 @@ fn refusals_before_sidecar_listens_and_none_after() {
 
     // 4. What the agent saw.
     let sidecar_pid = sidecar.child.id();
-    wait_for("listen_close of 15001 in the events", Duration::from_secs(10), || {
-        agent
-            .events()
-            .iter()
-            .any(|e| e["type"] == "listen_close" && e["port"] == 15001)
-            .then_some(())
-    });
+    wait_for(
+        "listen_close of 15001 in the events",
+        Duration::from_secs(10),
+        || {
+            agent
+                .events()
+                .iter()
+                .any(|e| e["type"] == "listen_close" && e["port"] == 15001)
+                .then_some(())
+        },
+    );
     let events = agent.events();
     for o in &refused {
         let f = failures_of(&events, o.pid);
         assert_eq!(f.len(), 1, "exactly one failure event for {o:?}: {f:?}");
         let f = &f[0];
-        assert_eq!(f["dst"], o.target.as_str(), "dialed destination, not 127.0.0.1:15001");
+        assert_eq!(
+            f["dst"],
+            o.target.as_str(),
+            "dialed destination, not 127.0.0.1:15001"
+        );
         assert_eq!(f["errno"], 111);
         assert_eq!(f["comm"], o.comm.as_str());
         assert_eq!(f["nonblocking"], o.nonblocking);
         assert_eq!(f["rst"], true);
         assert_eq!(f["netns"], pod_netns);
-        assert_ne!(f["src"].as_str().unwrap().rsplit(':').next(), Some("0"), "source port known: {f}");
+        assert_ne!(
+            f["src"].as_str().unwrap().rsplit(':').next(),
+            Some("0"),
+            "source port known: {f}"
+        );
         let t = f["mono_ns"].as_u64().unwrap();
-        assert!(t >= o.start_mono_ns && t <= o.end_mono_ns, "kernel time within the attempt: {f} {o:?}");
+        assert!(
+            t >= o.start_mono_ns && t <= o.end_mono_ns,
+            "kernel time within the attempt: {f} {o:?}"
+        );
     }
     for (o, want) in [(&unix_missing, 2), (&unix_refused, 111)] {
         let f = failures_of(&events, o.pid);
@@ -133,7 +167,10 @@ fn refusals_before_sidecar_listens_and_none_after() {
         assert_eq!(f[0]["path"], o.target.trim_start_matches("unix:"));
     }
     for o in &served {
-        assert!(failures_of(&events, o.pid).is_empty(), "no failure once the sidecar listens: {o:?}");
+        assert!(
+            failures_of(&events, o.pid).is_empty(),
+            "no failure once the sidecar listens: {o:?}"
+        );
     }
     for port in [15001, 15006, 15021, 15090] {
         for kind in ["listen", "listen_close"] {
@@ -152,11 +189,15 @@ fn refusals_before_sidecar_listens_and_none_after() {
         }
     }
     assert!(
-        events.iter().any(|e| e["type"] == "exec" && e["pid"] == sidecar_pid),
+        events
+            .iter()
+            .any(|e| e["type"] == "exec" && e["pid"] == sidecar_pid),
         "the sidecar's exec is seen"
     );
     assert!(
-        events.iter().any(|e| e["type"] == "exit" && e["pid"] == sidecar_pid),
+        events
+            .iter()
+            .any(|e| e["type"] == "exit" && e["pid"] == sidecar_pid),
         "the sidecar's exit is seen"
     );
     assert!(agent.stop().success(), "agent exits cleanly on SIGTERM");

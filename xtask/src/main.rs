@@ -1,1 +1,171 @@
-fn main() {}
+//! Build chores: `cargo xtask setup | test | demo`.
+//!
+//! `setup` installs what a fresh machine lacks (nightly rust-src, bpf-linker
+//! built against the nightly's own LLVM, Debian packages the tests use); it
+//! is idempotent and takes seconds when everything is present. `test` and
+//! `demo` run it first, so the README's two commands work on a new machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the toolchain pieces and packages the build and tests need.
+    Setup,
+    /// The whole test suite: formatting, clippy, unit and kernel tests.
+    Test {
+        /// Extra arguments for `cargo test` (after `--` go to the harness).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run `connscope demo` (needs root).
+    Demo,
+}
+
+/// Debian packages the tests and demo use.
+const PACKAGES: &[&str] = &["iptables", "iproute2", "bpftool"];
+/// bpf-linker version known to work with the pinned aya.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            test(&args)
+        }
+        Cmd::Demo => {
+            setup()?;
+            run(cargo().args(["build", "--package", "connscope"]))?;
+            let bin = workspace().join("target/debug/connscope");
+            run(Command::new(bin).arg("demo"))
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let st = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let o = cmd.output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn setup() -> Result<()> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context(
+            "the nightly toolchain is missing: `rustup toolchain install nightly` (it builds the eBPF programs)",
+        )?;
+    let sysroot = PathBuf::from(sysroot);
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let have_linker = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !have_linker {
+        install_bpf_linker(&sysroot)?;
+    }
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker against the nightly's own LLVM, so its bitcode matches rustc's.
+fn install_bpf_linker(sysroot: &Path) -> Result<()> {
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", lib.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let link = lib.join("libLLVM.so");
+    if std::fs::read_link(&link).ok().as_deref() != Some(Path::new(&llvm)) {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("symlinking {}", link.display()))?;
+    }
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+            ])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", sysroot),
+    )
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace"]).args(extra))?;
+    Ok(())
+}

@@ -58,7 +58,9 @@ pub struct Outcome {
 /// Runs `attempts` connects, printing one [`Outcome`] line per attempt.
 pub fn run(args: Args) -> Result<()> {
     super::set_comm(&args.comm)?;
-    let comm = std::fs::read_to_string("/proc/self/comm")?.trim().to_string();
+    let comm = std::fs::read_to_string("/proc/self/comm")?
+        .trim()
+        .to_string();
     for i in 0..args.attempts.max(1) {
         if i > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));

@@ -134,7 +134,20 @@ impl Topology {
         let _ = sh("ip", &["link", "del", &pv]);
         sh(
             "ip",
-            &["link", "add", &pv, "netns", &pod.name, "type", "veth", "peer", "name", &uv, "netns", &upstream.name],
+            &[
+                "link",
+                "add",
+                &pv,
+                "netns",
+                &pod.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &uv,
+                "netns",
+                &upstream.name,
+            ],
         )?;
         let t = Topology {
             pod_v4: Ipv4Addr::new(10, 213, tag, 2),
@@ -149,7 +162,18 @@ impl Topology {
             (&t.upstream, &uv, t.upstream_v4, t.upstream_v6),
         ] {
             ns.exec("ip", &["addr", "add", &format!("{v4}/24"), "dev", dev])?;
-            ns.exec("ip", &["-6", "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+            ns.exec(
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{v6}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
+            )?;
             ns.exec("ip", &["link", "set", dev, "up"])?;
         }
         if istio {

@@ -77,7 +77,8 @@ fn listen(port: u16) -> Result<Vec<TcpListener>> {
         }
         s.set_reuse_address(true)?;
         s.set_nonblocking(true)?;
-        s.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
+        s.bind(&addr.into())
+            .with_context(|| format!("bind {addr}"))?;
         s.listen(1024)?;
         out.push(TcpListener::from_std(s.into())?);
     }

@@ -22,7 +22,8 @@ pub fn privileged(test: &str) -> bool {
     if root {
         return true;
     }
-    let why = format!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN) to load probes and create namespaces");
+    let why =
+        format!("{test}: needs root (CAP_BPF, CAP_NET_ADMIN) to load probes and create namespaces");
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{why}; CI must run these tests as root");
     }
@@ -214,11 +215,17 @@ impl Bg {
             match self.lines.recv_timeout(left.max(Duration::from_millis(1))) {
                 Ok(l) => self.seen.push(l),
                 Err(_) if Instant::now() > deadline => {
-                    panic!("no line containing {needle:?} within {timeout:?}; saw {:?}", self.seen)
+                    panic!(
+                        "no line containing {needle:?} within {timeout:?}; saw {:?}",
+                        self.seen
+                    )
                 }
                 Err(_) => {
                     if let Ok(Some(st)) = self.child.try_wait() {
-                        panic!("process exited ({st}) before printing {needle:?}; saw {:?}", self.seen);
+                        panic!(
+                            "process exited ({st}) before printing {needle:?}; saw {:?}",
+                            self.seen
+                        );
                     }
                 }
             }
