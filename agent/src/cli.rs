@@ -52,4 +52,33 @@ pub struct RunArgs {
     /// Kernel BTF used to find struct offsets.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,
+    /// This node's name (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// cgroup2 mount to read; found in /proc/self/mountinfo when not given.
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// /proc of the host (hostPID or a mount).
+    #[arg(long, default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// containerd's runtime v2 task state directory.
+    #[arg(long, default_value = "/run/containerd/io.containerd.runtime.v2.task")]
+    pub containerd_root: PathBuf,
+    /// CRI-O's container storage directory.
+    #[arg(long, default_value = "/run/containers/storage/overlay-containers")]
+    pub crio_root: PathBuf,
+    /// Watch this node's pods: auto = when running in a cluster.
+    #[arg(long, value_enum, default_value_t = KubeMode::Auto)]
+    pub kubernetes: KubeMode,
+    /// API server URL instead of the in-cluster config (plain HTTP allowed; tests).
+    #[arg(long)]
+    pub kube_api_url: Option<String>,
+}
+
+/// `--kubernetes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubeMode {
+    Auto,
+    On,
+    Off,
 }

@@ -13,7 +13,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::decode::{KernelEvent, Kind, errno_name};
+use crate::{
+    attribute::Attribution,
+    decode::{KernelEvent, Kind, errno_name},
+};
 
 /// Where events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,9 @@ pub struct Record<'a> {
     pub time: String,
     /// Kernel CLOCK_MONOTONIC ns, for exact intervals between events.
     pub mono_ns: u64,
+    /// Node, namespace, pod, container, workload (absent where unknown).
+    #[serde(flatten)]
+    pub who: &'a Attribution,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,8 +91,8 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 impl<'a> Record<'a> {
-    /// The JSON view of a kernel event.
-    pub fn from_kernel(e: &'a KernelEvent) -> Self {
+    /// The JSON view of a kernel event and who it is attributed to.
+    pub fn from_kernel(e: &'a KernelEvent, who: &'a Attribution) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
         let socket = matches!(
@@ -97,6 +103,7 @@ impl<'a> Record<'a> {
             kind: e.kind,
             time: rfc3339(e.time),
             mono_ns: e.mono_ns,
+            who,
             pid: known.then_some(e.pid),
             tid: known.then_some(e.tid),
             uid: known.then_some(e.uid),
@@ -196,7 +203,7 @@ mod tests {
     #[test]
     fn connect_failure_json() {
         let e = failure();
-        let v = serde_json::to_value(Record::from_kernel(&e)).unwrap();
+        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
         assert_eq!(v["type"], "connect_failure");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456789Z");
         assert_eq!(v["dst"], "10.1.2.3:80");
@@ -211,7 +218,7 @@ mod tests {
     fn unknown_context_hides_pid_and_comm() {
         let mut e = failure();
         e.context_known = false;
-        let v = serde_json::to_value(Record::from_kernel(&e)).unwrap();
+        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
         assert!(v.get("pid").is_none() && v.get("comm").is_none());
     }
 
@@ -220,7 +227,7 @@ mod tests {
         let mut e = failure();
         e.kind = Kind::Listen;
         e.dst = None;
-        let v = serde_json::to_value(Record::from_kernel(&e)).unwrap();
+        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
         assert_eq!(v["type"], "listen");
         assert_eq!(v["port"], 5000);
         assert_eq!(v["src"], "127.0.0.1");

@@ -4,12 +4,17 @@
 //! Data flows one way: kernel event (`probes`) -> `decode` -> export
 //! (`events`). `testbed` builds the simulated pods used by the demo and tests.
 
+pub mod attribute;
+pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod decode;
 pub mod demo;
 pub mod events;
+pub mod kube;
 pub mod offsets;
 pub mod pipeline;
+pub mod pods;
 pub mod probes;
+pub mod runtime;
 pub mod testbed;

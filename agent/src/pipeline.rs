@@ -7,11 +7,15 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::RunArgs,
+    attribute::Attributor,
+    cgroup::Resolver,
+    cli::{KubeMode, RunArgs},
     decode::{self, Clock},
     events::{Record, Sink},
+    kube::{self, PodStore, Update},
     offsets,
     probes::{LoadOptions, Probes},
+    runtime::{Reader, Roots},
 };
 
 /// A line reporting events the kernel could not deliver: loss is never silent.
@@ -42,6 +46,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     })?;
     let mut sink =
         Sink::open(&args.events).with_context(|| format!("opening --events {:?}", args.events))?;
+    let mut who = attributor(&args);
+    let mut pods = PodStore::default();
+    let mut kube_rx = start_kube(&args).await?;
+    let use_api = kube_rx.is_some();
     let mut clock = Clock::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -59,7 +67,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             r = probes.read_batch(|bytes| {
                 match decode::parse(bytes).and_then(|raw| decode::decode(&raw, &clock)) {
                     Ok(ev) => {
-                        if let Err(e) = sink.write(&Record::from_kernel(&ev)) {
+                        let a = who.attribute(&ev, use_api.then_some(&pods));
+                        if let Err(e) = sink.write(&Record::from_kernel(&ev, &a)) {
                             tracing::error!(error = %e, "writing event");
                         }
                     }
@@ -71,6 +80,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }) => {
                 r?;
                 sink.flush()?;
+            }
+            Some(u) = recv(&mut kube_rx) => {
+                match &u {
+                    Update::Error(e) => who.error("kubernetes", format!("API server: {e}; using runtime metadata")),
+                    Update::Recovered => tracing::info!("Kubernetes API reachable again"),
+                    _ => who.invalidate(),
+                }
+                pods.apply(u);
             }
             _ = tick.tick() => {
                 clock.refresh();
@@ -85,6 +102,65 @@ pub async fn run(args: RunArgs) -> Result<()> {
     drop(probes);
     tracing::info!("probes detached, exiting");
     Ok(())
+}
+
+/// Builds the attributor from the command line.
+pub fn attributor(args: &RunArgs) -> Attributor {
+    let cgroups = match &args.cgroup_root {
+        Some(r) => Resolver::new(Some(r.clone())),
+        None => Resolver::from_mountinfo(),
+    };
+    match cgroups.root() {
+        Some(r) => tracing::info!(root = %r.display(), "cgroup v2 mount"),
+        None => tracing::warn!("no cgroup v2 mount; attributing through /proc/<pid>/cgroup"),
+    }
+    let node = args.node_name.clone().or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+    });
+    let runtime = Reader::new(Roots {
+        containerd: args.containerd_root.clone(),
+        crio: args.crio_root.clone(),
+    });
+    Attributor::new(node, cgroups, runtime, args.proc_root.clone())
+}
+
+/// Starts the pod watcher when the API is wanted; `None` when it is off.
+async fn start_kube(args: &RunArgs) -> Result<Option<tokio::sync::mpsc::Receiver<Update>>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let wanted = match args.kubernetes {
+        KubeMode::Off => false,
+        KubeMode::On => true,
+        KubeMode::Auto => in_cluster || args.kube_api_url.is_some(),
+    };
+    if !wanted {
+        tracing::info!("Kubernetes API off: attributing from runtime metadata and cgroups");
+        return Ok(None);
+    }
+    let node = args
+        .node_name
+        .clone()
+        .context("--kubernetes needs --node-name (or NODE_NAME) to watch this node's pods")?;
+    let access = match &args.kube_api_url {
+        Some(u) => kube::Access::Url(u.clone()),
+        None => kube::Access::Infer,
+    };
+    let client = kube::client(&access)
+        .await
+        .context("building the Kubernetes client")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(kube::watch(client, node.clone(), tx));
+    tracing::info!(%node, "watching this node's pods");
+    Ok(Some(rx))
+}
+
+/// Receives from an optional channel; pending forever when there is none.
+async fn recv(rx: &mut Option<tokio::sync::mpsc::Receiver<Update>>) -> Option<Update> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn report_lost(probes: &Probes, seen: &mut u64, sink: &mut Sink) -> Result<()> {

@@ -166,6 +166,22 @@ fn test(extra: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The kernel crate is only compiled for the BPF target: lint it there too.
+    run(cargo()
+        .args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "connscope-ebpf",
+            "--bins",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"])
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"",
+        ))?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     Ok(())
 }

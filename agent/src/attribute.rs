@@ -1,0 +1,220 @@
+//! Who failed: kernel event -> node, namespace, pod, container, workload.
+//!
+//! Sources, best first: the Kubernetes API (when watched), the runtime's
+//! metadata files, the cgroup path's kubelet layout, and the pod name. A
+//! field no source knows stays `None`: never a wrong guess.
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde::Serialize;
+
+use crate::{
+    cgroup::{self, Miss, Resolver},
+    decode::KernelEvent,
+    kube::PodStore,
+    pods::{self, Qos},
+    runtime::{self, Reader},
+};
+
+/// Where the workload name came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadSource {
+    /// Owner references from the API server.
+    Api,
+    /// Derived from the pod name (no API).
+    Derived,
+}
+
+/// Everything known about where an event came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Attribution {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_source: Option<WorkloadSource>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<Qos>,
+    /// The cgroup path, kept when it names no pod (system services, hosts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The pod's sandbox (pause) container.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
+}
+
+/// Metadata failures by source, exported as `connscope_metadata_errors_total`.
+pub type ErrorCounts = HashMap<&'static str, u64>;
+
+/// Attributes events; caches complete answers per cgroup id.
+pub struct Attributor {
+    node: Option<String>,
+    cgroups: Resolver,
+    runtime: Reader,
+    proc_root: std::path::PathBuf,
+    cache: HashMap<u64, Arc<Attribution>>,
+    /// Failures by source (`cgroup`, `containerd`, `crio`, `kubernetes`).
+    pub errors: ErrorCounts,
+    /// Each source's first error is logged; the rest only counted.
+    logged: HashMap<&'static str, bool>,
+}
+
+/// Upper bound on cached attributions (cleared when exceeded).
+const CACHE_MAX: usize = 65536;
+
+impl Attributor {
+    /// An attributor for this node.
+    pub fn new(
+        node: Option<String>,
+        cgroups: Resolver,
+        runtime: Reader,
+        proc_root: std::path::PathBuf,
+    ) -> Self {
+        Attributor {
+            node,
+            cgroups,
+            runtime,
+            proc_root,
+            cache: HashMap::new(),
+            errors: HashMap::new(),
+            logged: HashMap::new(),
+        }
+    }
+
+    /// Counts a metadata failure; logs only the first of each source.
+    pub fn error(&mut self, source: &'static str, msg: impl std::fmt::Display) {
+        *self.errors.entry(source).or_default() += 1;
+        if !self.logged.insert(source, true).unwrap_or(false) {
+            tracing::warn!(source, error = %msg, "metadata error (further ones from this source are only counted)");
+        }
+    }
+
+    /// The cgroup path of an event: by id, else from `/proc/<pid>/cgroup`
+    /// (cgroup v1 nodes, or a cgroup deleted before we walked it).
+    fn cgroup_path(&mut self, ev: &KernelEvent) -> Option<String> {
+        // "/" is what processes in v1-only hierarchies (hybrid nodes whose
+        // kubelet uses v1) show in v2: ask /proc for their real cgroup.
+        let miss = match ev.cgroup_id.map(|id| self.cgroups.resolve(id)) {
+            Some(Ok(p)) if p != "/" || !ev.context_known => return Some(p),
+            Some(Ok(_)) => None,
+            Some(Err(m)) => Some(m),
+            None => None,
+        };
+        let from_proc = ev
+            .context_known
+            .then(|| {
+                std::fs::read_to_string(self.proc_root.join(ev.pid.to_string()).join("cgroup")).ok()
+            })
+            .flatten()
+            .and_then(|t| cgroup::proc_cgroup_path(&t));
+        match (&from_proc, miss, ev.cgroup_id) {
+            (Some(p), Some(Miss::Unknown), Some(id)) => self.cgroups.remember(id, p.clone()),
+            (None, Some(Miss::Unknown), Some(id)) => self.error(
+                "cgroup",
+                format!("cgroup id {id} not found under the cgroup2 mount"),
+            ),
+            _ => {}
+        }
+        from_proc
+    }
+
+    /// Attributes one event, with the API's pods if a store is given.
+    pub fn attribute(&mut self, ev: &KernelEvent, api: Option<&PodStore>) -> Arc<Attribution> {
+        if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
+            return a.clone();
+        }
+        let mut a = Attribution {
+            node: self.node.clone(),
+            ..Default::default()
+        };
+        let path = self.cgroup_path(ev);
+        let layout = path.as_deref().and_then(pods::parse_cgroup);
+        let mut complete = false;
+        if let Some(l) = &layout {
+            a.pod_uid = Some(l.pod_uid.clone());
+            a.qos = Some(l.qos);
+            a.container_id = l.container_id.clone();
+            if let Some(cid) = &l.container_id {
+                match self.runtime.lookup(cid, l.runtime) {
+                    Ok(Some(m)) => {
+                        a.container = m.container_name;
+                        a.pod = m.pod_name;
+                        a.namespace = m.pod_namespace;
+                        a.sandbox = m.sandbox;
+                        if a.pod_uid.is_none() {
+                            a.pod_uid = m.pod_uid;
+                        }
+                        complete = true;
+                    }
+                    Ok(None) => {}
+                    Err((source, e)) => self.error(source, format!("container {cid}: {e}")),
+                }
+            }
+            if let Some(p) = api.and_then(|s| s.get(&l.pod_uid)) {
+                a.namespace = Some(p.namespace.clone());
+                a.pod = Some(p.name.clone());
+                a.workload = Some(p.workload.name.clone());
+                a.workload_kind = Some(p.workload.kind.clone());
+                a.workload_source = Some(WorkloadSource::Api);
+                if a.container.is_none() {
+                    a.container = l
+                        .container_id
+                        .as_deref()
+                        .and_then(|cid| p.container_name(cid))
+                        .map(str::to_string);
+                }
+                complete = a.container.is_some() || l.container_id.is_none();
+            }
+        } else {
+            a.cgroup = path;
+        }
+        if a.workload.is_none()
+            && let Some(pod) = &a.pod
+        {
+            let w = pods::derive_workload(pod);
+            a.workload = Some(w.name);
+            a.workload_kind = w.kind.map(str::to_string);
+            a.workload_source = Some(WorkloadSource::Derived);
+        }
+        let a = Arc::new(a);
+        // Cache only answers that will not improve (pod fully known, or not a
+        // pod at all); others are retried as runtime files and the API fill in.
+        if let Some(id) = ev.cgroup_id
+            && (complete || layout.is_none())
+            && a.cgroup.as_deref() != Some("/")
+        {
+            if self.cache.len() >= CACHE_MAX {
+                self.cache.clear();
+            }
+            self.cache.insert(id, a.clone());
+        }
+        a
+    }
+
+    /// Drops cached answers (e.g. after the API store changed).
+    pub fn invalidate(&mut self) {
+        self.cache.clear();
+    }
+
+    /// The cgroup resolver (for metrics and tests).
+    pub fn cgroups(&self) -> &Resolver {
+        &self.cgroups
+    }
+}
+
+/// Re-exported for callers building an attributor.
+pub use runtime::Roots as RuntimeRoots;

@@ -1,0 +1,459 @@
+//! The Kubernetes API: this node's pods (watched with kube-rs), their
+//! workloads (walking owner references), Istio annotations and container
+//! statuses. An outage degrades to runtime metadata: it is logged once,
+//! counted, and the watcher recovers by itself.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::{
+    Api, Client,
+    api::ObjectMeta,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+
+/// The workload a pod belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+/// One container's status, for timelines and native sidecars.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub name: String,
+    /// Runtime id without the `containerd://` prefix.
+    pub container_id: Option<String>,
+    pub started_at: Option<SystemTime>,
+    pub ready: bool,
+    pub started: Option<bool>,
+    /// Declared in `initContainers`.
+    pub init: bool,
+    /// An init container with `restartPolicy: Always`: a native sidecar.
+    pub restart_always: bool,
+}
+
+/// Istio's annotations on a pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IstioAnnotations {
+    pub sidecar_status: Option<String>,
+    pub proxy_config: Option<String>,
+    pub native_sidecar: Option<String>,
+    pub rev: Option<String>,
+}
+
+/// What the API says about one pod of this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub workload: Workload,
+    pub containers: Vec<ContainerInfo>,
+    pub istio: IstioAnnotations,
+}
+
+impl PodInfo {
+    /// The name of the container with this runtime id.
+    pub fn container_name(&self, id: &str) -> Option<&str> {
+        self.containers
+            .iter()
+            .find(|c| c.container_id.as_deref() == Some(id))
+            .map(|c| c.name.as_str())
+    }
+}
+
+/// This node's pods by UID.
+#[derive(Debug, Default)]
+pub struct PodStore {
+    by_uid: HashMap<String, PodInfo>,
+}
+
+impl PodStore {
+    pub fn get(&self, uid: &str) -> Option<&PodInfo> {
+        self.by_uid.get(uid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_uid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_uid.is_empty()
+    }
+
+    /// Applies an update from the watcher.
+    pub fn apply(&mut self, u: Update) {
+        match u {
+            Update::Apply(p) => {
+                self.by_uid.insert(p.uid.clone(), *p);
+            }
+            Update::Delete(uid) => {
+                self.by_uid.remove(&uid);
+            }
+            Update::Replace(all) => {
+                self.by_uid = all.into_iter().map(|p| (p.uid.clone(), p)).collect();
+            }
+            Update::Error(_) | Update::Recovered => {}
+        }
+    }
+}
+
+/// What the watcher task sends to the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    Apply(Box<PodInfo>),
+    Delete(String),
+    /// A full relist (after start or a broken watch).
+    Replace(Vec<PodInfo>),
+    /// The API failed; counted as a metadata error.
+    Error(String),
+    /// The API answers again after an error.
+    Recovered,
+}
+
+/// The controller owner reference of an object, as (kind, name).
+pub fn controller_owner(meta: &ObjectMeta) -> Option<(String, String)> {
+    let refs = meta.owner_references.as_ref()?;
+    refs.iter()
+        .find(|r| r.controller == Some(true))
+        .or_else(|| refs.first())
+        .map(|r| (r.kind.clone(), r.name.clone()))
+}
+
+/// The owner that must be looked up to name a pod's workload: a ReplicaSet
+/// (-> Deployment) or a Job (-> CronJob), as (kind, namespace, name).
+pub fn owner_to_walk(pod: &Pod) -> Option<(String, String, String)> {
+    let (kind, name) = controller_owner(&pod.metadata)?;
+    (kind == "ReplicaSet" || kind == "Job").then(|| {
+        (
+            kind,
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            name,
+        )
+    })
+}
+
+/// A pod's workload, given what [`owner_to_walk`]'s object is owned by:
+/// ReplicaSet -> Deployment, Job -> CronJob; StatefulSet, DaemonSet and
+/// others are workloads themselves; a bare pod is its own.
+pub fn workload(pod: &Pod, walked: Option<(String, String)>) -> Workload {
+    match (controller_owner(&pod.metadata), walked) {
+        (None, _) => Workload {
+            kind: "Pod".into(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+        },
+        (Some(_), Some((kind, name))) => Workload { kind, name },
+        (Some((kind, name)), None) => Workload { kind, name },
+    }
+}
+
+fn strip_runtime_prefix(id: &str) -> String {
+    id.split_once("://")
+        .map_or(id, |(_, rest)| rest)
+        .to_string()
+}
+
+fn container_infos(pod: &Pod) -> Vec<ContainerInfo> {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    let mut out = Vec::new();
+    let mut add = |statuses: Option<&Vec<ContainerStatus>>, init: bool| {
+        for s in statuses.into_iter().flatten() {
+            let restart_always = init
+                && spec
+                    .and_then(|sp| sp.init_containers.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.name == s.name && c.restart_policy.as_deref() == Some("Always"));
+            out.push(ContainerInfo {
+                name: s.name.clone(),
+                container_id: s.container_id.as_deref().map(strip_runtime_prefix),
+                started_at: s
+                    .state
+                    .as_ref()
+                    .and_then(|st| st.running.as_ref())
+                    .and_then(|r| r.started_at.as_ref())
+                    .map(|t| SystemTime::from(t.0)),
+                ready: s.ready,
+                started: s.started,
+                init,
+                restart_always,
+            });
+        }
+    };
+    add(
+        status.and_then(|s| s.init_container_statuses.as_ref()),
+        true,
+    );
+    add(status.and_then(|s| s.container_statuses.as_ref()), false);
+    out
+}
+
+/// Builds a [`PodInfo`] from an API object and its resolved workload.
+pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
+    let m = &pod.metadata;
+    let ann = |k: &str| m.annotations.as_ref().and_then(|a| a.get(k)).cloned();
+    Some(PodInfo {
+        uid: m.uid.clone()?,
+        namespace: m.namespace.clone()?,
+        name: m.name.clone()?,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        workload,
+        containers: container_infos(pod),
+        istio: IstioAnnotations {
+            sidecar_status: ann("sidecar.istio.io/status"),
+            proxy_config: ann("proxy.istio.io/config"),
+            native_sidecar: ann("sidecar.istio.io/nativeSidecar"),
+            rev: ann("istio.io/rev").or_else(|| {
+                m.labels
+                    .as_ref()
+                    .and_then(|l| l.get("istio.io/rev"))
+                    .cloned()
+            }),
+        },
+    })
+}
+
+/// Owner lookups through the API, cached per (kind, namespace, name).
+struct Owners {
+    client: Client,
+    cache: HashMap<(String, String, String), Option<(String, String)>>,
+}
+
+impl Owners {
+    async fn workload(&mut self, pod: &Pod) -> Workload {
+        let walked = match owner_to_walk(pod) {
+            Some((k, ns, n)) => self.owner_of(k, ns, n).await,
+            None => None,
+        };
+        workload(pod, walked)
+    }
+
+    async fn owner_of(
+        &mut self,
+        kind: String,
+        ns: String,
+        name: String,
+    ) -> Option<(String, String)> {
+        let key = (kind.clone(), ns.clone(), name.clone());
+        if let Some(v) = self.cache.get(&key) {
+            return v.clone();
+        }
+        let meta = match kind.as_str() {
+            "ReplicaSet" => {
+                Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(self.client.clone(), &ns)
+                    .get_metadata_opt(&name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|o| o.metadata)
+            }
+            "Job" => Api::<k8s_openapi::api::batch::v1::Job>::namespaced(self.client.clone(), &ns)
+                .get_metadata_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .map(|o| o.metadata),
+            _ => None,
+        };
+        let owner = meta.as_ref().and_then(controller_owner);
+        if self.cache.len() > 10_000 {
+            self.cache.clear();
+        }
+        self.cache.insert(key, owner.clone());
+        owner
+    }
+}
+
+/// How the agent reaches the API.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// In-cluster service account (or KUBECONFIG).
+    Infer,
+    /// An explicit URL, plain HTTP or HTTPS without auth (tests, proxies).
+    Url(String),
+}
+
+/// Builds a client.
+pub async fn client(access: &Access) -> anyhow::Result<Client> {
+    Ok(match access {
+        Access::Infer => Client::try_default().await?,
+        Access::Url(u) => Client::try_from(kube::Config::new(u.parse()?))?,
+    })
+}
+
+/// Watches this node's pods and sends [`Update`]s until the receiver is gone.
+pub async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
+    let api: Api<Pod> = Api::all(client.clone());
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut owners = Owners {
+        client,
+        cache: HashMap::new(),
+    };
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut buffer: Vec<PodInfo> = Vec::new();
+    let mut failing = false;
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(e) => {
+                failing = true;
+                if tx.send(Update::Error(e.to_string())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if failing {
+            failing = false;
+            if tx.send(Update::Recovered).await.is_err() {
+                return;
+            }
+        }
+        let update = match ev {
+            watcher::Event::Init => {
+                buffer.clear();
+                None
+            }
+            watcher::Event::InitApply(p) => {
+                let w = owners.workload(&p).await;
+                buffer.extend(pod_info(&p, w));
+                None
+            }
+            watcher::Event::InitDone => Some(Update::Replace(std::mem::take(&mut buffer))),
+            watcher::Event::Apply(p) => {
+                let w = owners.workload(&p).await;
+                pod_info(&p, w).map(|p| Update::Apply(Box::new(p)))
+            }
+            watcher::Event::Delete(p) => p.metadata.uid.clone().map(Update::Delete),
+        };
+        if let Some(u) = update
+            && tx.send(u).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn sample() -> Pod {
+        pod(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "checkout-7d9f8c6b5-xk2lp", "namespace": "shop",
+                "uid": "0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+                                "proxy.istio.io/config": "{\"holdApplicationUntilProxyStarts\":true}"},
+                "labels": {"istio.io/rev": "1-27"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "checkout-7d9f8c6b5",
+                                     "uid": "x", "controller": true}]
+            },
+            "spec": {"nodeName": "node-1",
+                     "containers": [{"name": "app"}],
+                     "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always"}]},
+            "status": {
+                "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "i", "imageID": "",
+                    "containerID": "containerd://abc123", "started": true,
+                    "state": {"running": {"startedAt": "2026-01-02T03:04:05Z"}}}],
+                "initContainerStatuses": [{"name": "istio-proxy", "ready": true, "restartCount": 0, "image": "i",
+                    "imageID": "", "containerID": "containerd://def456", "started": true,
+                    "state": {"running": {"startedAt": "2026-01-02T03:04:01Z"}}}]
+            }
+        }))
+    }
+
+    #[test]
+    fn replicaset_resolves_to_deployment() {
+        let p = sample();
+        assert_eq!(
+            owner_to_walk(&p),
+            Some((
+                "ReplicaSet".into(),
+                "shop".into(),
+                "checkout-7d9f8c6b5".into()
+            ))
+        );
+        let w = workload(&p, Some(("Deployment".into(), "checkout".into())));
+        assert_eq!(
+            w,
+            Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unresolvable_owner_is_itself_and_bare_pod_is_pod() {
+        assert_eq!(workload(&sample(), None).kind, "ReplicaSet");
+        let mut bare = sample();
+        bare.metadata.owner_references = None;
+        assert_eq!(owner_to_walk(&bare), None);
+        assert_eq!(
+            workload(&bare, None),
+            Workload {
+                kind: "Pod".into(),
+                name: "checkout-7d9f8c6b5-xk2lp".into()
+            }
+        );
+    }
+
+    #[test]
+    fn pod_info_keeps_istio_and_native_sidecar() {
+        let p = pod_info(
+            &sample(),
+            Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(p.container_name("abc123"), Some("app"));
+        let proxy = p
+            .containers
+            .iter()
+            .find(|c| c.name == "istio-proxy")
+            .unwrap();
+        assert!(proxy.init && proxy.restart_always && proxy.ready);
+        assert_eq!(p.istio.rev.as_deref(), Some("1-27"));
+        assert!(
+            p.istio
+                .proxy_config
+                .unwrap()
+                .contains("holdApplicationUntilProxyStarts")
+        );
+        assert_eq!(p.node.as_deref(), Some("node-1"));
+    }
+
+    #[test]
+    fn store_apply_delete_replace() {
+        let p = pod_info(
+            &sample(),
+            Workload {
+                kind: "Pod".into(),
+                name: "x".into(),
+            },
+        )
+        .unwrap();
+        let mut s = PodStore::default();
+        s.apply(Update::Apply(Box::new(p.clone())));
+        assert!(s.get(&p.uid).is_some());
+        s.apply(Update::Delete(p.uid.clone()));
+        assert!(s.is_empty());
+        s.apply(Update::Replace(vec![p.clone()]));
+        assert_eq!(s.len(), 1);
+    }
+}
