@@ -25,6 +25,29 @@ pub mod kind {
     pub const EXEC: u8 = 4;
     /// A whole thread group exited.
     pub const EXIT: u8 = 5;
+    /// A cgroup v2 directory was created ([`super::CgroupEvent`]).
+    pub const CGROUP_MKDIR: u8 = 6;
+    /// A cgroup v2 directory was removed ([`super::CgroupEvent`]).
+    pub const CGROUP_RMDIR: u8 = 7;
+}
+
+/// Bytes kept of a cgroup path (kubelet paths run to ~200 bytes).
+pub const CGROUP_PATH_LEN: usize = 256;
+
+/// A cgroup v2 directory created or removed: the kernel names id and path at
+/// creation, so even a container that lives for milliseconds is attributed.
+/// Sent on the same ring buffer as [`Event`]; told apart by its size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupEvent {
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub level: u32,
+    /// [`kind::CGROUP_MKDIR`] or [`kind::CGROUP_RMDIR`].
+    pub kind: u8,
+    pub reserved: [u8; 3],
+    /// Path relative to the cgroup2 root, NUL-terminated.
+    pub path: [u8; CGROUP_PATH_LEN],
 }
 
 /// Bits of [`Event::flags`].
@@ -114,6 +137,15 @@ pub struct Config {
     pub exec_filename: u32,
     /// `sched:sched_process_exit` group_dead (absent before 6.x kernels).
     pub exit_group_dead: u32,
+    /// `cgroup:cgroup_mkdir` / `cgroup_rmdir` fields.
+    pub mkdir_root: u32,
+    pub mkdir_level: u32,
+    pub mkdir_id: u32,
+    pub mkdir_path: u32,
+    pub rmdir_root: u32,
+    pub rmdir_level: u32,
+    pub rmdir_id: u32,
+    pub rmdir_path: u32,
     /// `struct sock`.sk_err (BTF).
     pub sock_sk_err: u32,
     /// `struct task_struct`.nsproxy, `struct nsproxy`.net_ns and
@@ -145,6 +177,14 @@ impl Config {
         exit_ret: OFFSET_UNKNOWN,
         exec_filename: OFFSET_UNKNOWN,
         exit_group_dead: OFFSET_UNKNOWN,
+        mkdir_root: OFFSET_UNKNOWN,
+        mkdir_level: OFFSET_UNKNOWN,
+        mkdir_id: OFFSET_UNKNOWN,
+        mkdir_path: OFFSET_UNKNOWN,
+        rmdir_root: OFFSET_UNKNOWN,
+        rmdir_level: OFFSET_UNKNOWN,
+        rmdir_id: OFFSET_UNKNOWN,
+        rmdir_path: OFFSET_UNKNOWN,
         sock_sk_err: OFFSET_UNKNOWN,
         task_nsproxy: OFFSET_UNKNOWN,
         nsproxy_net_ns: OFFSET_UNKNOWN,
@@ -166,3 +206,6 @@ unsafe impl aya::Pod for Event {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Config {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CgroupEvent {}

@@ -12,7 +12,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use connscope_ebpf::{
-    COMM_LEN, Config, Event, OFFSET_UNKNOWN, PATH_LEN, SOCKADDR_LEN, flags, kind,
+    CGROUP_PATH_LEN, COMM_LEN, CgroupEvent, Config, Event, OFFSET_UNKNOWN, PATH_LEN, SOCKADDR_LEN,
+    flags, kind,
 };
 
 const AF_UNIX: u16 = 1;
@@ -485,6 +486,71 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     let ts = now();
     let c = current_ctx(&cfg, ts);
     submit(&event(kind::EXIT, &c, ts));
+    0
+}
+
+/// Per-CPU scratch for cgroup events (too large for the BPF stack).
+#[map(name = "CGSCRATCH")]
+static CGSCRATCH: PerCpuArray<CgroupEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// cgroup v2 (hierarchy 0) mkdir/rmdir: id and path, straight from the kernel.
+#[inline(always)]
+fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, path: u32) {
+    if read::<i32>(ctx, root) != Some(0) {
+        return;
+    }
+    let (Some(cg), Some(loc)) = (read::<u64>(ctx, id), read::<u32>(ctx, path)) else {
+        return;
+    };
+    let Some(p) = CGSCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; the path is read through the helper
+    // from the __data_loc offset inside this tracepoint's record.
+    unsafe {
+        (*p).ts_ns = now();
+        (*p).cgroup_id = cg;
+        (*p).level = read::<u32>(ctx, level).unwrap_or(0);
+        (*p).kind = k;
+        (*p).reserved = [0; 3];
+        (*p).path[0] = 0;
+        let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+        let dst = &mut *core::ptr::addr_of_mut!((*p).path);
+        let _ =
+            aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
+        if EVENTS.output::<CgroupEvent>(&*p, 0).is_err()
+            && let Some(l) = LOST.get_ptr_mut(0)
+        {
+            *l += 1;
+        }
+    }
+}
+
+#[tracepoint(category = "cgroup", name = "cgroup_mkdir")]
+pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    let c = config();
+    cgroup_event(
+        &ctx,
+        kind::CGROUP_MKDIR,
+        c.mkdir_root,
+        c.mkdir_level,
+        c.mkdir_id,
+        c.mkdir_path,
+    );
+    0
+}
+
+#[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
+pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+    let c = config();
+    cgroup_event(
+        &ctx,
+        kind::CGROUP_RMDIR,
+        c.rmdir_root,
+        c.rmdir_level,
+        c.rmdir_id,
+        c.rmdir_path,
+    );
     0
 }
 

@@ -205,6 +205,16 @@ impl Attributor {
         a
     }
 
+    /// Follows cgroup creation and removal reported by the kernel.
+    pub fn cgroup_changed(&mut self, c: crate::decode::CgroupChange) {
+        if c.created {
+            self.cgroups.created(c.id, c.path);
+        } else {
+            self.cgroups.removed(c.id);
+            self.cache.remove(&c.id);
+        }
+    }
+
     /// Drops cached answers (e.g. after the API store changed).
     pub fn invalidate(&mut self) {
         self.cache.clear();

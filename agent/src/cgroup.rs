@@ -159,6 +159,24 @@ impl Resolver {
         });
     }
 
+    /// Records a cgroup the kernel just created (exact id and path).
+    pub fn created(&mut self, id: u64, path: String) {
+        self.by_id.insert(
+            id,
+            Entry {
+                path,
+                gone_since: None,
+            },
+        );
+    }
+
+    /// Marks a cgroup removed: it still resolves for the grace period.
+    pub fn removed(&mut self, id: u64) {
+        if let Some(e) = self.by_id.get_mut(&id) {
+            e.gone_since.get_or_insert_with(Instant::now);
+        }
+    }
+
     /// Re-reads the whole tree; marks vanished cgroups and drops those gone
     /// for longer than the grace period.
     pub fn walk(&mut self) {

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use connscope_ebpf::{Event, flags, kind};
+use connscope_ebpf::{CgroupEvent, Event, flags, kind};
 use serde::Serialize;
 
 /// What the kernel saw.
@@ -165,6 +165,51 @@ fn clock_ns(id: libc::clockid_t) -> u64 {
     // SAFETY: ts is a valid, writable timespec.
     unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// A ring-buffer record: the two record types differ in size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Raw {
+    Event(Event),
+    Cgroup(CgroupEvent),
+}
+
+/// A cgroup v2 directory created or removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupChange {
+    pub created: bool,
+    pub id: u64,
+    pub path: String,
+}
+
+/// Reads a record out of the ring buffer.
+pub fn parse_record(bytes: &[u8]) -> Result<Raw, DecodeError> {
+    if bytes.len() == size_of::<CgroupEvent>() {
+        // SAFETY: length checked; CgroupEvent is repr(C) plain data for which
+        // every bit pattern is valid; read_unaligned tolerates any alignment.
+        let c = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CgroupEvent>()) };
+        return Ok(Raw::Cgroup(c));
+    }
+    parse(bytes).map(Raw::Event)
+}
+
+/// Decodes a cgroup record.
+pub fn decode_cgroup(c: &CgroupEvent) -> Result<CgroupChange, DecodeError> {
+    let created = match c.kind {
+        kind::CGROUP_MKDIR => true,
+        kind::CGROUP_RMDIR => false,
+        k => return Err(DecodeError::Kind(k)),
+    };
+    let path = cstr(&c.path);
+    Ok(CgroupChange {
+        created,
+        id: c.cgroup_id,
+        path: if path.starts_with('/') {
+            path
+        } else {
+            format!("/{path}")
+        },
+    })
 }
 
 /// Reads an [`Event`] out of a ring-buffer record.
@@ -375,6 +420,43 @@ mod tests {
         r.comm = [0xff; COMM_LEN];
         let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
         assert_eq!(k.comm.chars().count(), COMM_LEN);
+    }
+
+    #[test]
+    fn cgroup_records_are_told_apart_by_size() {
+        let mut c = CgroupEvent {
+            ts_ns: 1,
+            cgroup_id: 77,
+            level: 3,
+            kind: kind::CGROUP_MKDIR,
+            reserved: [0; 3],
+            path: [0; connscope_ebpf::CGROUP_PATH_LEN],
+        };
+        c.path[..9].copy_from_slice(b"/kubepods");
+        // SAFETY: bytes of a repr(C) value with explicit padding.
+        let b = unsafe {
+            std::slice::from_raw_parts(
+                (&c as *const CgroupEvent).cast::<u8>(),
+                size_of::<CgroupEvent>(),
+            )
+        };
+        let Raw::Cgroup(r) = parse_record(b).unwrap() else {
+            panic!("not a cgroup record")
+        };
+        assert_eq!(
+            decode_cgroup(&r).unwrap(),
+            CgroupChange {
+                created: true,
+                id: 77,
+                path: "/kubepods".into()
+            }
+        );
+        assert!(matches!(
+            parse_record(&bytes(&raw(kind::EXIT))),
+            Ok(Raw::Event(_))
+        ));
+        c.kind = 42;
+        assert_eq!(decode_cgroup(&c), Err(DecodeError::Kind(42)));
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
     let exit = fmt("syscalls", "sys_exit_connect");
     let exec = fmt("sched", "sched_process_exec");
     let pexit = fmt("sched", "sched_process_exit");
+    let mkdir = fmt("cgroup", "cgroup_mkdir");
+    let rmdir = fmt("cgroup", "cgroup_rmdir");
     let mut cfg = Config {
         sss_skaddr: off(sss.as_ref(), "skaddr"),
         sss_oldstate: off(sss.as_ref(), "oldstate"),
@@ -207,6 +209,14 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
         exit_ret: off(exit.as_ref(), "ret"),
         exec_filename: off(exec.as_ref(), "filename"),
         exit_group_dead: off(pexit.as_ref(), "group_dead"),
+        mkdir_root: off(mkdir.as_ref(), "root"),
+        mkdir_level: off(mkdir.as_ref(), "level"),
+        mkdir_id: off(mkdir.as_ref(), "id"),
+        mkdir_path: off(mkdir.as_ref(), "path"),
+        rmdir_root: off(rmdir.as_ref(), "root"),
+        rmdir_level: off(rmdir.as_ref(), "level"),
+        rmdir_id: off(rmdir.as_ref(), "id"),
+        rmdir_path: off(rmdir.as_ref(), "path"),
         ..Config::UNKNOWN
     };
     match Btf::from_file(btf_path) {
@@ -285,7 +295,7 @@ print fmt: \"family=%s\"
         let dir = std::env::temp_dir().join(format!("connscope-nofmt-{}", std::process::id()));
         let (cfg, d) = discover(&dir, &dir.join("vmlinux"));
         assert_eq!(cfg, Config::UNKNOWN);
-        assert_eq!(d.missing_tracepoints.len(), 6);
+        assert_eq!(d.missing_tracepoints.len(), 8);
         assert_eq!(d.missing_btf.len(), 1);
     }
 

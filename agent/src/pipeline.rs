@@ -10,7 +10,7 @@ use crate::{
     attribute::Attributor,
     cgroup::Resolver,
     cli::{KubeMode, RunArgs},
-    decode::{self, Clock},
+    decode::{self, Clock, Raw},
     events::{Record, Sink},
     kube::{self, PodStore, Update},
     offsets,
@@ -65,13 +65,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
     loop {
         tokio::select! {
             r = probes.read_batch(|bytes| {
-                match decode::parse(bytes).and_then(|raw| decode::decode(&raw, &clock)) {
-                    Ok(ev) => {
+                let decoded = decode::parse_record(bytes).and_then(|raw| match raw {
+                    Raw::Event(e) => decode::decode(&e, &clock).map(Ok),
+                    Raw::Cgroup(c) => decode::decode_cgroup(&c).map(Err),
+                });
+                match decoded {
+                    Ok(Ok(ev)) => {
                         let a = who.attribute(&ev, use_api.then_some(&pods));
                         if let Err(e) = sink.write(&Record::from_kernel(&ev, &a)) {
                             tracing::error!(error = %e, "writing event");
                         }
                     }
+                    Ok(Err(change)) => who.cgroup_changed(change),
                     Err(e) => {
                         decode_errors += 1;
                         tracing::warn!(error = %e, decode_errors, "undecodable ring buffer record");

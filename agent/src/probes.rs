@@ -62,6 +62,18 @@ pub const HOOKS: &[Hook] = &[
         name: "sched_process_exit",
         without: "no process exit times (shutdown race, last process exit)",
     },
+    Hook {
+        program: "cgroup_mkdir",
+        category: "cgroup",
+        name: "cgroup_mkdir",
+        without: "cgroups learned by walking the cgroup tree only: containers living milliseconds may go unattributed",
+    },
+    Hook {
+        program: "cgroup_rmdir",
+        category: "cgroup",
+        name: "cgroup_rmdir",
+        without: "deleted cgroups noticed on the next walk only",
+    },
 ];
 
 /// Outcome of attaching one hook.

@@ -4,6 +4,7 @@
 
 pub mod dial;
 pub mod net;
+pub mod pod;
 pub mod sidecar;
 
 use std::{
@@ -28,6 +29,16 @@ pub enum Command {
         #[arg(long = "addr", required = true)]
         addrs: Vec<SocketAddr>,
     },
+    /// Join a network namespace and/or a cgroup, then exec a command (how a
+    /// runtime starts a container's process).
+    Enter {
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        cgroup: Option<std::path::PathBuf>,
+        #[arg(trailing_var_arg = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 /// Runs a testbed role.
@@ -36,6 +47,11 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Sidecar(a) => sidecar::run(a),
         Command::Dial(a) => dial::run(a),
         Command::Serve { addrs } => serve(&addrs),
+        Command::Enter {
+            netns,
+            cgroup,
+            argv,
+        } => pod::enter(netns.as_deref(), cgroup.as_deref(), &argv),
     }
 }
 

@@ -1,0 +1,305 @@
+//! Simulated pods on a real kernel: cgroup v2 directories shaped like
+//! kubelet's (systemd driver) and runtime metadata files shaped like
+//! containerd's or CRI-O's. Processes are moved in with `testbed enter`.
+//! Dropping a pod kills its processes and removes its directories and files.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{pods::Qos, runtime::Roots};
+
+/// Which runtime's files to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Containerd,
+    Crio,
+}
+
+/// One container of a simulated pod.
+#[derive(Debug)]
+pub struct Container {
+    pub name: String,
+    pub id: String,
+    /// Absolute cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+/// A simulated pod.
+#[derive(Debug)]
+pub struct Pod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub flavor: Flavor,
+    pub qos: Qos,
+    /// Absolute pod-level cgroup directory.
+    pub cgroup: PathBuf,
+    pub containers: Vec<Container>,
+    roots: Roots,
+    made_dirs: Vec<PathBuf>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh UUID-shaped pod uid and 64-hex container ids, unique per process.
+fn hex(n: usize, salt: &str) -> String {
+    let seed = format!(
+        "{}-{}-{}-{salt}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    );
+    // FNV-1a stretched to n hex digits: unique enough for test fixtures.
+    let mut out = String::new();
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut i = 0u64;
+    while out.len() < n {
+        for b in seed.bytes().chain(i.to_le_bytes()) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        out.push_str(&format!("{h:016x}"));
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+fn new_uid() -> String {
+    let h = hex(32, "uid");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+impl Pod {
+    /// Creates the cgroups and metadata of a pod with these containers.
+    /// `cgroup_root` is the cgroup2 mount.
+    pub fn create(
+        cgroup_root: &Path,
+        roots: &Roots,
+        flavor: Flavor,
+        qos: Qos,
+        namespace: &str,
+        name: &str,
+        containers: &[&str],
+    ) -> Result<Pod> {
+        let uid = new_uid();
+        let u = uid.replace('-', "_");
+        let mut dir = cgroup_root.join("kubepods.slice");
+        let mut made_dirs = Vec::new();
+        let mk = |d: &Path, made: &mut Vec<PathBuf>| -> Result<()> {
+            if !d.exists() {
+                std::fs::create_dir(d).with_context(|| format!("mkdir {}", d.display()))?;
+                made.push(d.to_path_buf());
+            }
+            Ok(())
+        };
+        mk(&dir, &mut made_dirs)?;
+        let pod_dir = match qos {
+            Qos::Guaranteed => dir.join(format!("kubepods-pod{u}.slice")),
+            Qos::Burstable | Qos::BestEffort => {
+                let q = if qos == Qos::Burstable {
+                    "burstable"
+                } else {
+                    "besteffort"
+                };
+                dir = dir.join(format!("kubepods-{q}.slice"));
+                mk(&dir, &mut made_dirs)?;
+                dir.join(format!("kubepods-{q}-pod{u}.slice"))
+            }
+        };
+        mk(&pod_dir, &mut made_dirs)?;
+        let mut pod = Pod {
+            uid,
+            namespace: namespace.into(),
+            name: name.into(),
+            flavor,
+            qos,
+            cgroup: pod_dir,
+            containers: Vec::new(),
+            roots: roots.clone(),
+            made_dirs,
+        };
+        for c in containers {
+            pod.add_container(c)?;
+        }
+        Ok(pod)
+    }
+
+    /// Adds a container: its cgroup and its runtime metadata file.
+    pub fn add_container(&mut self, name: &str) -> Result<&Container> {
+        let id = hex(64, name);
+        let scope = match self.flavor {
+            Flavor::Containerd => format!("cri-containerd-{id}.scope"),
+            Flavor::Crio => format!("crio-{id}.scope"),
+        };
+        let cgroup = self.cgroup.join(scope);
+        std::fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
+        self.write_metadata(&id, name)?;
+        self.containers.push(Container {
+            name: name.into(),
+            id,
+            cgroup,
+        });
+        Ok(self.containers.last().expect("just pushed"))
+    }
+
+    fn config_path(&self, id: &str) -> PathBuf {
+        match self.flavor {
+            Flavor::Containerd => self
+                .roots
+                .containerd
+                .join("k8s.io")
+                .join(id)
+                .join("config.json"),
+            Flavor::Crio => self
+                .roots
+                .crio
+                .join(id)
+                .join("userdata")
+                .join("config.json"),
+        }
+    }
+
+    fn write_metadata(&self, id: &str, name: &str) -> Result<()> {
+        let ann = match self.flavor {
+            Flavor::Containerd => serde_json::json!({
+                "io.kubernetes.cri.container-type": "container",
+                "io.kubernetes.cri.container-name": name,
+                "io.kubernetes.cri.sandbox-name": self.name,
+                "io.kubernetes.cri.sandbox-namespace": self.namespace,
+                "io.kubernetes.cri.sandbox-uid": self.uid,
+                "io.kubernetes.cri.image-name": "registry.example/app:1",
+            }),
+            Flavor::Crio => serde_json::json!({
+                "io.kubernetes.cri-o.ContainerType": "container",
+                "io.kubernetes.container.name": name,
+                "io.kubernetes.pod.name": self.name,
+                "io.kubernetes.pod.namespace": self.namespace,
+                "io.kubernetes.pod.uid": self.uid,
+            }),
+        };
+        let cfg = serde_json::json!({
+            "ociVersion": "1.1.0",
+            "process": {"user": {"uid": 0, "gid": 0}, "args": ["/app"], "cwd": "/"},
+            "root": {"path": "rootfs"},
+            "annotations": ann,
+        });
+        let p = self.config_path(id);
+        std::fs::create_dir_all(p.parent().context("config dir")?)?;
+        std::fs::write(&p, serde_json::to_vec_pretty(&cfg)?)?;
+        Ok(())
+    }
+
+    /// Overwrites a container's metadata file (to test broken files).
+    pub fn corrupt_metadata(&self, container: &str, contents: &[u8]) -> Result<()> {
+        let c = self.container(container)?;
+        std::fs::write(self.config_path(&c.id), contents)?;
+        Ok(())
+    }
+
+    /// A container by name.
+    pub fn container(&self, name: &str) -> Result<&Container> {
+        self.containers
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no container {name}"))
+    }
+
+    /// Kills a container's processes and removes its cgroup and metadata.
+    pub fn remove_container(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .containers
+            .iter()
+            .position(|c| c.name == name)
+            .with_context(|| format!("no container {name}"))?;
+        let c = self.containers.remove(i);
+        kill_cgroup(&c.cgroup);
+        let _ = std::fs::remove_dir_all(
+            self.config_path(&c.id)
+                .parent()
+                .unwrap_or(Path::new("/nonexistent")),
+        );
+        if self.flavor == Flavor::Crio {
+            let _ = std::fs::remove_dir_all(self.roots.crio.join(&c.id));
+        }
+        Ok(())
+    }
+}
+
+/// Kills every process of a cgroup (bounded wait) and removes it.
+pub fn kill_cgroup(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for p in pids {
+            // SAFETY: sending SIGKILL to processes of our own test cgroup.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+        if !dir.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.containers.iter().map(|c| c.name.clone()).collect();
+        for n in names {
+            let _ = self.remove_container(&n);
+        }
+        kill_cgroup(&self.cgroup);
+        // Shared parents (kubepods.slice...) only if we made them and they are empty.
+        for d in self.made_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The cgroup2 mount of this machine (from /proc/self/mountinfo).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo")?;
+    crate::cgroup::cgroup2_mount(&mi).context("no cgroup2 mount on this machine")
+}
+
+/// `testbed enter`: joins a network namespace and a cgroup, then execs.
+pub fn enter(netns: Option<&str>, cgroup: Option<&Path>, argv: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    if let Some(cg) = cgroup {
+        std::fs::write(cg.join("cgroup.procs"), "0")
+            .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    if let Some(ns) = netns {
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))
+            .with_context(|| format!("network namespace {ns}"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+    }
+    let (prog, args) = argv.split_first().context("nothing to exec")?;
+    let err = std::process::Command::new(prog).args(args).exec();
+    Err(err).with_context(|| format!("exec {prog}"))
+}
