@@ -212,6 +212,13 @@ impl Pod {
         Ok(())
     }
 
+    /// Deletes a container's metadata file (the runtime cannot say).
+    pub fn remove_metadata(&self, container: &str) -> Result<()> {
+        let c = self.container(container)?;
+        std::fs::remove_file(self.config_path(&c.id))?;
+        Ok(())
+    }
+
     /// A container by name.
     pub fn container(&self, name: &str) -> Result<&Container> {
         self.containers

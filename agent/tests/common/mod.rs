@@ -112,6 +112,14 @@ impl Agent {
         }
     }
 
+    /// Collects every stderr line printed so far.
+    pub fn drain_stderr(&mut self) -> &[String] {
+        while let Ok(l) = self.stderr.try_recv() {
+            self.stderr_log.push(l);
+        }
+        &self.stderr_log
+    }
+
     /// Every event line written so far.
     pub fn events(&self) -> Vec<Value> {
         read_json_lines(&self.events)
