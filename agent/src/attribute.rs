@@ -67,6 +67,10 @@ pub struct Attributor {
     runtime: Reader,
     proc_root: std::path::PathBuf,
     cache: HashMap<u64, Arc<Attribution>>,
+    /// Pod cgroup directory (relative) by pod uid, to list its containers.
+    pod_dirs: HashMap<String, String>,
+    /// When each pod's containers were last listed.
+    scanned: HashMap<String, std::time::Instant>,
     /// Failures by source (`cgroup`, `containerd`, `crio`, `kubernetes`).
     pub errors: ErrorCounts,
     /// Each source's first error is logged; the rest only counted.
@@ -90,6 +94,8 @@ impl Attributor {
             runtime,
             proc_root,
             cache: HashMap::new(),
+            pod_dirs: HashMap::new(),
+            scanned: HashMap::new(),
             errors: HashMap::new(),
             logged: HashMap::new(),
         }
@@ -137,17 +143,52 @@ impl Attributor {
         if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
             return a.clone();
         }
+        let path = self.cgroup_path(ev);
+        let (a, complete) = self.from_path(path, api);
+        // Cache only answers that will not improve (pod fully known, or not a
+        // pod at all); others are retried as runtime files and the API fill in.
+        if let Some(id) = ev.cgroup_id
+            && (complete || a.pod_uid.is_none())
+            && a.cgroup.as_deref() != Some("/")
+        {
+            if self.cache.len() >= CACHE_MAX {
+                self.cache.clear();
+            }
+            self.cache.insert(id, a.clone());
+        }
+        a
+    }
+
+    /// Attributes a cgroup path (relative to the cgroup root). The bool says
+    /// whether the answer is complete (will not improve with time).
+    pub fn from_path(
+        &mut self,
+        path: Option<String>,
+        api: Option<&PodStore>,
+    ) -> (Arc<Attribution>, bool) {
         let mut a = Attribution {
             node: self.node.clone(),
             ..Default::default()
         };
-        let path = self.cgroup_path(ev);
         let layout = path.as_deref().and_then(pods::parse_cgroup);
         let mut complete = false;
         if let Some(l) = &layout {
             a.pod_uid = Some(l.pod_uid.clone());
             a.qos = Some(l.qos);
             a.container_id = l.container_id.clone();
+            if let Some(p) = path.as_deref() {
+                let pod_dir = if l.container_id.is_some() {
+                    p.rsplit_once('/').map_or(p, |(d, _)| d)
+                } else {
+                    p
+                };
+                if self.pod_dirs.len() >= CACHE_MAX {
+                    self.pod_dirs.clear();
+                }
+                self.pod_dirs
+                    .entry(l.pod_uid.clone())
+                    .or_insert_with(|| pod_dir.to_string());
+            }
             if let Some(cid) = &l.container_id {
                 match self.runtime.lookup(cid, l.runtime) {
                     Ok(Some(m)) => {
@@ -190,19 +231,49 @@ impl Attributor {
             a.workload_kind = w.kind.map(str::to_string);
             a.workload_source = Some(WorkloadSource::Derived);
         }
-        let a = Arc::new(a);
-        // Cache only answers that will not improve (pod fully known, or not a
-        // pod at all); others are retried as runtime files and the API fill in.
-        if let Some(id) = ev.cgroup_id
-            && (complete || layout.is_none())
-            && a.cgroup.as_deref() != Some("/")
+        (Arc::new(a), complete)
+    }
+
+    /// Names of a pod's containers present on the node, from the runtime's
+    /// files (to learn that an istio-proxy container exists before it does
+    /// anything). Rate-limited per pod.
+    pub fn pod_container_names(&mut self, pod_uid: &str) -> Vec<String> {
+        let now = std::time::Instant::now();
+        if self
+            .scanned
+            .get(pod_uid)
+            .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_millis(250))
         {
-            if self.cache.len() >= CACHE_MAX {
-                self.cache.clear();
-            }
-            self.cache.insert(id, a.clone());
+            return Vec::new();
         }
-        a
+        if self.scanned.len() >= CACHE_MAX {
+            self.scanned.clear();
+        }
+        self.scanned.insert(pod_uid.to_string(), now);
+        let (Some(root), Some(dir)) = (self.cgroups.root(), self.pod_dirs.get(pod_uid)) else {
+            return Vec::new();
+        };
+        let abs = root.join(dir.trim_start_matches('/'));
+        let Ok(rd) = std::fs::read_dir(&abs) else {
+            return Vec::new();
+        };
+        let children: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
+            .take(64)
+            .collect();
+        let mut names = Vec::new();
+        for child in children {
+            if let Some(l) = pods::parse_cgroup(&child)
+                && let Some(cid) = l.container_id
+                && let Ok(Some(m)) = self.runtime.lookup(&cid, l.runtime)
+                && let Some(n) = m.container_name
+            {
+                names.push(n);
+            }
+        }
+        names
     }
 
     /// Follows cgroup creation and removal reported by the kernel.

@@ -73,6 +73,26 @@ pub struct RunArgs {
     /// API server URL instead of the in-cluster config (plain HTTP allowed; tests).
     #[arg(long)]
     pub kube_api_url: Option<String>,
+    /// Also write process exec/exit events to the stream (verbose).
+    #[arg(long)]
+    pub process_events: bool,
+    /// The sidecar's outbound capture port: sidecar-ready = it listens.
+    #[arg(long, default_value_t = 15001)]
+    pub capture_port: u16,
+    /// Ports whose LISTEN by the proxy uid marks a pod as injected.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "15001,15006,15020,15021,15090,15000"
+    )]
+    pub sidecar_ports: Vec<u16>,
+    /// The proxy's uid (Istio: 1337).
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// How long a failure waits for its pod's injection to be known (kubelet
+    /// starts a pod's containers within moments of each other).
+    #[arg(long, default_value_t = 5.0)]
+    pub hold_seconds: f64,
 }
 
 /// `--kubernetes`.

@@ -16,7 +16,30 @@ use serde::Serialize;
 use crate::{
     attribute::Attribution,
     decode::{KernelEvent, Kind, errno_name},
+    race::Phase,
 };
+
+/// A summary event (`sidecar_ready`, `startup_race`, `shutdown_race`,
+/// `events_lost`): a type, the time it was written, and its body.
+#[derive(Debug, Serialize)]
+pub struct Summary<'a, T: Serialize> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub time: String,
+    #[serde(flatten)]
+    pub body: &'a T,
+}
+
+impl<'a, T: Serialize> Summary<'a, T> {
+    /// Wraps a body, stamped with the current time.
+    pub fn now(kind: &'static str, body: &'a T) -> Self {
+        Summary {
+            kind,
+            time: rfc3339(SystemTime::now()),
+            body,
+        }
+    }
+}
 
 /// Where events go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +64,15 @@ impl FromStr for Target {
 /// One line of the stream.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
+    /// `connect_failure`, `listener` or `process`.
     #[serde(rename = "type")]
-    pub kind: Kind,
+    pub kind: &'static str,
+    /// `listen`/`closed` for listeners, `exec`/`exit` for processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// Where a connect failure stands relative to the pod's sidecar.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
     /// RFC 3339 wall-clock time, nanosecond precision (from the kernel).
     pub time: String,
     /// Kernel CLOCK_MONOTONIC ns, for exact intervals between events.
@@ -91,16 +121,25 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 impl<'a> Record<'a> {
-    /// The JSON view of a kernel event and who it is attributed to.
-    pub fn from_kernel(e: &'a KernelEvent, who: &'a Attribution) -> Self {
+    /// The JSON view of a kernel event, who it is attributed to and its phase.
+    pub fn from_kernel(e: &'a KernelEvent, who: &'a Attribution, phase: Option<Phase>) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
         let socket = matches!(
             e.kind,
             Kind::ConnectFailure | Kind::Listen | Kind::ListenClose
         );
+        let (kind, state) = match e.kind {
+            Kind::ConnectFailure => ("connect_failure", None),
+            Kind::Listen => ("listener", Some("listen")),
+            Kind::ListenClose => ("listener", Some("closed")),
+            Kind::Exec => ("process", Some("exec")),
+            Kind::Exit => ("process", Some("exit")),
+        };
         Record {
-            kind: e.kind,
+            kind,
+            state,
+            phase,
             time: rfc3339(e.time),
             mono_ns: e.mono_ns,
             who,
@@ -203,7 +242,8 @@ mod tests {
     #[test]
     fn connect_failure_json() {
         let e = failure();
-        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
+        let v =
+            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
         assert_eq!(v["type"], "connect_failure");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456789Z");
         assert_eq!(v["dst"], "10.1.2.3:80");
@@ -218,7 +258,8 @@ mod tests {
     fn unknown_context_hides_pid_and_comm() {
         let mut e = failure();
         e.context_known = false;
-        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
+        let v =
+            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
         assert!(v.get("pid").is_none() && v.get("comm").is_none());
     }
 
@@ -227,8 +268,12 @@ mod tests {
         let mut e = failure();
         e.kind = Kind::Listen;
         e.dst = None;
-        let v = serde_json::to_value(Record::from_kernel(&e, &Attribution::default())).unwrap();
-        assert_eq!(v["type"], "listen");
+        let v =
+            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
+        assert_eq!(
+            (v["type"].as_str(), v["state"].as_str()),
+            (Some("listener"), Some("listen"))
+        );
         assert_eq!(v["port"], 5000);
         assert_eq!(v["src"], "127.0.0.1");
         assert!(v.get("error").is_none());

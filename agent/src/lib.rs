@@ -16,5 +16,7 @@ pub mod offsets;
 pub mod pipeline;
 pub mod pods;
 pub mod probes;
+pub mod race;
+pub mod restore;
 pub mod runtime;
 pub mod testbed;

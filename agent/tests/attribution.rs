@@ -115,6 +115,10 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     assert_eq!(e["workload_kind"], "Deployment");
     assert_eq!(e["workload_source"], "derived");
     assert_eq!(e["qos"], "burstable");
+    assert_eq!(
+        e["phase"], "startup_race",
+        "injected pod (istio-proxy container), no capture listener"
+    );
 
     // CRI-O, guaranteed, a StatefulSet-shaped name: the kind is not guessed.
     let web = Pod::create(
@@ -140,6 +144,7 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     assert_eq!(e["workload"], "web");
     assert!(e.get("workload_kind").is_none(), "no guessed kind: {e}");
     assert_eq!(e["qos"], "guaranteed");
+    assert_eq!(e["phase"], "no_sidecar");
 
     // A container that lives for milliseconds: created, dials, is removed
     // before the agent could have walked the cgroup tree.

@@ -53,7 +53,7 @@ fn refusals_before_sidecar_listens_and_none_after() {
         return;
     }
     let dir = TempDir::new("probes");
-    let mut agent = Agent::start(&dir.0, &[]);
+    let mut agent = Agent::start(&dir.0, &["--process-events"]);
     let topo = Topology::create(11, true).expect("topology");
     let pod_netns = topo.pod.inode().unwrap();
 
@@ -129,7 +129,7 @@ fn refusals_before_sidecar_listens_and_none_after() {
             agent
                 .events()
                 .iter()
-                .any(|e| e["type"] == "listen_close" && e["port"] == 15001)
+                .any(|e| e["type"] == "listener" && e["state"] == "closed" && e["port"] == 15001)
                 .then_some(())
         },
     );
@@ -147,6 +147,7 @@ fn refusals_before_sidecar_listens_and_none_after() {
         assert_eq!(f["comm"], o.comm.as_str());
         assert_eq!(f["nonblocking"], o.nonblocking);
         assert_eq!(f["rst"], true);
+        assert_eq!(f["phase"], "no_sidecar", "not in a pod's cgroup");
         assert_eq!(f["netns"], pod_netns);
         assert_ne!(
             f["src"].as_str().unwrap().rsplit(':').next(),
@@ -173,31 +174,32 @@ fn refusals_before_sidecar_listens_and_none_after() {
         );
     }
     for port in [15001, 15006, 15021, 15090] {
-        for kind in ["listen", "listen_close"] {
+        for state in ["listen", "closed"] {
             let n = events
                 .iter()
                 .filter(|e| {
-                    e["type"] == kind
+                    e["type"] == "listener"
+                        && e["state"] == state
                         && e["port"] == port
                         && e["uid"] == 1337
                         && e["netns"] == pod_netns
-                        && (kind == "listen_close" || e["pid"] == sidecar_pid)
+                        && (state == "closed" || e["pid"] == sidecar_pid)
                 })
                 .count();
             // One IPv4 and one IPv6 listener per port.
-            assert_eq!(n, 2, "{kind} events for sidecar port {port}");
+            assert_eq!(n, 2, "{state} events for sidecar port {port}");
         }
     }
     assert!(
         events
             .iter()
-            .any(|e| e["type"] == "exec" && e["pid"] == sidecar_pid),
+            .any(|e| e["type"] == "process" && e["state"] == "exec" && e["pid"] == sidecar_pid),
         "the sidecar's exec is seen"
     );
     assert!(
         events
             .iter()
-            .any(|e| e["type"] == "exit" && e["pid"] == sidecar_pid),
+            .any(|e| e["type"] == "process" && e["state"] == "exit" && e["pid"] == sidecar_pid),
         "the sidecar's exit is seen"
     );
     assert!(agent.stop().success(), "agent exits cleanly on SIGTERM");

@@ -64,7 +64,10 @@ impl Agent {
             .arg("--events")
             .arg(&events)
             .args(extra)
-            .env("CONNSCOPE_LOG", "info")
+            .env(
+                "CONNSCOPE_LOG",
+                std::env::var("CONNSCOPE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
