@@ -37,8 +37,9 @@ pub enum Phase {
     ShutdownRace,
     /// The pod's sidecar was ready: the failure is not the race.
     SidecarReady,
-    /// Not refused, injected pod, capture port not listening: traffic that
-    /// bypasses the sidecar (excluded ports, AF_UNIX) while it was not ready.
+    /// Injected pod, capture port not listening, and a failure the missing
+    /// listener cannot explain: traffic that bypasses the sidecar (loopback,
+    /// AF_UNIX, errors other than refusal).
     SidecarNotReady,
     /// The proxy's own connects (uid 1337 or the istio-proxy container).
     Proxy,
@@ -180,6 +181,7 @@ pub struct SidecarReady {
     /// Sidecar's first process -> 15001 listening (istiod push latency).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_start_to_ready_seconds: Option<f64>,
+    pub mitigation: Mitigation,
 }
 
 /// One pod's startup-race summary.
@@ -401,12 +403,13 @@ impl Tracker {
 
     /// Marks a pod's sidecar as already listening when the agent started
     /// (reconstructed from /proc/<pid>/net/tcp*).
-    pub fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16]) {
+    pub fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16], now_ns: u64) {
         let Some(uid) = who.pod_uid.clone() else {
             return;
         };
         let p = self.pods.entry(uid).or_default();
         p.who = who;
+        p.last_seen_ns = p.last_seen_ns.max(now_ns);
         p.injected = Some(true);
         p.started_counted = true;
         for &port in ports {
@@ -565,6 +568,7 @@ impl Tracker {
                     .sidecar_start_ns
                     .filter(|&s| s <= ready)
                     .map(|s| secs(ready - s)),
+                mitigation: p.mitigation.clone(),
             }));
             if p.startup.count > 0 {
                 out.push(Output::StartupRace(race_summary(p)));
@@ -679,7 +683,11 @@ fn secs(ns: u64) -> f64 {
 
 /// Phase of a failure in an injected pod, by kernel time.
 fn classify(p: &mut PodState, ev: &KernelEvent, who: &Attribution) -> Phase {
-    let refused = ev.errno == ECONNREFUSED && matches!(ev.family, Family::Inet | Family::Inet6);
+    // Only captured traffic can be refused by a missing capture listener:
+    // Istio never redirects loopback destinations, nor non-TCP families.
+    let refused = ev.errno == ECONNREFUSED
+        && matches!(ev.family, Family::Inet | Family::Inet6)
+        && ev.dst.is_some_and(|d| !d.ip().is_loopback());
     let t = ev.mono_ns;
     if p.listening_at(t) {
         return Phase::SidecarReady;
@@ -947,6 +955,15 @@ mod tests {
     }
 
     #[test]
+    fn loopback_refusals_are_not_the_race() {
+        let mut t = Tracker::new(Config::default());
+        let mut local = ev(Kind::ConnectFailure, 200, 0);
+        local.dst = Some("127.0.0.1:9".parse().unwrap());
+        let out = run(&mut t, vec![(local, who("app"), injected())]);
+        assert_eq!(phases(&out), vec![Phase::SidecarNotReady]);
+    }
+
+    #[test]
     fn not_a_pod_and_proxy_own_failures() {
         let mut t = Tracker::new(Config::default());
         let out = run(
@@ -970,7 +987,7 @@ mod tests {
     #[test]
     fn restored_ready_pod_is_never_a_race() {
         let mut t = Tracker::new(Config::default());
-        t.restore_ready(who(PROXY_CONTAINER), &[15001, 15021]);
+        t.restore_ready(who(PROXY_CONTAINER), &[15001, 15021], 50 * MS);
         let out = run(
             &mut t,
             vec![(ev(Kind::ConnectFailure, 100, 0), who("app"), None)],

@@ -104,7 +104,7 @@ pub fn restore(
         }
         let ports: Vec<u16> = ports.into_iter().collect();
         for a in pods.values() {
-            tracker.restore_ready(a.clone(), &ports);
+            tracker.restore_ready(a.clone(), &ports, crate::decode::Clock::mono_now());
             restored += 1;
         }
     }

@@ -116,8 +116,8 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     assert_eq!(e["workload_source"], "derived");
     assert_eq!(e["qos"], "burstable");
     assert_eq!(
-        e["phase"], "startup_race",
-        "injected pod (istio-proxy container), no capture listener"
+        e["phase"], "sidecar_not_ready",
+        "injected pod, loopback refusal: not the race"
     );
 
     // CRI-O, guaranteed, a StatefulSet-shaped name: the kind is not guessed.

@@ -6,7 +6,7 @@ mod common;
 
 use std::{net::TcpListener, process::Command, time::Duration};
 
-use common::{Agent, BIN, Bg, TempDir, privileged, wait_for};
+use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
 use connscope::{
     pods::Qos,
     runtime::Roots,
@@ -51,23 +51,6 @@ fn failure(agent: &Agent, pid: u32) -> Value {
                 .find(|e| e["type"] == "connect_failure" && e["pid"] == pid)
         },
     )
-}
-
-/// Starts the stand-in API server on `port`.
-pub fn fake_api(dir: &std::path::Path, port: u16) -> Bg {
-    let mut c = Command::new("python3");
-    c.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fake_apiserver.py"
-    ))
-    .args(["--port", &port.to_string()])
-    .arg("--state")
-    .arg(dir.join("state.json"))
-    .arg("--log")
-    .arg(dir.join("api.log"));
-    let mut bg = Bg::spawn(c);
-    bg.wait_line("ready", Duration::from_secs(10));
-    bg
 }
 
 #[test]

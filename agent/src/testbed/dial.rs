@@ -34,6 +34,9 @@ pub struct Args {
     /// (an application that dials at start-up and retries).
     #[arg(long, default_value_t = 1)]
     pub attempts: u32,
+    /// Keep making all attempts after a success (an app that keeps dialing).
+    #[arg(long)]
+    pub keep_going: bool,
     /// Pause between attempts.
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
@@ -84,7 +87,7 @@ pub fn run(args: Args) -> Result<()> {
         };
         println!("{}", serde_json::to_string(&out)?);
         std::io::stdout().flush()?;
-        if out.ok {
+        if out.ok && !args.keep_going {
             break;
         }
     }

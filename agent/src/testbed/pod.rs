@@ -101,12 +101,23 @@ impl Pod {
         let u = uid.replace('-', "_");
         let mut dir = cgroup_root.join("kubepods.slice");
         let mut made_dirs = Vec::new();
+        // Parents are shared by concurrent pods: someone else may create
+        // (or remove, when empty) them at the same moment; retry briefly.
         let mk = |d: &Path, made: &mut Vec<PathBuf>| -> Result<()> {
-            if !d.exists() {
-                std::fs::create_dir(d).with_context(|| format!("mkdir {}", d.display()))?;
-                made.push(d.to_path_buf());
+            for _ in 0..50 {
+                match std::fs::create_dir(d) {
+                    Ok(()) => {
+                        made.push(d.to_path_buf());
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("mkdir {}", d.display())),
+                }
             }
-            Ok(())
+            anyhow::bail!("mkdir {}: parent kept disappearing", d.display())
         };
         mk(&dir, &mut made_dirs)?;
         let pod_dir = match qos {
@@ -122,7 +133,19 @@ impl Pod {
                 dir.join(format!("kubepods-{q}-pod{u}.slice"))
             }
         };
-        mk(&pod_dir, &mut made_dirs)?;
+        for _ in 0..20 {
+            mk(&dir, &mut made_dirs)?;
+            if pod_dir.parent().is_some_and(|p| p.exists()) {
+                match std::fs::create_dir(&pod_dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("mkdir {}", pod_dir.display()));
+                    }
+                }
+            }
+        }
+        anyhow::ensure!(pod_dir.is_dir(), "could not create {}", pod_dir.display());
         let mut pod = Pod {
             uid,
             namespace: namespace.into(),

@@ -251,3 +251,21 @@ impl Drop for Bg {
         }
     }
 }
+
+/// Starts the stand-in Kubernetes API server on `port`, serving
+/// `dir/state.json` and logging requests to `dir/api.log`.
+pub fn fake_api(dir: &Path, port: u16) -> Bg {
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fake_apiserver.py"
+    ))
+    .args(["--port", &port.to_string()])
+    .arg("--state")
+    .arg(dir.join("state.json"))
+    .arg("--log")
+    .arg(dir.join("api.log"));
+    let mut bg = Bg::spawn(c);
+    bg.wait_line("ready", Duration::from_secs(10));
+    bg
+}

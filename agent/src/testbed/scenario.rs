@@ -1,0 +1,298 @@
+//! A whole simulated Istio pod for the demo and the end-to-end tests: its
+//! network namespace (Istio's capture rules when injected), kubelet-shaped
+//! cgroups, runtime metadata, an upstream test host, the stand-in sidecar in
+//! the istio-proxy container and the application in the app container.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{
+    dial::{Outcome, parse_outcomes},
+    net::Topology,
+    pod::{Flavor, Pod},
+};
+use crate::{pods::Qos, runtime::Roots};
+
+/// Port the upstream test host serves on.
+pub const UPSTREAM_PORT: u16 = 8080;
+
+/// A child process with its stdout lines, terminated on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: Option<mpsc::Receiver<String>>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns with stdout captured.
+    pub fn spawn(mut cmd: Command) -> Result<Proc> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        let out = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            lines: Some(rx),
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits (bounded) for a stdout line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return Ok(l.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no line with {needle:?} within {timeout:?}; saw {:?}",
+                    self.seen
+                );
+            }
+            match self.lines.as_ref().context("no stdout")?.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("process ended before {needle:?}; saw {:?}", self.seen)
+                }
+            }
+        }
+    }
+
+    /// Collects every line until the process exits (bounded).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let rx = self.lines.take().context("no stdout")?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("process did not exit within {timeout:?}");
+            }
+            match rx.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+        let _ = self.child.wait();
+        Ok(self.seen.clone())
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn terminate(&mut self, grace: Duration) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate(Duration::from_secs(3));
+        }
+    }
+}
+
+/// How the stand-in application behaves.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub attempts: u32,
+    pub interval_ms: u64,
+    pub nonblocking: bool,
+    /// Dial this instead of the upstream host.
+    pub target: Option<String>,
+    /// Keep dialing after a success.
+    pub keep_going: bool,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        App {
+            attempts: 100,
+            interval_ms: 100,
+            nonblocking: true,
+            target: None,
+            keep_going: false,
+        }
+    }
+}
+
+/// A simulated pod. Field order is drop order: processes first.
+pub struct SimPod {
+    pub sidecar: Option<Proc>,
+    upstream: Proc,
+    pub pod: Pod,
+    pub topo: Topology,
+    exe: PathBuf,
+}
+
+impl SimPod {
+    /// Builds the pod; `injected` adds Istio's rules and an istio-proxy container.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        exe: &Path,
+        tag: u8,
+        cgroup_root: &Path,
+        roots: &Roots,
+        namespace: &str,
+        name: &str,
+        injected: bool,
+    ) -> Result<SimPod> {
+        let topo = Topology::create(tag, injected)?;
+        let containers: &[&str] = if injected {
+            &["app", "istio-proxy"]
+        } else {
+            &["app"]
+        };
+        let pod = Pod::create(
+            cgroup_root,
+            roots,
+            Flavor::Containerd,
+            Qos::Burstable,
+            namespace,
+            name,
+            containers,
+        )?;
+        let mut up = topo.upstream.command(exe.to_str().context("exe path")?);
+        up.args(["testbed", "serve"]);
+        for v6 in [false, true] {
+            up.args(["--addr", &topo.upstream_addr(v6, UPSTREAM_PORT).to_string()]);
+        }
+        let mut upstream = Proc::spawn(up)?;
+        upstream.wait_line("ready", Duration::from_secs(10))?;
+        Ok(SimPod {
+            sidecar: None,
+            upstream,
+            pod,
+            topo,
+            exe: exe.to_path_buf(),
+        })
+    }
+
+    /// The upstream address the app dials by default.
+    pub fn upstream(&self) -> String {
+        self.topo.upstream_addr(false, UPSTREAM_PORT).to_string()
+    }
+
+    /// A command run inside a container: its cgroup and the pod's netns.
+    pub fn in_container(&self, container: &str, args: &[&str]) -> Result<Command> {
+        let cg = &self.pod.container(container)?.cgroup;
+        let mut c = Command::new(&self.exe);
+        c.args([
+            "testbed",
+            "enter",
+            "--netns",
+            &self.topo.pod.name,
+            "--cgroup",
+        ])
+        .arg(cg)
+        .arg("--")
+        .arg(&self.exe)
+        .args(args);
+        Ok(c)
+    }
+
+    /// Starts the stand-in sidecar in the istio-proxy container: 15021/15090
+    /// at once, 15001/15006 after `delay_ms`; gone after `exit_after_ms` (0: never).
+    pub fn start_sidecar(&mut self, delay_ms: u64, exit_after_ms: u64) -> Result<()> {
+        let d = delay_ms.to_string();
+        let e = exit_after_ms.to_string();
+        let cmd = self.in_container(
+            "istio-proxy",
+            &[
+                "testbed",
+                "sidecar",
+                "--delay-ms",
+                &d,
+                "--exit-after-ms",
+                &e,
+            ],
+        )?;
+        self.sidecar = Some(Proc::spawn(cmd)?);
+        Ok(())
+    }
+
+    /// Waits until the sidecar reports a port's state (`listen`/`closed`).
+    pub fn wait_sidecar(&mut self, port: u16, state: &str, timeout: Duration) -> Result<()> {
+        let s = self.sidecar.as_mut().context("no sidecar")?;
+        s.wait_line(&format!("\"port\":{port},\"state\":\"{state}\""), timeout)?;
+        Ok(())
+    }
+
+    fn app_command(&self, app: &App) -> Result<Command> {
+        let target = app.target.clone().unwrap_or_else(|| self.upstream());
+        let attempts = app.attempts.to_string();
+        let interval = app.interval_ms.to_string();
+        let mut args = vec![
+            "testbed",
+            "dial",
+            "--comm",
+            "app",
+            "--target",
+            &target,
+            "--attempts",
+            &attempts,
+            "--interval-ms",
+            &interval,
+        ];
+        if app.nonblocking {
+            args.push("--nonblocking");
+        }
+        if app.keep_going {
+            args.push("--keep-going");
+        }
+        self.in_container("app", &args)
+    }
+
+    /// Runs the app to completion (bounded) and returns its attempts.
+    pub fn run_app(&self, app: &App) -> Result<Vec<Outcome>> {
+        let out = self.app_command(app)?.stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("app failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        parse_outcomes(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Starts the app in the background (its attempts come with `wait_exit`).
+    pub fn spawn_app(&self, app: &App) -> Result<Proc> {
+        Proc::spawn(self.app_command(app)?)
+    }
+
+    /// Stops the upstream test host (test hosts never outlive the pod).
+    pub fn stop_upstream(&mut self) {
+        self.upstream.terminate(Duration::from_secs(3));
+    }
+}
+
+/// Parses the app's output lines.
+pub fn outcomes(lines: &[String]) -> Result<Vec<Outcome>> {
+    parse_outcomes(&lines.join("\n"))
+}
