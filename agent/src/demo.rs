@@ -1,10 +1,12 @@
-//! `connscope demo`: a real simulated Istio pod on this machine, an
-//! application that dials out at start-up while its sidecar is still waiting
-//! for its capture listener, and the agent watching it all.
+//! `connscope demo`: a real simulated Istio pod on this machine (network
+//! namespace with Istio's capture rules, kubelet-shaped cgroups, runtime
+//! metadata files), an application that dials out at start-up while its
+//! sidecar waits for its outbound listener, and the agent telling what
+//! happened. Everything is removed afterwards.
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -12,158 +14,13 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::testbed::net::Topology;
-
-/// A child process terminated (SIGTERM, then SIGKILL) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a child's stream, read on a thread.
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!("timed out waiting for {needle:?}");
-        }
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(needle) => return Ok(()),
-            Ok(_) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => bail!("timed out waiting for {needle:?}"),
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("process ended before {needle:?}"),
-        }
-    }
-}
-
-/// Runs the demo and prints what the agent saw.
-pub fn run(sidecar_delay_ms: u64) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
-    }
-    let exe = std::env::current_exe()?;
-    let dir = std::env::temp_dir().join(format!("connscope-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let events = dir.join("events.json");
-    println!(
-        "connscope demo: a simulated Istio pod (network namespace with Istio's capture rules)"
-    );
-
-    let mut agent = Command::new(&exe)
-        .args(["run", "--events"])
-        .arg(&events)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the agent")?;
-    let agent_err = lines(agent.stderr.take().context("agent stderr")?);
-    let agent = Proc(agent);
-    wait_line(&agent_err, "probes attached", Duration::from_secs(60))?;
-    println!("  agent: probes attached");
-
-    let topo = Topology::create(200, true)?;
-    let target = topo.upstream_addr(false, 8080);
-    let mut up = topo.upstream.command(exe.to_str().context("exe path")?);
-    up.args(["testbed", "serve", "--addr", &target.to_string()])
-        .stdout(Stdio::piped());
-    let mut up = up.spawn()?;
-    let up_out = lines(up.stdout.take().context("upstream stdout")?);
-    let _up = Proc(up);
-    wait_line(&up_out, "ready", Duration::from_secs(10))?;
-    println!("  upstream test host listening on {target}");
-
-    let mut sc = topo.pod.command(exe.to_str().context("exe path")?);
-    sc.args([
-        "testbed",
-        "sidecar",
-        "--delay-ms",
-        &sidecar_delay_ms.to_string(),
-    ])
-    .stdout(Stdio::piped());
-    let mut sc = sc.spawn()?;
-    let sc_out = lines(sc.stdout.take().context("sidecar stdout")?);
-    let _sc = Proc(sc);
-    println!(
-        "  sidecar (uid 1337) started: 15021/15090 now, capture port 15001 after {sidecar_delay_ms} ms"
-    );
-
-    let app = topo
-        .pod
-        .command(exe.to_str().context("exe path")?)
-        .args([
-            "testbed",
-            "dial",
-            "--target",
-            &target.to_string(),
-            "--nonblocking",
-        ])
-        .args(["--attempts", "100", "--interval-ms", "100", "--comm", "app"])
-        .output()?;
-    let outcomes = crate::testbed::dial::parse_outcomes(&String::from_utf8_lossy(&app.stdout))?;
-    let refused = outcomes.iter().filter(|o| !o.ok).count();
-    println!(
-        "  app dialed {target} at start-up: {refused} refused, then {}",
-        if outcomes.last().is_some_and(|o| o.ok) {
-            "connected"
-        } else {
-            "gave up"
-        }
-    );
-    wait_line(&sc_out, "\"port\":15001", Duration::from_secs(5))?;
-
-    // Let the agent drain, then stop it and read what it saw.
-    let app_pid = outcomes.first().map(|o| o.pid).unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let seen = loop {
-        let evs = read(&events);
-        let n = evs
-            .iter()
-            .filter(|e| e["type"] == "connect_failure" && e["pid"] == app_pid)
-            .count();
-        if n >= refused || Instant::now() > deadline {
-            break evs;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    drop(agent);
-    println!("\nWhat the kernel reported:");
-    for e in seen.iter().filter(|e| {
-        (e["type"] == "connect_failure" && e["pid"] == app_pid)
-            || (e["type"] == "listen" && e["uid"] == 1337)
-    }) {
-        println!("  {e}");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
+use crate::{
+    runtime::Roots,
+    testbed::{
+        pod::cgroup2_root,
+        scenario::{App, Proc, SimPod},
+    },
+};
 
 fn read(p: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(p)
@@ -171,4 +28,186 @@ fn read(p: &std::path::Path) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// Runs the demo and prints the verdict.
+pub fn run(sidecar_delay_ms: u64) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the demo creates network namespaces and cgroups and loads eBPF programs: run it as root"
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("connscope-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = demo(&exe, &dir, sidecar_delay_ms);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn demo(exe: &std::path::Path, dir: &std::path::Path, delay_ms: u64) -> Result<()> {
+    let roots = Roots {
+        containerd: dir.join("containerd"),
+        crio: dir.join("crio"),
+    };
+    let events = dir.join("events.json");
+    println!("connscope demo: a simulated Istio pod on this machine\n");
+    let mut agent = Command::new(exe);
+    agent
+        .args([
+            "run",
+            "--kubernetes",
+            "off",
+            "--hold-seconds",
+            "1",
+            "--events",
+        ])
+        .arg(&events)
+        .arg("--containerd-root")
+        .arg(&roots.containerd)
+        .arg("--crio-root")
+        .arg(&roots.crio)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = agent.spawn().context("starting the agent")?;
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().context("agent stderr")?;
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let mut agent = AgentProc(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("probes attached") => break,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the agent exited during start-up"),
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not attach its probes within 60 s");
+        }
+    }
+    println!("  agent        probes attached (connect failures, listeners, processes, cgroups)");
+
+    let mut pod = SimPod::create(
+        exe,
+        200,
+        &cgroup2_root()?,
+        &roots,
+        "shop",
+        "checkout-7d9f8c6b5-x2k4p",
+        true,
+    )?;
+    println!("  pod          shop/checkout-7d9f8c6b5-x2k4p: containers app + istio-proxy,");
+    println!("               Istio's iptables capture rules (outbound -> 15001, uid 1337 exempt)");
+    println!("  upstream     test host at {}", pod.upstream());
+    pod.start_sidecar(delay_ms, 0)?;
+    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))?;
+    println!(
+        "  istio-proxy  started as uid 1337: 15021/15090 now, outbound 15001 after {delay_ms} ms (xDS)"
+    );
+    let attempts = pod.run_app(&App::default())?;
+    let refused = attempts.iter().filter(|o| !o.ok).count();
+    println!(
+        "  app          dialed {} at start-up: {refused} refused, then {}",
+        pod.upstream(),
+        if attempts.last().is_some_and(|o| o.ok) {
+            "connected through the sidecar"
+        } else {
+            "gave up"
+        }
+    );
+    let uid = pod.pod.uid.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && !read(&events)
+            .iter()
+            .any(|e| e["pod_uid"] == uid.as_str() && e["type"] == "startup_race")
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.stop();
+    drop(pod);
+
+    let evs = read(&events);
+    let of_pod = |t: &str| {
+        evs.iter()
+            .find(|e| e["pod_uid"] == uid.as_str() && e["type"] == t)
+            .cloned()
+    };
+    let phases: Vec<String> = evs
+        .iter()
+        .filter(|e| e["pod_uid"] == uid.as_str() && e["type"] == "connect_failure")
+        .map(|e| e["phase"].as_str().unwrap_or("?").to_string())
+        .collect();
+    println!();
+    match of_pod("startup_race") {
+        Some(s) => {
+            println!(
+                "VERDICT  sidecar startup race in {}/{} ({} {})",
+                s["namespace"].as_str().unwrap_or("?"),
+                s["pod"].as_str().unwrap_or("?"),
+                s["workload_kind"].as_str().unwrap_or("workload"),
+                s["workload"].as_str().unwrap_or("?")
+            );
+            println!(
+                "  {} connect()s refused over {:.3} s before istio-proxy listened on 15001 (kernel timestamps)",
+                s["refused"],
+                s["window_seconds"].as_f64().unwrap_or(f64::NAN)
+            );
+            println!("  destinations: {}", s["destinations"]);
+            if let Some(p) = s["sidecar_start_to_ready_seconds"].as_f64() {
+                println!("  sidecar start -> outbound listener: {p:.3} s");
+            }
+            println!(
+                "  every refusal classified: {} of {} as startup_race",
+                phases.iter().filter(|p| *p == "startup_race").count(),
+                phases.len()
+            );
+            let m = &s["mitigation"];
+            println!(
+                "  mitigation in effect: {}",
+                match (m["hold"].as_bool(), m["native_sidecar"].as_bool()) {
+                    (Some(true), _) => "holdApplicationUntilProxyStarts".to_string(),
+                    (_, Some(true)) => "native sidecar".to_string(),
+                    (Some(false), Some(false)) => "none".to_string(),
+                    _ =>
+                        "unknown (no Kubernetes API in the demo; the pod's annotations would tell)"
+                            .to_string(),
+                }
+            );
+            println!(
+                "  recommendation: {}",
+                s["recommendation"].as_str().unwrap_or("")
+            );
+            println!("\nsummary event:\n{}", serde_json::to_string_pretty(&s)?);
+        }
+        None if refused == 0 => println!("VERDICT  no race: the app was never refused"),
+        None => bail!(
+            "the app was refused {refused} times but the agent reported no startup_race summary"
+        ),
+    }
+    Ok(())
+}
+
+/// The agent child: SIGTERM and wait on stop or drop.
+struct AgentProc(Option<std::process::Child>);
+
+impl AgentProc {
+    fn stop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let mut p = Proc::adopt(c);
+            p.terminate(Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

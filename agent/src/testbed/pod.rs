@@ -41,7 +41,6 @@ pub struct Pod {
     pub cgroup: PathBuf,
     pub containers: Vec<Container>,
     roots: Roots,
-    made_dirs: Vec<PathBuf>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -155,7 +154,6 @@ impl Pod {
             cgroup: pod_dir,
             containers: Vec::new(),
             roots: roots.clone(),
-            made_dirs,
         };
         for c in containers {
             pod.add_container(c)?;
@@ -304,9 +302,13 @@ impl Drop for Pod {
             let _ = self.remove_container(&n);
         }
         kill_cgroup(&self.cgroup);
-        // Shared parents (kubepods.slice...) only if we made them and they are empty.
-        for d in self.made_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
+        // Shared parents (kubepods.slice...): whoever leaves them empty
+        // removes them (remove_dir refuses a non-empty directory).
+        if let Some(qos) = self.cgroup.parent() {
+            let _ = std::fs::remove_dir(qos);
+            if let Some(top) = qos.parent().filter(|t| t.ends_with("kubepods.slice")) {
+                let _ = std::fs::remove_dir(top);
+            }
         }
     }
 }

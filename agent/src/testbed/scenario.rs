@@ -54,6 +54,15 @@ impl Proc {
         })
     }
 
+    /// Wraps a child whose output is not read here.
+    pub fn adopt(child: Child) -> Proc {
+        Proc {
+            child,
+            lines: None,
+            seen: Vec::new(),
+        }
+    }
+
     /// Waits (bounded) for a stdout line containing `needle`.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
