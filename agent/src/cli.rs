@@ -73,6 +73,15 @@ pub struct RunArgs {
     /// API server URL instead of the in-cluster config (plain HTTP allowed; tests).
     #[arg(long)]
     pub kube_api_url: Option<String>,
+    /// Address of /metrics, /healthz, /readyz and /events.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Add a `pod` label to per-workload metrics (higher cardinality).
+    #[arg(long)]
+    pub pod_labels: bool,
+    /// Write a Warning Event on the Pod for each startup-race summary (needs the API).
+    #[arg(long)]
+    pub k8s_events: bool,
     /// Also write process exec/exit events to the stream (verbose).
     #[arg(long)]
     pub process_events: bool,

@@ -199,6 +199,15 @@ impl Sink {
         Ok(())
     }
 
+    /// Writes an already serialised line.
+    pub fn write_line(&mut self, line: &str) -> io::Result<()> {
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
     /// Flushes buffered lines; called after each batch from the kernel.
     pub fn flush(&mut self) -> io::Result<()> {
         match self.out.as_mut() {

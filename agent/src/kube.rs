@@ -457,3 +457,74 @@ mod tests {
         assert_eq!(s.len(), 1);
     }
 }
+
+/// A Kubernetes Event to write on a pod (one per startup-race summary).
+#[derive(Debug, Clone)]
+pub struct PodEvent {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: Option<String>,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// Writes Warning events on pods, aggregated by kube-rs' recorder (repeats
+/// become a series) and rate-limited: at most `per_minute` a minute, and one
+/// per pod and reason per `per_pod`. What is refused is counted, not queued.
+pub async fn write_events(
+    client: Client,
+    node: String,
+    mut rx: mpsc::Receiver<PodEvent>,
+    per_minute: u32,
+    per_pod: std::time::Duration,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use std::time::Instant;
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "connscope".into(),
+            instance: Some(node),
+        },
+    );
+    let mut window = Instant::now();
+    let mut sent_in_window = 0u32;
+    let mut last: HashMap<(String, String, &'static str), Instant> = HashMap::new();
+    while let Some(e) = rx.recv().await {
+        if window.elapsed() >= std::time::Duration::from_secs(60) {
+            window = Instant::now();
+            sent_in_window = 0;
+        }
+        let key = (e.namespace.clone(), e.pod.clone(), e.reason);
+        let recent = last.get(&key).is_some_and(|t| t.elapsed() < per_pod);
+        if sent_in_window >= per_minute || recent {
+            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            continue;
+        }
+        sent_in_window += 1;
+        if last.len() > 10_000 {
+            last.retain(|_, t| t.elapsed() < per_pod);
+        }
+        last.insert(key, Instant::now());
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(e.pod.clone()),
+            namespace: Some(e.namespace.clone()),
+            uid: e.uid.clone(),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: e.reason.into(),
+            note: Some(e.note.chars().take(1000).collect()),
+            action: "ObserveConnect".into(),
+            secondary: None,
+        };
+        if let Err(err) = recorder.publish(&ev, &reference).await {
+            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %err, pod = %e.pod, "could not write Kubernetes Event");
+        }
+    }
+}

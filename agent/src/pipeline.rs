@@ -1,7 +1,7 @@
 //! `connscope run`: kernel event -> decode -> attribute -> correlate (race)
 //! -> export, until a signal.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
@@ -14,11 +14,13 @@ use crate::{
     decode::{self, Clock, KernelEvent, Kind, Raw},
     events::{Record, Sink, Summary},
     kube::{self, PodStore, Update},
+    metrics::Metrics,
     offsets,
     probes::{LoadOptions, Probes},
     race::{self, Hints, Output, Tracker},
     restore,
     runtime::{Reader, Roots},
+    server::{EventLine, Limits, Shared},
 };
 
 /// A line reporting events the kernel could not deliver: loss is never silent.
@@ -38,12 +40,38 @@ pub struct Pipeline {
     pub sink: Sink,
     pub process_events: bool,
     pub decode_errors: u64,
+    pub shared: Arc<Shared>,
+    /// Startup-race summaries to write as Kubernetes Events.
+    pub k8s_events: Option<tokio::sync::mpsc::Sender<kube::PodEvent>>,
+    /// Kubernetes Events not written (rate limit, API errors, full queue).
+    pub k8s_events_dropped: Arc<std::sync::atomic::AtomicU64>,
     out: Vec<Output>,
+    /// Counter values already added to the metrics (they only increase).
+    exported: HashMap<&'static str, u64>,
 }
 
 impl Pipeline {
+    /// A pipeline writing to `sink` and publishing to `shared`.
+    pub fn new(who: Attributor, tracker: Tracker, sink: Sink, shared: Arc<Shared>) -> Self {
+        Pipeline {
+            who,
+            pods: PodStore::default(),
+            use_api: false,
+            tracker,
+            sink,
+            process_events: false,
+            decode_errors: 0,
+            shared,
+            k8s_events: None,
+            k8s_events_dropped: Arc::default(),
+            out: Vec::new(),
+            exported: HashMap::new(),
+        }
+    }
+
     /// Decodes, attributes and queues one ring-buffer record.
     pub fn record(&mut self, bytes: &[u8], clock: &Clock) {
+        self.count_record(bytes);
         match decode::parse_record(bytes) {
             Ok(Raw::Event(raw)) => match decode::decode(&raw, clock) {
                 Ok(ev) => self.event(ev),
@@ -55,6 +83,47 @@ impl Pipeline {
             },
             Err(e) => self.bad_record(e),
         }
+    }
+
+    fn count_record(&self, bytes: &[u8]) {
+        let kind = match decode::parse_record(bytes) {
+            Ok(Raw::Event(e)) => match e.kind {
+                connscope_ebpf::kind::CONNECT_FAILURE => "connect_failure",
+                connscope_ebpf::kind::LISTEN | connscope_ebpf::kind::LISTEN_CLOSE => "listener",
+                connscope_ebpf::kind::EXEC | connscope_ebpf::kind::EXIT => "process",
+                _ => "unknown",
+            },
+            Ok(Raw::Cgroup(_)) => "cgroup",
+            Err(_) => "unknown",
+        };
+        if let Ok(m) = self.shared.metrics.lock() {
+            m.events.with_label_values(&[kind]).inc();
+        }
+    }
+
+    /// Brings the self-metrics up to date (called about once a second).
+    pub fn update_self_metrics(&mut self, lost_total: u64) {
+        let Ok(m) = self.shared.metrics.lock() else {
+            return;
+        };
+        m.pods_tracked.set(self.tracker.pods_tracked() as i64);
+        let mut add = |key: &'static str, total: u64| -> u64 {
+            let prev = self.exported.insert(key, total).unwrap_or(0);
+            total.saturating_sub(prev)
+        };
+        m.events_lost.inc_by(add("lost", lost_total));
+        m.held_failures.inc_by(add("held", self.tracker.stats.held));
+        for (source, n) in &self.who.errors {
+            let d = add(source, *n);
+            m.metadata_errors.with_label_values(&[source]).inc_by(d);
+        }
+        let dropped = self
+            .k8s_events_dropped
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let d = add("k8s_events", dropped);
+        m.metadata_errors
+            .with_label_values(&["k8s_events"])
+            .inc_by(d);
     }
 
     fn bad_record(&mut self, e: decode::DecodeError) {
@@ -107,15 +176,57 @@ impl Pipeline {
         for o in out.drain(..) {
             let r = match &o {
                 Output::Event { ev, who, phase } => {
+                    if let (Some(p), Ok(mut m)) = (phase, self.shared.metrics.lock()) {
+                        m.failure(who, &decode::errno_name(ev.errno), *p);
+                    }
                     if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.process_events {
                         continue;
                     }
-                    self.sink.write(&Record::from_kernel(ev, who, *phase))
+                    let rec = Record::from_kernel(ev, who, *phase);
+                    self.emit(rec.kind, who, phase.map(|p| p.as_str()), &rec)
                 }
-                Output::PodStarted { .. } => Ok(()),
-                Output::SidecarReady(s) => self.sink.write(&Summary::now("sidecar_ready", s)),
-                Output::StartupRace(s) => self.sink.write(&Summary::now("startup_race", s)),
-                Output::ShutdownRace(s) => self.sink.write(&Summary::now("shutdown_race", s)),
+                Output::PodStarted { who, injected } => {
+                    if let Ok(mut m) = self.shared.metrics.lock() {
+                        m.pod_started(who, *injected);
+                    }
+                    Ok(())
+                }
+                Output::SidecarReady(s) => {
+                    if let (Some(secs), Ok(mut m)) =
+                        (s.pod_start_to_ready_seconds, self.shared.metrics.lock())
+                    {
+                        m.sidecar_ready(&s.who, secs);
+                    }
+                    self.emit(
+                        "sidecar_ready",
+                        &s.who,
+                        None,
+                        &Summary::now("sidecar_ready", s),
+                    )
+                }
+                Output::StartupRace(s) => {
+                    if let Ok(mut m) = self.shared.metrics.lock() {
+                        m.startup_race(&s.who, s.window_seconds);
+                    }
+                    self.k8s_event(s);
+                    self.emit(
+                        "startup_race",
+                        &s.who,
+                        Some("startup_race"),
+                        &Summary::now("startup_race", s),
+                    )
+                }
+                Output::ShutdownRace(s) => {
+                    if let Ok(mut m) = self.shared.metrics.lock() {
+                        m.shutdown_race(&s.who);
+                    }
+                    self.emit(
+                        "shutdown_race",
+                        &s.who,
+                        Some("shutdown_race"),
+                        &Summary::now("shutdown_race", s),
+                    )
+                }
             };
             if let Err(e) = r {
                 tracing::error!(error = %e, "writing event");
@@ -123,6 +234,52 @@ impl Pipeline {
         }
         self.sink.flush()?;
         Ok(())
+    }
+
+    /// Serialises once; writes to the stream and publishes to `/events`.
+    fn emit<T: Serialize>(
+        &mut self,
+        kind: &'static str,
+        who: &Attribution,
+        phase: Option<&'static str>,
+        body: &T,
+    ) -> std::io::Result<()> {
+        let json = serde_json::to_string(body)?;
+        self.sink.write_line(&json)?;
+        self.shared.publish(EventLine {
+            json,
+            kind,
+            namespace: who.namespace.clone(),
+            pod: who.pod.clone(),
+            phase,
+        });
+        Ok(())
+    }
+
+    fn k8s_event(&self, s: &race::RaceSummary) {
+        let (Some(tx), Some(ns), Some(pod)) = (&self.k8s_events, &s.who.namespace, &s.who.pod)
+        else {
+            return;
+        };
+        let note = format!(
+            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port (destinations: {}). {}",
+            s.refused,
+            s.window_seconds
+                .map_or("an unknown time".into(), |w| format!("{w:.3}s")),
+            s.destinations.join(", "),
+            s.recommendation
+        );
+        let ev = kube::PodEvent {
+            namespace: ns.clone(),
+            pod: pod.clone(),
+            uid: s.who.pod_uid.clone(),
+            reason: "SidecarStartupRace",
+            note,
+        };
+        if tx.try_send(ev).is_err() {
+            self.k8s_events_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -144,22 +301,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let sink =
         Sink::open(&args.events).with_context(|| format!("opening --events {:?}", args.events))?;
     let mut kube_rx = start_kube(&args).await?;
-    let mut p = Pipeline {
-        who: attributor(&args),
-        pods: PodStore::default(),
-        use_api: kube_rx.is_some(),
-        tracker: Tracker::new(race::Config {
-            capture_port: args.capture_port,
-            sidecar_ports: args.sidecar_ports.clone(),
-            proxy_uid: args.proxy_uid,
-            hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
-            ..race::Config::default()
-        }),
-        sink,
-        process_events: args.process_events,
-        decode_errors: 0,
-        out: Vec::new(),
-    };
+    let metrics = Metrics::new(args.pod_labels).context("registering metrics")?;
+    for s in &probes.status {
+        metrics
+            .probe_attached
+            .with_label_values(&[s.hook.name])
+            .set(i64::from(s.error.is_none()));
+    }
+    let shared = Shared::new(metrics, Limits::default());
+    crate::server::serve(args.metrics_addr, shared.clone()).await?;
+    let tracker = Tracker::new(race::Config {
+        capture_port: args.capture_port,
+        sidecar_ports: args.sidecar_ports.clone(),
+        proxy_uid: args.proxy_uid,
+        hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
+        ..race::Config::default()
+    });
+    let mut p = Pipeline::new(attributor(&args), tracker, sink, shared.clone());
+    p.use_api = kube_rx.is_some();
+    p.process_events = args.process_events;
+    if args.k8s_events {
+        p.k8s_events = Some(start_k8s_events(&args, p.k8s_events_dropped.clone()).await?);
+    }
     let restored = restore::restore(
         &args.proc_root,
         &mut p.who,
@@ -197,9 +360,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = tick.tick() => {
                 ticks += 1;
+                shared.beat();
                 if ticks.is_multiple_of(10) {
                     clock.refresh();
                     report_lost(&probes, &mut lost_seen, &mut p.sink)?;
+                    p.update_self_metrics(lost_seen);
+                }
+                if ticks.is_multiple_of(600)
+                    && let Ok(mut m) = shared.metrics.lock()
+                {
+                    m.expire();
                 }
                 p.advance(Clock::mono_now())?;
             }
@@ -263,6 +433,31 @@ async fn start_kube(args: &RunArgs) -> Result<Option<tokio::sync::mpsc::Receiver
     tokio::spawn(kube::watch(client, node.clone(), tx));
     tracing::info!(%node, "watching this node's pods");
     Ok(Some(rx))
+}
+
+/// Starts the Kubernetes Events writer.
+async fn start_k8s_events(
+    args: &RunArgs,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<tokio::sync::mpsc::Sender<kube::PodEvent>> {
+    let access = match &args.kube_api_url {
+        Some(u) => kube::Access::Url(u.clone()),
+        None => kube::Access::Infer,
+    };
+    let client = kube::client(&access)
+        .await
+        .context("--k8s-events needs the Kubernetes API")?;
+    let node = args.node_name.clone().unwrap_or_else(|| "unknown".into());
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(kube::write_events(
+        client,
+        node,
+        rx,
+        30,
+        Duration::from_secs(600),
+        dropped,
+    ));
+    Ok(tx)
 }
 
 /// Receives from an optional channel; pending forever when there is none.

@@ -167,21 +167,27 @@ fn test(extra: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     // The kernel crate is only compiled for the BPF target: lint it there too.
-    run(cargo()
+    // (`rustup run`: cargo's own CARGO path is the stable toolchain's binary.)
+    let mut nightly = Command::new("rustup");
+    nightly
         .args([
-            "+nightly",
+            "run",
+            "nightly",
+            "cargo",
             "clippy",
             "--package",
             "connscope-ebpf",
-            "--bins",
-            "--release",
         ])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"])
+        .args(["--bins", "--release", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--target-dir", "target/bpf-clippy"])
+        .args(["--", "-D", "warnings"])
+        .current_dir(workspace())
+        .env_remove("RUSTC")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             "--cfg=bpf_target_arch=\"x86_64\"",
-        ))?;
+        );
+    run(&mut nightly)?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     Ok(())
 }

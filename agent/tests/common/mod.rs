@@ -48,6 +48,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 /// A running `connscope run`, stopped with SIGTERM on drop.
 pub struct Agent {
     pub child: Child,
+    /// Port of /metrics, /healthz, /readyz, /events.
+    pub http_port: u16,
     pub events: PathBuf,
     pub stderr: mpsc::Receiver<String>,
     pub stderr_log: Vec<String>,
@@ -59,10 +61,12 @@ impl Agent {
     pub fn start(dir: &Path, extra: &[&str]) -> Agent {
         let events = dir.join("events.json");
         let _ = std::fs::remove_file(&events);
+        let http_port = free_port();
         let mut child = Command::new(BIN)
             .arg("run")
             .arg("--events")
             .arg(&events)
+            .args(["--metrics-addr", &format!("127.0.0.1:{http_port}")])
             .args(extra)
             .env(
                 "CONNSCOPE_LOG",
@@ -85,6 +89,7 @@ impl Agent {
         });
         let mut agent = Agent {
             child,
+            http_port,
             events,
             stderr: rx,
             stderr_log: Vec::new(),
@@ -268,4 +273,38 @@ pub fn fake_api(dir: &Path, port: u16) -> Bg {
     let mut bg = Bg::spawn(c);
     bg.wait_line("ready", Duration::from_secs(10));
     bg
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET on the agent's HTTP port: (status, body). Bounded by a timeout.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect agent HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

@@ -1,0 +1,324 @@
+//! Prometheus metrics: the public contract that dashboards and alerts use.
+//!
+//! Labels are `namespace`, `workload`, `container` (absent = empty value);
+//! pod names only with `--pod-labels`, destinations never (they live in
+//! events). Series not updated for `series_ttl` are dropped, so deleted
+//! workloads do not grow the series count forever.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use prometheus::{
+    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{attribute::Attribution, race::Phase};
+
+/// Buckets for start-up latencies and race windows: 10 ms .. 120 s.
+pub const BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pod_labels: bool,
+    pub connect_failures: IntCounterVec,
+    pub startup_race_pods: IntCounterVec,
+    pub pods_started: IntCounterVec,
+    pub sidecar_ready_seconds: HistogramVec,
+    pub startup_race_window_seconds: HistogramVec,
+    pub shutdown_race_pods: IntCounterVec,
+    pub events_lost: IntCounter,
+    pub events: IntCounterVec,
+    pub metadata_errors: IntCounterVec,
+    pub pods_tracked: IntGauge,
+    pub probe_attached: IntGaugeVec,
+    pub build_info: GaugeVec,
+    /// Failures held because the pod's injection was not yet known.
+    pub held_failures: IntCounter,
+    /// When each workload-level series was last touched, for expiry.
+    touched: HashMap<(&'static str, Vec<String>), Instant>,
+    pub series_ttl: Duration,
+}
+
+fn with_pod(base: &[&'static str], pod: bool) -> Vec<&'static str> {
+    let mut v = base.to_vec();
+    if pod {
+        v.push("pod");
+    }
+    v
+}
+
+impl Metrics {
+    /// Registers every metric. `pod_labels` adds a `pod` label to the
+    /// per-workload series (higher cardinality: opt-in).
+    pub fn new(pod_labels: bool) -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let wl = with_pod(&["namespace", "workload"], pod_labels);
+        let cf = with_pod(
+            &["namespace", "workload", "container", "errno", "phase"],
+            pod_labels,
+        );
+        let started = with_pod(&["namespace", "workload", "injected"], pod_labels);
+        let hist = |name: &str, help: &str| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+                &wl,
+            )
+        };
+        let m = Metrics {
+            connect_failures: IntCounterVec::new(
+                Opts::new(
+                    "connscope_connect_failures_total",
+                    "connect() failures seen in the kernel, by phase relative to the pod's sidecar",
+                ),
+                &cf,
+            )?,
+            startup_race_pods: IntCounterVec::new(
+                Opts::new(
+                    "connscope_startup_race_pods_total",
+                    "Pods whose application was refused before the sidecar's capture port listened",
+                ),
+                &wl,
+            )?,
+            pods_started: IntCounterVec::new(
+                Opts::new(
+                    "connscope_pods_started_total",
+                    "Pods seen starting on this node (denominator for race ratios)",
+                ),
+                &started,
+            )?,
+            sidecar_ready_seconds: hist(
+                "connscope_sidecar_ready_seconds",
+                "Pod's first process to the sidecar's capture port (15001) listening",
+            )?,
+            startup_race_window_seconds: hist(
+                "connscope_startup_race_window_seconds",
+                "First refused connect to the sidecar's capture port listening",
+            )?,
+            shutdown_race_pods: IntCounterVec::new(
+                Opts::new(
+                    "connscope_shutdown_race_pods_total",
+                    "Pods whose application was refused after the sidecar's capture listener closed",
+                ),
+                &wl,
+            )?,
+            events_lost: IntCounter::new(
+                "connscope_events_lost_total",
+                "Kernel events the ring buffer had no room for",
+            )?,
+            events: IntCounterVec::new(
+                Opts::new("connscope_events_total", "Kernel events read, by type"),
+                &["type"],
+            )?,
+            metadata_errors: IntCounterVec::new(
+                Opts::new(
+                    "connscope_metadata_errors_total",
+                    "Failures reading attribution metadata, by source",
+                ),
+                &["source"],
+            )?,
+            pods_tracked: IntGauge::new(
+                "connscope_pods_tracked",
+                "Pods with a sidecar timeline in memory",
+            )?,
+            probe_attached: IntGaugeVec::new(
+                Opts::new(
+                    "connscope_probe_attached",
+                    "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
+                ),
+                &["probe"],
+            )?,
+            build_info: GaugeVec::new(
+                Opts::new("connscope_build_info", "Always 1; the agent's version"),
+                &["version"],
+            )?,
+            held_failures: IntCounter::new(
+                "connscope_held_failures_total",
+                "Failures held until their pod's sidecar injection was known",
+            )?,
+            registry: r,
+            pod_labels,
+            touched: HashMap::new(),
+            series_ttl: Duration::from_secs(3600),
+        };
+        for c in [
+            Box::new(m.connect_failures.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.startup_race_pods.clone()),
+            Box::new(m.pods_started.clone()),
+            Box::new(m.sidecar_ready_seconds.clone()),
+            Box::new(m.startup_race_window_seconds.clone()),
+            Box::new(m.shutdown_race_pods.clone()),
+            Box::new(m.events_lost.clone()),
+            Box::new(m.events.clone()),
+            Box::new(m.metadata_errors.clone()),
+            Box::new(m.pods_tracked.clone()),
+            Box::new(m.probe_attached.clone()),
+            Box::new(m.build_info.clone()),
+            Box::new(m.held_failures.clone()),
+        ] {
+            m.registry.register(c)?;
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        Ok(m)
+    }
+
+    fn labels(&mut self, metric: &'static str, who: &Attribution, extra: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            who.namespace.clone().unwrap_or_default(),
+            who.workload.clone().unwrap_or_default(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        if self.pod_labels {
+            v.push(who.pod.clone().unwrap_or_default());
+        }
+        self.touched.insert((metric, v.clone()), Instant::now());
+        v
+    }
+
+    /// A connect failure with its phase.
+    pub fn failure(&mut self, who: &Attribution, errno: &str, phase: Phase) {
+        let c = who.container.clone().unwrap_or_default();
+        let l = self.labels("failures", who, &[&c, errno, phase.as_str()]);
+        self.connect_failures.with_label_values(&strs(&l)).inc();
+    }
+
+    /// A pod seen starting.
+    pub fn pod_started(&mut self, who: &Attribution, injected: bool) {
+        let l = self.labels("started", who, &[if injected { "true" } else { "false" }]);
+        self.pods_started.with_label_values(&strs(&l)).inc();
+    }
+
+    /// A sidecar became ready `seconds` after the pod's first process.
+    pub fn sidecar_ready(&mut self, who: &Attribution, seconds: f64) {
+        let l = self.labels("ready", who, &[]);
+        self.sidecar_ready_seconds
+            .with_label_values(&strs(&l))
+            .observe(seconds);
+    }
+
+    /// A pod raced at start-up.
+    pub fn startup_race(&mut self, who: &Attribution, window: Option<f64>) {
+        let l = self.labels("race", who, &[]);
+        self.startup_race_pods.with_label_values(&strs(&l)).inc();
+        if let Some(w) = window {
+            self.startup_race_window_seconds
+                .with_label_values(&strs(&l))
+                .observe(w);
+        }
+    }
+
+    /// A pod raced at shutdown.
+    pub fn shutdown_race(&mut self, who: &Attribution) {
+        let l = self.labels("shutdown", who, &[]);
+        self.shutdown_race_pods.with_label_values(&strs(&l)).inc();
+    }
+
+    /// Drops series of workloads not seen for `series_ttl`.
+    pub fn expire(&mut self) {
+        let ttl = self.series_ttl;
+        let mut gone = Vec::new();
+        self.touched.retain(|k, t| {
+            let keep = t.elapsed() < ttl;
+            if !keep {
+                gone.push(k.clone());
+            }
+            keep
+        });
+        for (metric, l) in gone {
+            let l = strs(&l);
+            let _ = match metric {
+                "failures" => self.connect_failures.remove_label_values(&l),
+                "started" => self.pods_started.remove_label_values(&l),
+                "ready" => self.sidecar_ready_seconds.remove_label_values(&l),
+                "race" => self.startup_race_pods.remove_label_values(&l).and(
+                    self.startup_race_window_seconds
+                        .remove_label_values(&l)
+                        .or(Ok(())),
+                ),
+                "shutdown" => self.shutdown_race_pods.remove_label_values(&l),
+                _ => Ok(()),
+            };
+        }
+    }
+
+    /// Number of workload-level series currently exported.
+    pub fn series(&self) -> usize {
+        self.touched.len()
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who() -> Attribution {
+        Attribution {
+            namespace: Some("shop".into()),
+            workload: Some("checkout".into()),
+            pod: Some("checkout-abc".into()),
+            container: Some("app".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn renders_the_contract() {
+        let mut m = Metrics::new(false).unwrap();
+        m.failure(&who(), "ECONNREFUSED", Phase::StartupRace);
+        m.startup_race(&who(), Some(1.5));
+        m.pod_started(&who(), true);
+        m.sidecar_ready(&who(), 2.0);
+        let t = m.render();
+        assert!(t.contains(r#"connscope_connect_failures_total{container="app",errno="ECONNREFUSED",namespace="shop",phase="startup_race",workload="checkout"} 1"#), "{t}");
+        assert!(t.contains(
+            r#"connscope_startup_race_pods_total{namespace="shop",workload="checkout"} 1"#
+        ));
+        assert!(t.contains(r#"connscope_pods_started_total{injected="true",namespace="shop",workload="checkout"} 1"#));
+        assert!(t.contains(r#"connscope_startup_race_window_seconds_bucket{namespace="shop",workload="checkout",le="2.5"} 1"#));
+        assert!(t.contains("connscope_build_info{version="));
+        assert!(
+            !t.contains("checkout-abc"),
+            "no pod names without --pod-labels"
+        );
+    }
+
+    #[test]
+    fn pod_labels_are_opt_in() {
+        let mut m = Metrics::new(true).unwrap();
+        m.startup_race(&who(), None);
+        assert!(m.render().contains(r#"pod="checkout-abc""#));
+    }
+
+    #[test]
+    fn stale_series_expire() {
+        let mut m = Metrics::new(false).unwrap();
+        m.failure(&who(), "ECONNREFUSED", Phase::NoSidecar);
+        m.pod_started(&who(), false);
+        assert_eq!(m.series(), 2);
+        m.series_ttl = Duration::ZERO;
+        m.expire();
+        assert_eq!(m.series(), 0);
+        assert!(!m.render().contains("workload=\"checkout\""));
+    }
+}

@@ -1,0 +1,236 @@
+//! The HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and `/events`
+//! (recent events as NDJSON, filtered by `namespace`, `pod`, `phase`,
+//! `type`; `?follow=1` streams live ones). Memory is bounded: a fixed ring
+//! of recent events, a bounded channel per follower, a cap on followers.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use futures::StreamExt as _;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+
+use crate::metrics::Metrics;
+
+/// One event line with the fields `/events` filters on.
+#[derive(Debug, Clone, Default)]
+pub struct EventLine {
+    pub json: String,
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub phase: Option<&'static str>,
+}
+
+/// Limits of the endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Recent events kept for `/events`.
+    pub recent: usize,
+    /// Concurrent `follow=1` readers.
+    pub followers: usize,
+    /// Lines buffered per follower before it is told it lagged.
+    pub follower_buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            recent: 10_000,
+            followers: 16,
+            follower_buffer: 4096,
+        }
+    }
+}
+
+/// State shared by the pipeline and the HTTP handlers.
+pub struct Shared {
+    pub metrics: Mutex<Metrics>,
+    recent: Mutex<VecDeque<Arc<EventLine>>>,
+    live: broadcast::Sender<Arc<EventLine>>,
+    followers: AtomicUsize,
+    limits: Limits,
+    /// Probes attached (set once after load).
+    pub attached: AtomicBool,
+    /// Monotonic ms of the main loop's last turn (ring buffer being read).
+    pub heartbeat_ms: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(metrics: Metrics, limits: Limits) -> Arc<Shared> {
+        let (live, _) = broadcast::channel(limits.follower_buffer.max(1));
+        Arc::new(Shared {
+            metrics: Mutex::new(metrics),
+            recent: Mutex::new(VecDeque::with_capacity(limits.recent.min(1024))),
+            live,
+            followers: AtomicUsize::new(0),
+            limits,
+            attached: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Publishes an event to `/events` readers.
+    pub fn publish(&self, line: EventLine) {
+        let line = Arc::new(line);
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() >= self.limits.recent {
+                r.pop_front();
+            }
+            r.push_back(line.clone());
+        }
+        if self.live.receiver_count() > 0 {
+            let _ = self.live.send(line);
+        }
+    }
+
+    /// Records that the main loop is alive.
+    pub fn beat(&self) {
+        self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> u64 {
+    crate::decode::Clock::mono_now() / 1_000_000
+}
+
+/// `/events` query.
+#[derive(Debug, Default, Deserialize)]
+pub struct Filter {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub phase: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub follow: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &EventLine) -> bool {
+        self.namespace
+            .as_deref()
+            .is_none_or(|n| e.namespace.as_deref() == Some(n))
+            && self
+                .pod
+                .as_deref()
+                .is_none_or(|p| e.pod.as_deref() == Some(p))
+            && self.phase.as_deref().is_none_or(|p| e.phase == Some(p))
+            && self.kind.as_deref().is_none_or(|k| e.kind == k)
+    }
+
+    fn follow(&self) -> bool {
+        matches!(self.follow.as_deref(), Some("1" | "true" | "yes"))
+    }
+}
+
+/// The router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/events", get(events))
+        .with_state(shared)
+}
+
+/// Serves until the process exits.
+pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%addr, "serving /metrics /healthz /readyz /events");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(shared)).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let body = match s.metrics.lock() {
+        Ok(m) => m.render(),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let attached = s.attached.load(Ordering::Relaxed);
+    let age = now_ms().saturating_sub(s.heartbeat_ms.load(Ordering::Relaxed));
+    if attached && age < 5_000 {
+        "ready\n".into_response()
+    } else if !attached {
+        (StatusCode::SERVICE_UNAVAILABLE, "probes not attached\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ring buffer not read for {age} ms\n"),
+        )
+            .into_response()
+    }
+}
+
+/// Decrements the follower count when a stream ends.
+struct FollowerSlot(Arc<Shared>);
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Response {
+    let recent: Vec<Arc<EventLine>> = match s.recent.lock() {
+        Ok(r) => r.iter().filter(|e| f.matches(e)).cloned().collect(),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !f.follow() {
+        let mut body = String::new();
+        for e in recent {
+            body.push_str(&e.json);
+            body.push('\n');
+        }
+        return (ndjson, body).into_response();
+    }
+    if s.followers.fetch_add(1, Ordering::Relaxed) >= s.limits.followers {
+        s.followers.fetch_sub(1, Ordering::Relaxed);
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many followers\n").into_response();
+    }
+    let slot = FollowerSlot(s.clone());
+    let rx = s.live.subscribe();
+    let head = futures::stream::iter(
+        recent
+            .into_iter()
+            .map(|e| Ok::<_, std::convert::Infallible>(format!("{}\n", e.json))),
+    );
+    let live = BroadcastStream::new(rx).filter_map(move |r| {
+        let _keep = &slot;
+        let out = match r {
+            Ok(e) if f.matches(&e) => Some(Ok(format!("{}\n", e.json))),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(format!(
+                "{{\"type\":\"follow_lagged\",\"skipped\":{n}}}\n"
+            ))),
+        };
+        futures::future::ready(out)
+    });
+    (ndjson, Body::from_stream(head.chain(live))).into_response()
+}
