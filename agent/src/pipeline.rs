@@ -338,6 +338,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut lost_seen = 0u64;
     let attached = probes.status.iter().filter(|s| s.error.is_none()).count();
+    shared
+        .attached
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    shared.beat();
     tracing::info!(
         attached,
         total = probes.status.len(),

@@ -34,7 +34,13 @@ enum Cmd {
 }
 
 /// Debian packages the tests and demo use.
-const PACKAGES: &[&str] = &["iptables", "iproute2", "bpftool"];
+const PACKAGES: &[&str] = &[
+    "iptables",
+    "iproute2",
+    "bpftool",
+    "prometheus",
+    "prometheus-alertmanager",
+];
 /// bpf-linker version known to work with the pinned aya.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -308,3 +308,73 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// Percent-encodes a query value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus server (Debian package) on loopback, scraping the given
+/// targets every second, optionally with rule files and an Alertmanager.
+pub struct Prometheus {
+    pub port: u16,
+    _proc: Bg,
+}
+
+impl Prometheus {
+    pub fn start(
+        dir: &Path,
+        targets: &[u16],
+        rules: &[PathBuf],
+        alertmanager: Option<u16>,
+    ) -> Prometheus {
+        let port = free_port();
+        let targets: Vec<String> = targets.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+        let rule_files: Vec<String> = rules.iter().map(|r| format!("'{}'", r.display())).collect();
+        let alerting = alertmanager
+            .map(|p| format!("alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['127.0.0.1:{p}']\n"))
+            .unwrap_or_default();
+        let cfg = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [{}]\n{alerting}scrape_configs:\n  - job_name: connscope\n    static_configs:\n      - targets: [{}]\n",
+            rule_files.join(", "),
+            targets.join(", ")
+        );
+        let cfg_path = dir.join("prometheus.yml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let mut c = Command::new("prometheus");
+        c.arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stderr(Stdio::null());
+        let proc = Bg::spawn(c);
+        wait_for("Prometheus ready", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            (http_get(port, "/-/ready").0 == 200).then_some(())
+        });
+        Prometheus { port, _proc: proc }
+    }
+
+    /// Instant query through the HTTP API; the result vector.
+    pub fn query(&self, q: &str) -> Vec<Value> {
+        let (status, body) = http_get(self.port, &format!("/api/v1/query?query={}", urlencode(q)));
+        assert_eq!(status, 200, "query {q}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The single value of a query, if it has exactly one series.
+    pub fn value(&self, q: &str) -> Option<f64> {
+        let r = self.query(q);
+        (r.len() == 1).then(|| r[0]["value"][1].as_str()?.parse().ok())?
+    }
+}
