@@ -193,6 +193,14 @@ impl Metrics {
     pub fn pod_started(&mut self, who: &Attribution, injected: bool) {
         let l = self.labels("started", who, &[if injected { "true" } else { "false" }]);
         self.pods_started.with_label_values(&strs(&l)).inc();
+        if injected {
+            // Race counters start at 0 with the workload, so a first race is
+            // an increase Prometheus can see, not a series born at 1.
+            let r = self.labels("race", who, &[]);
+            self.startup_race_pods.with_label_values(&strs(&r));
+            let s = self.labels("shutdown", who, &[]);
+            self.shutdown_race_pods.with_label_values(&strs(&s));
+        }
     }
 
     /// A sidecar became ready `seconds` after the pod's first process.

@@ -41,6 +41,12 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
 ];
+/// PyPI packages the deploy tests use.
+const PYTHON_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "helm-python-sdk==0.2.2",
+    "PyYAML",
+];
 /// bpf-linker version known to work with the pinned aya.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -117,6 +123,17 @@ fn setup() -> Result<()> {
                 .is_none_or(|s| !s.contains("install ok installed"))
         })
         .collect();
+    // Python tools the deploy tests use: kubernetes-validate for manifests,
+    // helm-python-sdk (Helm's own engine) to render the chart.
+    let have_py = output(
+        Command::new("python3").args(["-c", "import kubernetes_validate, helm_python, yaml"]),
+    )
+    .is_some();
+    if !have_py {
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "-q"])
+            .args(PYTHON_PACKAGES))?;
+    }
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")

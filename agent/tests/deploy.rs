@@ -1,0 +1,240 @@
+//! What an SRE installs and what on-call sees: rules (promtool), manifests and
+//! the rendered chart (kubernetes-validate), and end to end: agent + real
+//! Prometheus with the shipped rules + real Alertmanager, where a race pages
+//! and a pod without a race does not, and every dashboard query runs.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use common::{Agent, BIN, Bg, Prometheus, TempDir, free_port, http_get, privileged, wait_for};
+use connscope::{
+    runtime::Roots,
+    testbed::{
+        pod::cgroup2_root,
+        scenario::{App, SimPod},
+    },
+};
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run `cargo xtask setup`)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn rules_pass_promtool_check_and_unit_tests() {
+    let rules = deploy().join("prometheus/connscope-rules.yaml");
+    run_ok(
+        Command::new("promtool")
+            .args(["check", "rules"])
+            .arg(&rules),
+    );
+    let t = deploy().join("prometheus/tests");
+    let out = run_ok(
+        Command::new("promtool")
+            .args(["test", "rules"])
+            .arg(t.join("connscope-rules.test.yaml"))
+            .arg(t.join("connscope-rules-weekly.test.yaml")),
+    );
+    assert_eq!(out.matches("SUCCESS").count(), 2, "{out}");
+}
+
+#[test]
+fn manifests_and_chart_validate_and_match() {
+    let out = run_ok(Command::new("python3").arg(deploy().join("tests/check_deploy.py")));
+    assert!(out.contains("0 failed"), "{out}");
+    assert!(
+        out.matches("\nok ").count() + usize::from(out.starts_with("ok ")) >= 20,
+        "{out}"
+    );
+}
+
+fn alertmanager(dir: &Path) -> (Bg, u16) {
+    let port = free_port();
+    let cfg = dir.join("alertmanager.yml");
+    std::fs::write(
+        &cfg,
+        "route:\n  receiver: sink\n  group_wait: 1s\nreceivers:\n  - name: sink\n",
+    )
+    .unwrap();
+    let mut c = Command::new("prometheus-alertmanager");
+    c.arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.path={}", dir.join("am").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stderr(std::process::Stdio::null());
+    let bg = Bg::spawn(c);
+    wait_for("Alertmanager ready", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        (http_get(port, "/-/ready").0 == 200).then_some(())
+    });
+    (bg, port)
+}
+
+fn am_alerts(port: u16) -> Vec<Value> {
+    let (status, body) = http_get(port, "/api/v2/alerts");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+#[test]
+fn race_pages_through_alertmanager_and_dashboard_queries_run() {
+    if !privileged("race_pages_through_alertmanager_and_dashboard_queries_run") {
+        return;
+    }
+    let dir = TempDir::new("deploy");
+    let roots = Roots {
+        containerd: dir.0.join("ctd"),
+        crio: dir.0.join("crio"),
+    };
+    let cg = cgroup2_root().unwrap();
+    let (_am, am_port) = alertmanager(&dir.0);
+    let agent = Agent::start(
+        &dir.0,
+        &[
+            "--kubernetes",
+            "off",
+            "--hold-seconds",
+            "1",
+            "--containerd-root",
+            roots.containerd.to_str().unwrap(),
+            "--crio-root",
+            roots.crio.to_str().unwrap(),
+        ],
+    );
+    let prom = Prometheus::start(
+        &dir.0,
+        &[agent.http_port],
+        &[deploy().join("prometheus/connscope-rules.yaml")],
+        Some(am_port),
+    );
+    let mut racing = SimPod::create(
+        BIN.as_ref(),
+        41,
+        &cg,
+        &roots,
+        "shop",
+        "payments-7d9f8c6b5-r2t4v",
+        true,
+    )
+    .unwrap();
+    let mut calm = SimPod::create(
+        BIN.as_ref(),
+        42,
+        &cg,
+        &roots,
+        "shop",
+        "catalog-7d9f8c6b5-z8x6c",
+        true,
+    )
+    .unwrap();
+    calm.start_sidecar(0, 0).unwrap();
+    calm.wait_sidecar(15001, "listen", Duration::from_secs(10))
+        .unwrap();
+    // Let Prometheus see the workloads before anything happens.
+    racing.start_sidecar(1500, 0).unwrap();
+    racing
+        .wait_sidecar(15021, "listen", Duration::from_secs(10))
+        .unwrap();
+    assert!(calm.run_app(&App::default()).unwrap()[0].ok);
+    let attempts = racing.run_app(&App::default()).unwrap();
+    assert!(attempts.iter().any(|o| !o.ok));
+
+    let fired = wait_for(
+        "ConnscopeStartupRace in Alertmanager",
+        Duration::from_secs(90),
+        || {
+            let a = am_alerts(am_port);
+            a.into_iter()
+                .find(|a| a["labels"]["alertname"] == "ConnscopeStartupRace")
+        },
+    );
+    assert_eq!(fired["labels"]["workload"], "payments");
+    assert_eq!(fired["labels"]["namespace"], "shop");
+    assert!(
+        fired["annotations"]["runbook"]
+            .as_str()
+            .unwrap()
+            .contains("holdApplicationUntilProxyStarts")
+    );
+    // The calm workload is known to Prometheus, and never alerts.
+    assert_eq!(
+        prom.value("sum(connscope_pods_started_total{workload=\"catalog\"})"),
+        Some(1.0)
+    );
+    let firing = prom.query("ALERTS{alertname=\"ConnscopeStartupRace\"}");
+    assert!(
+        firing.iter().all(|s| s["metric"]["workload"] == "payments"),
+        "{firing:?}"
+    );
+    assert!(
+        am_alerts(am_port)
+            .iter()
+            .all(|a| a["labels"]["workload"] != "catalog")
+    );
+    assert!(
+        prom.query("ALERTS{alertname=~\"ConnscopeEventsLost|ConnscopeProbeNotAttached\"}")
+            .is_empty()
+    );
+
+    // Every dashboard query is valid PromQL against this Prometheus, and the
+    // panels this scenario feeds have data.
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/connscope.json")).unwrap(),
+    )
+    .unwrap();
+    let with_data = [
+        "Pods that raced the sidecar at start-up",
+        "Startup race ratio (race pods / injected pods started, 1h)",
+        "Refused and failed connects by phase",
+        "Sidecar ready latency (pod start -> 15001 listening)",
+        "Sidecar ready latency p50 / p95",
+        "Top workloads by race pods (24h)",
+        "Agent: kernel events lost",
+        "Agent: probes attached",
+        "Agent: events read and pods tracked",
+    ];
+    // The race window histogram and shutdown panels need more than one race.
+    wait_for(
+        "a second scrape after the race",
+        Duration::from_secs(30),
+        || {
+            (prom.value(
+                "count_over_time(connscope_startup_race_pods_total{workload=\"payments\"}[1m])",
+            )? >= 3.0)
+                .then_some(())
+        },
+    );
+    for p in dash["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap();
+        for t in p["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", ".*")
+                .replace("$workload", ".*");
+            let r = prom.query(&q);
+            if with_data.contains(&title) {
+                assert!(!r.is_empty(), "panel {title:?} has no data: {q}");
+            }
+        }
+    }
+}

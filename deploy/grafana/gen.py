@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Writes connscope.json, the Grafana dashboard (run after editing panels)."""
+import json
+import os
+
+SEL = 'namespace=~"$namespace", workload=~"$workload"'
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def panel(pid, title, kind, exprs, x, y, w=12, h=8, unit=None, legend="{{namespace}}/{{workload}}", fmt=None):
+    targets = []
+    for i, e in enumerate(exprs):
+        expr, leg = e if isinstance(e, tuple) else (e, legend)
+        t = {"refId": chr(65 + i), "datasource": DS, "expr": expr, "legendFormat": leg}
+        if fmt:
+            t["format"] = fmt
+        targets.append(t)
+    p = {"id": pid, "title": title, "type": kind, "datasource": DS, "targets": targets,
+         "gridPos": {"x": x, "y": y, "w": w, "h": h}}
+    if unit:
+        p["fieldConfig"] = {"defaults": {"unit": unit}, "overrides": []}
+    return p
+
+
+panels = [
+    panel(1, "Pods that raced the sidecar at start-up", "timeseries",
+          [f"sum by (namespace, workload) (increase(connscope_startup_race_pods_total{{{SEL}}}[$__rate_interval]))"], 0, 0),
+    panel(2, "Startup race ratio (race pods / injected pods started, 1h)", "timeseries",
+          [f"sum by (namespace, workload) (increase(connscope_startup_race_pods_total{{{SEL}}}[1h]))"
+           f" / clamp_min(sum by (namespace, workload) (increase(connscope_pods_started_total{{{SEL}, injected=\"true\"}}[1h])), 1)"],
+          12, 0, unit="percentunit"),
+    panel(3, "Refused and failed connects by phase", "timeseries",
+          [(f"sum by (phase) (rate(connscope_connect_failures_total{{{SEL}}}[$__rate_interval]))", "{{phase}}")],
+          0, 8, unit="ops"),
+    panel(4, "Sidecar ready latency (pod start -> 15001 listening)", "heatmap",
+          [(f"sum by (le) (increase(connscope_sidecar_ready_seconds_bucket{{{SEL}}}[$__rate_interval]))", "{{le}}")],
+          12, 8, fmt="heatmap"),
+    panel(5, "Sidecar ready latency p50 / p95", "timeseries",
+          [(f"histogram_quantile(0.5, sum by (le) (rate(connscope_sidecar_ready_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p50"),
+           (f"histogram_quantile(0.95, sum by (le) (rate(connscope_sidecar_ready_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p95")],
+          0, 16, unit="s"),
+    panel(6, "Startup race window p95 (first refusal -> sidecar ready)", "timeseries",
+          [f"histogram_quantile(0.95, sum by (namespace, workload, le) (rate(connscope_startup_race_window_seconds_bucket{{{SEL}}}[$__rate_interval])))"],
+          12, 16, unit="s"),
+    panel(7, "Top workloads by race pods (24h)", "table",
+          [f"topk(10, sum by (namespace, workload) (increase(connscope_startup_race_pods_total{{{SEL}}}[24h])))"],
+          0, 24, fmt="table"),
+    panel(8, "Shutdown race pods", "timeseries",
+          [f"sum by (namespace, workload) (increase(connscope_shutdown_race_pods_total{{{SEL}}}[$__rate_interval]))"], 12, 24),
+    panel(9, "Agent: kernel events lost", "timeseries",
+          [("sum by (instance) (increase(connscope_events_lost_total[$__rate_interval]))", "{{instance}}")], 0, 32, w=8),
+    panel(10, "Agent: probes attached", "stat",
+          [("min by (probe) (connscope_probe_attached)", "{{probe}}")], 8, 32, w=8),
+    panel(11, "Agent: events read and pods tracked", "timeseries",
+          [("sum by (instance) (rate(connscope_events_total[$__rate_interval]))", "events/s {{instance}}"),
+           ("sum by (instance) (connscope_pods_tracked)", "pods {{instance}}")], 16, 32, w=8),
+]
+
+var = lambda name, q: {
+    "name": name, "label": name, "type": "query", "datasource": DS, "query": {"query": q, "refId": name},
+    "definition": q, "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
+    "current": {"selected": True, "text": "All", "value": "$__all"}}
+dash = {
+    "title": "connscope: Istio sidecar startup race",
+    "uid": "connscope",
+    "schemaVersion": 39,
+    "version": 1,
+    "tags": ["connscope", "istio"],
+    "time": {"from": "now-6h", "to": "now"},
+    "refresh": "1m",
+    "templating": {"list": [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+         "current": {}, "hide": 0},
+        var("namespace", "label_values(connscope_pods_started_total, namespace)"),
+        var("workload", 'label_values(connscope_pods_started_total{namespace=~"$namespace"}, workload)'),
+    ]},
+    "panels": panels,
+}
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "connscope.json"), "w") as f:
+    json.dump(dash, f, indent=2)
+    f.write("\n")

@@ -1,0 +1,3 @@
+{{- define "connscope.labels" -}}
+app.kubernetes.io/name: connscope
+{{- end -}}
