@@ -66,7 +66,7 @@ pub struct Attributor {
     cgroups: Resolver,
     runtime: Reader,
     proc_root: std::path::PathBuf,
-    cache: HashMap<u64, Arc<Attribution>>,
+    cache: rustc_hash::FxHashMap<u64, Arc<Attribution>>,
     /// Pod cgroup directory (relative) by pod uid, to list its containers.
     pod_dirs: HashMap<String, String>,
     /// When each pod's containers were last listed.
@@ -93,7 +93,7 @@ impl Attributor {
             cgroups,
             runtime,
             proc_root,
-            cache: HashMap::new(),
+            cache: Default::default(),
             pod_dirs: HashMap::new(),
             scanned: HashMap::new(),
             errors: HashMap::new(),

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use connscope_ebpf::{CgroupEvent, Event, flags, kind};
+use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, flags, kind};
 use serde::Serialize;
 
 /// What the kernel saw.
@@ -36,7 +36,7 @@ pub struct KernelEvent {
     pub tid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: Option<u64>,
     pub netns: Option<u32>,
     /// "inet", "inet6", "unix" or the number.
@@ -52,6 +52,58 @@ pub struct KernelEvent {
     pub rst: bool,
     /// False when the connecting task is unknown (pid/comm/uid are zero).
     pub context_known: bool,
+}
+
+/// A task's command name, kept inline (no allocation per event). Bytes that
+/// are not UTF-8 are replaced when shown.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Comm {
+    bytes: [u8; COMM_LEN],
+    len: u8,
+}
+
+impl Comm {
+    /// From the kernel's NUL-padded bytes.
+    pub fn new(raw: &[u8; COMM_LEN]) -> Self {
+        let len = raw.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        Comm {
+            bytes: *raw,
+            len: len as u8,
+        }
+    }
+
+    /// From a string (tests, configuration); truncated like the kernel does.
+    pub fn from_name(s: &str) -> Self {
+        let mut bytes = [0u8; COMM_LEN];
+        let n = s.len().min(COMM_LEN - 1);
+        bytes[..n].copy_from_slice(&s.as_bytes()[..n]);
+        Comm {
+            bytes,
+            len: n as u8,
+        }
+    }
+
+    /// The name; lossy for bytes that are not UTF-8.
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.bytes[..self.len as usize])
+    }
+
+    /// Whether it equals `name`.
+    pub fn is(&self, name: &str) -> bool {
+        &self.bytes[..self.len as usize] == name.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, o: &&str) -> bool {
+        self.is(o)
+    }
 }
 
 /// Address family of a socket event.
@@ -272,7 +324,7 @@ pub fn decode(ev: &Event, clock: &Clock) -> Result<KernelEvent, DecodeError> {
         tid: ev.tid,
         uid: ev.uid,
         gid: ev.gid,
-        comm: cstr(&ev.comm),
+        comm: Comm::new(&ev.comm),
         cgroup_id: (ev.cgroup_id != 0).then_some(ev.cgroup_id),
         netns: (ev.flags & flags::NETNS_KNOWN != 0).then_some(ev.netns),
         family,
@@ -311,7 +363,7 @@ pub fn errno_name(errno: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use connscope_ebpf::{COMM_LEN, PATH_LEN};
+    use connscope_ebpf::PATH_LEN;
 
     fn raw(kind: u8) -> Event {
         Event {
@@ -419,7 +471,7 @@ mod tests {
         let mut r = raw(kind::EXIT);
         r.comm = [0xff; COMM_LEN];
         let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
-        assert_eq!(k.comm.chars().count(), COMM_LEN);
+        assert_eq!(k.comm.as_str().chars().count(), COMM_LEN);
     }
 
     #[test]

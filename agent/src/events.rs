@@ -87,7 +87,7 @@ pub struct Record<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub comm: Option<&'a str>,
+    pub comm: Option<std::borrow::Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,7 +146,7 @@ impl<'a> Record<'a> {
             pid: known.then_some(e.pid),
             tid: known.then_some(e.tid),
             uid: known.then_some(e.uid),
-            comm: known.then_some(e.comm.as_str()),
+            comm: known.then(|| e.comm.as_str()),
             cgroup_id: e.cgroup_id,
             netns: e.netns,
             family: socket.then(|| e.family.name()),
@@ -199,6 +199,11 @@ impl Sink {
         Ok(())
     }
 
+    /// Whether lines go anywhere.
+    pub fn is_active(&self) -> bool {
+        self.out.is_some()
+    }
+
     /// Writes an already serialised line.
     pub fn write_line(&mut self, line: &str) -> io::Result<()> {
         if let Some(out) = self.out.as_mut() {
@@ -233,7 +238,7 @@ mod tests {
             tid: 8,
             uid: 0,
             gid: 0,
-            comm: "app".into(),
+            comm: crate::decode::Comm::from_name("app"),
             cgroup_id: Some(9),
             netns: None,
             family: Family::Inet,

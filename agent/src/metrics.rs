@@ -15,12 +15,19 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Arc;
+
 use crate::{attribute::Attribution, race::Phase};
 
 /// Buckets for start-up latencies and race windows: 10 ms .. 120 s.
 pub const BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
+
+/// (attribution pointer, errno, phase) of a cached failure counter.
+type FailureKey = (usize, i32, Phase);
+/// The attribution kept alive, its counter, and when it was last used.
+type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -34,6 +41,8 @@ pub struct Metrics {
     pub shutdown_race_pods: IntCounterVec,
     pub events_lost: IntCounter,
     pub events: IntCounterVec,
+    /// `connscope_events_total` children by type, resolved once.
+    event_kinds: Vec<(&'static str, IntCounter)>,
     pub metadata_errors: IntCounterVec,
     pub pods_tracked: IntGauge,
     pub probe_attached: IntGaugeVec,
@@ -42,6 +51,10 @@ pub struct Metrics {
     pub held_failures: IntCounter,
     /// When each workload-level series was last touched, for expiry.
     touched: HashMap<(&'static str, Vec<String>), Instant>,
+    /// Failure counters by (attribution, errno, phase): the per-event path
+    /// hashes a pointer instead of five label strings. The Arc is kept so
+    /// the pointer cannot be reused while cached.
+    failure_cache: rustc_hash::FxHashMap<FailureKey, CachedCounter>,
     pub series_ttl: Duration,
 }
 
@@ -143,7 +156,9 @@ impl Metrics {
             )?,
             registry: r,
             pod_labels,
+            event_kinds: Vec::new(),
             touched: HashMap::new(),
+            failure_cache: Default::default(),
             series_ttl: Duration::from_secs(3600),
         };
         for c in [
@@ -166,6 +181,17 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
+        let mut m = m;
+        m.event_kinds = [
+            "connect_failure",
+            "listener",
+            "process",
+            "cgroup",
+            "unknown",
+        ]
+        .into_iter()
+        .map(|k| (k, m.events.with_label_values(&[k])))
+        .collect();
         Ok(m)
     }
 
@@ -183,10 +209,31 @@ impl Metrics {
     }
 
     /// A connect failure with its phase.
-    pub fn failure(&mut self, who: &Attribution, errno: &str, phase: Phase) {
+    pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase) {
+        let key = (Arc::as_ptr(who) as usize, errno, phase);
+        if let Some((_, c, t)) = self.failure_cache.get_mut(&key) {
+            c.inc();
+            *t = Instant::now();
+            return;
+        }
         let c = who.container.clone().unwrap_or_default();
-        let l = self.labels("failures", who, &[&c, errno, phase.as_str()]);
-        self.connect_failures.with_label_values(&strs(&l)).inc();
+        let name = crate::decode::errno_name(errno);
+        let l = self.labels("failures", who, &[&c, &name, phase.as_str()]);
+        let counter = self.connect_failures.with_label_values(&strs(&l));
+        counter.inc();
+        if self.failure_cache.len() >= 100_000 {
+            self.failure_cache.clear();
+        }
+        self.failure_cache
+            .insert(key, (who.clone(), counter, Instant::now()));
+    }
+
+    /// The `connscope_events_total` counter of one event type.
+    pub fn events_by_type(&self, kind: &str) -> IntCounter {
+        match self.event_kinds.iter().find(|(k, _)| *k == kind) {
+            Some((_, c)) => c.clone(),
+            None => self.events.with_label_values(&[kind]),
+        }
     }
 
     /// A pod seen starting.
@@ -231,6 +278,24 @@ impl Metrics {
     /// Drops series of workloads not seen for `series_ttl`.
     pub fn expire(&mut self) {
         let ttl = self.series_ttl;
+        // Cached failure counters carry the freshest touch times.
+        let mut fresh = Vec::new();
+        self.failure_cache.retain(|_, (who, _, t)| {
+            let keep = t.elapsed() < ttl;
+            if keep {
+                fresh.push((who.clone(), *t));
+            }
+            keep
+        });
+        for (who, t) in fresh {
+            let ns = who.namespace.clone().unwrap_or_default();
+            let wl = who.workload.clone().unwrap_or_default();
+            for ((m, l), seen) in self.touched.iter_mut() {
+                if *m == "failures" && l[0] == ns && l[1] == wl && *seen < t {
+                    *seen = t;
+                }
+            }
+        }
         let mut gone = Vec::new();
         self.touched.retain(|k, t| {
             let keep = t.elapsed() < ttl;
@@ -293,7 +358,7 @@ mod tests {
     #[test]
     fn renders_the_contract() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&who(), "ECONNREFUSED", Phase::StartupRace);
+        m.failure(&Arc::new(who()), 111, Phase::StartupRace);
         m.startup_race(&who(), Some(1.5));
         m.pod_started(&who(), true);
         m.sidecar_ready(&who(), 2.0);
@@ -321,7 +386,7 @@ mod tests {
     #[test]
     fn stale_series_expire() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&who(), "ECONNREFUSED", Phase::NoSidecar);
+        m.failure(&Arc::new(who()), 111, Phase::NoSidecar);
         m.pod_started(&who(), false);
         assert_eq!(m.series(), 2);
         m.series_ttl = Duration::ZERO;

@@ -71,8 +71,9 @@ impl Pipeline {
 
     /// Decodes, attributes and queues one ring-buffer record.
     pub fn record(&mut self, bytes: &[u8], clock: &Clock) {
-        self.count_record(bytes);
-        match decode::parse_record(bytes) {
+        let raw = decode::parse_record(bytes);
+        self.count_record(raw.as_ref().map_err(|_| ()));
+        match raw {
             Ok(Raw::Event(raw)) => match decode::decode(&raw, clock) {
                 Ok(ev) => self.event(ev),
                 Err(e) => self.bad_record(e),
@@ -85,8 +86,8 @@ impl Pipeline {
         }
     }
 
-    fn count_record(&self, bytes: &[u8]) {
-        let kind = match decode::parse_record(bytes) {
+    fn count_record(&self, raw: Result<&Raw, ()>) {
+        let kind = match raw {
             Ok(Raw::Event(e)) => match e.kind {
                 connscope_ebpf::kind::CONNECT_FAILURE => "connect_failure",
                 connscope_ebpf::kind::LISTEN | connscope_ebpf::kind::LISTEN_CLOSE => "listener",
@@ -94,10 +95,10 @@ impl Pipeline {
                 _ => "unknown",
             },
             Ok(Raw::Cgroup(_)) => "cgroup",
-            Err(_) => "unknown",
+            Err(()) => "unknown",
         };
         if let Ok(m) = self.shared.metrics.lock() {
-            m.events.with_label_values(&[kind]).inc();
+            m.events_by_type(kind).inc();
         }
     }
 
@@ -177,9 +178,12 @@ impl Pipeline {
             let r = match &o {
                 Output::Event { ev, who, phase } => {
                     if let (Some(p), Ok(mut m)) = (phase, self.shared.metrics.lock()) {
-                        m.failure(who, &decode::errno_name(ev.errno), *p);
+                        m.failure(who, ev.errno, *p);
                     }
                     if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.process_events {
+                        continue;
+                    }
+                    if !self.wants_json() {
                         continue;
                     }
                     let rec = Record::from_kernel(ev, who, *phase);
@@ -236,6 +240,12 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Whether anybody reads JSON (a stream or the /events buffer); if not,
+    /// events are only counted.
+    fn wants_json(&self) -> bool {
+        self.sink.is_active() || self.shared.keeps_recent()
+    }
+
     /// Serialises once; writes to the stream and publishes to `/events`.
     fn emit<T: Serialize>(
         &mut self,
@@ -244,6 +254,9 @@ impl Pipeline {
         phase: Option<&'static str>,
         body: &T,
     ) -> std::io::Result<()> {
+        if !self.wants_json() {
+            return Ok(());
+        }
         let json = serde_json::to_string(body)?;
         self.sink.write_line(&json)?;
         self.shared.publish(EventLine {

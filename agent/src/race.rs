@@ -9,8 +9,8 @@
 //! yet known is held (bounded in count and time), then classified.
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
+    net::SocketAddr,
     sync::Arc,
 };
 
@@ -242,7 +242,7 @@ struct Refusals {
     count: u64,
     first_ns: u64,
     last_ns: u64,
-    dests: BTreeSet<String>,
+    dests: BTreeSet<SocketAddr>,
     containers: BTreeSet<String>,
 }
 
@@ -256,10 +256,11 @@ impl Refusals {
         if self.dests.len() < 64
             && let Some(d) = ev.dst
         {
-            self.dests.insert(d.to_string());
+            self.dests.insert(d);
         }
         if let Some(c) = container
             && self.containers.len() < 16
+            && !self.containers.contains(c)
         {
             self.containers.insert(c.to_string());
         }
@@ -305,24 +306,6 @@ struct Pending {
     ev: KernelEvent,
     who: Arc<Attribution>,
     hints: Option<Hints>,
-    seq: u64,
-}
-
-impl PartialEq for Pending {
-    fn eq(&self, o: &Self) -> bool {
-        (self.ev.mono_ns, self.seq) == (o.ev.mono_ns, o.seq)
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.ev.mono_ns, self.seq).cmp(&(o.ev.mono_ns, o.seq))
-    }
 }
 
 /// Counters of what the tracker had to do, for self-metrics.
@@ -337,9 +320,11 @@ pub struct Stats {
 /// Per-pod timelines and classification.
 pub struct Tracker {
     cfg: Config,
-    pods: HashMap<String, PodState>,
-    queue: BinaryHeap<Reverse<Pending>>,
-    seq: u64,
+    pods: rustc_hash::FxHashMap<String, PodState>,
+    /// Sorted by (kernel time, arrival): events nearly always arrive in
+    /// order, so insertion is a push at the back.
+    queue: VecDeque<Pending>,
+    last_timers_ns: u64,
     held_total: usize,
     pub stats: Stats,
 }
@@ -348,9 +333,9 @@ impl Tracker {
     pub fn new(cfg: Config) -> Self {
         Tracker {
             cfg,
-            pods: HashMap::new(),
-            queue: BinaryHeap::new(),
-            seq: 0,
+            pods: Default::default(),
+            queue: VecDeque::new(),
+            last_timers_ns: 0,
             held_total: 0,
             stats: Stats::default(),
         }
@@ -369,27 +354,27 @@ impl Tracker {
 
     /// Queues an event; it is applied once older than the re-order window.
     pub fn push(&mut self, ev: KernelEvent, who: Arc<Attribution>, hints: Option<Hints>) {
-        self.seq += 1;
-        self.queue.push(Reverse(Pending {
-            ev,
-            who,
-            hints,
-            seq: self.seq,
-        }));
+        let p = Pending { ev, who, hints };
+        let at = self
+            .queue
+            .iter()
+            .rposition(|q| q.ev.mono_ns <= p.ev.mono_ns)
+            .map_or(0, |i| i + 1);
+        self.queue.insert(at, p);
     }
 
     /// Applies queued events older than `now_ns - reorder`, then timers.
     pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Output>) {
         let horizon = now_ns.saturating_sub(self.cfg.reorder_ns);
-        while self
-            .queue
-            .peek()
-            .is_some_and(|Reverse(p)| p.ev.mono_ns <= horizon)
-        {
-            let Reverse(p) = self.queue.pop().expect("peeked");
+        while self.queue.front().is_some_and(|p| p.ev.mono_ns <= horizon) {
+            let p = self.queue.pop_front().expect("checked");
             self.apply(p.ev, p.who, p.hints, out);
         }
-        self.timers(now_ns, out);
+        // Timers walk every pod: at most every 50 ms.
+        if now_ns.saturating_sub(self.last_timers_ns) >= 50_000_000 {
+            self.last_timers_ns = now_ns;
+            self.timers(now_ns, out);
+        }
     }
 
     /// Applies everything queued and finalises every pod (shutdown).
@@ -471,7 +456,7 @@ impl Tracker {
                 p.first_process_ns =
                     Some(p.first_process_ns.map_or(ev.mono_ns, |f| f.min(ev.mono_ns)));
                 p.live.insert(ev.pid);
-                let sidecar_comm = cfg.sidecar_comms.contains(&ev.comm);
+                let sidecar_comm = cfg.sidecar_comms.iter().any(|c| ev.comm.is(c));
                 if sidecar_comm || who.container.as_deref() == Some(PROXY_CONTAINER) {
                     p.sidecar_start_ns =
                         Some(p.sidecar_start_ns.map_or(ev.mono_ns, |s| s.min(ev.mono_ns)));
@@ -726,7 +711,7 @@ fn race_summary(p: &PodState) -> RaceSummary {
             (Some(s), Some(r)) if s <= r => Some(secs(r - s)),
             _ => None,
         },
-        destinations: p.startup.dests.iter().cloned().collect(),
+        destinations: p.startup.dests.iter().map(|d| d.to_string()).collect(),
         containers: p.startup.containers.iter().cloned().collect(),
         mitigation: p.mitigation.clone(),
         recommendation,
@@ -740,7 +725,7 @@ fn shutdown_summary(p: &PodState) -> ShutdownSummary {
         capture_closed_mono_ns: p.closed_ns.unwrap_or(0),
         first_refusal_mono_ns: p.shutdown.first_ns,
         last_refusal_mono_ns: p.shutdown.last_ns,
-        destinations: p.shutdown.dests.iter().cloned().collect(),
+        destinations: p.shutdown.dests.iter().map(|d| d.to_string()).collect(),
         recommendation: "the sidecar stopped listening before the app finished: set EXIT_ON_ZERO_ACTIVE_CONNECTIONS / terminationDrainDuration, use native sidecars (they stop after the app), or have the app stop dialing on SIGTERM".to_string(),
     }
 }
@@ -773,7 +758,7 @@ mod tests {
             tid: 10,
             uid,
             gid: uid,
-            comm: "app".into(),
+            comm: crate::decode::Comm::from_name("app"),
             cgroup_id: Some(1),
             netns: Some(1),
             family: Family::Inet,

@@ -88,7 +88,9 @@ impl Shared {
     /// Publishes an event to `/events` readers.
     pub fn publish(&self, line: EventLine) {
         let line = Arc::new(line);
-        if let Ok(mut r) = self.recent.lock() {
+        if let Ok(mut r) = self.recent.lock()
+            && self.limits.recent > 0
+        {
             if r.len() >= self.limits.recent {
                 r.pop_front();
             }
@@ -97,6 +99,11 @@ impl Shared {
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(line);
         }
+    }
+
+    /// Whether `/events` keeps recent events (else they need no JSON).
+    pub fn keeps_recent(&self) -> bool {
+        self.limits.recent > 0
     }
 
     /// Records that the main loop is alive.

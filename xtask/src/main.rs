@@ -11,6 +11,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+mod bench;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -31,6 +33,12 @@ enum Cmd {
     },
     /// Build and run `connscope demo` (needs root).
     Demo,
+    /// Benchmarks (needs root); results into BENCHMARKS.md.
+    Bench {
+        /// A short run of each benchmark, results not written.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 /// Debian packages the tests and demo use.
@@ -56,6 +64,20 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup()?;
             test(&args)
+        }
+        Cmd::Bench { smoke } => {
+            setup()?;
+            let mut b = cargo();
+            b.args(["build", "--package", "connscope"]);
+            if !smoke {
+                b.arg("--release");
+            }
+            run(&mut b)?;
+            bench::run(&workspace(), smoke)?;
+            if !smoke {
+                run(cargo().args(["bench", "--package", "connscope", "--bench", "pipeline"]))?;
+            }
+            Ok(())
         }
         Cmd::Demo => {
             setup()?;
@@ -212,5 +234,8 @@ fn test(extra: &[String]) -> Result<()> {
         );
     run(&mut nightly)?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
+    // Smoke runs of every benchmark: short, numbers not recorded.
+    run(cargo().args(["test", "--package", "connscope", "--bench", "pipeline"]))?;
+    bench::run(&workspace(), true)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod net;
 pub mod pod;
 pub mod scenario;
 pub mod sidecar;
+pub mod storm;
 
 use std::{
     io::Write as _,
@@ -24,6 +25,8 @@ pub enum Command {
     Sidecar(sidecar::Args),
     /// Stand-in application: one connect(), result as a JSON line.
     Dial(dial::Args),
+    /// Connect storm for benchmarks; prints a JSON report.
+    Storm(storm::Args),
     /// Upstream test host: answers every connection with a banner line.
     Serve {
         /// Address to listen on; repeatable.
@@ -47,6 +50,7 @@ pub fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Sidecar(a) => sidecar::run(a),
         Command::Dial(a) => dial::run(a),
+        Command::Storm(a) => storm::run(a),
         Command::Serve { addrs } => serve(&addrs),
         Command::Enter {
             netns,

@@ -1,0 +1,131 @@
+//! Userspace pipeline throughput on one core: ring-buffer records decoded,
+//! attributed (1000 simulated pods with runtime metadata), classified by the
+//! race tracker and counted in the metrics. `cargo bench --bench pipeline`.
+
+use std::os::unix::fs::MetadataExt as _;
+
+use connscope::{
+    attribute::Attributor,
+    cgroup::Resolver,
+    decode::Clock,
+    events::{Sink, Target},
+    metrics::Metrics,
+    pipeline::Pipeline,
+    pods::Qos,
+    race::{Config, Tracker},
+    runtime::{Reader, Roots},
+    server::{Limits, Shared},
+    testbed::pod::{Flavor, Pod},
+};
+use connscope_ebpf::{Event, PATH_LEN, flags, kind};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const PODS: usize = 1000;
+const BATCH: usize = 10_000;
+
+fn record(cgroup_id: u64, ts: u64, pid: u32) -> Vec<u8> {
+    let ev = Event {
+        ts_ns: ts,
+        start_ns: ts - 1000,
+        cgroup_id,
+        tgid: pid,
+        tid: pid,
+        uid: 0,
+        gid: 0,
+        netns: 4026532000,
+        errno: 111,
+        kind: kind::CONNECT_FAILURE,
+        flags: flags::RST | flags::NETNS_KNOWN | flags::CONTEXT_KNOWN | flags::NONBLOCKING,
+        family: libc::AF_INET as u16,
+        sport: 40000,
+        dport: 8080,
+        saddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        path: [0; PATH_LEN],
+        reserved: [0; 4],
+    };
+    // SAFETY: the bytes of a repr(C) value without implicit padding.
+    unsafe {
+        std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>()).to_vec()
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("connscope-bench-pipeline-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cg = dir.join("cgroup");
+    std::fs::create_dir_all(&cg).unwrap();
+    let roots = Roots {
+        containerd: dir.join("ctd"),
+        crio: dir.join("crio"),
+    };
+    let pods: Vec<Pod> = (0..PODS)
+        .map(|i| {
+            Pod::create(
+                &cg,
+                &roots,
+                Flavor::Containerd,
+                Qos::Burstable,
+                "shop",
+                &format!("svc{i}-7d9f8c6b5-x2k4p"),
+                &["app", "istio-proxy"],
+            )
+            .unwrap()
+        })
+        .collect();
+    let ids: Vec<u64> = pods
+        .iter()
+        .map(|p| {
+            std::fs::metadata(&p.container("app").unwrap().cgroup)
+                .unwrap()
+                .ino()
+        })
+        .collect();
+    let clock = Clock::with_offset_ns(0);
+    let mut ts = 1_000_000_000u64;
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    // Counting only (`--events none`, no /events buffer): what a busy node
+    // pays per event; then with every event serialised to JSON as well.
+    for (name, recent) in [
+        ("decode+attribute+classify+count", 0),
+        ("same+json_events", 10_000),
+    ] {
+        let who = Attributor::new(
+            Some("node".into()),
+            Resolver::new(Some(cg.clone())),
+            Reader::new(roots.clone()),
+            "/proc".into(),
+        );
+        let shared = Shared::new(
+            Metrics::new(false).unwrap(),
+            Limits {
+                recent,
+                ..Limits::default()
+            },
+        );
+        let mut p = Pipeline::new(
+            who,
+            Tracker::new(Config::default()),
+            Sink::open(&Target::None).unwrap(),
+            shared,
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for i in 0..BATCH {
+                    ts += 1000;
+                    let r = record(ids[i % PODS], ts, 1000 + (i % PODS) as u32);
+                    p.record(&r, &clock);
+                }
+                p.advance(ts + 100_000_000).unwrap();
+            })
+        });
+    }
+    group.finish();
+    drop(pods);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,158 @@
+//! Connect storms for benchmarks: many threads doing blocking connect +
+//! close against a loopback (or test-host) address, successful or refused,
+//! optionally rate-limited and spread over many cgroups.
+
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+/// Options of `connscope testbed storm`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Where to connect. Omitted: a listener of our own on 127.0.0.1 (for
+    /// successful connects) or a just-released port (for refused ones).
+    #[arg(long)]
+    pub target: Option<SocketAddr>,
+    /// Connects are expected to be refused (no listener).
+    #[arg(long)]
+    pub refused: bool,
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Total connects per second across threads (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// File listing cgroup directories; the storm moves itself through them
+    /// (one process per cgroup at a time) to spread events over many pods.
+    #[arg(long)]
+    pub cgroups: Option<PathBuf>,
+    /// Connects between two cgroup moves.
+    #[arg(long, default_value_t = 10)]
+    pub per_cgroup: u64,
+}
+
+/// What a storm did.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub connects: u64,
+    pub ok: u64,
+    pub refused: u64,
+    pub other_errors: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+/// Runs the storm and prints a JSON [`Report`].
+pub fn run(args: Args) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = match (args.target, args.refused) {
+        (Some(t), _) => t,
+        (None, true) => {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?
+        }
+        (None, false) => {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+            // A deep backlog: a full accept queue drops SYNs and turns the
+            // benchmark into a measure of SYN retransmission timers.
+            sock.listen(4096)?;
+            let l: TcpListener = sock.into();
+            let addr = l.local_addr()?;
+            for _ in 0..args.threads.max(2) {
+                let l = l.try_clone()?;
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    for s in l.incoming() {
+                        drop(s);
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                });
+            }
+            addr
+        }
+    };
+    let cgroups: Vec<PathBuf> = match &args.cgroups {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let threads = if cgroups.is_empty() {
+        args.threads.max(1)
+    } else {
+        1
+    };
+    let per_thread_gap =
+        (args.rate > 0).then(|| Duration::from_secs_f64(threads as f64 / args.rate as f64));
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let counts = counts.clone();
+        let cgroups = cgroups.clone();
+        let per = args.per_cgroup.max(1);
+        handles.push(std::thread::spawn(move || {
+            let mut next = Instant::now();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                if !cgroups.is_empty() && n.is_multiple_of(per) {
+                    let cg = &cgroups[((n / per) as usize) % cgroups.len()];
+                    let _ = std::fs::write(cg.join("cgroup.procs"), "0");
+                }
+                n += 1;
+                let i = match TcpStream::connect(target) {
+                    Ok(s) => {
+                        // Close with RST: no TIME_WAIT, so ports never run out.
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        1
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => 2,
+                    Err(_) => 3,
+                };
+                counts[0].fetch_add(1, Ordering::Relaxed);
+                counts[i].fetch_add(1, Ordering::Relaxed);
+                if let Some(gap) = per_thread_gap {
+                    next += gap;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    let r = Report {
+        connects: counts[0].load(Ordering::Relaxed),
+        ok: counts[1].load(Ordering::Relaxed),
+        refused: counts[2].load(Ordering::Relaxed),
+        other_errors: counts[3].load(Ordering::Relaxed),
+        seconds: secs,
+        per_second: counts[0].load(Ordering::Relaxed) as f64 / secs,
+    };
+    println!("{}", serde_json::to_string(&r)?);
+    std::io::stdout().flush()?;
+    Ok(())
+}

@@ -1,0 +1,561 @@
+//! `cargo xtask bench [--smoke]`: the connect path with no tracer, with
+//! connscope, with an equivalent bpftrace script and with bcc, side by side
+//! in one run; ring-buffer bursts until loss; agent footprint. Needs root.
+//! Results go to stdout and (full runs) to BENCHMARKS.md.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+/// The bpftrace equivalent of connscope's connect-failure hooks: remember
+/// the connecting task at SYN_SENT, report SYN_SENT -> CLOSE and failed
+/// connect() returns.
+const BPFTRACE: &str = r#"
+tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->newstate == 2/ { @ctx[args->skaddr] = pid; }
+tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->oldstate == 2/ {
+  if (args->newstate == 7) { printf("fail %d %d\n", @ctx[args->skaddr], args->dport); }
+  delete(@ctx[args->skaddr]);
+}
+tracepoint:syscalls:sys_exit_connect /args->ret < 0 && args->ret != -115/ { printf("connect %d %s %d\n", pid, comm, args->ret); }
+"#;
+
+struct Opts {
+    rounds: usize,
+    seconds: f64,
+    threads: usize,
+}
+
+/// A tracer running in the background.
+struct Tracer {
+    name: &'static str,
+    child: Option<Child>,
+    http_port: Option<u16>,
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts a tracer and waits until it is attached. `Ok(None)`: the tracer
+/// cannot run here (the reason is returned for the report).
+fn start(
+    name: &'static str,
+    bin: &Path,
+    extra: &[&str],
+) -> Result<std::result::Result<Tracer, String>> {
+    let (mut cmd, ready): (Command, &str) = match name {
+        "none" => {
+            return Ok(Ok(Tracer {
+                name,
+                child: None,
+                http_port: None,
+            }));
+        }
+        "connscope" => {
+            let port = free_port()?;
+            let mut c = Command::new(bin);
+            c.args(["run", "--events", "none", "--kubernetes", "off"])
+                .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+                .args(extra);
+            let mut child = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            wait_line(
+                child.stderr.take().context("stderr")?,
+                "probes attached",
+                Duration::from_secs(60),
+            )?;
+            return Ok(Ok(Tracer {
+                name,
+                child: Some(child),
+                http_port: Some(port),
+            }));
+        }
+        "bpftrace" => {
+            let mut c = Command::new("bpftrace");
+            c.args(["-e", BPFTRACE]);
+            (c, "Attaching")
+        }
+        "bcc" => {
+            let mut c = Command::new("tcpconnect-bpfcc");
+            c.arg("-t");
+            (c, "TIME")
+        }
+        _ => bail!("unknown tracer {name}"),
+    };
+    let mut child = match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(format!("not installed ({e})"))),
+    };
+    // Both tools print their banner on stdout or stderr; read both.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for r in [
+        Box::new(child.stdout.take().context("stdout")?) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().context("stderr")?),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            while let Ok(l) = rx.try_recv() {
+                seen.push(l);
+            }
+            let why = seen
+                .iter()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .cloned()
+                .unwrap_or_default();
+            return Ok(Err(format!("exited ({st}): {why}")));
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.contains(ready) => break,
+            Ok(l) => seen.push(l),
+            Err(_) if Instant::now() > deadline => bail!("{name} did not attach within 60 s"),
+            Err(_) => {}
+        }
+    }
+    // Keep draining output so the tracer never blocks on a full pipe.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    Ok(Ok(Tracer {
+        name,
+        child: Some(child),
+        http_port: None,
+    }))
+}
+
+fn wait_line(
+    r: impl std::io::Read + Send + 'static,
+    needle: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.contains(needle) => {
+                std::thread::spawn(move || while rx.recv().is_ok() {});
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("exited before {needle:?}")
+            }
+            Err(_) if Instant::now() > deadline => bail!("no {needle:?} within {timeout:?}"),
+            Err(_) => {}
+        }
+    }
+}
+
+fn storm(bin: &Path, args: &[String]) -> Result<Value> {
+    let out = Command::new(bin)
+        .args(["testbed", "storm"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("storm failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn metric(port: u16, name: &str) -> Result<f64> {
+    use std::io::Read as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn proc_stat(pid: u32) -> Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok((rss_kb, ticks / hz))
+}
+
+/// Runs the benchmarks.
+pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            bail!("benchmarks need root (BPF); CI runs as root");
+        }
+        eprintln!("SKIPPED bench: needs root (BPF)");
+        return Ok(());
+    }
+    let o = if smoke {
+        Opts {
+            rounds: 1,
+            seconds: 0.5,
+            threads: 2,
+        }
+    } else {
+        Opts {
+            rounds: 3,
+            seconds: 3.0,
+            threads: 4,
+        }
+    };
+    let profile = if smoke { "debug" } else { "release" };
+    let bin = workspace.join("target").join(profile).join("connscope");
+    let mut report = String::new();
+    let cmd = if smoke {
+        "cargo xtask bench --smoke"
+    } else {
+        "cargo xtask bench"
+    };
+    report.push_str(&format!("Command: `{cmd}` ({} connscope binary), {} rounds of {} s per cell, {} client threads, tracers alternated within each round.\n\n", profile, o.rounds, o.seconds, o.threads));
+
+    // 1. Connect path, side by side.
+    let tracers = ["none", "connscope", "bpftrace", "bcc"];
+    let modes = [("successful", false), ("refused", true)];
+    let mut rates: std::collections::HashMap<(&str, &str), Vec<f64>> = Default::default();
+    let mut unavailable: std::collections::HashMap<&str, String> = Default::default();
+    for round in 0..o.rounds {
+        let mut order = tracers.to_vec();
+        order.rotate_left(round % tracers.len());
+        for t in order {
+            if unavailable.contains_key(t) {
+                continue;
+            }
+            let tracer = match start(t, &bin, &[])? {
+                Ok(tr) => tr,
+                Err(why) => {
+                    unavailable.insert(t, why);
+                    continue;
+                }
+            };
+            for (mode, refused) in modes {
+                let mut a = vec![
+                    "--threads".to_string(),
+                    o.threads.to_string(),
+                    "--seconds".into(),
+                    o.seconds.to_string(),
+                ];
+                if refused {
+                    a.push("--refused".into());
+                }
+                let r = storm(&bin, &a)?;
+                rates
+                    .entry((tracer.name, mode))
+                    .or_default()
+                    .push(r["per_second"].as_f64().unwrap_or(0.0));
+            }
+        }
+    }
+    report.push_str("## Connect path (connects/s, median of rounds; ratio to no tracer)\n\n| tracer | successful | ratio | refused | ratio |\n|---|---|---|---|---|\n");
+    let base: Vec<f64> = modes
+        .iter()
+        .map(|(m, _)| {
+            median(
+                rates
+                    .get_mut(&("none", *m))
+                    .map(|v| v.as_mut_slice())
+                    .unwrap_or(&mut []),
+            )
+        })
+        .collect();
+    let mut ratios = std::collections::HashMap::new();
+    for t in tracers {
+        if let Some(why) = unavailable.get(t) {
+            report.push_str(&format!("| {t} | unavailable: {why} | | | |\n"));
+            continue;
+        }
+        let mut row = format!("| {t} |");
+        for (i, (m, _)) in modes.iter().enumerate() {
+            let v = median(
+                rates
+                    .get_mut(&(t, *m))
+                    .map(|v| v.as_mut_slice())
+                    .unwrap_or(&mut []),
+            );
+            ratios.insert((t, *m), v / base[i]);
+            row.push_str(&format!(" {v:.0} | {:.3} |", v / base[i]));
+        }
+        report.push_str(&row);
+        report.push('\n');
+    }
+
+    // 2. Bursts: the highest refused rate with zero loss (default ring), and
+    // a tiny ring to prove every loss is counted.
+    report.push_str("\n## Ring buffer bursts (refused connects, default 4 MiB ring)\n\n| offered rate/s | achieved/s | failures reported | lost (counted) |\n|---|---|---|---|\n");
+    let burst_secs: f64 = if smoke { 0.5 } else { 10.0 };
+    let rates_to_try: &[u64] = if smoke {
+        &[5_000]
+    } else {
+        &[25_000, 50_000, 75_000, 0]
+    };
+    let mut sustainable = 0.0;
+    {
+        let agent = start("connscope", &bin, &[])?.map_err(anyhow::Error::msg)?;
+        let port = agent.http_port.context("port")?;
+        for &rate in rates_to_try {
+            let f0 = metric(port, "connscope_connect_failures_total")?;
+            let l0 = metric(port, "connscope_events_lost_total")?;
+            let r = storm(
+                &bin,
+                &[
+                    "--refused".into(),
+                    "--threads".into(),
+                    o.threads.to_string(),
+                    "--seconds".into(),
+                    burst_secs.to_string(),
+                    "--rate".into(),
+                    rate.to_string(),
+                ],
+            )?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let f = metric(port, "connscope_connect_failures_total")? - f0;
+            let l = metric(port, "connscope_events_lost_total")? - l0;
+            let refused = r["refused"].as_f64().unwrap_or(0.0);
+            let achieved = r["per_second"].as_f64().unwrap_or(0.0);
+            if l == 0.0 && f >= refused {
+                sustainable = f64::max(sustainable, achieved);
+            }
+            let offered = if rate == 0 {
+                "max".to_string()
+            } else {
+                rate.to_string()
+            };
+            report.push_str(&format!(
+                "| {offered} | {achieved:.0} | {f:.0} of {refused:.0} | {l:.0} |\n"
+            ));
+        }
+    }
+    report.push_str(&format!(
+        "\nSustained with zero loss: {sustainable:.0} refused connects/s for {burst_secs} s.\n"
+    ));
+    let (tiny_f, tiny_l, tiny_refused) = {
+        let agent = start("connscope", &bin, &["--ring-buffer-bytes", "4096"])?
+            .map_err(anyhow::Error::msg)?;
+        let port = agent.http_port.context("port")?;
+        let r = storm(
+            &bin,
+            &[
+                "--refused".into(),
+                "--threads".into(),
+                o.threads.to_string(),
+                "--seconds".into(),
+                burst_secs.min(2.0).to_string(),
+            ],
+        )?;
+        std::thread::sleep(Duration::from_millis(1500));
+        (
+            metric(port, "connscope_connect_failures_total")?,
+            metric(port, "connscope_events_lost_total")?,
+            r["refused"].as_f64().unwrap_or(0.0),
+        )
+    };
+    let accounted = tiny_f + tiny_l >= tiny_refused;
+    report.push_str(&format!(
+        "With a 4 KiB ring: {tiny_refused:.0} refused connects, {tiny_f:.0} reported, {tiny_l:.0} counted lost: {}.\n",
+        if accounted { "every refused connect is either reported or counted" } else { "UNACCOUNTED LOSS" }
+    ));
+
+    // 3. Footprint: idle, then 10k failures/s spread over many pods.
+    let pods = if smoke { 20 } else { 1000 };
+    let (idle_rss, idle_cpu, load_rss, load_cpu, tracked) =
+        footprint(&bin, workspace, pods, if smoke { 0.5 } else { 10.0 })?;
+    report.push_str(&format!(
+        "\n## Footprint\n\n| state | RSS | CPU |\n|---|---|---|\n| idle | {:.1} MiB | {:.1} % |\n| 10k failures/s over {pods} pods ({tracked:.0} tracked) | {:.1} MiB | {:.1} % |\n",
+        idle_rss, idle_cpu, load_rss, load_cpu
+    ));
+    println!("{report}");
+    if !smoke {
+        let mut md = std::fs::read_to_string(workspace.join("BENCHMARKS.md")).unwrap_or_default();
+        let marker = "<!-- bench results -->";
+        if let Some(i) = md.find(marker) {
+            md.truncate(i + marker.len());
+        } else {
+            md.push_str(marker);
+        }
+        md.push('\n');
+        md.push_str(&report);
+        std::fs::write(workspace.join("BENCHMARKS.md"), md)?;
+    }
+    if !accounted {
+        bail!("events were lost without being counted");
+    }
+    if !smoke && !unavailable.contains_key("connscope") && ratios.is_empty() {
+        bail!("no measurements");
+    }
+    Ok(())
+}
+
+/// Agent RSS (MiB) and CPU (% of one core), idle and under load from `pods`
+/// simulated pod cgroups.
+fn footprint(
+    bin: &Path,
+    workspace: &Path,
+    pods: usize,
+    secs: f64,
+) -> Result<(f64, f64, f64, f64, f64)> {
+    let root = cgroup2_root()?;
+    let base = root.join(format!("connscope-bench-{}", std::process::id()));
+    let _cleanup = Cleanup(base.clone());
+    std::fs::create_dir_all(base.join("kubepods.slice/kubepods-burstable.slice"))?;
+    let mut dirs = Vec::new();
+    for i in 0..pods {
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", i, i);
+        let d = base
+            .join("kubepods.slice/kubepods-burstable.slice")
+            .join(format!(
+                "kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ))
+            .join(format!("cri-containerd-{:064x}.scope", i + 1));
+        std::fs::create_dir_all(&d)?;
+        dirs.push(d.display().to_string());
+    }
+    let list = workspace.join("target").join("bench-cgroups.txt");
+    std::fs::write(&list, dirs.join("\n"))?;
+    let agent = start(
+        "connscope",
+        bin,
+        &["--cgroup-root", base.to_str().context("path")?],
+    )?
+    .map_err(anyhow::Error::msg)?;
+    let pid = agent.child.as_ref().context("agent")?.id();
+    let port = agent.http_port.context("port")?;
+    let (_, c0) = proc_stat(pid)?;
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (idle_rss, c1) = proc_stat(pid)?;
+    let idle_cpu = (c1 - c0) / secs * 100.0;
+    let r = storm(
+        bin,
+        &[
+            "--refused".into(),
+            "--rate".into(),
+            "10000".into(),
+            "--seconds".into(),
+            secs.to_string(),
+            "--cgroups".into(),
+            list.display().to_string(),
+            "--per-cgroup".into(),
+            "5".into(),
+        ],
+    )?;
+    let (load_rss, c2) = proc_stat(pid)?;
+    let load_cpu = (c2 - c1) / r["seconds"].as_f64().unwrap_or(secs) * 100.0;
+    let tracked = metric(port, "connscope_pods_tracked")?;
+    drop(agent);
+    Ok((
+        idle_rss as f64 / 1024.0,
+        idle_cpu,
+        load_rss as f64 / 1024.0,
+        load_cpu,
+        tracked,
+    ))
+}
+
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Deepest first; every directory is empty once its processes left.
+        let mut dirs = Vec::new();
+        let mut stack = vec![self.0.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mi.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(pre.split_whitespace().nth(4)?))
+        })
+        .context("no cgroup2 mount")
+}
