@@ -276,14 +276,42 @@ impl Attributor {
         names
     }
 
-    /// Follows cgroup creation and removal reported by the kernel.
-    pub fn cgroup_changed(&mut self, c: crate::decode::CgroupChange) {
+    /// Follows cgroup creation and removal reported by the kernel. Returns
+    /// the pod uid when a pod-level cgroup went away (the pod is gone).
+    pub fn cgroup_changed(&mut self, c: crate::decode::CgroupChange) -> Option<String> {
         if c.created {
             self.cgroups.created(c.id, c.path);
-        } else {
-            self.cgroups.removed(c.id);
-            self.cache.remove(&c.id);
+            return None;
         }
+        self.cgroups.removed(c.id);
+        self.cache.remove(&c.id);
+        let l = pods::parse_cgroup(&c.path)?;
+        match l.container_id {
+            Some(cid) => {
+                self.runtime.forget(&cid);
+                None
+            }
+            None => {
+                self.pod_dirs.remove(&l.pod_uid);
+                self.scanned.remove(&l.pod_uid);
+                Some(l.pod_uid)
+            }
+        }
+    }
+
+    /// Sizes of the caches, for `connscope_state_entries`.
+    pub fn state_sizes(&self) -> [(&'static str, usize); 4] {
+        [
+            ("cgroups", self.cgroups.len()),
+            ("attributions", self.cache.len()),
+            ("pod_dirs", self.pod_dirs.len()),
+            ("runtime", self.runtime.len()),
+        ]
+    }
+
+    /// How long deleted cgroups stay resolvable.
+    pub fn set_cgroup_grace(&mut self, grace: std::time::Duration) {
+        self.cgroups.grace = grace;
     }
 
     /// Drops cached answers (e.g. after the API store changed).

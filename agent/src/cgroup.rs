@@ -102,6 +102,7 @@ pub struct Resolver {
     pub min_rewalk: Duration,
     /// Walks done, for metrics and tests.
     pub walks: u64,
+    removals: u64,
 }
 
 impl Resolver {
@@ -114,6 +115,7 @@ impl Resolver {
             grace: Duration::from_secs(300),
             min_rewalk: Duration::from_millis(50),
             walks: 0,
+            removals: 0,
         }
     }
 
@@ -171,9 +173,17 @@ impl Resolver {
     }
 
     /// Marks a cgroup removed: it still resolves for the grace period.
+    /// Entries whose grace ran out are dropped here too (bounded memory
+    /// under churn without waiting for a walk).
     pub fn removed(&mut self, id: u64) {
         if let Some(e) = self.by_id.get_mut(&id) {
             e.gone_since.get_or_insert_with(Instant::now);
+        }
+        self.removals += 1;
+        if self.removals.is_multiple_of(256) || self.grace.is_zero() {
+            let grace = self.grace;
+            self.by_id
+                .retain(|_, e| e.gone_since.is_none_or(|g| g.elapsed() < grace));
         }
     }
 

@@ -82,6 +82,13 @@ pub struct RunArgs {
     /// Write a Warning Event on the Pod for each startup-race summary (needs the API).
     #[arg(long)]
     pub k8s_events: bool,
+    /// Do not drop capabilities after start-up (debugging only).
+    #[arg(long)]
+    pub keep_privileges: bool,
+    /// Seconds a deleted cgroup's path is remembered (late events of
+    /// short-lived containers).
+    #[arg(long, default_value_t = 300)]
+    pub cgroup_grace_seconds: u64,
     /// Also write process exec/exit events to the stream (verbose).
     #[arg(long)]
     pub process_events: bool,

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod pods;
+pub mod privileges;
 pub mod probes;
 pub mod race;
 pub mod restore;

@@ -45,6 +45,8 @@ pub struct Metrics {
     event_kinds: Vec<(&'static str, IntCounter)>,
     pub metadata_errors: IntCounterVec,
     pub pods_tracked: IntGauge,
+    /// Entries in the agent's caches, by kind: returns to baseline after churn.
+    pub state_entries: IntGaugeVec,
     pub probe_attached: IntGaugeVec,
     pub build_info: GaugeVec,
     /// Failures held because the pod's injection was not yet known.
@@ -139,6 +141,13 @@ impl Metrics {
                 "connscope_pods_tracked",
                 "Pods with a sidecar timeline in memory",
             )?,
+            state_entries: IntGaugeVec::new(
+                Opts::new(
+                    "connscope_state_entries",
+                    "Entries in the agent's caches, by kind",
+                ),
+                &["kind"],
+            )?,
             probe_attached: IntGaugeVec::new(
                 Opts::new(
                     "connscope_probe_attached",
@@ -172,6 +181,7 @@ impl Metrics {
             Box::new(m.events.clone()),
             Box::new(m.metadata_errors.clone()),
             Box::new(m.pods_tracked.clone()),
+            Box::new(m.state_entries.clone()),
             Box::new(m.probe_attached.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.held_failures.clone()),

@@ -79,7 +79,11 @@ impl Pipeline {
                 Err(e) => self.bad_record(e),
             },
             Ok(Raw::Cgroup(c)) => match decode::decode_cgroup(&c) {
-                Ok(change) => self.who.cgroup_changed(change),
+                Ok(change) => {
+                    if let Some(uid) = self.who.cgroup_changed(change) {
+                        self.tracker.pod_gone(uid, c.ts_ns);
+                    }
+                }
                 Err(e) => self.bad_record(e),
             },
             Err(e) => self.bad_record(e),
@@ -108,6 +112,12 @@ impl Pipeline {
             return;
         };
         m.pods_tracked.set(self.tracker.pods_tracked() as i64);
+        for (kind, n) in self.who.state_sizes() {
+            m.state_entries.with_label_values(&[kind]).set(n as i64);
+        }
+        m.state_entries
+            .with_label_values(&["held_failures"])
+            .set(self.tracker.held() as i64);
         let mut add = |key: &'static str, total: u64| -> u64 {
             let prev = self.exported.insert(key, total).unwrap_or(0);
             total.saturating_sub(prev)
@@ -330,7 +340,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
         ..race::Config::default()
     });
-    let mut p = Pipeline::new(attributor(&args), tracker, sink, shared.clone());
+    let mut who = attributor(&args);
+    who.set_cgroup_grace(Duration::from_secs(args.cgroup_grace_seconds));
+    let mut p = Pipeline::new(who, tracker, sink, shared.clone());
     p.use_api = kube_rx.is_some();
     p.process_events = args.process_events;
     if args.k8s_events {
@@ -345,6 +357,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.proxy_uid,
     );
     tracing::info!(restored, "pods with a listening sidecar found at start");
+    if args.keep_privileges {
+        tracing::warn!("--keep-privileges: capabilities are not dropped after start-up");
+    } else {
+        let kept = crate::privileges::drop_after_load()?;
+        tracing::info!(?kept, "dropped all other capabilities");
+    }
     let mut clock = Clock::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -325,6 +325,9 @@ pub struct Tracker {
     /// order, so insertion is a push at the back.
     queue: VecDeque<Pending>,
     last_timers_ns: u64,
+    /// Pods whose cgroup was removed, with the kernel time: finalised once
+    /// every earlier event of theirs was applied.
+    gone: Vec<(String, u64)>,
     held_total: usize,
     pub stats: Stats,
 }
@@ -336,6 +339,7 @@ impl Tracker {
             pods: Default::default(),
             queue: VecDeque::new(),
             last_timers_ns: 0,
+            gone: Vec::new(),
             held_total: 0,
             stats: Stats::default(),
         }
@@ -344,6 +348,11 @@ impl Tracker {
     /// Pods with state.
     pub fn pods_tracked(&self) -> usize {
         self.pods.len()
+    }
+
+    /// Failures held for their pod's injection to be known.
+    pub fn held(&self) -> usize {
+        self.held_total
     }
 
     /// Whether the pipeline should gather [`Hints`] for this pod (its
@@ -370,6 +379,15 @@ impl Tracker {
             let p = self.queue.pop_front().expect("checked");
             self.apply(p.ev, p.who, p.hints, out);
         }
+        if !self.gone.is_empty() {
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone)
+                .into_iter()
+                .partition(|(_, t)| *t <= horizon);
+            self.gone = keep;
+            for (uid, _) in due {
+                self.finalise(&uid, out);
+            }
+        }
         // Timers walk every pod: at most every 50 ms.
         if now_ns.saturating_sub(self.last_timers_ns) >= 50_000_000 {
             self.last_timers_ns = now_ns;
@@ -384,6 +402,12 @@ impl Tracker {
         for uid in uids {
             self.finalise(&uid, out);
         }
+    }
+
+    /// The pod's cgroup was removed at kernel time `mono_ns`: its state is
+    /// finalised (pending summaries emitted) and freed.
+    pub fn pod_gone(&mut self, uid: String, mono_ns: u64) {
+        self.gone.push((uid, mono_ns));
     }
 
     /// Marks a pod's sidecar as already listening when the agent started

@@ -231,6 +231,16 @@ impl Reader {
         Ok(found)
     }
 
+    /// Cached containers.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
     /// Forgets a container (its cgroup is gone for good).
     pub fn forget(&mut self, id: &str) {
         self.cache.remove(id);
