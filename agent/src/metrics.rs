@@ -288,22 +288,27 @@ impl Metrics {
     /// Drops series of workloads not seen for `series_ttl`.
     pub fn expire(&mut self) {
         let ttl = self.series_ttl;
-        // Cached failure counters carry the freshest touch times.
-        let mut fresh = Vec::new();
+        // Cached failure counters carry the freshest touch times: fold them
+        // into `touched` in one pass (linear in both maps).
+        let mut fresh: HashMap<(String, String), Instant> = HashMap::new();
         self.failure_cache.retain(|_, (who, _, t)| {
             let keep = t.elapsed() < ttl;
             if keep {
-                fresh.push((who.clone(), *t));
+                let k = (
+                    who.namespace.clone().unwrap_or_default(),
+                    who.workload.clone().unwrap_or_default(),
+                );
+                let e = fresh.entry(k).or_insert(*t);
+                *e = (*e).max(*t);
             }
             keep
         });
-        for (who, t) in fresh {
-            let ns = who.namespace.clone().unwrap_or_default();
-            let wl = who.workload.clone().unwrap_or_default();
-            for ((m, l), seen) in self.touched.iter_mut() {
-                if *m == "failures" && l[0] == ns && l[1] == wl && *seen < t {
-                    *seen = t;
-                }
+        for ((m, l), seen) in self.touched.iter_mut() {
+            if *m == "failures"
+                && let Some(t) = fresh.get(&(l[0].clone(), l[1].clone()))
+                && *seen < *t
+            {
+                *seen = *t;
             }
         }
         let mut gone = Vec::new();

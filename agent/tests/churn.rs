@@ -1,0 +1,160 @@
+//! Pod churn: 10 000 short-lived simulated pods (kubelet-shaped cgroups and
+//! runtime files), each with a refused connect; once they are gone every
+//! per-pod entry is freed and memory does not grow with the churn.
+
+mod common;
+
+use std::{process::Command, time::Duration};
+
+use common::{Agent, BIN, TempDir, http_get, privileged, wait_for};
+use connscope::{
+    pods::Qos,
+    runtime::Roots,
+    testbed::pod::{Flavor, Pod, cgroup2_root},
+};
+
+fn gauges(port: u16) -> std::collections::HashMap<String, f64> {
+    http_get(port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| {
+            l.starts_with("connscope_state_entries") || l.starts_with("connscope_pods_tracked")
+        })
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+/// Pods of 20 Deployments, each with a unique generated suffix, as a
+/// ReplicaSet names them.
+fn pod_name(n: usize) -> String {
+    const SAFE: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut suffix = String::new();
+    let mut x = n;
+    for _ in 0..5 {
+        suffix.push(SAFE[x % SAFE.len()] as char);
+        x /= SAFE.len();
+    }
+    format!("worker{}-7d9f8c6b5-{suffix}", n % 20)
+}
+
+#[test]
+fn ten_thousand_short_lived_pods_leave_nothing_behind() {
+    if !privileged("ten_thousand_short_lived_pods_leave_nothing_behind") {
+        return;
+    }
+    let dir = TempDir::new("churn");
+    let roots = Roots {
+        containerd: dir.0.join("ctd"),
+        crio: dir.0.join("crio"),
+    };
+    let cg = cgroup2_root().unwrap();
+    let agent = Agent::start(
+        &dir.0,
+        &[
+            "--kubernetes",
+            "off",
+            "--hold-seconds",
+            "0.2",
+            "--cgroup-grace-seconds",
+            "0",
+            "--containerd-root",
+            roots.containerd.to_str().unwrap(),
+            "--crio-root",
+            roots.crio.to_str().unwrap(),
+        ],
+    );
+    let port = agent.http_port;
+    let pid = agent.child.id();
+    let baseline = gauges(port);
+    let list = dir.0.join("cgroups.txt");
+    let mut rss_after_first = 0;
+    let mut pods_seen = 0.0;
+    for batch in 0..10 {
+        let pods: Vec<Pod> = (0..1000)
+            .map(|i| {
+                Pod::create(
+                    &cg,
+                    &roots,
+                    Flavor::Containerd,
+                    Qos::Burstable,
+                    "churn",
+                    &pod_name(batch * 1000 + i),
+                    &["app"],
+                )
+                .unwrap()
+            })
+            .collect();
+        let dirs: Vec<String> = pods
+            .iter()
+            .map(|p| p.containers[0].cgroup.display().to_string())
+            .collect();
+        std::fs::write(&list, dirs.join("\n")).unwrap();
+        let out = Command::new(BIN)
+            .args([
+                "testbed",
+                "storm",
+                "--refused",
+                "--seconds",
+                "5",
+                "--rate",
+                "2000",
+                "--per-cgroup",
+                "1",
+            ])
+            .arg("--cgroups")
+            .arg(&list)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tracked = wait_for(
+            &format!("batch {batch}'s pods tracked (storm {report})"),
+            Duration::from_secs(20),
+            || {
+                let g = gauges(port);
+                let t = *g.get("connscope_pods_tracked")?;
+                (t >= 900.0).then_some(t)
+            },
+        );
+        pods_seen += tracked;
+        drop(pods);
+        wait_for("the batch's pods freed", Duration::from_secs(30), || {
+            (gauges(port).get("connscope_pods_tracked") == Some(&0.0)).then_some(())
+        });
+        if batch == 0 {
+            rss_after_first = rss_kib(pid);
+        }
+    }
+    assert!(
+        pods_seen >= 9000.0,
+        "pods tracked over the churn: {pods_seen}"
+    );
+    let end = wait_for("caches back to baseline", Duration::from_secs(30), || {
+        let g = gauges(port);
+        g.iter()
+            .all(|(k, v)| *v <= baseline.get(k).copied().unwrap_or(0.0) + 50.0)
+            .then_some(g)
+    });
+    let rss = rss_kib(pid);
+    assert!(
+        rss <= rss_after_first + 16 * 1024,
+        "RSS grew with churn: {rss_after_first} KiB after 1000 pods, {rss} KiB after 10000 (state {end:?})"
+    );
+}
