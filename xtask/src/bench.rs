@@ -559,3 +559,81 @@ fn cgroup2_root() -> Result<PathBuf> {
         })
         .context("no cgroup2 mount")
 }
+
+/// `cargo xtask soak --minutes N`: mixed load against one agent for N
+/// minutes (refused and successful storms, real race demos, pod churn),
+/// then every refused connect must be reported or counted lost, with the
+/// agent's memory and CPU recorded. Results go to RELIABILITY.md.
+pub fn soak(workspace: &Path, minutes: f64) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the soak test needs root (BPF)");
+    }
+    let bin = workspace.join("target/release/connscope");
+    let agent = start("connscope", &bin, &[])?.map_err(anyhow::Error::msg)?;
+    let port = agent.http_port.context("port")?;
+    let pid = agent.child.as_ref().context("agent")?.id();
+    let (rss0, cpu0) = proc_stat(pid)?;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(minutes * 60.0);
+    let (mut refused, mut ok, mut demos, mut demo_fail, mut rounds) = (0.0, 0.0, 0, 0, 0);
+    let mut rss_max = rss0;
+    while Instant::now() < deadline {
+        rounds += 1;
+        let r = storm(&bin, &["--refused".into(), "--rate".into(), "20000".into(), "--seconds".into(), "5".into()])?;
+        refused += r["refused"].as_f64().unwrap_or(0.0);
+        let r = storm(&bin, &["--threads".into(), "2".into(), "--seconds".into(), "5".into()])?;
+        ok += r["ok"].as_f64().unwrap_or(0.0);
+        // A real race, with its own pod, namespace and cgroups (and its own
+        // refusals, seen by this agent too).
+        let d = Command::new(&bin).args(["demo", "--sidecar-delay-ms", "500"]).output()?;
+        demos += 1;
+        if !d.status.success() || !String::from_utf8_lossy(&d.stdout).contains("VERDICT  sidecar startup race") {
+            demo_fail += 1;
+        }
+        rss_max = rss_max.max(proc_stat(pid)?.0);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (rss1, cpu1) = proc_stat(pid)?;
+    let lost = metric(port, "connscope_events_lost_total")?;
+    let failures = metric(port, "connscope_connect_failures_total")?;
+    let decode_errors = metric(port, "connscope_events_total{type=\"unknown\"}")?;
+    let accounted = failures + lost >= refused && lost == 0.0 && decode_errors == 0.0;
+    let report = format!(
+        "Command: `cargo xtask soak --minutes {minutes}` (release binary)\n\n\
+         | figure | value |\n|---|---|\n\
+         | duration | {elapsed:.0} s, {rounds} rounds |\n\
+         | refused connects offered (20k/s storms) | {refused:.0} |\n\
+         | successful connects | {ok:.0} |\n\
+         | race demos (own agent, netns, cgroups) | {demos}, {demo_fail} without a correct verdict |\n\
+         | failures reported by the soaked agent | {failures:.0} (includes the demos' refusals) |\n\
+         | events lost (counted) | {lost:.0} |\n\
+         | undecodable records | {decode_errors:.0} |\n\
+         | agent RSS start / max / end | {:.1} / {:.1} / {:.1} MiB |\n\
+         | agent CPU, average | {:.1} % of one core |\n\n\
+         Verdict: {}.\n",
+        rss0 as f64 / 1024.0,
+        rss_max as f64 / 1024.0,
+        rss1 as f64 / 1024.0,
+        (cpu1 - cpu0) / elapsed * 100.0,
+        if accounted && demo_fail == 0 { "nothing lost, nothing unexplained" } else { "FAILED: see figures" }
+    );
+    println!("{report}");
+    let path = workspace.join("RELIABILITY.md");
+    let mut md = std::fs::read_to_string(&path).unwrap_or_default();
+    let marker = "<!-- soak results -->";
+    if let Some(i) = md.find(marker) {
+        md.truncate(i + marker.len());
+    } else {
+        md.push_str(marker);
+    }
+    md.push('\n');
+    md.push_str(&report);
+    std::fs::write(&path, md)?;
+    drop(agent);
+    if !accounted || demo_fail > 0 {
+        bail!("soak failed");
+    }
+    Ok(())
+}

@@ -39,6 +39,11 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Bounded soak under mixed load (needs root); figures into RELIABILITY.md.
+    Soak {
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+    },
 }
 
 /// Debian packages the tests and demo use.
@@ -78,6 +83,11 @@ fn main() -> Result<()> {
                 run(cargo().args(["bench", "--package", "connscope", "--bench", "pipeline"]))?;
             }
             Ok(())
+        }
+        Cmd::Soak { minutes } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "--package", "connscope"]))?;
+            bench::soak(&workspace(), minutes)
         }
         Cmd::Demo => {
             setup()?;
