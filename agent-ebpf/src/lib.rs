@@ -148,6 +148,9 @@ pub struct Config {
     pub rmdir_path: u32,
     /// `struct sock`.sk_err (BTF).
     pub sock_sk_err: u32,
+    /// Bytes waiting in the ring buffer before the reader is woken (0: wake
+    /// on every event). Not an offset.
+    pub wakeup_bytes: u32,
     /// `struct task_struct`.nsproxy, `struct nsproxy`.net_ns and
     /// `struct net`.ns.inum (BTF), to read the network namespace.
     pub task_nsproxy: u32,
@@ -186,6 +189,7 @@ impl Config {
         rmdir_id: OFFSET_UNKNOWN,
         rmdir_path: OFFSET_UNKNOWN,
         sock_sk_err: OFFSET_UNKNOWN,
+        wakeup_bytes: 0,
         task_nsproxy: OFFSET_UNKNOWN,
         nsproxy_net_ns: OFFSET_UNKNOWN,
         net_inum: OFFSET_UNKNOWN,

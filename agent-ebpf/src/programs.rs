@@ -24,6 +24,8 @@ const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
+/// Per-CPU LRU lists: no global lock on the connect path.
+const BPF_F_NO_COMMON_LRU: u32 = 2;
 const EINTR: i32 = 4;
 const EISCONN: i32 = 106;
 const EALREADY: i32 = 114;
@@ -83,11 +85,11 @@ struct SockCtx {
 /// Bounded: a thread has at most one connect in flight; LRU drops entries of
 /// threads that died inside the syscall.
 #[map(name = "PENDING")]
-static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(16384, 0);
+static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
 
 /// Bounded: sockets in SYN_SENT; removed on every state change out of it.
 #[map(name = "SYNSENT")]
-static SYNSENT: LruHashMap<u64, SockCtx> = LruHashMap::with_max_entries(65536, 0);
+static SYNSENT: LruHashMap<u64, SockCtx> = LruHashMap::with_max_entries(65536, BPF_F_NO_COMMON_LRU);
 
 #[inline(always)]
 fn config() -> Config {
@@ -199,12 +201,30 @@ fn event(k: u8, c: &SockCtx, ts_ns: u64) -> Event {
 /// Sends an event, or counts it as lost: nothing disappears uncounted.
 #[inline(always)]
 fn submit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, 0).is_err()
+    if EVENTS.output::<Event>(ev, wakeup_flags()).is_err()
         && let Some(p) = LOST.get_ptr_mut(0)
     {
         // SAFETY: per-CPU slot of this CPU; programs do not nest on one
         // CPU for these tracepoints, so the increment is not torn.
         unsafe { *p += 1 };
+    }
+}
+
+/// Wake the reader only once enough data is waiting (it also drains on a
+/// short timer): one wakeup per batch instead of one per event.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let threshold = config().wakeup_bytes;
+    if threshold == 0 {
+        return 0;
+    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 
@@ -244,10 +264,11 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     // SAFETY: reads user memory through the helper, which fails cleanly.
     unsafe {
         let src = uaddr as *const u8;
-        if bpf_probe_read_user_buf(src, &mut p.addr).is_err() {
-            // A short sockaddr at the end of a mapping: take what an inet
-            // address needs.
-            let _ = bpf_probe_read_user_buf(src, &mut p.addr[..28]);
+        // What an inet address needs (sockaddr_in6 is 28 bytes); the rest
+        // only for AF_UNIX paths.
+        let _ = bpf_probe_read_user_buf(src, &mut p.addr[..28]);
+        if u16::from_ne_bytes([p.addr[0], p.addr[1]]) == AF_UNIX {
+            let _ = bpf_probe_read_user_buf(src, &mut p.addr);
         }
     }
     let tid = bpf_get_current_pid_tgid() as u32;
@@ -518,7 +539,7 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
         let dst = &mut *core::ptr::addr_of_mut!((*p).path);
         let _ =
             aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
-        if EVENTS.output::<CgroupEvent>(&*p, 0).is_err()
+        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags()).is_err()
             && let Some(l) = LOST.get_ptr_mut(0)
         {
             *l += 1;

@@ -67,6 +67,10 @@ pub struct Attributor {
     runtime: Reader,
     proc_root: std::path::PathBuf,
     cache: rustc_hash::FxHashMap<u64, Arc<Attribution>>,
+    /// Attributions of processes in the v2 root, by pid.
+    by_pid_attr: rustc_hash::FxHashMap<u32, (Arc<Attribution>, std::time::Instant)>,
+    /// `/proc/<pid>/cgroup` answers by pid, with when they were read.
+    by_pid: rustc_hash::FxHashMap<u32, (Option<String>, std::time::Instant)>,
     /// Pod cgroup directory (relative) by pod uid, to list its containers.
     pod_dirs: HashMap<String, String>,
     /// When each pod's containers were last listed.
@@ -94,6 +98,8 @@ impl Attributor {
             runtime,
             proc_root,
             cache: Default::default(),
+            by_pid: Default::default(),
+            by_pid_attr: Default::default(),
             pod_dirs: HashMap::new(),
             scanned: HashMap::new(),
             errors: HashMap::new(),
@@ -120,13 +126,11 @@ impl Attributor {
             Some(Err(m)) => Some(m),
             None => None,
         };
-        let from_proc = ev
-            .context_known
-            .then(|| {
-                std::fs::read_to_string(self.proc_root.join(ev.pid.to_string()).join("cgroup")).ok()
-            })
-            .flatten()
-            .and_then(|t| cgroup::proc_cgroup_path(&t));
+        let from_proc = if ev.context_known {
+            self.proc_cgroup(ev.pid)
+        } else {
+            None
+        };
         match (&from_proc, miss, ev.cgroup_id) {
             (Some(p), Some(Miss::Unknown), Some(id)) => self.cgroups.remember(id, p.clone()),
             (None, Some(Miss::Unknown), Some(id)) => self.error(
@@ -138,13 +142,52 @@ impl Attributor {
         from_proc
     }
 
+    /// `/proc/<pid>/cgroup`, cached per pid for a few seconds: host
+    /// processes in the root cgroup must not cost a file read per event.
+    fn proc_cgroup(&mut self, pid: u32) -> Option<String> {
+        let now = std::time::Instant::now();
+        if let Some((p, t)) = self.by_pid.get(&pid)
+            && now.duration_since(*t) < std::time::Duration::from_secs(5)
+        {
+            return p.clone();
+        }
+        let p = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
+            .ok()
+            .and_then(|t| cgroup::proc_cgroup_path(&t));
+        if self.by_pid.len() >= CACHE_MAX {
+            self.by_pid.clear();
+        }
+        self.by_pid.insert(pid, (p.clone(), now));
+        p
+    }
+
     /// Attributes one event, with the API's pods if a store is given.
     pub fn attribute(&mut self, ev: &KernelEvent, api: Option<&PodStore>) -> Arc<Attribution> {
         if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
             return a.clone();
         }
+        // The v2 root is ambiguous on hybrid nodes (v1 kubelet pods and host
+        // processes share it): such answers are cached per pid instead.
+        let at_root = ev.context_known
+            && ev
+                .cgroup_id
+                .is_some_and(|id| self.cgroups.resolve(id).is_ok_and(|p| p == "/"));
+        let now = std::time::Instant::now();
+        if at_root
+            && let Some((a, t)) = self.by_pid_attr.get(&ev.pid)
+            && now.duration_since(*t) < std::time::Duration::from_secs(5)
+        {
+            return a.clone();
+        }
         let path = self.cgroup_path(ev);
         let (a, complete) = self.from_path(path, api);
+        if at_root {
+            if self.by_pid_attr.len() >= CACHE_MAX {
+                self.by_pid_attr.clear();
+            }
+            self.by_pid_attr.insert(ev.pid, (a.clone(), now));
+            return a;
+        }
         // Cache only answers that will not improve (pod fully known, or not a
         // pod at all); others are retried as runtime files and the API fill in.
         if let Some(id) = ev.cgroup_id
@@ -317,6 +360,7 @@ impl Attributor {
     /// Drops cached answers (e.g. after the API store changed).
     pub fn invalidate(&mut self) {
         self.cache.clear();
+        self.by_pid_attr.clear();
     }
 
     /// The cgroup resolver (for metrics and tests).

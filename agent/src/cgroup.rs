@@ -54,22 +54,29 @@ fn unescape_mount(s: &str) -> String {
 }
 
 /// The cgroup path of a process from `/proc/<pid>/cgroup` text: the v2
-/// (`0::`) line if present, else the systemd or cpu v1 hierarchy.
+/// (`0::`) line if present, else the systemd or cpu v1 hierarchy. On hybrid
+/// nodes whose kubelet uses v1, the v2 line is just `/`: the v1 path wins.
 pub fn proc_cgroup_path(text: &str) -> Option<String> {
     let mut v1 = None;
+    let mut v2 = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(ctrl), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
         };
         if id == "0" && ctrl.is_empty() {
-            return Some(path.to_string());
+            v2 = Some(path.to_string());
+            continue;
         }
         if ctrl == "name=systemd" || ctrl.split(',').any(|c| c == "cpu") {
             v1.get_or_insert_with(|| path.to_string());
         }
     }
-    v1
+    match (v2, v1) {
+        (Some(v2), Some(v1)) if v2 == "/" && v1 != "/" => Some(v1),
+        (Some(v2), _) => Some(v2),
+        (None, v1) => v1,
+    }
 }
 
 /// Where a cgroup path came from.
@@ -291,6 +298,11 @@ mod tests {
             Some("/kubepods/burstable/podA/c1")
         );
         assert_eq!(proc_cgroup_path("nonsense"), None);
+        let hybrid = "1:name=systemd:/kubepods/burstable/podA/c1\n0::/\n";
+        assert_eq!(
+            proc_cgroup_path(hybrid).as_deref(),
+            Some("/kubepods/burstable/podA/c1")
+        );
     }
 
     #[test]

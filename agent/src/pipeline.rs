@@ -23,6 +23,10 @@ use crate::{
     server::{EventLine, Limits, Shared},
 };
 
+/// How often the ring buffer is drained without a wakeup (ms): the kernel
+/// wakes the reader only for batches.
+const DRAIN_MS: u64 = 20;
+
 /// A line reporting events the kernel could not deliver: loss is never silent.
 #[derive(Debug, Serialize)]
 struct Lost {
@@ -366,7 +370,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut clock = Clock::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_seen = 0u64;
     let attached = probes.status.iter().filter(|s| s.error.is_none()).count();
     shared
@@ -396,12 +401,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = tick.tick() => {
                 ticks += 1;
                 shared.beat();
-                if ticks.is_multiple_of(10) {
+                probes.drain(|bytes| p.record(bytes, &clock));
+                if ticks.is_multiple_of(1000 / DRAIN_MS) {
                     clock.refresh();
                     report_lost(&probes, &mut lost_seen, &mut p.sink)?;
                     p.update_self_metrics(lost_seen);
                 }
-                if ticks.is_multiple_of(600)
+                if ticks.is_multiple_of(60_000 / DRAIN_MS)
                     && let Ok(mut m) = shared.metrics.lock()
                 {
                     m.expire();
@@ -412,6 +418,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    // What the kernel wrote but did not wake us for is still delivered.
+    probes.drain(|bytes| p.record(bytes, &clock));
     report_lost(&probes, &mut lost_seen, &mut p.sink)?;
     p.flush()?;
     drop(probes);

@@ -115,8 +115,12 @@ impl Probes {
             );
         }
         raise_memlock();
+        let mut config = opts.config;
+        // Wake the reader when an eighth of the ring (at most 64 KiB) waits;
+        // the pipeline also drains it every few milliseconds.
+        config.wakeup_bytes = (opts.ring_bytes / 8).min(64 * 1024);
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::CONFIG, &opts.config, true)
+            .override_global(names::CONFIG, &config, true)
             .map_max_entries(names::EVENTS, opts.ring_bytes)
             .load(OBJECT)
             .context("loading the eBPF object (needs CAP_BPF and CAP_PERFMON, or root)")?;
@@ -172,6 +176,18 @@ impl Probes {
         }
         guard.clear_ready();
         Ok(n)
+    }
+
+    /// Reads whatever the ring buffer holds now, without waiting (the kernel
+    /// only wakes the reader for batches).
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
     }
 
     /// Events the kernel could not submit since load, summed over CPUs.

@@ -4,62 +4,19 @@
 
 mod common;
 
-use std::{net::TcpListener, process::Command, time::Duration};
+use std::net::TcpListener;
 
-use common::{Agent, BIN, TempDir, privileged, wait_for};
+use common::{Agent, TempDir, dial, privileged};
 use connscope::{
     pods::Qos,
     runtime::Roots,
-    testbed::{
-        dial::parse_outcomes,
-        pod::{Flavor, Pod, cgroup2_root},
-    },
+    testbed::pod::{Flavor, Pod, cgroup2_root},
 };
-use serde_json::Value;
 
 /// A loopback port with nobody listening (bound, then released).
 fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
-}
-
-/// Runs the stand-in application inside a container's cgroup.
-fn dial_in(cgroup: &std::path::Path, target: &str) -> connscope::testbed::dial::Outcome {
-    let out = Command::new(BIN)
-        .args(["testbed", "enter", "--cgroup"])
-        .arg(cgroup)
-        .args([
-            "--",
-            BIN,
-            "testbed",
-            "dial",
-            "--target",
-            target,
-            "--nonblocking",
-        ])
-        .output()
-        .expect("run dialer");
-    assert!(
-        out.status.success(),
-        "dialer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_outcomes(&String::from_utf8_lossy(&out.stdout))
-        .unwrap()
-        .remove(0)
-}
-
-fn failure(agent: &Agent, pid: u32) -> Value {
-    wait_for(
-        &format!("connect_failure of pid {pid}"),
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .into_iter()
-                .find(|e| e["type"] == "connect_failure" && e["pid"] == pid)
-        },
-    )
 }
 
 #[test]
@@ -99,9 +56,9 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
         &["app", "istio-proxy"],
     )
     .unwrap();
-    let o = dial_in(&shop.container("app").unwrap().cgroup, &target);
+    let o = dial(&target, Some(&shop.container("app").unwrap().cgroup), true);
     assert_eq!(o.error, "ECONNREFUSED");
-    let e = failure(&agent, o.pid);
+    let e = agent.failure(o.pid);
     assert_eq!(e["node"], "test-node");
     assert_eq!(e["namespace"], "shop");
     assert_eq!(e["pod"], "checkout-7d9f8c6b5-xk2lp");
@@ -131,8 +88,8 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
         &["web"],
     )
     .unwrap();
-    let o = dial_in(&web.container("web").unwrap().cgroup, &target);
-    let e = failure(&agent, o.pid);
+    let o = dial(&target, Some(&web.container("web").unwrap().cgroup), true);
+    let e = agent.failure(o.pid);
     assert_eq!(
         (
             e["namespace"].as_str(),
@@ -146,18 +103,20 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     assert_eq!(e["qos"], "guaranteed");
     assert_eq!(e["phase"], "no_sidecar");
 
-    // A container that lives for milliseconds: created, dials, is removed
-    // before the agent could have walked the cgroup tree.
+    // A container that lives for milliseconds: created, dials, and its
+    // cgroup is removed before the agent could have walked the cgroup tree
+    // (the runtime keeps its bundle until the container is deleted later).
     shop.add_container("init-job").unwrap();
     let c = shop.container("init-job").unwrap().cgroup.clone();
-    let o = dial_in(&c, &target);
-    shop.remove_container("init-job").unwrap();
+    let o = dial(&target, Some(&c), true);
+    connscope::testbed::pod::kill_cgroup(&c);
     assert!(!c.exists());
-    let e = failure(&agent, o.pid);
+    let e = agent.failure(o.pid);
     assert_eq!(
         e["container"], "init-job",
         "short-lived container attributed: {e}"
     );
+    shop.remove_container("init-job").unwrap();
 
     // Broken metadata: the pod uid and container id from the cgroup path
     // are still right; names it cannot know are absent, not guessed.
@@ -175,8 +134,8 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     broken
         .corrupt_metadata("z", b"{\"annotations\": [")
         .unwrap();
-    let o = dial_in(&broken.container("z").unwrap().cgroup, &target);
-    let e = failure(&agent, o.pid);
+    let o = dial(&target, Some(&broken.container("z").unwrap().cgroup), true);
+    let e = agent.failure(o.pid);
     assert_eq!(e["pod_uid"], broken.uid.as_str());
     assert_eq!(e["qos"], "besteffort");
     for absent in ["pod", "namespace", "container", "workload"] {
@@ -186,9 +145,9 @@ fn pods_containers_and_workloads_from_cgroups_and_runtime_files() {
     // Not a pod at all: the cgroup path is kept, no pod fields.
     let host = cg.join(format!("connscope-host-{}.scope", std::process::id()));
     std::fs::create_dir(&host).unwrap();
-    let o = dial_in(&host, &target);
+    let o = dial(&target, Some(&host), true);
     connscope::testbed::pod::kill_cgroup(&host);
-    let e = failure(&agent, o.pid);
+    let e = agent.failure(o.pid);
     assert!(e.get("pod").is_none() && e.get("pod_uid").is_none(), "{e}");
     assert_eq!(
         e["cgroup"].as_str().unwrap(),

@@ -6,14 +6,11 @@ mod common;
 
 use std::{net::TcpStream, process::Command, time::Duration};
 
-use common::{Agent, BIN, TempDir, free_port, http_get, privileged, wait_for};
+use common::{Agent, BIN, TempDir, dial, free_port, http_get, privileged, wait_for};
 use connscope::{
     pods::Qos,
     runtime::Roots,
-    testbed::{
-        dial::parse_outcomes,
-        pod::{Flavor, Pod, cgroup2_root},
-    },
+    testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 
 fn metric(port: u16, name: &str) -> f64 {
@@ -23,24 +20,6 @@ fn metric(port: u16, name: &str) -> f64 {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn dial(target: &str, cgroup: Option<&std::path::Path>) -> connscope::testbed::dial::Outcome {
-    let mut c = Command::new(BIN);
-    c.args(["testbed", "enter"]);
-    if let Some(cg) = cgroup {
-        c.arg("--cgroup").arg(cg);
-    }
-    c.args(["--", BIN, "testbed", "dial", "--target", target]);
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_outcomes(&String::from_utf8_lossy(&out.stdout))
-        .unwrap()
-        .remove(0)
 }
 
 fn closed() -> String {
@@ -88,7 +67,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_keeps_going() {
     );
     // Still working afterwards.
     assert_eq!(http_get(port, "/readyz").0, 200);
-    let o = dial(&closed(), None);
+    let o = dial(&closed(), None, false);
     wait_for(
         "a failure after the overflow",
         Duration::from_secs(10),
@@ -146,7 +125,11 @@ fn runtime_state_absent_or_broken_degrades_and_is_counted() {
             dir.0.join("absent").to_str().unwrap(),
         ],
     );
-    let o = dial(&closed(), Some(&pod.container("broken").unwrap().cgroup));
+    let o = dial(
+        &closed(),
+        Some(&pod.container("broken").unwrap().cgroup),
+        false,
+    );
     let e = wait_for(
         "failure in a container with unreadable metadata",
         Duration::from_secs(10),
@@ -174,7 +157,11 @@ fn runtime_state_absent_or_broken_degrades_and_is_counted() {
     std::fs::remove_dir_all(&roots.containerd).unwrap();
     pod.add_container("late").unwrap();
     std::fs::remove_dir_all(&roots.containerd).unwrap();
-    let o = dial(&closed(), Some(&pod.container("late").unwrap().cgroup));
+    let o = dial(
+        &closed(),
+        Some(&pod.container("late").unwrap().cgroup),
+        false,
+    );
     let e = wait_for(
         "failure without runtime state",
         Duration::from_secs(10),
@@ -217,7 +204,7 @@ fn refused_hooks_degrade_and_are_reported() {
     // Without the syscall entry hook, a refused connect is still reported
     // from the socket's state change, with the dialed address and errno.
     let target = closed();
-    let o = dial(&target, None);
+    let o = dial(&target, None, false);
     let e = wait_for("the failure", Duration::from_secs(10), || {
         agent
             .events()
@@ -241,7 +228,7 @@ fn least_privilege_no_leaks_bounded_followers() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
     let eff = connscope::check::effective_caps(&status).unwrap();
     assert_eq!(eff, 1 << 39, "only CAP_BPF kept after start-up: {eff:#x}");
-    let o = dial(&closed(), None);
+    let o = dial(&closed(), None, false);
     wait_for(
         "events still reported without other capabilities",
         Duration::from_secs(10),

@@ -4,16 +4,13 @@
 
 mod common;
 
-use std::{net::TcpListener, process::Command, time::Duration};
+use std::{net::TcpListener, time::Duration};
 
-use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
+use common::{Agent, TempDir, dial, fake_api, privileged, wait_for};
 use connscope::{
     pods::Qos,
     runtime::Roots,
-    testbed::{
-        dial::parse_outcomes,
-        pod::{Flavor, Pod, cgroup2_root},
-    },
+    testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 use serde_json::{Value, json};
 
@@ -23,34 +20,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn dial_in(cgroup: &std::path::Path, target: &str) -> u32 {
-    let out = Command::new(BIN)
-        .args(["testbed", "enter", "--cgroup"])
-        .arg(cgroup)
-        .args(["--", BIN, "testbed", "dial", "--target", target])
-        .output()
-        .expect("run dialer");
-    assert!(
-        out.status.success(),
-        "dialer: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_outcomes(&String::from_utf8_lossy(&out.stdout)).unwrap()[0].pid
-}
-
-fn failure(agent: &Agent, pid: u32) -> Value {
-    wait_for(
-        &format!("connect_failure of pid {pid}"),
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .into_iter()
-                .find(|e| e["type"] == "connect_failure" && e["pid"] == pid)
-        },
-    )
 }
 
 #[test]
@@ -117,10 +86,7 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
         ],
     );
     let target = format!("127.0.0.1:{}", free_port());
-    let e = failure(
-        &agent,
-        dial_in(&pod.container("app").unwrap().cgroup, &target),
-    );
+    let e = agent.failure(dial(&target, Some(&pod.container("app").unwrap().cgroup), false).pid);
     assert_eq!(
         e["pod_uid"],
         pod.uid.as_str(),
@@ -138,10 +104,8 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
         "an event attributed through the API",
         Duration::from_secs(45),
         || {
-            let e = failure(
-                &agent,
-                dial_in(&pod.container("app").unwrap().cgroup, &target),
-            );
+            let e = agent
+                .failure(dial(&target, Some(&pod.container("app").unwrap().cgroup), false).pid);
             (e["workload_source"] == "api").then_some(e)
         },
     );
@@ -169,10 +133,7 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
 
     // The API goes away mid-run: what is known stays known.
     drop(api);
-    let e = failure(
-        &agent,
-        dial_in(&pod.container("app").unwrap().cgroup, &target),
-    );
+    let e = agent.failure(dial(&target, Some(&pod.container("app").unwrap().cgroup), false).pid);
     assert_eq!(e["workload"], "checkout");
     let logged = agent
         .drain_stderr()

@@ -366,6 +366,24 @@ fn api_pod(pod: &SimPod, annotations: Value, init_proxy: bool) -> Value {
         "status": {"containerStatuses": statuses, "initContainerStatuses": init_statuses}})
 }
 
+/// Dials loopback (never the race) until an event is attributed through
+/// the API: the agent has the pod's API view before the scenario starts.
+fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
+    wait_for("API attribution", Duration::from_secs(20), || {
+        let local = App {
+            attempts: 1,
+            target: Some("127.0.0.1:9".into()),
+            ..App::default()
+        };
+        pod.run_app(&local).ok()?;
+        let ev = agent.events();
+        of_pod(&ev, &pod.pod.uid, "connect_failure")
+            .iter()
+            .any(|e| e["workload_source"] == "api")
+            .then_some(())
+    });
+}
+
 fn with_api(env: &Env, pods: Vec<Value>) -> (common::Bg, String) {
     std::fs::write(
         env.dir.0.join("state.json"),
@@ -402,19 +420,7 @@ fn hold_mode_still_racing_is_reported_as_such() {
         .unwrap();
     let uid = pod.pod.uid.clone();
     // Make sure the API's view has arrived before the app runs.
-    wait_for("API attribution", Duration::from_secs(20), || {
-        pod.run_app(&App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        })
-        .ok()?;
-        let ev = agent.events();
-        of_pod(&ev, &uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
+    wait_for_api_view(&pod, &agent);
     let attempts = pod.run_app(&App::default()).unwrap();
     assert!(
         attempts.iter().any(|o| !o.ok),
@@ -448,19 +454,7 @@ fn native_sidecar_ready_before_app() {
     let mut agent = env.agent(&["--kubernetes", "on", "--kube-api-url", &url]);
     agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
     let uid = pod.pod.uid.clone();
-    wait_for("API attribution", Duration::from_secs(20), || {
-        pod.run_app(&App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        })
-        .ok()?;
-        let ev = agent.events();
-        of_pod(&ev, &uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
+    wait_for_api_view(&pod, &agent);
     // Native sidecar: kubelet starts the app once the proxy is started.
     pod.start_sidecar(0, 0).unwrap();
     pod.wait_sidecar(15001, "listen", Duration::from_secs(10))

@@ -580,15 +580,36 @@ pub fn soak(workspace: &Path, minutes: f64) -> Result<()> {
     let mut rss_max = rss0;
     while Instant::now() < deadline {
         rounds += 1;
-        let r = storm(&bin, &["--refused".into(), "--rate".into(), "20000".into(), "--seconds".into(), "5".into()])?;
+        let r = storm(
+            &bin,
+            &[
+                "--refused".into(),
+                "--rate".into(),
+                "20000".into(),
+                "--seconds".into(),
+                "5".into(),
+            ],
+        )?;
         refused += r["refused"].as_f64().unwrap_or(0.0);
-        let r = storm(&bin, &["--threads".into(), "2".into(), "--seconds".into(), "5".into()])?;
+        let r = storm(
+            &bin,
+            &[
+                "--threads".into(),
+                "2".into(),
+                "--seconds".into(),
+                "5".into(),
+            ],
+        )?;
         ok += r["ok"].as_f64().unwrap_or(0.0);
         // A real race, with its own pod, namespace and cgroups (and its own
         // refusals, seen by this agent too).
-        let d = Command::new(&bin).args(["demo", "--sidecar-delay-ms", "500"]).output()?;
+        let d = Command::new(&bin)
+            .args(["demo", "--sidecar-delay-ms", "500"])
+            .output()?;
         demos += 1;
-        if !d.status.success() || !String::from_utf8_lossy(&d.stdout).contains("VERDICT  sidecar startup race") {
+        if !d.status.success()
+            || !String::from_utf8_lossy(&d.stdout).contains("VERDICT  sidecar startup race")
+        {
             demo_fail += 1;
         }
         rss_max = rss_max.max(proc_stat(pid)?.0);
@@ -617,7 +638,11 @@ pub fn soak(workspace: &Path, minutes: f64) -> Result<()> {
         rss_max as f64 / 1024.0,
         rss1 as f64 / 1024.0,
         (cpu1 - cpu0) / elapsed * 100.0,
-        if accounted && demo_fail == 0 { "nothing lost, nothing unexplained" } else { "FAILED: see figures" }
+        if accounted && demo_fail == 0 {
+            "nothing lost, nothing unexplained"
+        } else {
+            "FAILED: see figures"
+        }
     );
     println!("{report}");
     let path = workspace.join("RELIABILITY.md");

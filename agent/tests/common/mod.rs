@@ -120,6 +120,19 @@ impl Agent {
         }
     }
 
+    /// Waits (10 s) for the connect failure of `pid` and returns it.
+    pub fn failure(&self, pid: u32) -> Value {
+        wait_for(
+            &format!("connect_failure of pid {pid}"),
+            Duration::from_secs(10),
+            || {
+                self.events()
+                    .into_iter()
+                    .find(|e| e["type"] == "connect_failure" && e["pid"] == pid)
+            },
+        )
+    }
+
     /// Collects every stderr line printed so far.
     pub fn drain_stderr(&mut self) -> &[String] {
         while let Ok(l) = self.stderr.try_recv() {
@@ -377,4 +390,31 @@ impl Prometheus {
         let r = self.query(q);
         (r.len() == 1).then(|| r[0]["value"][1].as_str()?.parse().ok())?
     }
+}
+
+/// Runs the stand-in application once (optionally inside a cgroup, as a
+/// runtime starts a container's process) and returns its attempt.
+pub fn dial(
+    target: &str,
+    cgroup: Option<&Path>,
+    nonblocking: bool,
+) -> connscope::testbed::dial::Outcome {
+    let mut c = Command::new(BIN);
+    c.args(["testbed", "enter"]);
+    if let Some(cg) = cgroup {
+        c.arg("--cgroup").arg(cg);
+    }
+    c.args(["--", BIN, "testbed", "dial", "--target", target]);
+    if nonblocking {
+        c.arg("--nonblocking");
+    }
+    let out = c.output().expect("run dialer");
+    assert!(
+        out.status.success(),
+        "dialer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    connscope::testbed::dial::parse_outcomes(&String::from_utf8_lossy(&out.stdout))
+        .expect("dialer output")
+        .remove(0)
 }
