@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// Write a Warning Event on the Pod for each startup-race summary (needs the API).
     #[arg(long)]
     pub k8s_events: bool,
+    /// Recent events kept for `/events` (0: none, and events that go
+    /// nowhere are then not even serialised).
+    #[arg(long, default_value_t = 2048)]
+    pub recent_events: usize,
     /// Do not drop capabilities after start-up (debugging only).
     #[arg(long)]
     pub keep_privileges: bool,

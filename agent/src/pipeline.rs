@@ -335,7 +335,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .with_label_values(&[s.hook.name])
             .set(i64::from(s.error.is_none()));
     }
-    let shared = Shared::new(metrics, Limits::default());
+    let shared = Shared::new(
+        metrics,
+        Limits {
+            recent: args.recent_events,
+            ..Limits::default()
+        },
+    );
     crate::server::serve(args.metrics_addr, shared.clone()).await?;
     let tracker = Tracker::new(race::Config {
         capture_port: args.capture_port,
