@@ -23,7 +23,7 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(pipeline::run(args))
+            rt.block_on(pipeline::run(*args))
         }
         Command::Check { json, btf } => {
             let report = check::run(&btf);
