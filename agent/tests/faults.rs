@@ -6,21 +6,12 @@ mod common;
 
 use std::{net::TcpStream, process::Command, time::Duration};
 
-use common::{Agent, BIN, TempDir, dial, free_port, http_get, privileged, wait_for};
+use common::{Agent, BIN, TempDir, dial, free_port, http_get, metric, privileged, wait_for};
 use connscope::{
     pods::Qos,
     runtime::Roots,
     testbed::pod::{Flavor, Pod, cgroup2_root},
 };
-
-fn metric(port: u16, name: &str) -> f64 {
-    http_get(port, "/metrics")
-        .1
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 fn closed() -> String {
     format!("127.0.0.1:{}", free_port())

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, BIN, TempDir, http_get, privileged, wait_for};
+use common::{Agent, BIN, TempDir, metric, privileged, wait_for};
 use serde_json::Value;
 
 fn bpftool(what: &str) -> Vec<Value> {
@@ -64,12 +64,7 @@ fn sigterm_mid_flood_exits_fast_and_detaches_everything() {
         "the flood to reach the agent",
         Duration::from_secs(10),
         || {
-            let m = http_get(port, "/metrics").1;
-            let n: f64 = m
-                .lines()
-                .filter(|l| l.starts_with("connscope_events_total{type=\"connect_failure\"}"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum();
+            let n = metric(port, "connscope_events_total{type=\"connect_failure\"}");
             (n > 1000.0).then_some(())
         },
     );

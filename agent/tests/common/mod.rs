@@ -418,3 +418,14 @@ pub fn dial(
         .expect("dialer output")
         .remove(0)
 }
+
+/// Sum of the agent's `/metrics` samples whose line starts with `name`
+/// (a metric name, or a name with its label set).
+pub fn metric(port: u16, name: &str) -> f64 {
+    http_get(port, "/metrics")
+        .1
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
