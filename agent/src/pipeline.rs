@@ -424,8 +424,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    // What the kernel wrote but did not wake us for is still delivered.
-    probes.drain(|bytes| p.record(bytes, &clock));
+    // What the kernel wrote but did not wake us for is still delivered, within
+    // a budget so that SIGTERM mid-flood still exits promptly; what is left
+    // is counted and reported, never silently dropped.
+    let budget = std::time::Instant::now() + Duration::from_millis(500);
+    let (_, skipped) = probes.drain_until(budget, |bytes| p.record(bytes, &clock));
+    if skipped > 0 {
+        tracing::warn!(skipped, "exiting: ring buffer records left unprocessed");
+        p.sink.write(&Summary::now(
+            "events_unprocessed_at_exit",
+            &serde_json::json!({ "unprocessed": skipped }),
+        ))?;
+    }
     report_lost(&probes, &mut lost_seen, &mut p.sink)?;
     p.flush()?;
     drop(probes);

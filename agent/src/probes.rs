@@ -190,6 +190,27 @@ impl Probes {
         n
     }
 
+    /// Like [`Probes::drain`], but hands records to `f` only until
+    /// `deadline`; the rest is consumed without processing and counted.
+    /// Returns (processed, skipped).
+    pub fn drain_until(
+        &mut self,
+        deadline: std::time::Instant,
+        mut f: impl FnMut(&[u8]),
+    ) -> (usize, usize) {
+        let ring = self.ring.get_mut();
+        let (mut done, mut skipped) = (0, 0);
+        while let Some(item) = ring.next() {
+            if skipped == 0 && std::time::Instant::now() < deadline {
+                f(&item);
+                done += 1;
+            } else {
+                skipped += 1;
+            }
+        }
+        (done, skipped)
+    }
+
     /// Events the kernel could not submit since load, summed over CPUs.
     pub fn lost_total(&self) -> Result<u64> {
         let per_cpu = self.lost.get(&0, 0)?;
