@@ -11,6 +11,9 @@ use aya::{
 use connscope_ebpf::{Config, names};
 use tokio::io::unix::AsyncFd;
 
+/// Records handled per turn of the main loop.
+const BATCH: usize = 1024;
+
 /// The kernel object, built by agent/build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope-ebpf"));
 
@@ -170,11 +173,16 @@ impl Probes {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        // At most BATCH records per turn, so signals and timers are served
+        // between batches even during a flood; readiness is kept until empty.
+        while n < BATCH {
+            let Some(item) = ring.next() else {
+                guard.clear_ready();
+                return Ok(n);
+            };
             f(&item);
             n += 1;
         }
-        guard.clear_ready();
         Ok(n)
     }
 
