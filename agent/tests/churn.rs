@@ -6,7 +6,7 @@ mod common;
 
 use std::{process::Command, time::Duration};
 
-use common::{Agent, BIN, TempDir, http_get, privileged, wait_for};
+use common::{Agent, BIN, TempDir, http_get, privileged, wait_for, wait_for_or};
 use connscope::{
     pods::Qos,
     runtime::Roots,
@@ -82,7 +82,13 @@ fn ten_thousand_short_lived_pods_leave_nothing_behind() {
     );
     let port = agent.http_port;
     let pid = agent.child.id();
-    let baseline = gauges(port);
+    // The agent publishes its cache sizes about once a second: the baseline
+    // is the first full set (cgroups the machine already has included).
+    let baseline = wait_for("cache sizes published", Duration::from_secs(10), || {
+        let g = gauges(port);
+        g.contains_key("connscope_state_entries{kind=\"cgroups\"}")
+            .then_some(g)
+    });
     let list = dir.0.join("cgroups.txt");
     let mut rss_after_first = 0;
     let mut pods_seen = 0.0;
@@ -146,11 +152,17 @@ fn ten_thousand_short_lived_pods_leave_nothing_behind() {
         pods_seen >= 9000.0,
         "pods tracked over the churn: {pods_seen}"
     );
-    let end = wait_for("caches back to baseline", Duration::from_secs(30), || {
+    let mut last = Default::default();
+    let end = wait_for_or(Duration::from_secs(30), || {
         let g = gauges(port);
-        g.iter()
-            .all(|(k, v)| *v <= baseline.get(k).copied().unwrap_or(0.0) + 50.0)
-            .then_some(g)
+        let ok = g
+            .iter()
+            .all(|(k, v)| *v <= baseline.get(k).copied().unwrap_or(0.0) + 50.0);
+        last = g.clone();
+        ok.then_some(g)
+    })
+    .unwrap_or_else(|| {
+        panic!("caches not back to baseline in 30 s: baseline {baseline:?}, now {last:?}")
     });
     let rss = rss_kib(pid);
     assert!(

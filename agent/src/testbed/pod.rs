@@ -96,6 +96,8 @@ impl Pod {
         name: &str,
         containers: &[&str],
     ) -> Result<Pod> {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| sweep_stale(cgroup_root));
         let uid = new_uid();
         let u = uid.replace('-', "_");
         let mut dir = cgroup_root.join("kubepods.slice");
@@ -145,6 +147,7 @@ impl Pod {
             }
         }
         anyhow::ensure!(pod_dir.is_dir(), "could not create {}", pod_dir.display());
+        register(&uid, &pod_dir);
         let mut pod = Pod {
             uid,
             namespace: namespace.into(),
@@ -302,6 +305,7 @@ impl Drop for Pod {
             let _ = self.remove_container(&n);
         }
         kill_cgroup(&self.cgroup);
+        let _ = std::fs::remove_file(registry_file(std::process::id(), &self.uid));
         // Shared parents (kubepods.slice...): whoever leaves them empty
         // removes them (remove_dir refuses a non-empty directory).
         if let Some(qos) = self.cgroup.parent() {
@@ -310,6 +314,71 @@ impl Drop for Pod {
                 let _ = std::fs::remove_dir(top);
             }
         }
+    }
+}
+
+/// Where live simulated pods are listed, one file per pod named
+/// `<pid>-<uid>` holding its cgroup directory: a test killed with SIGKILL
+/// cannot run its destructors, so the next test run removes what it left.
+const REGISTRY: &str = "/run/connscope-testbed/pods";
+
+fn registry_file(pid: u32, uid: &str) -> PathBuf {
+    Path::new(REGISTRY).join(format!("{pid}-{uid}"))
+}
+
+fn register(uid: &str, pod_dir: &Path) {
+    let f = registry_file(std::process::id(), uid);
+    let written = std::fs::create_dir_all(REGISTRY)
+        .and_then(|()| std::fs::write(&f, pod_dir.as_os_str().as_encoded_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "testbed: cannot record {} in {REGISTRY}: {e}",
+            pod_dir.display()
+        );
+    }
+}
+
+/// Removes the cgroups of simulated pods whose creating process is gone
+/// (killed before it could clean up), so they cannot skew later tests.
+/// Only directories this testbed recorded, under `cgroup_root`, are touched.
+pub fn sweep_stale(cgroup_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(REGISTRY) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .split_once('-')
+            .and_then(|(p, _)| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Ok(dir) = std::fs::read_to_string(e.path()).map(PathBuf::from) else {
+            continue;
+        };
+        if dir.starts_with(cgroup_root) && dir.is_dir() {
+            let children: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|c| c.path())
+                .filter(|c| c.is_dir())
+                .collect();
+            for c in children {
+                kill_cgroup(&c);
+            }
+            kill_cgroup(&dir);
+            for parent in dir.ancestors().skip(1).take(2) {
+                if parent.starts_with(cgroup_root) && parent != cgroup_root {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
+            eprintln!("testbed: removed stale pod cgroup {}", dir.display());
+        }
+        let _ = std::fs::remove_file(e.path());
     }
 }
 
