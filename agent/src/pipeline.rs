@@ -50,6 +50,11 @@ pub struct Pipeline {
     /// Kubernetes Events not written (rate limit, API errors, full queue).
     pub k8s_events_dropped: Arc<std::sync::atomic::AtomicU64>,
     out: Vec<Output>,
+    /// At shutdown: past this instant failures are still counted but no
+    /// longer serialised (see [`Pipeline::flush_until`]).
+    json_deadline: Option<std::time::Instant>,
+    /// Failures counted but not written as JSON because of that deadline.
+    json_skipped: u64,
     /// Counter values already added to the metrics (they only increase).
     exported: HashMap<&'static str, u64>,
 }
@@ -69,6 +74,8 @@ impl Pipeline {
             k8s_events: None,
             k8s_events_dropped: Arc::default(),
             out: Vec::new(),
+            json_deadline: None,
+            json_skipped: 0,
             exported: HashMap::new(),
         }
     }
@@ -187,6 +194,15 @@ impl Pipeline {
         self.export(&mut out)
     }
 
+    /// Like [`Pipeline::flush`], but failures released after `deadline` are
+    /// only counted, not serialised, so that exit stays prompt however much
+    /// the race tracker still holds. Returns how many were not serialised.
+    pub fn flush_until(&mut self, deadline: std::time::Instant) -> Result<u64> {
+        self.json_deadline = Some(deadline);
+        self.flush()?;
+        Ok(self.json_skipped)
+    }
+
     fn export(&mut self, out: &mut Vec<Output>) -> Result<()> {
         for o in out.drain(..) {
             let r = match &o {
@@ -198,6 +214,13 @@ impl Pipeline {
                         continue;
                     }
                     if !self.wants_json() {
+                        continue;
+                    }
+                    if self
+                        .json_deadline
+                        .is_some_and(|d| std::time::Instant::now() >= d)
+                    {
+                        self.json_skipped += 1;
                         continue;
                     }
                     let rec = Record::from_kernel(ev, who, *phase);
@@ -391,11 +414,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     let mut ticks = 0u64;
     loop {
+        // Signals, then API updates and timers, then the ring: during a flood
+        // the ring is always readable, and the others must still be served.
         tokio::select! {
-            r = probes.read_batch(|bytes| p.record(bytes, &clock)) => {
-                r?;
-                p.advance(Clock::mono_now())?;
-            }
+            biased;
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
             Some(u) = recv(&mut kube_rx) => {
                 match &u {
                     Update::Error(e) => p.who.error("kubernetes", format!("API server: {e}; using runtime metadata")),
@@ -420,26 +444,51 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 p.advance(Clock::mono_now())?;
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            r = probes.read_batch(|bytes| p.record(bytes, &clock)) => {
+                if r? == crate::probes::BATCH {
+                    // The ring is still full: let the runtime poll its
+                    // drivers (signals, sockets, timers) before the next batch.
+                    tokio::task::yield_now().await;
+                }
+                p.advance(Clock::mono_now())?;
+            }
         }
     }
-    // What the kernel wrote but did not wake us for is still delivered, within
-    // a budget so that SIGTERM mid-flood still exits promptly; what is left
-    // is counted and reported, never silently dropped.
+    let t0 = std::time::Instant::now();
+    tracing::info!("signal received, stopping");
+    // Stop the kernel side first: nothing more is written, so the drain ends.
+    probes.detach();
+    let detach_ms = t0.elapsed().as_millis();
+    // What the kernel wrote but did not wake us for is still delivered, and
+    // what the race tracker holds is released, within budgets so that SIGTERM
+    // mid-flood still exits promptly; what is left is counted and reported,
+    // never silently dropped.
     let budget = std::time::Instant::now() + Duration::from_millis(500);
     let (_, skipped) = probes.drain_until(budget, |bytes| p.record(bytes, &clock));
-    if skipped > 0 {
-        tracing::warn!(skipped, "exiting: ring buffer records left unprocessed");
+    let drain_ms = t0.elapsed().as_millis() - detach_ms;
+    report_lost(&probes, &mut lost_seen, &mut p.sink)?;
+    let json_skipped = p.flush_until(std::time::Instant::now() + Duration::from_millis(500))?;
+    let flush_ms = t0.elapsed().as_millis() - detach_ms - drain_ms;
+    if skipped > 0 || json_skipped > 0 {
+        tracing::warn!(
+            skipped,
+            json_skipped,
+            "exiting: ring buffer records left unprocessed / failures counted but not written"
+        );
         p.sink.write(&Summary::now(
             "events_unprocessed_at_exit",
-            &serde_json::json!({ "unprocessed": skipped }),
+            &serde_json::json!({ "unprocessed": skipped, "json_skipped": json_skipped }),
         ))?;
+        p.sink.flush()?;
     }
-    report_lost(&probes, &mut lost_seen, &mut p.sink)?;
-    p.flush()?;
     drop(probes);
-    tracing::info!("probes detached, exiting");
+    tracing::info!(
+        detach_ms,
+        drain_ms,
+        flush_ms,
+        total_ms = t0.elapsed().as_millis(),
+        "probes detached, exiting"
+    );
     Ok(())
 }
 
@@ -546,4 +595,106 @@ fn report_lost(probes: &Probes, seen: &mut u64, sink: &mut Sink) -> Result<()> {
         *seen = total;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cgroup::Resolver,
+        events::Target,
+        race,
+        runtime::{Reader, Roots},
+        server::Limits,
+    };
+    use connscope_ebpf::{Event, PATH_LEN, flags, kind};
+
+    fn refused(ts: u64) -> Vec<u8> {
+        let ev = Event {
+            ts_ns: ts,
+            start_ns: ts - 1000,
+            cgroup_id: 0,
+            tgid: 4_000_000,
+            tid: 4_000_000,
+            uid: 0,
+            gid: 0,
+            netns: 0,
+            errno: 111,
+            kind: kind::CONNECT_FAILURE,
+            flags: flags::FROM_SYSCALL | flags::CONTEXT_KNOWN,
+            family: libc::AF_INET as u16,
+            sport: 40000,
+            dport: 8080,
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            path: [0; PATH_LEN],
+            reserved: [0; 4],
+        };
+        // SAFETY: the bytes of a repr(C) value without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
+                .to_vec()
+        }
+    }
+
+    fn pipeline(out: &std::path::Path) -> Pipeline {
+        let none = out.with_extension("none");
+        let who = Attributor::new(
+            None,
+            Resolver::new(Some(none.clone())),
+            Reader::new(Roots {
+                containerd: none.clone(),
+                crio: none,
+            }),
+            "/nonexistent-proc".into(),
+        );
+        Pipeline::new(
+            who,
+            Tracker::new(race::Config::default()),
+            Sink::open(&Target::File(out.into())).unwrap(),
+            Shared::new(Metrics::new(false).unwrap(), Limits::default()),
+        )
+    }
+
+    fn failures_counted(p: &Pipeline) -> f64 {
+        p.shared
+            .metrics
+            .lock()
+            .unwrap()
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("connscope_connect_failures_total"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[test]
+    fn exit_flush_past_its_deadline_counts_what_it_does_not_write() {
+        let dir = std::env::temp_dir().join(format!("connscope-flush-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let clock = Clock::with_offset_ns(0);
+        for (deadline_passed, file) in [(false, "in-time.json"), (true, "late.json")] {
+            let out = dir.join(file);
+            let mut p = pipeline(&out);
+            for i in 0..50 {
+                p.record(&refused(1_000_000_000 + i * 1000), &clock);
+            }
+            let deadline = if deadline_passed {
+                std::time::Instant::now()
+            } else {
+                std::time::Instant::now() + Duration::from_secs(60)
+            };
+            let skipped = p.flush_until(deadline).unwrap();
+            let written = std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains("\"connect_failure\""))
+                .count() as u64;
+            assert_eq!(failures_counted(&p), 50.0, "{file}: every failure counted");
+            assert_eq!(written + skipped, 50, "{file}: written or reported skipped");
+            assert_eq!(skipped > 0, deadline_passed, "{file}: skipped {skipped}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -12,7 +12,7 @@ use connscope_ebpf::{Config, names};
 use tokio::io::unix::AsyncFd;
 
 /// Records handled per turn of the main loop.
-const BATCH: usize = 1024;
+pub const BATCH: usize = 1024;
 
 /// The kernel object, built by agent/build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope-ebpf"));
@@ -90,7 +90,7 @@ pub struct HookStatus {
 /// Loaded and attached programs. Dropping it detaches everything.
 pub struct Probes {
     /// Owns the programs and their links: dropped last, detaching all.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub status: Vec<HookStatus>,
     ring: AsyncFd<RingBuf<MapData>>,
     lost: PerCpuArray<MapData, u64>,
@@ -160,7 +160,7 @@ impl Probes {
             .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
         let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
         Ok(Probes {
-            _ebpf: ebpf,
+            ebpf,
             status,
             ring,
             lost,
@@ -186,16 +186,35 @@ impl Probes {
         Ok(n)
     }
 
-    /// Reads whatever the ring buffer holds now, without waiting (the kernel
-    /// only wakes the reader for batches).
+    /// Reads what the ring buffer holds now, without waiting (the kernel
+    /// only wakes the reader for batches); at most a few batches, so a flood
+    /// cannot hold the main loop here.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let ring = self.ring.get_mut();
         let mut n = 0;
-        while let Some(item) = ring.next() {
+        while n < 4 * BATCH {
+            let Some(item) = ring.next() else { break };
             f(&item);
             n += 1;
         }
         n
+    }
+
+    /// Detaches and unloads every program, keeping the maps: at shutdown the
+    /// kernel stops producing first, so what is left in the ring is finite.
+    pub fn detach(&mut self) {
+        // Each detach waits for an RCU grace period in the kernel: done one
+        // after the other they take ~70 ms each, side by side about one.
+        std::thread::scope(|s| {
+            for (name, prog) in self.ebpf.programs_mut() {
+                s.spawn(move || {
+                    let tp: Result<&mut TracePoint, _> = prog.try_into();
+                    if let Err(e) = tp.map_err(anyhow::Error::from).and_then(|t| Ok(t.unload()?)) {
+                        tracing::warn!(program = name, error = %format!("{e:#}"), "could not detach");
+                    }
+                });
+            }
+        });
     }
 
     /// Like [`Probes::drain`], but hands records to `f` only until
