@@ -330,11 +330,15 @@ fn register(uid: &str, pod_dir: &Path) {
     let f = registry_file(std::process::id(), uid);
     let written = std::fs::create_dir_all(REGISTRY)
         .and_then(|()| std::fs::write(&f, pod_dir.as_os_str().as_encoded_bytes()));
+    // Once per process: unprivileged benches create a thousand pods.
+    static WARNED: std::sync::Once = std::sync::Once::new();
     if let Err(e) = written {
-        eprintln!(
-            "testbed: cannot record {} in {REGISTRY}: {e}",
-            pod_dir.display()
-        );
+        WARNED.call_once(|| {
+            eprintln!(
+                "testbed: cannot record {} in {REGISTRY}: {e}",
+                pod_dir.display()
+            )
+        });
     }
 }
 
