@@ -156,6 +156,20 @@ pub struct Config {
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
     pub net_inum: u32,
+    /// `struct sock` members (BTF) read by the raw-tracepoint variant of the
+    /// socket state hook, which gets the socket pointer instead of a record:
+    /// sk_protocol and, in `__sk_common`, skc_family, skc_dport, skc_rcv_saddr,
+    /// skc_daddr, skc_v6_rcv_saddr, skc_v6_daddr; and `struct inet_sock`'s
+    /// inet_sport (skc_num is already 0 when a failed socket reaches CLOSE).
+    /// Ports are in network order.
+    pub sk_protocol: u32,
+    pub skc_family: u32,
+    pub inet_sport: u32,
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
 }
 
 impl Config {
@@ -193,7 +207,30 @@ impl Config {
         task_nsproxy: OFFSET_UNKNOWN,
         nsproxy_net_ns: OFFSET_UNKNOWN,
         net_inum: OFFSET_UNKNOWN,
+        sk_protocol: OFFSET_UNKNOWN,
+        skc_family: OFFSET_UNKNOWN,
+        inet_sport: OFFSET_UNKNOWN,
+        skc_dport: OFFSET_UNKNOWN,
+        skc_rcv_saddr: OFFSET_UNKNOWN,
+        skc_daddr: OFFSET_UNKNOWN,
+        skc_v6_rcv_saddr: OFFSET_UNKNOWN,
+        skc_v6_daddr: OFFSET_UNKNOWN,
     };
+
+    /// Whether the raw-tracepoint socket hook has every offset it needs
+    /// (the IPv6 ones may be missing on kernels built without IPv6).
+    pub fn raw_sock_state_usable(&self) -> bool {
+        [
+            self.sk_protocol,
+            self.skc_family,
+            self.inet_sport,
+            self.skc_dport,
+            self.skc_rcv_saddr,
+            self.skc_daddr,
+        ]
+        .iter()
+        .all(|o| *o != OFFSET_UNKNOWN)
+    }
 }
 
 /// Names of the maps and globals, shared so a rename breaks the build, not a load.

@@ -7,13 +7,12 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use connscope_ebpf::{
-    CGROUP_PATH_LEN, COMM_LEN, CgroupEvent, Config, Event, OFFSET_UNKNOWN, PATH_LEN, SOCKADDR_LEN,
-    flags, kind,
+    CGROUP_PATH_LEN, COMM_LEN, CgroupEvent, Config, Event, OFFSET_UNKNOWN, PATH_LEN, flags, kind,
 };
 
 const AF_UNIX: u16 = 1;
@@ -60,7 +59,9 @@ struct Pending {
     failed: u8,
     sk_flags: u8,
     failed_errno: i32,
-    addr: [u8; SOCKADDR_LEN],
+    /// The dialed `struct sockaddr` in user memory: read at syscall exit,
+    /// and only if the connect failed (most succeed).
+    uaddr: u64,
 }
 
 /// Context of a socket in SYN_SENT, captured in the connecting task.
@@ -96,6 +97,15 @@ fn config() -> Config {
     // SAFETY: CONFIG is a plain global; the volatile read keeps the compiler
     // from folding the compile-time default into the code.
     unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+/// One field of [`CONFIG`], without copying the whole struct (hot paths
+/// that usually return early read only what they test).
+macro_rules! cfg_field {
+    ($f:ident) => {
+        // SAFETY: as in config(): a volatile read of a plain global.
+        unsafe { core::ptr::read_volatile(&raw const CONFIG.$f) }
+    };
 }
 
 #[inline(always)]
@@ -173,37 +183,48 @@ fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {
     }
 }
 
+/// Writes an event straight into ring-buffer memory (not built on the BPF
+/// stack and copied), or counts it as lost: nothing disappears uncounted.
+/// `fill` sets what the context does not.
 #[inline(always)]
-fn event(k: u8, c: &SockCtx, ts_ns: u64) -> Event {
-    Event {
-        ts_ns,
-        start_ns: c.start_ns,
-        cgroup_id: c.cgroup_id,
-        tgid: c.tgid,
-        tid: c.tid,
-        uid: c.uid,
-        gid: c.gid,
-        netns: c.netns,
-        errno: 0,
-        kind: k,
-        flags: c.flags,
-        family: 0,
-        sport: 0,
-        dport: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        comm: c.comm,
-        path: [0; PATH_LEN],
-        reserved: [0; 4],
+fn emit(k: u8, c: &SockCtx, ts_ns: u64, fill: impl FnOnce(&mut Event)) {
+    let wake = wakeup_flags();
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count_lost();
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is reserved ring memory of exactly one Event; every field
+    // is written before the reference is made and before submit, so no
+    // stale bytes reach userspace.
+    unsafe {
+        (*e).ts_ns = ts_ns;
+        (*e).start_ns = c.start_ns;
+        (*e).cgroup_id = c.cgroup_id;
+        (*e).tgid = c.tgid;
+        (*e).tid = c.tid;
+        (*e).uid = c.uid;
+        (*e).gid = c.gid;
+        (*e).netns = c.netns;
+        (*e).errno = 0;
+        (*e).kind = k;
+        (*e).flags = c.flags;
+        (*e).family = 0;
+        (*e).sport = 0;
+        (*e).dport = 0;
+        (*e).saddr = [0; 16];
+        (*e).daddr = [0; 16];
+        (*e).comm = c.comm;
+        (*e).path = [0; PATH_LEN];
+        (*e).reserved = [0; 4];
+        fill(&mut *e);
     }
+    entry.submit(wake);
 }
 
-/// Sends an event, or counts it as lost: nothing disappears uncounted.
 #[inline(always)]
-fn submit(ev: &Event) {
-    if EVENTS.output::<Event>(ev, wakeup_flags()).is_err()
-        && let Some(p) = LOST.get_ptr_mut(0)
-    {
+fn count_lost() {
+    if let Some(p) = LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot of this CPU; programs do not nest on one
         // CPU for these tracepoints, so the increment is not torn.
         unsafe { *p += 1 };
@@ -217,7 +238,7 @@ fn wakeup_flags() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    let threshold = config().wakeup_bytes;
+    let threshold: u32 = cfg_field!(wakeup_bytes);
     if threshold == 0 {
         return 0;
     }
@@ -228,30 +249,118 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-/// Addresses of an `inet_sock_set_state` event, by family.
-#[inline(always)]
-fn sss_addrs(ctx: &TracePointContext, cfg: &Config, family: u16) -> ([u8; 16], [u8; 16]) {
-    let mut s = [0u8; 16];
-    let mut d = [0u8; 16];
-    if family == AF_INET6 {
-        s = read(ctx, cfg.sss_saddr_v6).unwrap_or(s);
-        d = read(ctx, cfg.sss_daddr_v6).unwrap_or(d);
-    } else {
-        let s4: [u8; 4] = read(ctx, cfg.sss_saddr).unwrap_or([0; 4]);
-        let d4: [u8; 4] = read(ctx, cfg.sss_daddr).unwrap_or([0; 4]);
-        s[..4].copy_from_slice(&s4);
-        d[..4].copy_from_slice(&d4);
+/// Where the details of a socket state change come from: the classic
+/// tracepoint's record, or the socket itself (raw tracepoint, BTF offsets).
+trait SockSrc {
+    fn family(&self) -> u16;
+    /// Local port, host order.
+    fn sport(&self) -> u16;
+    /// Remote port, host order.
+    fn dport(&self) -> u16;
+    /// (source, destination) addresses, network order; IPv4 in the first four bytes.
+    fn addrs(&self, family: u16) -> ([u8; 16], [u8; 16]);
+}
+
+/// The `sock:inet_sock_set_state` record (offsets from tracefs).
+struct Record<'a> {
+    ctx: &'a TracePointContext,
+    cfg: &'a Config,
+}
+
+impl SockSrc for Record<'_> {
+    #[inline(always)]
+    fn family(&self) -> u16 {
+        read(self.ctx, self.cfg.sss_family).unwrap_or(0)
     }
-    (s, d)
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        read(self.ctx, self.cfg.sss_sport).unwrap_or(0)
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        read(self.ctx, self.cfg.sss_dport).unwrap_or(0)
+    }
+    #[inline(always)]
+    fn addrs(&self, family: u16) -> ([u8; 16], [u8; 16]) {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        if family == AF_INET6 {
+            s = read(self.ctx, self.cfg.sss_saddr_v6).unwrap_or(s);
+            d = read(self.ctx, self.cfg.sss_daddr_v6).unwrap_or(d);
+        } else {
+            let s4: [u8; 4] = read(self.ctx, self.cfg.sss_saddr).unwrap_or([0; 4]);
+            let d4: [u8; 4] = read(self.ctx, self.cfg.sss_daddr).unwrap_or([0; 4]);
+            s[..4].copy_from_slice(&s4);
+            d[..4].copy_from_slice(&d4);
+        }
+        (s, d)
+    }
+}
+
+/// A `struct sock` in kernel memory (offsets from BTF).
+struct Sock<'a> {
+    sk: u64,
+    cfg: &'a Config,
+}
+
+impl Sock<'_> {
+    #[inline(always)]
+    fn get<T>(&self, off: u32) -> Option<T> {
+        if off == OFFSET_UNKNOWN {
+            return None;
+        }
+        // SAFETY: offset of a member of struct sock from this kernel's BTF;
+        // the helper fails cleanly on a bad address.
+        unsafe { bpf_probe_read_kernel((self.sk as *const u8).add(off as usize) as *const T) }.ok()
+    }
+}
+
+impl SockSrc for Sock<'_> {
+    #[inline(always)]
+    fn family(&self) -> u16 {
+        self.get(self.cfg.skc_family).unwrap_or(0)
+    }
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        u16::from_be(self.get(self.cfg.inet_sport).unwrap_or(0))
+    }
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        u16::from_be(self.get(self.cfg.skc_dport).unwrap_or(0))
+    }
+    #[inline(always)]
+    fn addrs(&self, family: u16) -> ([u8; 16], [u8; 16]) {
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        if family == AF_INET6 {
+            s = self.get(self.cfg.skc_v6_rcv_saddr).unwrap_or(s);
+            d = self.get(self.cfg.skc_v6_daddr).unwrap_or(d);
+        } else {
+            let s4: [u8; 4] = self.get(self.cfg.skc_rcv_saddr).unwrap_or([0; 4]);
+            let d4: [u8; 4] = self.get(self.cfg.skc_daddr).unwrap_or([0; 4]);
+            s[..4].copy_from_slice(&s4);
+            d[..4].copy_from_slice(&d4);
+        }
+        (s, d)
+    }
+}
+
+/// The transitions connscope acts on; every other change (most of them:
+/// ESTABLISHED -> FIN_WAIT1 and so on) returns before anything is read.
+#[inline(always)]
+fn interesting(old: i32, new: i32) -> bool {
+    new == TCP_SYN_SENT
+        || old == TCP_SYN_SENT
+        || new == TCP_LISTEN
+        || (old == TCP_LISTEN && new == TCP_CLOSE)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    let Some(uaddr) = read::<u64>(&ctx, cfg.enter_uservaddr) else {
+    let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) else {
         return 0;
     };
-    let mut p = Pending {
+    let p = Pending {
         start_ns: now(),
         sk: 0,
         saddr: [0; 16],
@@ -259,18 +368,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         failed: 0,
         sk_flags: 0,
         failed_errno: 0,
-        addr: [0; SOCKADDR_LEN],
+        uaddr,
     };
-    // SAFETY: reads user memory through the helper, which fails cleanly.
-    unsafe {
-        let src = uaddr as *const u8;
-        // What an inet address needs (sockaddr_in6 is 28 bytes); the rest
-        // only for AF_UNIX paths.
-        let _ = bpf_probe_read_user_buf(src, &mut p.addr[..28]);
-        if u16::from_ne_bytes([p.addr[0], p.addr[1]]) == AF_UNIX {
-            let _ = bpf_probe_read_user_buf(src, &mut p.addr);
-        }
-    }
     let tid = bpf_get_current_pid_tgid() as u32;
     let _ = PENDING.insert(tid, p, 0);
     0
@@ -278,60 +377,128 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let (Some(old), Some(new)) = (
+        read::<i32>(&ctx, cfg_field!(sss_oldstate)),
+        read::<i32>(&ctx, cfg_field!(sss_newstate)),
+    ) else {
+        return 0;
+    };
+    if !interesting(old, new) {
+        return 0;
+    }
     let cfg = config();
     if read::<u16>(&ctx, cfg.sss_protocol) != Some(IPPROTO_TCP) {
         return 0;
     }
-    let (Some(sk), Some(old), Some(new)) = (
-        read::<u64>(&ctx, cfg.sss_skaddr),
-        read::<i32>(&ctx, cfg.sss_oldstate),
-        read::<i32>(&ctx, cfg.sss_newstate),
-    ) else {
+    let Some(sk) = read::<u64>(&ctx, cfg.sss_skaddr) else {
         return 0;
     };
+    sock_state(
+        &cfg,
+        sk,
+        old,
+        new,
+        &Record {
+            ctx: &ctx,
+            cfg: &cfg,
+        },
+    );
+    0
+}
+
+/// The same hook as a raw tracepoint: the kernel passes (sk, oldstate,
+/// newstate) without building a record, which makes the many uninteresting
+/// state changes of every connection nearly free. Used when BTF gives the
+/// `struct sock` offsets; the agent falls back to the classic one otherwise.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
+    let old = ctx.arg::<u64>(1) as i32;
+    let new = ctx.arg::<u64>(2) as i32;
+    if !interesting(old, new) {
+        return 0;
+    }
+    let sk = ctx.arg::<u64>(0);
+    let cfg = config();
+    let sock = Sock { sk, cfg: &cfg };
+    if sock.get::<u16>(cfg.sk_protocol) != Some(IPPROTO_TCP) {
+        return 0;
+    }
+    sock_state(&cfg, sk, old, new, &sock);
+    0
+}
+
+/// What both variants of the socket state hook do with an interesting change.
+#[inline(always)]
+fn sock_state(cfg: &Config, sk: u64, old: i32, new: i32, src: &impl SockSrc) {
     if new == TCP_SYN_SENT {
-        syn_sent(&cfg, sk);
+        syn_sent(cfg, sk);
     } else if old == TCP_SYN_SENT {
-        left_syn_sent(&ctx, &cfg, sk, new);
-    } else if new == TCP_LISTEN || (old == TCP_LISTEN && new == TCP_CLOSE) {
+        left_syn_sent(cfg, sk, new, src);
+    } else {
         let k = if new == TCP_LISTEN {
             kind::LISTEN
         } else {
             kind::LISTEN_CLOSE
         };
         let ts = now();
-        let c = current_ctx(&cfg, ts);
-        let family = read::<u16>(&ctx, cfg.sss_family).unwrap_or(0);
-        let (saddr, _) = sss_addrs(&ctx, &cfg, family);
-        let mut ev = event(k, &c, ts);
-        ev.family = family;
-        ev.sport = read::<u16>(&ctx, cfg.sss_sport).unwrap_or(0);
-        ev.saddr = saddr;
-        submit(&ev);
+        let c = current_ctx(cfg, ts);
+        let family = src.family();
+        let sport = src.sport();
+        let saddr = src.addrs(family).0;
+        emit(k, &c, ts, |ev| {
+            ev.family = family;
+            ev.sport = sport;
+            ev.saddr = saddr;
+        });
     }
-    0
 }
 
 /// CLOSE -> SYN_SENT runs in the connecting task: remember who it is.
 #[inline(always)]
 fn syn_sent(cfg: &Config, sk: u64) {
-    let ts = now();
-    let mut c = current_ctx(cfg, ts);
-    let tid = c.tid;
-    if let Some(p) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: pointer into this thread's own map slot.
-        unsafe {
-            (*p).sk = sk;
-            c.start_ns = (*p).start_ns;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let c = match PENDING.get_ptr_mut(tid) {
+        // Inside connect(): the task context is taken at syscall exit, and
+        // only if it is needed (a failure, or a connect going on without
+        // the syscall), not for every connect here.
+        Some(p) => {
+            // SAFETY: pointer into this thread's own map slot.
+            let start_ns = unsafe {
+                (*p).sk = sk;
+                (*p).start_ns
+            };
+            SockCtx {
+                start_ns,
+                tgid: (pid_tgid >> 32) as u32,
+                tid,
+                in_syscall: 1,
+                ..EMPTY_CTX
+            }
         }
-        c.in_syscall = 1;
-    }
+        None => current_ctx(cfg, now()),
+    };
     let _ = SYNSENT.insert(sk, c, 0);
 }
 
+/// A socket context with nothing known (flags without CONTEXT_KNOWN).
+const EMPTY_CTX: SockCtx = SockCtx {
+    start_ns: 0,
+    cgroup_id: 0,
+    tgid: 0,
+    tid: 0,
+    uid: 0,
+    gid: 0,
+    netns: 0,
+    in_syscall: 0,
+    flags: 0,
+    _pad: [0; 2],
+    comm: [0; COMM_LEN],
+};
+
 /// SYN_SENT -> anything: ESTABLISHED is success; CLOSE is a failed connect.
 #[inline(always)]
-fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
+fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
     let saved = SYNSENT.get_ptr(sk).map(|p| {
         // SAFETY: copied out before the entry is removed.
         unsafe { *p }
@@ -363,9 +530,8 @@ fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
             if (*p).sk == sk {
                 // The source port is assigned after SYN_SENT is
                 // entered: take it (and the address) from here.
-                (*p).sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
-                let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
-                (*p).saddr = sss_addrs(ctx, cfg, family).0;
+                (*p).sport = src.sport();
+                (*p).saddr = src.addrs(src.family()).0;
                 (*p).failed = 1;
                 (*p).failed_errno = errno;
                 (*p).sk_flags = c.flags;
@@ -375,29 +541,18 @@ fn left_syn_sent(ctx: &TracePointContext, cfg: &Config, sk: u64, new: i32) {
     }
     // Not inside connect() any more (non-blocking, interrupted, or a connect
     // we did not see start): report from here.
-    let family = read::<u16>(ctx, cfg.sss_family).unwrap_or(0);
-    let (saddr, daddr) = sss_addrs(ctx, cfg, family);
-    let c = saved.unwrap_or(SockCtx {
-        start_ns: 0,
-        cgroup_id: 0,
-        tgid: 0,
-        tid: 0,
-        uid: 0,
-        gid: 0,
-        netns: 0,
-        in_syscall: 0,
-        flags: 0,
-        _pad: [0; 2],
-        comm: [0; COMM_LEN],
+    let family = src.family();
+    let (saddr, daddr) = src.addrs(family);
+    let c = saved.unwrap_or(EMPTY_CTX);
+    let (sport, dport) = (src.sport(), src.dport());
+    emit(kind::CONNECT_FAILURE, &c, ts, |ev| {
+        ev.errno = errno;
+        ev.family = family;
+        ev.sport = sport;
+        ev.dport = dport;
+        ev.saddr = saddr;
+        ev.daddr = daddr;
     });
-    let mut ev = event(kind::CONNECT_FAILURE, &c, ts);
-    ev.errno = errno;
-    ev.family = family;
-    ev.sport = read::<u16>(ctx, cfg.sss_sport).unwrap_or(0);
-    ev.dport = read::<u16>(ctx, cfg.sss_dport).unwrap_or(0);
-    ev.saddr = saddr;
-    ev.daddr = daddr;
-    submit(&ev);
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
@@ -435,10 +590,13 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         if p.sk != 0
             && let Some(c) = SYNSENT.get_ptr_mut(p.sk)
         {
+            // A later failure is reported from the socket, away from this
+            // task: take its context now.
+            let mut full = current_ctx(&cfg, p.start_ns);
             // SAFETY: pointer into the socket's map slot.
             unsafe {
-                (*c).in_syscall = 0;
-                (*c).flags |= flags::NONBLOCKING;
+                full.flags |= flags::NONBLOCKING | ((*c).flags & flags::RST);
+                *c = full;
             }
         }
         return 0;
@@ -448,30 +606,40 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     let ts = now();
     let c = current_ctx(&cfg, p.start_ns);
-    let mut ev = event(kind::CONNECT_FAILURE, &c, ts);
-    if goes_on {
+    let (errno, extra) = if goes_on {
         // Failed while the syscall ran, yet the application was told
         // EINPROGRESS: it learns of it later, as with any non-blocking connect.
-        ev.errno = p.failed_errno;
-        ev.flags |= flags::NONBLOCKING | (p.sk_flags & flags::RST);
+        (
+            p.failed_errno,
+            flags::NONBLOCKING | (p.sk_flags & flags::RST),
+        )
     } else {
-        ev.errno = err;
-        ev.flags |= flags::FROM_SYSCALL | (p.sk_flags & flags::RST);
-    }
-    let family = u16::from_ne_bytes([p.addr[0], p.addr[1]]);
-    ev.family = family;
-    ev.sport = p.sport;
-    ev.saddr = p.saddr;
-    if family == AF_INET {
-        ev.dport = u16::from_be_bytes([p.addr[2], p.addr[3]]);
-        ev.daddr[..4].copy_from_slice(&p.addr[4..8]);
-    } else if family == AF_INET6 {
-        ev.dport = u16::from_be_bytes([p.addr[2], p.addr[3]]);
-        ev.daddr.copy_from_slice(&p.addr[8..24]);
-    } else if family == AF_UNIX {
-        ev.path.copy_from_slice(&p.addr[2..2 + PATH_LEN]);
-    }
-    submit(&ev);
+        (err, flags::FROM_SYSCALL | (p.sk_flags & flags::RST))
+    };
+    let mut addr = [0u8; 28];
+    let src = p.uaddr as *const u8;
+    // SAFETY: reads the caller's sockaddr through the helper, which fails
+    // cleanly; 28 bytes is what an inet address needs (sockaddr_in6).
+    let _ = unsafe { bpf_probe_read_user_buf(src, &mut addr) };
+    let family = u16::from_ne_bytes([addr[0], addr[1]]);
+    emit(kind::CONNECT_FAILURE, &c, ts, |ev| {
+        ev.errno = errno;
+        ev.flags |= extra;
+        ev.family = family;
+        ev.sport = p.sport;
+        ev.saddr = p.saddr;
+        if family == AF_INET {
+            ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
+            ev.daddr[..4].copy_from_slice(&addr[4..8]);
+        } else if family == AF_INET6 {
+            ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
+            ev.daddr.copy_from_slice(&addr[8..24]);
+        } else if family == AF_UNIX {
+            // SAFETY: sun_path follows the 2-byte family in user memory;
+            // read straight into the event.
+            let _ = unsafe { bpf_probe_read_user_buf(src.add(2), &mut ev.path) };
+        }
+    });
     0
 }
 
@@ -480,16 +648,17 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let cfg = config();
     let ts = now();
     let c = current_ctx(&cfg, ts);
-    let mut ev = event(kind::EXEC, &c, ts);
-    if let Some(loc) = read::<u32>(&ctx, cfg.exec_filename) {
-        let off = (loc & 0xffff) as usize;
-        // SAFETY: __data_loc offset into this tracepoint's record.
-        unsafe {
-            let src = (ctx.as_ptr() as *const u8).add(off);
-            let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut ev.path);
+    let loc = read::<u32>(&ctx, cfg.exec_filename);
+    emit(kind::EXEC, &c, ts, |ev| {
+        if let Some(loc) = loc {
+            let off = (loc & 0xffff) as usize;
+            // SAFETY: __data_loc offset into this tracepoint's record.
+            unsafe {
+                let src = (ctx.as_ptr() as *const u8).add(off);
+                let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut ev.path);
+            }
         }
-    }
-    submit(&ev);
+    });
     0
 }
 
@@ -506,7 +675,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     let ts = now();
     let c = current_ctx(&cfg, ts);
-    submit(&event(kind::EXIT, &c, ts));
+    emit(kind::EXIT, &c, ts, |_| {});
     0
 }
 
@@ -539,10 +708,8 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
         let dst = &mut *core::ptr::addr_of_mut!((*p).path);
         let _ =
             aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
-        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags()).is_err()
-            && let Some(l) = LOST.get_ptr_mut(0)
-        {
-            *l += 1;
+        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags()).is_err() {
+            count_lost();
         }
     }
 }

@@ -115,6 +115,15 @@ pub struct Record<'a> {
     pub duration_ms: Option<f64>,
 }
 
+/// The `type` of a kernel event's line.
+pub fn record_kind(k: Kind) -> &'static str {
+    match k {
+        Kind::ConnectFailure => "connect_failure",
+        Kind::Listen | Kind::ListenClose => "listener",
+        Kind::Exec | Kind::Exit => "process",
+    }
+}
+
 /// RFC 3339 with nanoseconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
@@ -129,12 +138,13 @@ impl<'a> Record<'a> {
             e.kind,
             Kind::ConnectFailure | Kind::Listen | Kind::ListenClose
         );
-        let (kind, state) = match e.kind {
-            Kind::ConnectFailure => ("connect_failure", None),
-            Kind::Listen => ("listener", Some("listen")),
-            Kind::ListenClose => ("listener", Some("closed")),
-            Kind::Exec => ("process", Some("exec")),
-            Kind::Exit => ("process", Some("exit")),
+        let kind = record_kind(e.kind);
+        let state = match e.kind {
+            Kind::ConnectFailure => None,
+            Kind::Listen => Some("listen"),
+            Kind::ListenClose => Some("closed"),
+            Kind::Exec => Some("exec"),
+            Kind::Exit => Some("exit"),
         };
         Record {
             kind,

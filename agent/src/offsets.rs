@@ -140,6 +140,9 @@ fn find_member(btf: &Btf, ty: &Type, name: &str, depth: u32) -> Result<Option<(u
         let mname = btf.resolve_name(m).unwrap_or_default();
         let mty = resolve_typedefs(btf, btf.resolve_chained_type(m)?)?;
         if mname == name {
+            if m.bitfield_size().is_some_and(|b| b != 0) {
+                bail!("{name} is a bitfield");
+            }
             return Ok(Some((m.bit_offset(), mty)));
         }
         if mname.is_empty()
@@ -232,6 +235,15 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
             cfg.task_nsproxy = get("task_struct", &["nsproxy"]);
             cfg.nsproxy_net_ns = get("nsproxy", &["net_ns"]);
             cfg.net_inum = get("net", &["ns", "inum"]);
+            cfg.sk_protocol = get("sock", &["sk_protocol"]);
+            let common = |m: &'static str| ["__sk_common", m];
+            cfg.skc_family = get("sock", &common("skc_family"));
+            cfg.inet_sport = get("inet_sock", &["inet_sport"]);
+            cfg.skc_dport = get("sock", &common("skc_dport"));
+            cfg.skc_rcv_saddr = get("sock", &common("skc_rcv_saddr"));
+            cfg.skc_daddr = get("sock", &common("skc_daddr"));
+            cfg.skc_v6_rcv_saddr = get("sock", &common("skc_v6_rcv_saddr"));
+            cfg.skc_v6_daddr = get("sock", &common("skc_v6_daddr"));
         }
         Err(e) => d.missing_btf.push(format!("{}: {e:#}", btf_path.display())),
     }
@@ -321,5 +333,18 @@ print fmt: \"family=%s\"
         // skc_family sits inside the anonymous-member-rich struct sock_common.
         assert!(btf_member_offset(&btf, "sock", &["__sk_common", "skc_family"]).is_ok());
         assert!(btf_member_offset(&btf, "sock", &["no_such_member"]).is_err());
+        // What the raw socket-state hook needs: inet_sock embeds sock first.
+        let sport = btf_member_offset(&btf, "inet_sock", &["inet_sport"]).unwrap();
+        assert!(
+            sport as usize >= sock_size,
+            "inet_sport {sport} after struct sock"
+        );
+        let dport = btf_member_offset(&btf, "sock", &["__sk_common", "skc_dport"]).unwrap();
+        let daddr = btf_member_offset(&btf, "sock", &["__sk_common", "skc_daddr"]).unwrap();
+        assert!(
+            daddr < dport && dport < 32,
+            "sock_common layout: {daddr} {dport}"
+        );
+        assert!(btf_member_offset(&btf, "sock", &["sk_protocol"]).is_ok());
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     race::{self, Hints, Output, Tracker},
     restore,
     runtime::{Reader, Roots},
-    server::{EventLine, Limits, Shared},
+    server::{EventLine, Limits, LineBody, Shared},
 };
 
 /// How often the ring buffer is drained without a wakeup (ms): the kernel
@@ -223,6 +223,21 @@ impl Pipeline {
                         self.json_skipped += 1;
                         continue;
                     }
+                    if !self.sink.is_active() {
+                        // Only /events wants it: serialised if read.
+                        self.shared.publish(EventLine {
+                            kind: crate::events::record_kind(ev.kind),
+                            namespace: who.namespace.clone(),
+                            pod: who.pod.clone(),
+                            phase: phase.map(|p| p.as_str()),
+                            body: LineBody::Kernel {
+                                ev: Box::new(ev.clone()),
+                                who: who.clone(),
+                                phase: *phase,
+                            },
+                        });
+                        continue;
+                    }
                     let rec = Record::from_kernel(ev, who, *phase);
                     self.emit(rec.kind, who, phase.map(|p| p.as_str()), &rec)
                 }
@@ -297,7 +312,7 @@ impl Pipeline {
         let json = serde_json::to_string(body)?;
         self.sink.write_line(&json)?;
         self.shared.publish(EventLine {
-            json,
+            body: LineBody::Json(json),
             kind,
             namespace: who.namespace.clone(),
             pod: who.pod.clone(),

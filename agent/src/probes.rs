@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{Program, RawTracePoint, TracePoint},
 };
 use connscope_ebpf::{Config, names};
 use tokio::io::unix::AsyncFd;
@@ -136,6 +136,20 @@ impl Probes {
                 .any(|d| d == hook.name || d == hook.program || *d == full)
             {
                 Some("disabled by --disable-probe".to_string())
+            } else if hook.program == "inet_sock_set_state"
+                && config.raw_sock_state_usable()
+                && !opts.disabled.iter().any(|d| d == RAW_SOCK_STATE)
+            {
+                // The raw tracepoint costs far less per state change; the
+                // classic one is the fallback (and reachable on purpose
+                // with --disable-probe sock_state_raw, for tests).
+                match attach_raw(&mut ebpf, RAW_SOCK_STATE, hook.name) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "raw tracepoint inet_sock_set_state unavailable; using the classic tracepoint");
+                        attach(&mut ebpf, hook).err().map(|e| format!("{e:#}"))
+                    }
+                }
             } else {
                 attach(&mut ebpf, hook).err().map(|e| format!("{e:#}"))
             };
@@ -208,9 +222,17 @@ impl Probes {
         std::thread::scope(|s| {
             for (name, prog) in self.ebpf.programs_mut() {
                 s.spawn(move || {
-                    let tp: Result<&mut TracePoint, _> = prog.try_into();
-                    if let Err(e) = tp.map_err(anyhow::Error::from).and_then(|t| Ok(t.unload()?)) {
-                        tracing::warn!(program = name, error = %format!("{e:#}"), "could not detach");
+                    let r = match prog {
+                        Program::TracePoint(p) => p.unload(),
+                        Program::RawTracePoint(p) => p.unload(),
+                        _ => Ok(()),
+                    };
+                    // Programs never loaded (the variant not chosen) are fine.
+                    if let Err(e) = r.or_else(|e| match e {
+                        aya::programs::ProgramError::NotLoaded => Ok(()),
+                        e => Err(e),
+                    }) {
+                        tracing::warn!(program = name, error = %e, "could not detach");
                     }
                 });
             }
@@ -250,6 +272,19 @@ impl Probes {
             .iter()
             .any(|s| s.hook.program == program && s.error.is_none())
     }
+}
+
+/// Program name of the raw-tracepoint variant of `sock:inet_sock_set_state`.
+pub const RAW_SOCK_STATE: &str = "sock_state_raw";
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .with_context(|| format!("program {program} missing from the object"))?
+        .try_into()?;
+    prog.load().context("verifier")?;
+    prog.attach(tracepoint)?;
+    Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {

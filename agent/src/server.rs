@@ -25,16 +25,46 @@ use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
-use crate::metrics::Metrics;
+use crate::{
+    attribute::Attribution, decode::KernelEvent, events::Record, metrics::Metrics, race::Phase,
+};
+
+/// What an `/events` line says.
+#[derive(Debug, Clone)]
+pub enum LineBody {
+    /// Already serialised (a summary, or an event the stream also wrote).
+    Json(String),
+    /// A kernel event serialised only when somebody reads it: with
+    /// `--events none` nothing is turned into JSON unless `/events` is asked.
+    Kernel {
+        ev: Box<KernelEvent>,
+        who: Arc<Attribution>,
+        phase: Option<Phase>,
+    },
+}
 
 /// One event line with the fields `/events` filters on.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventLine {
-    pub json: String,
+    pub body: LineBody,
     pub kind: &'static str,
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub phase: Option<&'static str>,
+}
+
+impl EventLine {
+    /// The line's JSON (without the newline).
+    pub fn json(&self) -> String {
+        match &self.body {
+            LineBody::Json(j) => j.clone(),
+            LineBody::Kernel { ev, who, phase } => {
+                serde_json::to_string(&Record::from_kernel(ev, who, *phase)).unwrap_or_else(|e| {
+                    format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
+                })
+            }
+        }
+    }
 }
 
 /// Limits of the endpoints.
@@ -212,7 +242,7 @@ async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Respon
     if !f.follow() {
         let mut body = String::new();
         for e in recent {
-            body.push_str(&e.json);
+            body.push_str(&e.json());
             body.push('\n');
         }
         return (ndjson, body).into_response();
@@ -226,12 +256,12 @@ async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Respon
     let head = futures::stream::iter(
         recent
             .into_iter()
-            .map(|e| Ok::<_, std::convert::Infallible>(format!("{}\n", e.json))),
+            .map(|e| Ok::<_, std::convert::Infallible>(format!("{}\n", e.json()))),
     );
     let live = BroadcastStream::new(rx).filter_map(move |r| {
         let _keep = &slot;
         let out = match r {
-            Ok(e) if f.matches(&e) => Some(Ok(format!("{}\n", e.json))),
+            Ok(e) if f.matches(&e) => Some(Ok(format!("{}\n", e.json()))),
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(format!(
                 "{{\"type\":\"follow_lagged\",\"skipped\":{n}}}\n"

@@ -52,9 +52,25 @@ fn refusals_before_sidecar_listens_and_none_after() {
     if !privileged("refusals_before_sidecar_listens_and_none_after") {
         return;
     }
-    let dir = TempDir::new("probes");
-    let mut agent = Agent::start(&dir.0, &["--process-events"]);
-    let topo = Topology::create(11, true).expect("topology");
+    refusals_and_listeners(11, &[]);
+}
+
+/// The same through the classic `sock:inet_sock_set_state` tracepoint, the
+/// agent's fallback where the raw tracepoint or its BTF offsets are missing.
+#[test]
+fn classic_socket_tracepoint_sees_the_same() {
+    if !privileged("classic_socket_tracepoint_sees_the_same") {
+        return;
+    }
+    refusals_and_listeners(12, &["--disable-probe", "sock_state_raw"]);
+}
+
+fn refusals_and_listeners(tag: u8, extra: &[&str]) {
+    let dir = TempDir::new(&format!("probes{tag}"));
+    let mut args = vec!["--process-events"];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start(&dir.0, &args);
+    let topo = Topology::create(tag, true).expect("topology");
     let pod_netns = topo.pod.inode().unwrap();
 
     let mut upstream = Bg::spawn({

@@ -16,11 +16,14 @@ use serde_json::Value;
 /// The bpftrace equivalent of connscope's connect-failure hooks: remember
 /// the connecting task at SYN_SENT, report SYN_SENT -> CLOSE and failed
 /// connect() returns.
+/// (`skaddr` is copied to a variable first: bpftrace 0.17 otherwise emits a
+/// context access that current verifiers reject, and the program never loads.)
 const BPFTRACE: &str = r#"
-tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->newstate == 2/ { @ctx[args->skaddr] = pid; }
+tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->newstate == 2/ { $sk = (uint64)args->skaddr; @ctx[$sk] = pid; }
 tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->oldstate == 2/ {
-  if (args->newstate == 7) { printf("fail %d %d\n", @ctx[args->skaddr], args->dport); }
-  delete(@ctx[args->skaddr]);
+  $sk = (uint64)args->skaddr; $port = args->dport;
+  if (args->newstate == 7) { printf("fail %d %d\n", @ctx[$sk], $port); }
+  delete(@ctx[$sk]);
 }
 tracepoint:syscalls:sys_exit_connect /args->ret < 0 && args->ret != -115/ { printf("connect %d %s %d\n", pid, comm, args->ret); }
 "#;
@@ -154,6 +157,21 @@ fn start(
             Err(_) if Instant::now() > deadline => bail!("{name} did not attach within 60 s"),
             Err(_) => {}
         }
+    }
+    // bpftrace prints its banner before loading: a program the verifier
+    // rejects makes it exit just after. Only a tracer still running counts.
+    std::thread::sleep(Duration::from_secs(1));
+    if let Ok(Some(st)) = child.try_wait() {
+        while let Ok(l) = rx.try_recv() {
+            seen.push(l);
+        }
+        let why = seen
+            .iter()
+            .rev()
+            .find(|l| l.contains("ERROR"))
+            .cloned()
+            .unwrap_or_default();
+        return Ok(Err(format!("exited after attaching ({st}): {why}")));
     }
     // Keep draining output so the tracer never blocks on a full pipe.
     std::thread::spawn(move || while rx.recv().is_ok() {});
