@@ -188,7 +188,7 @@ fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {
 /// `fill` sets what the context does not.
 #[inline(always)]
 fn emit(k: u8, c: &SockCtx, ts_ns: u64, fill: impl FnOnce(&mut Event)) {
-    let wake = wakeup_flags();
+    let wake = wakeup_flags(size_of::<Event>() as u64);
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_lost();
         return;
@@ -231,10 +231,12 @@ fn count_lost() {
     }
 }
 
-/// Wake the reader only once enough data is waiting (it also drains on a
-/// short timer): one wakeup per batch instead of one per event.
+/// Wake the reader only when this record takes the waiting data across the
+/// threshold (it also drains on a short timer): one wakeup per batch. Not
+/// on every record above it: a forced wakeup is an interrupt (a VM exit on
+/// virtual machines), and while the reader catches up every event would pay it.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(record_bytes: u64) -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -242,7 +244,10 @@ fn wakeup_flags() -> u64 {
     if threshold == 0 {
         return 0;
     }
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold as u64 {
+    let threshold = threshold as u64;
+    let before = EVENTS.query(BPF_RB_AVAIL_DATA);
+    // Each record also carries an 8-byte header.
+    if before < threshold && before + record_bytes + 8 >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -708,7 +713,7 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
         let dst = &mut *core::ptr::addr_of_mut!((*p).path);
         let _ =
             aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
-        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags()).is_err() {
+        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags(size_of::<CgroupEvent>() as u64)).is_err() {
             count_lost();
         }
     }
