@@ -713,7 +713,10 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
         let dst = &mut *core::ptr::addr_of_mut!((*p).path);
         let _ =
             aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
-        if EVENTS.output::<CgroupEvent>(&*p, wakeup_flags(size_of::<CgroupEvent>() as u64)).is_err() {
+        if EVENTS
+            .output::<CgroupEvent>(&*p, wakeup_flags(size_of::<CgroupEvent>() as u64))
+            .is_err()
+        {
             count_lost();
         }
     }

@@ -86,11 +86,13 @@ fn bench(c: &mut Criterion) {
     let mut ts = 1_000_000_000u64;
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(BATCH as u64));
-    // Counting only (`--events none`, no /events buffer): what a busy node
-    // pays per event; then with every event serialised to JSON as well.
-    for (name, recent) in [
-        ("decode+attribute+classify+count", 0),
-        ("same+json_events", 10_000),
+    // Counting only (`--events none`, no /events buffer); then kept for
+    // /events as well (serialised only when read); then every event also
+    // serialised to a JSON stream (`--events <file>`).
+    for (name, recent, target) in [
+        ("decode+attribute+classify+count", 0, Target::None),
+        ("same+kept_for_events_endpoint", 2048, Target::None),
+        ("same+json_stream", 2048, Target::File("/dev/null".into())),
     ] {
         let who = Attributor::new(
             Some("node".into()),
@@ -108,7 +110,7 @@ fn bench(c: &mut Criterion) {
         let mut p = Pipeline::new(
             who,
             Tracker::new(Config::default()),
-            Sink::open(&Target::None).unwrap(),
+            Sink::open(&target).unwrap(),
             shared,
         );
         group.bench_function(name, |b| {

@@ -106,7 +106,17 @@ pub fn run(btf: &Path) -> Report {
     });
     let mut any_core = false;
     if let Ok(root) = tracefs {
-        let (_, disc) = offsets::discover(root, btf);
+        let (cfg, disc) = offsets::discover(root, btf);
+        let raw = cfg.raw_sock_state_usable();
+        items.push(Item {
+            name: "raw tracepoint inet_sock_set_state".into(),
+            ok: raw,
+            detail: if raw {
+                "struct sock offsets found: the socket hook runs as a raw tracepoint (cheapest)".into()
+            } else {
+                "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)".into()
+            },
+        });
         for h in HOOKS {
             let full = format!("{}/{}", h.category, h.name);
             let ok = !disc.missing_tracepoints.contains(&full);

@@ -320,4 +320,14 @@ fn check_names_missing_capabilities() {
         .output()
         .unwrap();
     assert!(ok.status.success());
+    // This kernel's BTF has the struct sock offsets: the cheap socket hook.
+    let r: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let raw = r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "raw tracepoint inet_sock_set_state")
+        .cloned()
+        .unwrap();
+    assert_eq!(raw["ok"], true, "{raw}");
 }
