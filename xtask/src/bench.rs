@@ -478,6 +478,42 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
 
 /// Agent RSS (MiB) and CPU (% of one core), idle and under load from `pods`
 /// simulated pod cgroups.
+/// Appends the criterion pipeline results (events/s on one core, from
+/// `target/criterion/pipeline/*/new/estimates.json`) to BENCHMARKS.md.
+pub fn record_pipeline(workspace: &Path) -> Result<()> {
+    /// Events per criterion iteration (`BATCH` in agent/benches/pipeline.rs).
+    const EVENTS_PER_ITER: f64 = 10_000.0;
+    let mut section = String::from(
+        "\n## Userspace pipeline (`cargo bench --bench pipeline`, one core)\n\n| case | events/s (mean) |\n|---|---|\n",
+    );
+    for case in [
+        "decode+attribute+classify+count",
+        "same+kept_for_events_endpoint",
+        "same+json_stream",
+    ] {
+        let f = workspace
+            .join("target/criterion/pipeline")
+            .join(case)
+            .join("new/estimates.json");
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+        )?;
+        let ns = v["mean"]["point_estimate"]
+            .as_f64()
+            .context("mean in estimates.json")?;
+        section.push_str(&format!(
+            "| {case} | {:.2}M |\n",
+            EVENTS_PER_ITER / ns * 1e9 / 1e6
+        ));
+    }
+    println!("{section}");
+    let path = workspace.join("BENCHMARKS.md");
+    let mut md = std::fs::read_to_string(&path)?;
+    md.push_str(&section);
+    std::fs::write(path, md)?;
+    Ok(())
+}
+
 fn footprint(
     bin: &Path,
     workspace: &Path,

@@ -81,6 +81,7 @@ fn main() -> Result<()> {
             bench::run(&workspace(), smoke)?;
             if !smoke {
                 run(cargo().args(["bench", "--package", "connscope", "--bench", "pipeline"]))?;
+                bench::record_pipeline(&workspace())?;
             }
             Ok(())
         }
