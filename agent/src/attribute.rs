@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// Where the workload name came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkloadSource {
     /// Owner references from the API server.
@@ -27,7 +27,7 @@ pub enum WorkloadSource {
 }
 
 /// Everything known about where an event came from.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Attribution {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,

@@ -24,8 +24,11 @@ pub const BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
-/// (attribution pointer, errno, phase) of a cached failure counter.
-type FailureKey = (usize, i32, Phase);
+/// (hash of the attribution's content, errno, phase) of a cached failure
+/// counter. By content, not by pointer: attributions that are not final yet
+/// (runtime metadata or API still to come) are rebuilt per event, and keying
+/// them by pointer made one entry, with its own `Arc`, per event.
+type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
 type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
 
@@ -220,8 +223,11 @@ impl Metrics {
 
     /// A connect failure with its phase.
     pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase) {
-        let key = (Arc::as_ptr(who) as usize, errno, phase);
-        if let Some((_, c, t)) = self.failure_cache.get_mut(&key) {
+        use std::hash::BuildHasher as _;
+        let key = (rustc_hash::FxBuildHasher.hash_one(&**who), errno, phase);
+        if let Some((cached, c, t)) = self.failure_cache.get_mut(&key)
+            && (Arc::ptr_eq(cached, who) || **cached == **who)
+        {
             c.inc();
             *t = Instant::now();
             return;
@@ -368,6 +374,23 @@ mod tests {
             container: Some("app".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn failures_of_rebuilt_attributions_share_one_cache_entry() {
+        // Attributions not final yet are rebuilt per event: equal content,
+        // a new Arc each time. One cached counter, not one per event.
+        let mut m = Metrics::new(false).unwrap();
+        for _ in 0..1000 {
+            m.failure(&Arc::new(who()), 111, Phase::NoSidecar);
+        }
+        let mut other = who();
+        other.container = Some("worker".into());
+        m.failure(&Arc::new(other), 111, Phase::NoSidecar);
+        assert_eq!(m.failure_cache.len(), 2);
+        let t = m.render();
+        assert!(t.contains(r#"container="app",errno="ECONNREFUSED",namespace="shop",phase="no_sidecar",workload="checkout"} 1000"#), "{t}");
+        assert!(t.contains(r#"container="worker",errno="ECONNREFUSED",namespace="shop",phase="no_sidecar",workload="checkout"} 1"#), "{t}");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use serde::Serialize;
 
 /// Pod QoS class, from the cgroup parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Qos {
     Guaranteed,
