@@ -24,10 +24,10 @@ pub const BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
-/// (hash of the attribution's content, errno, phase) of a cached failure
-/// counter. By content, not by pointer: attributions that are not final yet
-/// (runtime metadata or API still to come) are rebuilt per event, and keying
-/// them by pointer made one entry, with its own `Arc`, per event.
+/// (hash of the attribution's label fields, errno, phase) of a cached
+/// failure counter. By content, not by pointer: attributions that are not
+/// final yet (runtime metadata or API still to come) are rebuilt per event,
+/// and keying them by pointer made one entry, with its own `Arc`, per event.
 type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
 type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
@@ -224,9 +224,17 @@ impl Metrics {
     /// A connect failure with its phase.
     pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase) {
         use std::hash::BuildHasher as _;
-        let key = (rustc_hash::FxBuildHasher.hash_one(&**who), errno, phase);
+        // Only what the series' labels are made of identifies the counter.
+        let pod = if self.pod_labels { &who.pod } else { &None };
+        let ident = (&who.namespace, &who.workload, &who.container, pod);
+        let key = (rustc_hash::FxBuildHasher.hash_one(ident), errno, phase);
+        let pod_labels = self.pod_labels;
         if let Some((cached, c, t)) = self.failure_cache.get_mut(&key)
-            && (Arc::ptr_eq(cached, who) || **cached == **who)
+            && (Arc::ptr_eq(cached, who)
+                || (cached.namespace == who.namespace
+                    && cached.workload == who.workload
+                    && cached.container == who.container
+                    && (!pod_labels || cached.pod == who.pod)))
         {
             c.inc();
             *t = Instant::now();

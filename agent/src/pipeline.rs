@@ -227,12 +227,10 @@ impl Pipeline {
                         // Only /events wants it: serialised if read.
                         self.shared.publish(EventLine {
                             kind: crate::events::record_kind(ev.kind),
-                            namespace: who.namespace.clone(),
-                            pod: who.pod.clone(),
+                            who: who.clone(),
                             phase: phase.map(|p| p.as_str()),
                             body: LineBody::Kernel {
                                 ev: Box::new(ev.clone()),
-                                who: who.clone(),
                                 phase: *phase,
                             },
                         });
@@ -302,7 +300,7 @@ impl Pipeline {
     fn emit<T: Serialize>(
         &mut self,
         kind: &'static str,
-        who: &Attribution,
+        who: &Arc<Attribution>,
         phase: Option<&'static str>,
         body: &T,
     ) -> std::io::Result<()> {
@@ -314,8 +312,7 @@ impl Pipeline {
         self.shared.publish(EventLine {
             body: LineBody::Json(json),
             kind,
-            namespace: who.namespace.clone(),
-            pod: who.pod.clone(),
+            who: who.clone(),
             phase,
         });
         Ok(())

@@ -38,7 +38,6 @@ pub enum LineBody {
     /// `--events none` nothing is turned into JSON unless `/events` is asked.
     Kernel {
         ev: Box<KernelEvent>,
-        who: Arc<Attribution>,
         phase: Option<Phase>,
     },
 }
@@ -48,8 +47,8 @@ pub enum LineBody {
 pub struct EventLine {
     pub body: LineBody,
     pub kind: &'static str,
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
+    /// Who it is about (namespace and pod are filtered on).
+    pub who: Arc<Attribution>,
     pub phase: Option<&'static str>,
 }
 
@@ -58,8 +57,8 @@ impl EventLine {
     pub fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
-            LineBody::Kernel { ev, who, phase } => {
-                serde_json::to_string(&Record::from_kernel(ev, who, *phase)).unwrap_or_else(|e| {
+            LineBody::Kernel { ev, phase } => {
+                serde_json::to_string(&Record::from_kernel(ev, &self.who, *phase)).unwrap_or_else(|e| {
                     format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
                 })
             }
@@ -161,11 +160,11 @@ impl Filter {
     pub fn matches(&self, e: &EventLine) -> bool {
         self.namespace
             .as_deref()
-            .is_none_or(|n| e.namespace.as_deref() == Some(n))
+            .is_none_or(|n| e.who.namespace.as_deref() == Some(n))
             && self
                 .pod
                 .as_deref()
-                .is_none_or(|p| e.pod.as_deref() == Some(p))
+                .is_none_or(|p| e.who.pod.as_deref() == Some(p))
             && self.phase.as_deref().is_none_or(|p| e.phase == Some(p))
             && self.kind.as_deref().is_none_or(|k| e.kind == k)
     }
