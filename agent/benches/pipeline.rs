@@ -15,40 +15,21 @@ use connscope::{
     race::{Config, Tracker},
     runtime::{Reader, Roots},
     server::{Limits, Shared},
-    testbed::pod::{Flavor, Pod},
+    testbed::{
+        pod::{Flavor, Pod},
+        records,
+    },
 };
-use connscope_ebpf::{Event, PATH_LEN, flags, kind};
+use connscope_ebpf::flags;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const PODS: usize = 1000;
 const BATCH: usize = 10_000;
 
 fn record(cgroup_id: u64, ts: u64, pid: u32) -> Vec<u8> {
-    let ev = Event {
-        ts_ns: ts,
-        start_ns: ts - 1000,
-        cgroup_id,
-        tgid: pid,
-        tid: pid,
-        uid: 0,
-        gid: 0,
-        netns: 4026532000,
-        errno: 111,
-        kind: kind::CONNECT_FAILURE,
-        flags: flags::RST | flags::NETNS_KNOWN | flags::CONTEXT_KNOWN | flags::NONBLOCKING,
-        family: libc::AF_INET as u16,
-        sport: 40000,
-        dport: 8080,
-        saddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
-        path: [0; PATH_LEN],
-        reserved: [0; 4],
-    };
-    // SAFETY: the bytes of a repr(C) value without implicit padding.
-    unsafe {
-        std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>()).to_vec()
-    }
+    let mut ev = records::refused(cgroup_id, ts, pid);
+    ev.flags = flags::RST | flags::NETNS_KNOWN | flags::CONTEXT_KNOWN | flags::NONBLOCKING;
+    records::bytes(&ev)
 }
 
 fn bench(c: &mut Criterion) {

@@ -363,38 +363,25 @@ pub fn errno_name(errno: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testbed::records;
     use connscope_ebpf::PATH_LEN;
 
     fn raw(kind: u8) -> Event {
         Event {
-            ts_ns: 2_000_000_000,
             start_ns: 1_500_000_000,
-            cgroup_id: 42,
             tgid: 100,
             tid: 101,
             uid: 1000,
             gid: 1000,
             netns: 4026531840,
-            errno: 111,
             kind,
-            flags: flags::RST | flags::NETNS_KNOWN | flags::CONTEXT_KNOWN | flags::FROM_SYSCALL,
-            family: libc::AF_INET as u16,
-            sport: 40000,
-            dport: 8080,
-            saddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
-            path: [0; PATH_LEN],
-            reserved: [0; 4],
+            ..records::refused(42, 2_000_000_000, 100)
         }
     }
 
     fn bytes(ev: &Event) -> Vec<u8> {
-        // SAFETY: reading the bytes of a repr(C) value with explicit padding.
-        unsafe {
-            std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>())
-                .to_vec()
-        }
+        records::bytes(ev)
     }
 
     #[test]

@@ -630,36 +630,18 @@ mod tests {
         race,
         runtime::{Reader, Roots},
         server::Limits,
+        testbed::records,
     };
-    use connscope_ebpf::{Event, PATH_LEN, flags, kind};
+    use connscope_ebpf::flags;
 
     fn refused(ts: u64) -> Vec<u8> {
-        let ev = Event {
-            ts_ns: ts,
-            start_ns: ts - 1000,
-            cgroup_id: 0,
-            tgid: 4_000_000,
-            tid: 4_000_000,
-            uid: 0,
-            gid: 0,
-            netns: 0,
-            errno: 111,
-            kind: kind::CONNECT_FAILURE,
-            flags: flags::FROM_SYSCALL | flags::CONTEXT_KNOWN,
-            family: libc::AF_INET as u16,
-            sport: 40000,
-            dport: 8080,
-            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
-            path: [0; PATH_LEN],
-            reserved: [0; 4],
-        };
-        // SAFETY: the bytes of a repr(C) value without implicit padding.
-        unsafe {
-            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
-                .to_vec()
-        }
+        // Host process, loopback: nothing to attribute, no pod to hold for.
+        let mut ev = records::refused(0, ts, 4_000_000);
+        ev.flags = flags::FROM_SYSCALL | flags::CONTEXT_KNOWN;
+        ev.netns = 0;
+        ev.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        records::bytes(&ev)
     }
 
     fn pipeline(out: &std::path::Path) -> Pipeline {

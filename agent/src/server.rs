@@ -57,11 +57,10 @@ impl EventLine {
     pub fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
-            LineBody::Kernel { ev, phase } => {
-                serde_json::to_string(&Record::from_kernel(ev, &self.who, *phase)).unwrap_or_else(|e| {
-                    format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
-                })
-            }
+            LineBody::Kernel { ev, phase } => serde_json::to_string(&Record::from_kernel(
+                ev, &self.who, *phase,
+            ))
+            .unwrap_or_else(|e| format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")),
         }
     }
 }

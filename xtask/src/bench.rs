@@ -140,15 +140,7 @@ fn start(
     let mut seen = Vec::new();
     loop {
         if let Ok(Some(st)) = child.try_wait() {
-            while let Ok(l) = rx.try_recv() {
-                seen.push(l);
-            }
-            let why = seen
-                .iter()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .cloned()
-                .unwrap_or_default();
+            let why = last_line(&mut seen, &rx, |l| !l.trim().is_empty());
             return Ok(Err(format!("exited ({st}): {why}")));
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -162,15 +154,7 @@ fn start(
     // rejects makes it exit just after. Only a tracer still running counts.
     std::thread::sleep(Duration::from_secs(1));
     if let Ok(Some(st)) = child.try_wait() {
-        while let Ok(l) = rx.try_recv() {
-            seen.push(l);
-        }
-        let why = seen
-            .iter()
-            .rev()
-            .find(|l| l.contains("ERROR"))
-            .cloned()
-            .unwrap_or_default();
+        let why = last_line(&mut seen, &rx, |l| l.contains("ERROR"));
         return Ok(Err(format!("exited after attaching ({st}): {why}")));
     }
     // Keep draining output so the tracer never blocks on a full pipe.
@@ -180,6 +164,23 @@ fn start(
         child: Some(child),
         http_port: None,
     }))
+}
+
+/// The last line a tracer printed (of those `pick` accepts), for saying
+/// why it exited.
+fn last_line(
+    seen: &mut Vec<String>,
+    rx: &std::sync::mpsc::Receiver<String>,
+    pick: impl Fn(&str) -> bool,
+) -> String {
+    while let Ok(l) = rx.try_recv() {
+        seen.push(l);
+    }
+    seen.iter()
+        .rev()
+        .find(|l| pick(l))
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn wait_line(

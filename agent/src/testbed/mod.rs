@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod net;
 pub mod pod;
+pub mod records;
 pub mod scenario;
 pub mod sidecar;
 pub mod storm;
