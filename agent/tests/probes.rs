@@ -139,14 +139,22 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
     // 4. What the agent saw.
     let sidecar_pid = sidecar.child.id();
     wait_for(
-        "listen_close of 15001 in the events",
+        "both listen_close events of this pod's 15001",
         Duration::from_secs(10),
         || {
-            agent
+            // Tests run side by side and the probes see the whole machine:
+            // only this pod's network namespace counts.
+            let n = agent
                 .events()
                 .iter()
-                .any(|e| e["type"] == "listener" && e["state"] == "closed" && e["port"] == 15001)
-                .then_some(())
+                .filter(|e| {
+                    e["type"] == "listener"
+                        && e["state"] == "closed"
+                        && e["port"] == 15001
+                        && e["netns"] == pod_netns
+                })
+                .count();
+            (n >= 2).then_some(())
         },
     );
     let events = agent.events();
@@ -203,7 +211,11 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
                 })
                 .count();
             // One IPv4 and one IPv6 listener per port.
-            assert_eq!(n, 2, "{state} events for sidecar port {port}");
+            let seen: Vec<&Value> = events
+                .iter()
+                .filter(|e| e["type"] == "listener" && e["port"] == port)
+                .collect();
+            assert_eq!(n, 2, "{state} events for sidecar port {port}: {seen:?}");
         }
     }
     assert!(
