@@ -170,6 +170,14 @@ pub struct Config {
     pub skc_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
     pub skc_v6_daddr: u32,
+    /// `struct sock`.__sk_common.skc_state (BTF): lets the raw-tracepoint
+    /// variant of `tcp:tcp_receive_reset` return at once for resets of
+    /// sockets not in SYN_SENT (nearly all of them).
+    pub skc_state: u32,
+    /// Non-zero: every program returns at once. Only for `cargo xtask bench`,
+    /// to measure what attaching the hooks costs by itself. Not an offset;
+    /// the verifier folds this read-only value, so it costs nothing otherwise.
+    pub noop: u32,
 }
 
 impl Config {
@@ -215,6 +223,8 @@ impl Config {
         skc_daddr: OFFSET_UNKNOWN,
         skc_v6_rcv_saddr: OFFSET_UNKNOWN,
         skc_v6_daddr: OFFSET_UNKNOWN,
+        skc_state: OFFSET_UNKNOWN,
+        noop: 0,
     };
 
     /// Whether the raw-tracepoint socket hook has every offset it needs
@@ -230,6 +240,11 @@ impl Config {
         ]
         .iter()
         .all(|o| *o != OFFSET_UNKNOWN)
+    }
+
+    /// Whether the raw-tracepoint reset hook can tell a socket's state.
+    pub fn raw_reset_usable(&self) -> bool {
+        self.skc_state != OFFSET_UNKNOWN
     }
 }
 

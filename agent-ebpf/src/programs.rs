@@ -362,6 +362,9 @@ fn interesting(old: i32, new: i32) -> bool {
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) else {
         return 0;
     };
@@ -382,6 +385,9 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let (Some(old), Some(new)) = (
         read::<i32>(&ctx, cfg_field!(sss_oldstate)),
         read::<i32>(&ctx, cfg_field!(sss_newstate)),
@@ -417,6 +423,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// `struct sock` offsets; the agent falls back to the classic one otherwise.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let old = ctx.arg::<u64>(1) as i32;
     let new = ctx.arg::<u64>(2) as i32;
     if !interesting(old, new) {
@@ -562,19 +571,53 @@ fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    let cfg = config();
-    let Some(sk) = read::<u64>(&ctx, cfg.rst_skaddr) else {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
+    let Some(sk) = read::<u64>(&ctx, cfg_field!(rst_skaddr)) else {
         return 0;
     };
+    reset(sk);
+    0
+}
+
+/// The same hook as a raw tracepoint (argument: the socket): the kernel
+/// builds no record (two addresses and ports) for every reset, and resets of
+/// sockets not in SYN_SENT, nearly all of them, return after one read.
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn reset_raw(ctx: RawTracePointContext) -> i32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
+    let sk = ctx.arg::<u64>(0);
+    let off: u32 = cfg_field!(skc_state);
+    if off == OFFSET_UNKNOWN {
+        return 0;
+    }
+    // SAFETY: offset of skc_state in struct sock from this kernel's BTF; the
+    // helper fails cleanly on a bad address.
+    let state = unsafe { bpf_probe_read_kernel((sk as *const u8).add(off as usize)) };
+    if state != Ok(TCP_SYN_SENT as u8) {
+        return 0;
+    }
+    reset(sk);
+    0
+}
+
+/// A RST reached a socket: flag it if it is a connect in SYN_SENT.
+#[inline(always)]
+fn reset(sk: u64) {
     if let Some(c) = SYNSENT.get_ptr_mut(sk) {
         // SAFETY: pointer into the map slot of a socket in SYN_SENT.
         unsafe { (*c).flags |= flags::RST };
     }
-    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let cfg = config();
     let tid = bpf_get_current_pid_tgid() as u32;
     let Some(pp) = PENDING.get_ptr(tid) else {
@@ -650,6 +693,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let cfg = config();
     let ts = now();
     let c = current_ctx(&cfg, ts);
@@ -669,6 +715,9 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let whole_group = match read::<u8>(&ctx, cfg.exit_group_dead) {
@@ -724,6 +773,9 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
 
 #[tracepoint(category = "cgroup", name = "cgroup_mkdir")]
 pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let c = config();
     cgroup_event(
         &ctx,
@@ -738,6 +790,9 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
 pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
+        return 0;
+    }
     let c = config();
     cgroup_event(
         &ctx,

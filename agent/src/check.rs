@@ -117,6 +117,16 @@ pub fn run(btf: &Path) -> Report {
                 "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)".into()
             },
         });
+        let raw = cfg.raw_reset_usable();
+        items.push(Item {
+            name: "raw tracepoint tcp_receive_reset".into(),
+            ok: raw,
+            detail: if raw {
+                "sock.skc_state found: resets of sockets not in SYN_SENT cost one read".into()
+            } else {
+                "sock.skc_state missing: the classic tracepoint is used (builds a record for every reset)".into()
+            },
+        });
         for h in HOOKS {
             let full = format!("{}/{}", h.category, h.name);
             let ok = !disc.missing_tracepoints.contains(&full);

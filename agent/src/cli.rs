@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Do not attach this hook (tracepoint name, e.g. tcp_receive_reset). Repeatable.
     #[arg(long = "disable-probe")]
     pub disable_probe: Vec<String>,
+    /// Attach every hook but make each program return at once: what the
+    /// hooks cost by themselves (`cargo xtask bench`). Reports nothing.
+    #[arg(long, hide = true)]
+    pub bench_noop_programs: bool,
     /// Kernel BTF used to find struct offsets.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,

@@ -244,6 +244,7 @@ pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
             cfg.skc_daddr = get("sock", &common("skc_daddr"));
             cfg.skc_v6_rcv_saddr = get("sock", &common("skc_v6_rcv_saddr"));
             cfg.skc_v6_daddr = get("sock", &common("skc_v6_daddr"));
+            cfg.skc_state = get("sock", &common("skc_state"));
         }
         Err(e) => d.missing_btf.push(format!("{}: {e:#}", btf_path.display())),
     }
@@ -346,5 +347,9 @@ print fmt: \"family=%s\"
             "sock_common layout: {daddr} {dport}"
         );
         assert!(btf_member_offset(&btf, "sock", &["sk_protocol"]).is_ok());
+        // The raw reset hook reads the one-byte state right after the family.
+        let family = btf_member_offset(&btf, "sock", &["__sk_common", "skc_family"]).unwrap();
+        let state = btf_member_offset(&btf, "sock", &["__sk_common", "skc_state"]).unwrap();
+        assert_eq!(state, family + 2, "sock_common layout");
     }
 }

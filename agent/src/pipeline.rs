@@ -4,6 +4,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
+use connscope_ebpf::Config;
 use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -355,8 +356,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for b in &discovery.missing_btf {
         tracing::warn!(offset = %b, "BTF offset unavailable; dependent fields will be absent");
     }
+    if args.bench_noop_programs {
+        tracing::warn!(
+            "--bench-noop-programs: hooks attached, programs return at once; nothing is reported"
+        );
+    }
     let mut probes = Probes::load(&LoadOptions {
-        config,
+        config: Config {
+            noop: args.bench_noop_programs.into(),
+            ..config
+        },
         ring_bytes: args.ring_buffer_bytes,
         disabled: args.disable_probe.clone(),
     })?;

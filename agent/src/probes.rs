@@ -136,17 +136,16 @@ impl Probes {
                 .any(|d| d == hook.name || d == hook.program || *d == full)
             {
                 Some("disabled by --disable-probe".to_string())
-            } else if hook.program == "inet_sock_set_state"
-                && config.raw_sock_state_usable()
-                && !opts.disabled.iter().any(|d| d == RAW_SOCK_STATE)
+            } else if let Some(raw) = raw_variant(hook, &config)
+                && !opts.disabled.iter().any(|d| d == raw)
             {
-                // The raw tracepoint costs far less per state change; the
-                // classic one is the fallback (and reachable on purpose
-                // with --disable-probe sock_state_raw, for tests).
-                match attach_raw(&mut ebpf, RAW_SOCK_STATE, hook.name) {
+                // The raw tracepoint costs far less per call; the classic
+                // one is the fallback (and reachable on purpose with
+                // --disable-probe <raw program>, for tests).
+                match attach_raw(&mut ebpf, raw, hook.name) {
                     Ok(()) => None,
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "raw tracepoint inet_sock_set_state unavailable; using the classic tracepoint");
+                        tracing::warn!(error = %format!("{e:#}"), hook = %full, "raw tracepoint unavailable; using the classic tracepoint");
                         attach(&mut ebpf, hook).err().map(|e| format!("{e:#}"))
                     }
                 }
@@ -276,6 +275,18 @@ impl Probes {
 
 /// Program name of the raw-tracepoint variant of `sock:inet_sock_set_state`.
 pub const RAW_SOCK_STATE: &str = "sock_state_raw";
+/// Program name of the raw-tracepoint variant of `tcp:tcp_receive_reset`.
+pub const RAW_RESET: &str = "reset_raw";
+
+/// The raw-tracepoint program that replaces a classic hook, when this
+/// kernel's BTF gave every offset it reads.
+pub fn raw_variant(hook: &Hook, config: &Config) -> Option<&'static str> {
+    match hook.program {
+        "inet_sock_set_state" if config.raw_sock_state_usable() => Some(RAW_SOCK_STATE),
+        "tcp_receive_reset" if config.raw_reset_usable() => Some(RAW_RESET),
+        _ => None,
+    }
+}
 
 fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()> {
     let prog: &mut RawTracePoint = ebpf

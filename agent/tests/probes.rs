@@ -55,14 +55,23 @@ fn refusals_before_sidecar_listens_and_none_after() {
     refusals_and_listeners(11, &[]);
 }
 
-/// The same through the classic `sock:inet_sock_set_state` tracepoint, the
-/// agent's fallback where the raw tracepoint or its BTF offsets are missing.
+/// The same through the classic `sock:inet_sock_set_state` and
+/// `tcp:tcp_receive_reset` tracepoints, the agent's fallbacks where the raw
+/// tracepoints or their BTF offsets are missing.
 #[test]
 fn classic_socket_tracepoint_sees_the_same() {
     if !privileged("classic_socket_tracepoint_sees_the_same") {
         return;
     }
-    refusals_and_listeners(12, &["--disable-probe", "sock_state_raw"]);
+    refusals_and_listeners(
+        12,
+        &[
+            "--disable-probe",
+            "sock_state_raw",
+            "--disable-probe",
+            "reset_raw",
+        ],
+    );
 }
 
 fn refusals_and_listeners(tag: u8, extra: &[&str]) {

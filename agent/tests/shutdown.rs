@@ -36,7 +36,18 @@ fn sigterm_mid_flood_exits_fast_and_detaches_everything() {
     let ours: HashSet<u64> = wait_for("our links in bpftool", Duration::from_secs(10), || {
         let names: HashSet<u64> = bpftool("prog")
             .iter()
-            .filter(|p| p["name"] == "inet_sock_set_state" || p["name"] == "sys_exit_connect")
+            .filter(|p| {
+                [
+                    "sock_state_raw",
+                    "inet_sock_set_state",
+                    "reset_raw",
+                    "tcp_receive_reset",
+                    "sys_enter_connect",
+                    "sys_exit_connect",
+                ]
+                .iter()
+                .any(|n| p["name"] == *n)
+            })
             .filter_map(|p| p["id"].as_u64())
             .collect();
         let linked: HashSet<u64> = bpftool("link")
