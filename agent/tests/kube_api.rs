@@ -45,6 +45,17 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
     .unwrap();
     pod.remove_metadata("app").unwrap();
     let cid = pod.container("app").unwrap().id.clone();
+    // A CronJob's pod: Job -> CronJob is the other owner walk.
+    let job_pod = Pod::create(
+        &cg,
+        &roots,
+        Flavor::Crio,
+        Qos::BestEffort,
+        "shop",
+        "nightly-report-29012340-q8x7d",
+        &["report"],
+    )
+    .unwrap();
     std::fs::write(dir.0.join("state.json"), json!({
         "pods": [{
             "apiVersion": "v1", "kind": "Pod",
@@ -60,11 +71,21 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
                 "state": {"running": {"startedAt": "2026-11-24T10:00:00Z"}}}]}
         }, {
             "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": job_pod.name, "namespace": job_pod.namespace, "uid": job_pod.uid,
+                "resourceVersion": "98",
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job",
+                    "name": "nightly-report-29012340", "uid": "job-uid", "controller": true}]},
+            "spec": {"nodeName": "test-node", "containers": [{"name": "report", "image": "r:1"}]},
+            "status": {"phase": "Running"}
+        }, {
+            "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "elsewhere", "namespace": "shop", "uid": "other-node-pod"},
             "spec": {"nodeName": "another-node", "containers": [{"name": "c"}]}
         }],
         "owners": {"ReplicaSet/shop/checkout-7d9f8c6b5": {"apiVersion": "apps/v1",
-            "kind": "Deployment", "name": "checkout", "uid": "d-uid", "controller": true}}
+            "kind": "Deployment", "name": "checkout", "uid": "d-uid", "controller": true},
+            "Job/shop/nightly-report-29012340": {"apiVersion": "batch/v1",
+            "kind": "CronJob", "name": "nightly-report", "uid": "cj-uid", "controller": true}}
     }).to_string()).unwrap();
 
     // The API server is down when the agent starts.
@@ -120,6 +141,20 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
         e["workload_kind"], "Deployment",
         "ReplicaSet walked to its Deployment"
     );
+    let e = agent.failure(
+        dial(
+            &target,
+            Some(&job_pod.container("report").unwrap().cgroup),
+            false,
+        )
+        .pid,
+    );
+    assert_eq!(e["pod"], "nightly-report-29012340-q8x7d", "{e}");
+    assert_eq!(e["workload"], "nightly-report", "{e}");
+    assert_eq!(
+        e["workload_kind"], "CronJob",
+        "Job walked to its CronJob: {e}"
+    );
     let log = std::fs::read_to_string(dir.0.join("api.log")).unwrap();
     let reqs: Vec<Value> = log
         .lines()
@@ -142,4 +177,5 @@ fn api_names_workloads_degrades_when_down_and_recovers() {
         .count();
     assert_eq!(logged, 1, "an outage is logged once, then counted");
     drop(pod);
+    drop(job_pod);
 }

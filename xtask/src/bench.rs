@@ -65,6 +65,13 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
+/// connscope with every hook attached but each program returning at once:
+/// the floor that attaching these hooks sets, whatever the programs do.
+const HOOKS_ONLY: &str = "connscope hooks only (programs return at once)";
+/// connscope without the `syscalls:` connect hooks (the cost of those
+/// hooks, and what an operator gains by turning them off).
+const NO_SYSCALL_HOOKS: &str = "connscope without syscall hooks";
+
 /// Starts a tracer and waits until it is attached. `Ok(None)`: the tracer
 /// cannot run here (the reason is returned for the report).
 fn start(
@@ -80,12 +87,18 @@ fn start(
                 http_port: None,
             }));
         }
-        "connscope" => {
+        "connscope" | HOOKS_ONLY | NO_SYSCALL_HOOKS => {
             let port = free_port()?;
             let mut c = Command::new(bin);
             c.args(["run", "--events", "none", "--kubernetes", "off"])
                 .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
                 .args(extra);
+            if name == HOOKS_ONLY {
+                c.arg("--bench-noop-programs");
+            } else if name == NO_SYSCALL_HOOKS {
+                c.args(["--disable-probe", "sys_enter_connect"])
+                    .args(["--disable-probe", "sys_exit_connect"]);
+            }
             let mut child = c
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -302,7 +315,14 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
     report.push_str(&format!("Command: `{cmd}` ({} connscope binary), {} rounds of {} s per cell, {} client threads, tracers alternated within each round.\n\n", profile, o.rounds, o.seconds, o.threads));
 
     // 1. Connect path, side by side.
-    let tracers = ["none", "connscope", "bpftrace", "bcc"];
+    let tracers = [
+        "none",
+        "connscope",
+        NO_SYSCALL_HOOKS,
+        HOOKS_ONLY,
+        "bpftrace",
+        "bcc",
+    ];
     let modes = [("successful", false), ("refused", true)];
     let mut rates: std::collections::HashMap<(&str, &str), Vec<f64>> = Default::default();
     let mut unavailable: std::collections::HashMap<&str, String> = Default::default();

@@ -54,6 +54,10 @@ const PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
 ];
+/// Debian packages of the tracers the full bench compares against (not
+/// installed for the smoke run in the test suite, which reports them as
+/// unavailable when absent).
+const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
 /// PyPI packages the deploy tests use.
 const PYTHON_PACKAGES: &[&str] = &[
     "kubernetes-validate==1.37.0",
@@ -72,6 +76,9 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { smoke } => {
             setup()?;
+            if !smoke {
+                apt_install_missing(BENCH_PACKAGES)?;
+            }
             let mut b = cargo();
             b.args(["build", "--package", "connscope"]);
             if !smoke {
@@ -148,14 +155,6 @@ fn setup() -> Result<()> {
     if !have_linker {
         install_bpf_linker(&sysroot)?;
     }
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_none_or(|s| !s.contains("install ok installed"))
-        })
-        .collect();
     // Python tools the deploy tests use: kubernetes-validate for manifests,
     // helm-python-sdk (Helm's own engine) to render the chart.
     let have_py = output(
@@ -167,6 +166,20 @@ fn setup() -> Result<()> {
             .args(["-m", "pip", "install", "-q"])
             .args(PYTHON_PACKAGES))?;
     }
+    apt_install_missing(PACKAGES)
+}
+
+/// Installs the Debian packages of `packages` that are not installed yet
+/// (nothing, and no `apt-get update`, when all are).
+fn apt_install_missing(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")
