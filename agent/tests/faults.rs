@@ -182,6 +182,8 @@ fn refused_hooks_degrade_and_are_reported() {
             "tcp_receive_reset",
             "--disable-probe",
             "sys_enter_connect",
+            "--disable-probe",
+            "sys_exit_connect",
         ],
     );
     let port = agent.http_port;
@@ -191,9 +193,11 @@ fn refused_hooks_degrade_and_are_reported() {
         "{m}"
     );
     assert!(m.contains("connscope_probe_attached{probe=\"sys_enter_connect\"} 0"));
+    assert!(m.contains("connscope_probe_attached{probe=\"sys_exit_connect\"} 0"));
     assert!(m.contains("connscope_probe_attached{probe=\"inet_sock_set_state\"} 1"));
-    // Without the syscall entry hook, a refused connect is still reported
-    // from the socket's state change, with the dialed address and errno.
+    // Without the syscall hooks (the README's low-cost mode), a refused
+    // connect is still reported from the socket's state change, with the
+    // dialed address and errno.
     let target = closed();
     let o = dial(&target, None, false);
     let e = wait_for("the failure", Duration::from_secs(10), || {

@@ -299,7 +299,7 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
         }
     } else {
         Opts {
-            rounds: 3,
+            rounds: 5,
             seconds: 3.0,
             threads: 4,
         }
