@@ -7,6 +7,7 @@ Grafana dashboard is well formed. Prints one line per check; exits 1 on any
 failure."""
 import glob
 import json
+import re
 import os
 import sys
 
@@ -83,6 +84,19 @@ for g in rules["groups"]:
         if "alert" in r:
             a = r.get("annotations", {})
             check(all(a.get(k) for k in ("summary", "description", "runbook")), f"alert {r['alert']}: summary, description, runbook")
+
+# A rule reading a recorded series must follow its recording rule in the same group: groups are
+# evaluated independently, so across groups it may read the previous evaluation's sample, or none.
+recorded = {r["record"]: g["name"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+for g in rules["groups"]:
+    seen = set()
+    for r in g["rules"]:
+        used = {m for m in recorded if re.search(re.escape(m) + r"(?![\w:])", r["expr"])}
+        name = r.get("alert") or r.get("record")
+        check(used <= seen, f"rule {name}: recorded series it reads are recorded earlier in its group "
+              f"({sorted(used - seen) or 'yes'})")
+        if "record" in r:
+            seen.add(r["record"])
 
 ds = static[("DaemonSet", "connscope")]
 c = ds["spec"]["template"]["spec"]["containers"][0]
