@@ -148,22 +148,26 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
     // 4. What the agent saw.
     let sidecar_pid = sidecar.child.id();
     wait_for(
-        "both listen_close events of this pod's 15001",
+        "the close of each sidecar listener in this pod, and the sidecar's exit",
         Duration::from_secs(10),
         || {
             // Tests run side by side and the probes see the whole machine:
-            // only this pod's network namespace counts.
-            let n = agent
-                .events()
+            // only this pod's network namespace counts. The sidecar's
+            // sockets close in no particular order as it exits: wait for all.
+            let events = agent.events();
+            let closed = events
                 .iter()
                 .filter(|e| {
                     e["type"] == "listener"
                         && e["state"] == "closed"
-                        && e["port"] == 15001
+                        && [15001, 15006, 15021, 15090].contains(&e["port"].as_u64().unwrap_or(0))
                         && e["netns"] == pod_netns
                 })
                 .count();
-            (n >= 2).then_some(())
+            let exited = events
+                .iter()
+                .any(|e| e["type"] == "process" && e["state"] == "exit" && e["pid"] == sidecar_pid);
+            (closed >= 8 && exited).then_some(())
         },
     );
     let events = agent.events();
