@@ -107,26 +107,27 @@ pub fn run(btf: &Path) -> Report {
     let mut any_core = false;
     if let Ok(root) = tracefs {
         let (cfg, disc) = offsets::discover(root, btf);
-        let raw = cfg.raw_sock_state_usable();
-        items.push(Item {
-            name: "raw tracepoint inet_sock_set_state".into(),
-            ok: raw,
-            detail: if raw {
-                "struct sock offsets found: the socket hook runs as a raw tracepoint (cheapest)".into()
-            } else {
-                "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)".into()
-            },
-        });
-        let raw = cfg.raw_reset_usable();
-        items.push(Item {
-            name: "raw tracepoint tcp_receive_reset".into(),
-            ok: raw,
-            detail: if raw {
-                "sock.skc_state found: resets of sockets not in SYN_SENT cost one read".into()
-            } else {
-                "sock.skc_state missing: the classic tracepoint is used (builds a record for every reset)".into()
-            },
-        });
+        // Hooks that run as raw tracepoints where BTF gives the offsets they read.
+        for (hook, usable, found, missing) in [
+            (
+                "inet_sock_set_state",
+                cfg.raw_sock_state_usable(),
+                "struct sock offsets found: the socket hook runs as a raw tracepoint (cheapest)",
+                "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)",
+            ),
+            (
+                "tcp_receive_reset",
+                cfg.raw_reset_usable(),
+                "sock.skc_state found: resets of sockets not in SYN_SENT cost one read",
+                "sock.skc_state missing: the classic tracepoint is used (builds a record for every reset)",
+            ),
+        ] {
+            items.push(Item {
+                name: format!("raw tracepoint {hook}"),
+                ok: usable,
+                detail: if usable { found } else { missing }.into(),
+            });
+        }
         for h in HOOKS {
             let full = format!("{}/{}", h.category, h.name);
             let ok = !disc.missing_tracepoints.contains(&full);

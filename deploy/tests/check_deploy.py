@@ -87,7 +87,7 @@ for g in rules["groups"]:
 
 # A rule reading a recorded series must follow its recording rule in the same group: groups are
 # evaluated independently, so across groups it may read the previous evaluation's sample, or none.
-recorded = {r["record"]: g["name"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
 for g in rules["groups"]:
     seen = set()
     for r in g["rules"]:
