@@ -32,6 +32,16 @@ type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
 type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
 
+/// The `type` label values of `connscope_events_total`, in the order of the
+/// per-batch counts the pipeline keeps ([`Metrics::add_events`]).
+pub const EVENT_KINDS: [&str; 5] = [
+    "connect_failure",
+    "listener",
+    "process",
+    "cgroup",
+    "unknown",
+];
+
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -195,16 +205,10 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         let mut m = m;
-        m.event_kinds = [
-            "connect_failure",
-            "listener",
-            "process",
-            "cgroup",
-            "unknown",
-        ]
-        .into_iter()
-        .map(|k| (k, m.events.with_label_values(&[k])))
-        .collect();
+        m.event_kinds = EVENT_KINDS
+            .into_iter()
+            .map(|k| (k, m.events.with_label_values(&[k])))
+            .collect();
         Ok(m)
     }
 
@@ -222,7 +226,9 @@ impl Metrics {
     }
 
     /// A connect failure with its phase.
-    pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase) {
+    /// `now` is the batch's time (the cache's last-use stamp), taken once by
+    /// the caller rather than read from the clock per failure.
+    pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase, now: Instant) {
         use std::hash::BuildHasher as _;
         // Only what the series' labels are made of identifies the counter.
         let pod = if self.pod_labels { &who.pod } else { &None };
@@ -237,7 +243,7 @@ impl Metrics {
                     && (!pod_labels || cached.pod == who.pod)))
         {
             c.inc();
-            *t = Instant::now();
+            *t = now;
             return;
         }
         let c = who.container.clone().unwrap_or_default();
@@ -248,15 +254,16 @@ impl Metrics {
         if self.failure_cache.len() >= 100_000 {
             self.failure_cache.clear();
         }
-        self.failure_cache
-            .insert(key, (who.clone(), counter, Instant::now()));
+        self.failure_cache.insert(key, (who.clone(), counter, now));
     }
 
-    /// The `connscope_events_total` counter of one event type.
-    pub fn events_by_type(&self, kind: &str) -> IntCounter {
-        match self.event_kinds.iter().find(|(k, _)| *k == kind) {
-            Some((_, c)) => c.clone(),
-            None => self.events.with_label_values(&[kind]),
+    /// Adds one batch of per-type event counts (indexed like [`EVENT_KINDS`]):
+    /// one lock and one atomic add per type per batch, not per event.
+    pub fn add_events(&self, counts: &[u64; EVENT_KINDS.len()]) {
+        for ((_, c), n) in self.event_kinds.iter().zip(counts) {
+            if *n > 0 {
+                c.inc_by(*n);
+            }
         }
     }
 
@@ -390,11 +397,11 @@ mod tests {
         // a new Arc each time. One cached counter, not one per event.
         let mut m = Metrics::new(false).unwrap();
         for _ in 0..1000 {
-            m.failure(&Arc::new(who()), 111, Phase::NoSidecar);
+            m.failure(&Arc::new(who()), 111, Phase::NoSidecar, Instant::now());
         }
         let mut other = who();
         other.container = Some("worker".into());
-        m.failure(&Arc::new(other), 111, Phase::NoSidecar);
+        m.failure(&Arc::new(other), 111, Phase::NoSidecar, Instant::now());
         assert_eq!(m.failure_cache.len(), 2);
         let t = m.render();
         assert!(t.contains(r#"container="app",errno="ECONNREFUSED",namespace="shop",phase="no_sidecar",workload="checkout"} 1000"#), "{t}");
@@ -404,7 +411,7 @@ mod tests {
     #[test]
     fn renders_the_contract() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&Arc::new(who()), 111, Phase::StartupRace);
+        m.failure(&Arc::new(who()), 111, Phase::StartupRace, Instant::now());
         m.startup_race(&who(), Some(1.5));
         m.pod_started(&who(), true);
         m.sidecar_ready(&who(), 2.0);
@@ -432,7 +439,7 @@ mod tests {
     #[test]
     fn stale_series_expire() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&Arc::new(who()), 111, Phase::NoSidecar);
+        m.failure(&Arc::new(who()), 111, Phase::NoSidecar, Instant::now());
         m.pod_started(&who(), false);
         assert_eq!(m.series(), 2);
         m.series_ttl = Duration::ZERO;

@@ -15,7 +15,7 @@ use crate::{
     decode::{self, Clock, KernelEvent, Kind, Raw},
     events::{Record, Sink, Summary},
     kube::{self, PodStore, Update},
-    metrics::Metrics,
+    metrics::{EVENT_KINDS, Metrics},
     offsets,
     probes::{LoadOptions, Probes},
     race::{self, Hints, Output, Tracker},
@@ -58,6 +58,10 @@ pub struct Pipeline {
     json_skipped: u64,
     /// Counter values already added to the metrics (they only increase).
     exported: HashMap<&'static str, u64>,
+    /// Records per type since the last export (added to the metrics once per batch).
+    counted: [u64; EVENT_KINDS.len()],
+    /// `/events` lines of this batch, published together.
+    lines: Vec<EventLine>,
 }
 
 impl Pipeline {
@@ -78,6 +82,8 @@ impl Pipeline {
             json_deadline: None,
             json_skipped: 0,
             exported: HashMap::new(),
+            counted: [0; EVENT_KINDS.len()],
+            lines: Vec::new(),
         }
     }
 
@@ -102,7 +108,7 @@ impl Pipeline {
         }
     }
 
-    fn count_record(&self, raw: Result<&Raw, ()>) {
+    fn count_record(&mut self, raw: Result<&Raw, ()>) {
         let kind = match raw {
             Ok(Raw::Event(e)) => match e.kind {
                 connscope_ebpf::kind::CONNECT_FAILURE => "connect_failure",
@@ -113,9 +119,8 @@ impl Pipeline {
             Ok(Raw::Cgroup(_)) => "cgroup",
             Err(()) => "unknown",
         };
-        if let Ok(m) = self.shared.metrics.lock() {
-            m.events_by_type(kind).inc();
-        }
+        let i = EVENT_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        self.counted[i] += 1;
     }
 
     /// Brings the self-metrics up to date (called about once a second).
@@ -204,12 +209,22 @@ impl Pipeline {
         Ok(self.json_skipped)
     }
 
+    /// Counts, serialises and publishes one batch of outputs, taking the
+    /// metrics and `/events` locks once per batch (not per event: during a
+    /// refused storm every failure passes here).
     fn export(&mut self, out: &mut Vec<Output>) -> Result<()> {
+        let shared = self.shared.clone();
+        let now = std::time::Instant::now();
+        let mut m = shared.metrics.lock().ok();
+        if let Some(m) = m.as_deref() {
+            m.add_events(&self.counted);
+            self.counted = [0; EVENT_KINDS.len()];
+        }
         for o in out.drain(..) {
-            let r = match &o {
+            let r = match o {
                 Output::Event { ev, who, phase } => {
-                    if let (Some(p), Ok(mut m)) = (phase, self.shared.metrics.lock()) {
-                        m.failure(who, ev.errno, *p);
+                    if let (Some(p), Some(m)) = (phase, m.as_deref_mut()) {
+                        m.failure(&who, ev.errno, p, now);
                     }
                     if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.process_events {
                         continue;
@@ -226,29 +241,28 @@ impl Pipeline {
                     }
                     if !self.sink.is_active() {
                         // Only /events wants it: serialised if read.
-                        self.shared.publish(EventLine {
+                        self.lines.push(EventLine {
                             kind: crate::events::record_kind(ev.kind),
-                            who: who.clone(),
                             phase: phase.map(|p| p.as_str()),
+                            who,
                             body: LineBody::Kernel {
-                                ev: Box::new(ev.clone()),
-                                phase: *phase,
+                                ev: Box::new(ev),
+                                phase,
                             },
                         });
                         continue;
                     }
-                    let rec = Record::from_kernel(ev, who, *phase);
-                    self.emit(rec.kind, who, phase.map(|p| p.as_str()), &rec)
+                    let rec = Record::from_kernel(&ev, &who, phase);
+                    self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
                 }
                 Output::PodStarted { who, injected } => {
-                    if let Ok(mut m) = self.shared.metrics.lock() {
-                        m.pod_started(who, *injected);
+                    if let Some(m) = m.as_deref_mut() {
+                        m.pod_started(&who, injected);
                     }
                     Ok(())
                 }
                 Output::SidecarReady(s) => {
-                    if let (Some(secs), Ok(mut m)) =
-                        (s.pod_start_to_ready_seconds, self.shared.metrics.lock())
+                    if let (Some(secs), Some(m)) = (s.pod_start_to_ready_seconds, m.as_deref_mut())
                     {
                         m.sidecar_ready(&s.who, secs);
                     }
@@ -256,30 +270,30 @@ impl Pipeline {
                         "sidecar_ready",
                         &s.who,
                         None,
-                        &Summary::now("sidecar_ready", s),
+                        &Summary::now("sidecar_ready", &s),
                     )
                 }
                 Output::StartupRace(s) => {
-                    if let Ok(mut m) = self.shared.metrics.lock() {
+                    if let Some(m) = m.as_deref_mut() {
                         m.startup_race(&s.who, s.window_seconds);
                     }
-                    self.k8s_event(s);
+                    self.k8s_event(&s);
                     self.emit(
                         "startup_race",
                         &s.who,
                         Some("startup_race"),
-                        &Summary::now("startup_race", s),
+                        &Summary::now("startup_race", &s),
                     )
                 }
                 Output::ShutdownRace(s) => {
-                    if let Ok(mut m) = self.shared.metrics.lock() {
+                    if let Some(m) = m.as_deref_mut() {
                         m.shutdown_race(&s.who);
                     }
                     self.emit(
                         "shutdown_race",
                         &s.who,
                         Some("shutdown_race"),
-                        &Summary::now("shutdown_race", s),
+                        &Summary::now("shutdown_race", &s),
                     )
                 }
             };
@@ -287,6 +301,8 @@ impl Pipeline {
                 tracing::error!(error = %e, "writing event");
             }
         }
+        drop(m);
+        shared.publish_all(self.lines.drain(..));
         self.sink.flush()?;
         Ok(())
     }
@@ -310,7 +326,8 @@ impl Pipeline {
         }
         let json = serde_json::to_string(body)?;
         self.sink.write_line(&json)?;
-        self.shared.publish(EventLine {
+        // Published with the rest of the batch, in order.
+        self.lines.push(EventLine {
             body: LineBody::Json(json),
             kind,
             who: who.clone(),
