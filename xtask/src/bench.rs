@@ -235,6 +235,93 @@ fn storm(bin: &Path, args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// connscope's kernel programs, as the kernel names them (15 characters).
+const OUR_PROGRAMS: &[&str] = &[
+    "sys_enter_connect",
+    "sys_exit_connect",
+    "sock_state_raw",
+    "inet_sock_set_state",
+    "reset_raw",
+    "tcp_receive_reset",
+    "sched_process_exec",
+    "sched_process_exit",
+    "cgroup_mkdir",
+    "cgroup_rmdir",
+];
+
+/// Kernel time of connscope's programs per connect, from BPF run-time
+/// statistics, set against what one connect costs with no tracer (cores /
+/// connects per second in the "none" rows): the programs' own share of the
+/// connect path, free of the run-to-run noise of throughput ratios.
+fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let _agent = start("connscope", bin, &[])?.map_err(anyhow::Error::msg)?;
+    let mut table = String::from(
+        "| connects | program | runs per connect | ns per run | ns per connect |\n|---|---|---|---|---|\n",
+    );
+    let mut totals = String::new();
+    for (i, (mode, refused)) in [("successful", false), ("refused", true)]
+        .iter()
+        .enumerate()
+    {
+        let mut a = vec![
+            "--threads".to_string(),
+            o.threads.to_string(),
+            "--seconds".into(),
+            o.seconds.to_string(),
+            "--bpf-stats".into(),
+        ];
+        if *refused {
+            a.push("--refused".into());
+        }
+        let r = storm(bin, &a)?;
+        let connects = r["connects"].as_f64().unwrap_or(0.0).max(1.0);
+        let mut total = 0.0;
+        for p in r["programs"].as_array().into_iter().flatten() {
+            let name = p["name"].as_str().unwrap_or("?");
+            let runs = p["runs"].as_f64().unwrap_or(0.0);
+            let ns = p["run_ns"].as_f64().unwrap_or(0.0);
+            if runs <= 0.0 {
+                continue;
+            }
+            let ours = OUR_PROGRAMS.iter().any(|o| o.starts_with(name));
+            let label = if ours {
+                name.to_string()
+            } else {
+                format!("{name} (not connscope's)")
+            };
+            if ours {
+                total += ns / connects;
+            }
+            if runs / connects < 0.01 {
+                // exec/exit of the storm itself: nothing per connect.
+                continue;
+            }
+            table.push_str(&format!(
+                "| {mode} | {label} | {:.2} | {:.0} | {:.0} |\n",
+                runs / connects,
+                ns / runs,
+                ns / connects
+            ));
+        }
+        let per_connect_ns = base.get(i).filter(|b| **b > 0.0).map(|b| cores * 1e9 / b);
+        totals.push_str(&format!(
+            "- {mode}: {total:.0} ns of connscope program time per connect{}\n",
+            per_connect_ns
+                .map(|c| format!(
+                    ", {:.1} % of the {:.1} us of CPU one connect takes with no tracer ({cores} cores / {:.0} connects/s)",
+                    100.0 * total / c,
+                    c / 1000.0,
+                    base[i]
+                ))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(format!(
+        "{table}\n{totals}\nThe statistics add two clock reads to every run (some tens of ns), so these are upper bounds.\n"
+    ))
+}
+
 fn metric(port: u16, name: &str) -> Result<f64> {
     use std::io::Read as _;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -390,6 +477,11 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
         report.push_str(&row);
         report.push('\n');
     }
+
+    // 1b. Where connscope's share goes, per program, from the kernel's own
+    // statistics (a round of its own: the statistics add to every run).
+    report.push_str("\n## Kernel program time per connect (connscope, one more run with `testbed storm --bpf-stats`)\n\n");
+    report.push_str(&program_cost_table(&bin, &o, &base)?);
 
     // 2. Bursts: the highest refused rate with zero loss (default ring), and
     // a tiny ring to prove every loss is counted.

@@ -40,6 +40,12 @@ pub struct Args {
     /// Connects between two cgroup moves.
     #[arg(long, default_value_t = 10)]
     pub per_cgroup: u64,
+    /// Turn on the kernel's BPF run-time statistics for the storm and report
+    /// each loaded program's runs and time: what a tracer's programs cost per
+    /// connect, read from the kernel rather than inferred from noisy
+    /// throughput. (The statistics themselves add two clock reads per run.)
+    #[arg(long)]
+    pub bpf_stats: bool,
 }
 
 /// What a storm did.
@@ -51,6 +57,52 @@ pub struct Report {
     pub other_errors: u64,
     pub seconds: f64,
     pub per_second: f64,
+    /// With `--bpf-stats`: programs that ran during the storm.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramCost>,
+}
+
+/// Runs and kernel time of one BPF program during a storm.
+#[derive(Debug, Serialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub runs: u64,
+    pub run_ns: u64,
+}
+
+/// Every loaded program's (name, runs, ns) by id.
+fn program_stats() -> std::collections::HashMap<u32, (String, u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| {
+            let name = p.name_as_str().unwrap_or("?").to_string();
+            (
+                p.id(),
+                (name, p.run_count(), p.run_time().as_nanos() as u64),
+            )
+        })
+        .collect()
+}
+
+/// What ran between two [`program_stats`] snapshots, busiest first.
+fn program_costs(
+    before: &std::collections::HashMap<u32, (String, u64, u64)>,
+    after: std::collections::HashMap<u32, (String, u64, u64)>,
+) -> Vec<ProgramCost> {
+    let mut v: Vec<ProgramCost> = after
+        .into_iter()
+        .filter_map(|(id, (name, runs, ns))| {
+            let (r0, n0) = before.get(&id).map_or((0, 0), |(_, r, n)| (*r, *n));
+            let runs = runs.saturating_sub(r0);
+            (runs > 0).then(|| ProgramCost {
+                name,
+                runs,
+                run_ns: ns.saturating_sub(n0),
+            })
+        })
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.run_ns));
+    v
 }
 
 /// Runs the storm and prints a JSON [`Report`].
@@ -94,6 +146,16 @@ pub fn run(args: Args) -> Result<()> {
             .collect(),
         None => Vec::new(),
     };
+    // Held for the storm: the kernel keeps counting while the fd is open.
+    let stats_fd = if args.bpf_stats {
+        Some(
+            aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+)")?,
+        )
+    } else {
+        None
+    };
+    let stats_before = stats_fd.as_ref().map(|_| program_stats());
     let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(args.seconds);
@@ -144,6 +206,11 @@ pub fn run(args: Args) -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let secs = start.elapsed().as_secs_f64();
+    let programs = match &stats_before {
+        Some(before) => program_costs(before, program_stats()),
+        None => Vec::new(),
+    };
+    drop(stats_fd);
     let r = Report {
         connects: counts[0].load(Ordering::Relaxed),
         ok: counts[1].load(Ordering::Relaxed),
@@ -151,6 +218,7 @@ pub fn run(args: Args) -> Result<()> {
         other_errors: counts[3].load(Ordering::Relaxed),
         seconds: secs,
         per_second: counts[0].load(Ordering::Relaxed) as f64 / secs,
+        programs,
     };
     println!("{}", serde_json::to_string(&r)?);
     std::io::stdout().flush()?;
