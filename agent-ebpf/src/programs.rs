@@ -45,8 +45,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
 #[map(name = "LOST")]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// A `connect()` in flight, keyed by thread id: what was dialed, and what the
-/// socket did while the syscall ran.
+/// A thread's last `connect()`, keyed by thread id: what was dialed, and what
+/// the socket did while the syscall ran. `active` while the syscall runs.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Pending {
@@ -62,6 +62,9 @@ struct Pending {
     /// The dialed `struct sockaddr` in user memory: read at syscall exit,
     /// and only if the connect failed (most succeed).
     uaddr: u64,
+    /// 1 from `sys_enter_connect` to `sys_exit_connect`.
+    active: u8,
+    _pad: [u8; 7],
 }
 
 /// Context of a socket in SYN_SENT, captured in the connecting task.
@@ -83,8 +86,10 @@ struct SockCtx {
     comm: [u8; COMM_LEN],
 }
 
-/// Bounded: a thread has at most one connect in flight; LRU drops entries of
-/// threads that died inside the syscall.
+/// Bounded: one entry per thread that connects. An entry stays after its
+/// connect (inactive) and the thread's next connect rewrites it in place: an
+/// LRU insert and delete per connect were the largest map cost on the connect
+/// path. Entries of threads that exited age out of the LRU.
 #[map(name = "PENDING")]
 static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
 
@@ -368,8 +373,27 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) else {
         return 0;
     };
+    let start_ns = now();
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(p) = PENDING.get_ptr_mut(tid) {
+        // SAFETY: this thread's own slot: only the thread itself starts and
+        // ends its connects; other contexts write only while it is active
+        // and only for the socket this connect sets below.
+        unsafe {
+            (*p).start_ns = start_ns;
+            (*p).sk = 0;
+            (*p).saddr = [0; 16];
+            (*p).sport = 0;
+            (*p).failed = 0;
+            (*p).sk_flags = 0;
+            (*p).failed_errno = 0;
+            (*p).uaddr = uaddr;
+            (*p).active = 1;
+        }
+        return 0;
+    }
     let p = Pending {
-        start_ns: now(),
+        start_ns,
         sk: 0,
         saddr: [0; 16],
         sport: 0,
@@ -377,10 +401,19 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         sk_flags: 0,
         failed_errno: 0,
         uaddr,
+        active: 1,
+        _pad: [0; 7],
     };
-    let tid = bpf_get_current_pid_tgid() as u32;
     let _ = PENDING.insert(tid, p, 0);
     0
+}
+
+/// This thread's connect, if it is inside `connect()` now.
+#[inline(always)]
+fn active_pending(tid: u32) -> Option<*mut Pending> {
+    let p = PENDING.get_ptr_mut(tid)?;
+    // SAFETY: pointer into a live map slot, read once.
+    (unsafe { (*p).active } == 1).then_some(p)
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -472,7 +505,7 @@ fn sock_state(cfg: &Config, sk: u64, old: i32, new: i32, src: &impl SockSrc) {
 fn syn_sent(cfg: &Config, sk: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let c = match PENDING.get_ptr_mut(tid) {
+    let c = match active_pending(tid) {
         // Inside connect(): the task context is taken at syscall exit, and
         // only if it is needed (a failure, or a connect going on without
         // the syscall), not for every connect here.
@@ -536,7 +569,7 @@ fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
     }
     if let Some(c) = saved
         && c.in_syscall == 1
-        && let Some(p) = PENDING.get_ptr_mut(c.tid)
+        && let Some(p) = active_pending(c.tid)
     {
         // SAFETY: pointer into the connecting thread's map slot; it
         // reports the failure when its syscall returns.
@@ -620,12 +653,16 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     }
     let cfg = config();
     let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(pp) = PENDING.get_ptr(tid) else {
+    let Some(pp) = active_pending(tid) else {
         return 0;
     };
-    // SAFETY: this thread's own slot, copied before removal.
-    let p = unsafe { *pp };
-    let _ = PENDING.remove(tid);
+    // SAFETY: this thread's own slot: copied, then marked ended (kept for
+    // the thread's next connect).
+    let p = unsafe {
+        let p = *pp;
+        (*pp).active = 0;
+        p
+    };
     let ret = read::<i64>(&ctx, cfg.exit_ret).unwrap_or(0);
     if ret == 0 {
         return 0;

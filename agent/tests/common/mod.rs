@@ -185,10 +185,13 @@ pub fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus
     }
 }
 
-/// Parses a JSON-lines file; a missing file is empty.
+/// Parses a JSON-lines file; a missing file is empty. The agent may be
+/// writing it meanwhile (its buffer can fill in the middle of a line): only
+/// lines already ended by a newline are read.
 pub fn read_json_lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
