@@ -119,7 +119,11 @@ impl Pipeline {
             Ok(Raw::Cgroup(_)) => "cgroup",
             Err(()) => "unknown",
         };
-        let i = EVENT_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        // Every name above is in EVENT_KINDS; anything else counts as "unknown".
+        let i = EVENT_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(EVENT_KINDS.len() - 1);
         self.counted[i] += 1;
     }
 
@@ -728,5 +732,45 @@ mod tests {
             assert_eq!(skipped > 0, deadline_passed, "{file}: skipped {skipped}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn events_total(p: &Pipeline, kind: &str) -> f64 {
+        let series = format!("connscope_events_total{{type=\"{kind}\"}} ");
+        p.shared
+            .metrics
+            .lock()
+            .unwrap()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn record_types_are_counted_per_batch_and_reach_the_metrics_at_export() {
+        let out = std::env::temp_dir().join(format!("connscope-kinds-{}.json", std::process::id()));
+        let mut p = pipeline(&out);
+        let clock = Clock::with_offset_ns(0);
+        for i in 0..7 {
+            p.record(&refused(1_000_000_000 + i * 1000), &clock);
+        }
+        p.record(&[1, 2, 3], &clock);
+        assert_eq!(
+            events_total(&p, "connect_failure"),
+            0.0,
+            "added at export, not per record"
+        );
+        p.advance(1_000_000_000).unwrap();
+        assert_eq!(events_total(&p, "connect_failure"), 7.0);
+        assert_eq!(events_total(&p, "unknown"), 1.0, "an undecodable record");
+        assert_eq!(events_total(&p, "listener"), 0.0);
+        p.record(&refused(2_000_000_000), &clock);
+        p.advance(2_000_000_000).unwrap();
+        assert_eq!(
+            events_total(&p, "connect_failure"),
+            8.0,
+            "the next batch adds, once"
+        );
+        let _ = std::fs::remove_file(&out);
     }
 }
