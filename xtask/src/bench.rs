@@ -304,6 +304,11 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
                 ns / connects
             ));
         }
+        if total <= 0.0 {
+            bail!(
+                "no connscope program time recorded during the {mode} storm with --bpf-stats: {r}"
+            );
+        }
         let per_connect_ns = base.get(i).filter(|b| **b > 0.0).map(|b| cores * 1e9 / b);
         totals.push_str(&format!(
             "- {mode}: {total:.0} ns of connscope program time per connect{}\n",
