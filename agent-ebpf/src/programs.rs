@@ -86,10 +86,10 @@ struct SockCtx {
     comm: [u8; COMM_LEN],
 }
 
-/// Bounded: one entry per thread that connects. An entry stays after its
-/// connect (inactive) and the thread's next connect rewrites it in place: an
-/// LRU insert and delete per connect were the largest map cost on the connect
-/// path. Entries of threads that exited age out of the LRU.
+/// Bounded: one entry per live thread that connects. An entry stays after
+/// its connect (inactive) and the thread's next connect rewrites it in place:
+/// an LRU insert and delete per connect were the largest map cost on the
+/// connect path. It is removed when the thread exits.
 #[map(name = "PENDING")]
 static PENDING: LruHashMap<u32, Pending> = LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
 
@@ -757,6 +757,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
     }
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
+    // The exiting thread's connect record goes with it (the LRU bound also
+    // holds where this hook is missing).
+    let _ = PENDING.remove(pid_tgid as u32);
     let whole_group = match read::<u8>(&ctx, cfg.exit_group_dead) {
         Some(g) => g != 0,
         None => (pid_tgid >> 32) as u32 == pid_tgid as u32,
