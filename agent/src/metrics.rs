@@ -32,15 +32,39 @@ type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
 type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
 
-/// The `type` label values of `connscope_events_total`, in the order of the
-/// per-batch counts the pipeline keeps ([`Metrics::add_events`]).
-pub const EVENT_KINDS: [&str; 5] = [
-    "connect_failure",
-    "listener",
-    "process",
-    "cgroup",
-    "unknown",
-];
+/// The type of a ring-buffer record: the `type` label of
+/// `connscope_events_total`, and the index of its per-batch count
+/// ([`Metrics::add_events`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    ConnectFailure,
+    Listener,
+    Process,
+    Cgroup,
+    Unknown,
+}
+
+impl EventType {
+    /// Every type, in index order.
+    pub const ALL: [EventType; 5] = [
+        EventType::ConnectFailure,
+        EventType::Listener,
+        EventType::Process,
+        EventType::Cgroup,
+        EventType::Unknown,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            EventType::ConnectFailure => "connect_failure",
+            EventType::Listener => "listener",
+            EventType::Process => "process",
+            EventType::Cgroup => "cgroup",
+            EventType::Unknown => "unknown",
+        }
+    }
+}
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -55,7 +79,8 @@ pub struct Metrics {
     pub events_lost: IntCounter,
     pub events: IntCounterVec,
     /// `connscope_events_total` children by type, resolved once.
-    event_kinds: Vec<(&'static str, IntCounter)>,
+    /// The `connscope_events_total` child of each [`EventType`], by index.
+    event_kinds: Vec<IntCounter>,
     pub metadata_errors: IntCounterVec,
     pub pods_tracked: IntGauge,
     /// Entries in the agent's caches, by kind: returns to baseline after churn.
@@ -205,9 +230,9 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         let mut m = m;
-        m.event_kinds = EVENT_KINDS
+        m.event_kinds = EventType::ALL
             .into_iter()
-            .map(|k| (k, m.events.with_label_values(&[k])))
+            .map(|t| m.events.with_label_values(&[t.label()]))
             .collect();
         Ok(m)
     }
@@ -257,10 +282,10 @@ impl Metrics {
         self.failure_cache.insert(key, (who.clone(), counter, now));
     }
 
-    /// Adds one batch of per-type event counts (indexed like [`EVENT_KINDS`]):
+    /// Adds one batch of per-type event counts (indexed by [`EventType`]):
     /// one lock and one atomic add per type per batch, not per event.
-    pub fn add_events(&self, counts: &[u64; EVENT_KINDS.len()]) {
-        for ((_, c), n) in self.event_kinds.iter().zip(counts) {
+    pub fn add_events(&self, counts: &[u64; EventType::ALL.len()]) {
+        for (c, n) in self.event_kinds.iter().zip(counts) {
             if *n > 0 {
                 c.inc_by(*n);
             }
@@ -434,6 +459,20 @@ mod tests {
         let mut m = Metrics::new(true).unwrap();
         m.startup_race(&who(), None);
         assert!(m.render().contains(r#"pod="checkout-abc""#));
+    }
+
+    #[test]
+    fn event_types_index_their_own_counters() {
+        for (i, t) in EventType::ALL.into_iter().enumerate() {
+            assert_eq!(t as usize, i, "{t:?}");
+        }
+        let m = Metrics::new(false).unwrap();
+        m.add_events(&[1, 2, 3, 4, 5]);
+        let text = m.render();
+        for (t, n) in EventType::ALL.into_iter().zip(1..) {
+            let line = format!("connscope_events_total{{type=\"{}\"}} {n}", t.label());
+            assert!(text.contains(&line), "{line} in {text}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::{
     decode::{self, Clock, KernelEvent, Kind, Raw},
     events::{Record, Sink, Summary},
     kube::{self, PodStore, Update},
-    metrics::{EVENT_KINDS, Metrics},
+    metrics::{EventType, Metrics},
     offsets,
     probes::{LoadOptions, Probes},
     race::{self, Hints, Output, Tracker},
@@ -59,7 +59,7 @@ pub struct Pipeline {
     /// Counter values already added to the metrics (they only increase).
     exported: HashMap<&'static str, u64>,
     /// Records per type since the last export (added to the metrics once per batch).
-    counted: [u64; EVENT_KINDS.len()],
+    counted: [u64; EventType::ALL.len()],
     /// `/events` lines of this batch, published together.
     lines: Vec<EventLine>,
 }
@@ -82,7 +82,7 @@ impl Pipeline {
             json_deadline: None,
             json_skipped: 0,
             exported: HashMap::new(),
-            counted: [0; EVENT_KINDS.len()],
+            counted: [0; EventType::ALL.len()],
             lines: Vec::new(),
         }
     }
@@ -109,22 +109,19 @@ impl Pipeline {
     }
 
     fn count_record(&mut self, raw: Result<&Raw, ()>) {
-        let kind = match raw {
+        let t = match raw {
             Ok(Raw::Event(e)) => match e.kind {
-                connscope_ebpf::kind::CONNECT_FAILURE => "connect_failure",
-                connscope_ebpf::kind::LISTEN | connscope_ebpf::kind::LISTEN_CLOSE => "listener",
-                connscope_ebpf::kind::EXEC | connscope_ebpf::kind::EXIT => "process",
-                _ => "unknown",
+                connscope_ebpf::kind::CONNECT_FAILURE => EventType::ConnectFailure,
+                connscope_ebpf::kind::LISTEN | connscope_ebpf::kind::LISTEN_CLOSE => {
+                    EventType::Listener
+                }
+                connscope_ebpf::kind::EXEC | connscope_ebpf::kind::EXIT => EventType::Process,
+                _ => EventType::Unknown,
             },
-            Ok(Raw::Cgroup(_)) => "cgroup",
-            Err(()) => "unknown",
+            Ok(Raw::Cgroup(_)) => EventType::Cgroup,
+            Err(()) => EventType::Unknown,
         };
-        // Every name above is in EVENT_KINDS; anything else counts as "unknown".
-        let i = EVENT_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(EVENT_KINDS.len() - 1);
-        self.counted[i] += 1;
+        self.counted[t as usize] += 1;
     }
 
     /// Brings the self-metrics up to date (called about once a second).
@@ -222,7 +219,7 @@ impl Pipeline {
         let mut m = shared.metrics.lock().ok();
         if let Some(m) = m.as_deref() {
             m.add_events(&self.counted);
-            self.counted = [0; EVENT_KINDS.len()];
+            self.counted = [0; EventType::ALL.len()];
         }
         for o in out.drain(..) {
             let r = match o {
