@@ -690,14 +690,15 @@ mod tests {
         )
     }
 
-    fn failures_counted(p: &Pipeline) -> f64 {
+    /// Sum of every rendered sample whose series starts with `prefix`.
+    fn metric_sum(p: &Pipeline, prefix: &str) -> f64 {
         p.shared
             .metrics
             .lock()
             .unwrap()
             .render()
             .lines()
-            .filter(|l| l.starts_with("connscope_connect_failures_total"))
+            .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     }
@@ -724,7 +725,11 @@ mod tests {
                 .lines()
                 .filter(|l| l.contains("\"connect_failure\""))
                 .count() as u64;
-            assert_eq!(failures_counted(&p), 50.0, "{file}: every failure counted");
+            assert_eq!(
+                metric_sum(&p, "connscope_connect_failures_total"),
+                50.0,
+                "{file}: every failure counted"
+            );
             assert_eq!(written + skipped, 50, "{file}: written or reported skipped");
             assert_eq!(skipped > 0, deadline_passed, "{file}: skipped {skipped}");
         }
@@ -732,15 +737,7 @@ mod tests {
     }
 
     fn events_total(p: &Pipeline, kind: &str) -> f64 {
-        let series = format!("connscope_events_total{{type=\"{kind}\"}} ");
-        p.shared
-            .metrics
-            .lock()
-            .unwrap()
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
-            .unwrap_or(0.0)
+        metric_sum(p, &format!("connscope_events_total{{type=\"{kind}\"}} "))
     }
 
     #[test]
