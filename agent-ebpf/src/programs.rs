@@ -373,27 +373,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) else {
         return 0;
     };
-    let start_ns = now();
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(p) = PENDING.get_ptr_mut(tid) {
-        // SAFETY: this thread's own slot: only the thread itself starts and
-        // ends its connects; other contexts write only while it is active
-        // and only for the socket this connect sets below.
-        unsafe {
-            (*p).start_ns = start_ns;
-            (*p).sk = 0;
-            (*p).saddr = [0; 16];
-            (*p).sport = 0;
-            (*p).failed = 0;
-            (*p).sk_flags = 0;
-            (*p).failed_errno = 0;
-            (*p).uaddr = uaddr;
-            (*p).active = 1;
-        }
-        return 0;
-    }
     let p = Pending {
-        start_ns,
+        start_ns: now(),
         sk: 0,
         saddr: [0; 16],
         sport: 0,
@@ -404,7 +385,15 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         active: 1,
         _pad: [0; 7],
     };
-    let _ = PENDING.insert(tid, p, 0);
+    let tid = bpf_get_current_pid_tgid() as u32;
+    match PENDING.get_ptr_mut(tid) {
+        // SAFETY: this thread's own slot: only the thread itself starts and
+        // ends its connects, so its last record is rewritten in place.
+        Some(slot) => unsafe { *slot = p },
+        None => {
+            let _ = PENDING.insert(tid, p, 0);
+        }
+    }
     0
 }
 
