@@ -278,6 +278,15 @@ pub const RAW_SOCK_STATE: &str = "sock_state_raw";
 /// Program name of the raw-tracepoint variant of `tcp:tcp_receive_reset`.
 pub const RAW_RESET: &str = "reset_raw";
 
+/// Every program the agent may load: each hook's classic program and the
+/// raw-tracepoint variants (to find ours among the kernel's programs).
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    HOOKS
+        .iter()
+        .map(|h| h.program)
+        .chain([RAW_SOCK_STATE, RAW_RESET])
+}
+
 /// The raw-tracepoint program that replaces a classic hook, when this
 /// kernel's BTF gave every offset it reads.
 pub fn raw_variant(hook: &Hook, config: &Config) -> Option<&'static str> {

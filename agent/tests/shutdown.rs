@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::{Agent, BIN, TempDir, metric, privileged, wait_for};
-use connscope::probes::{HOOKS, RAW_RESET, RAW_SOCK_STATE};
+use connscope::probes::program_names;
 use serde_json::Value;
 
 fn bpftool(what: &str) -> Vec<Value> {
@@ -34,13 +34,7 @@ fn sigterm_mid_flood_exits_fast_and_detaches_everything() {
     let dir = TempDir::new("sigterm");
     let mut agent = Agent::start(&dir.0, &["--kubernetes", "off"]);
     // Our programs: the ones whose links appeared with this agent.
-    // Every program the agent may attach: each hook's classic program and
-    // its raw-tracepoint variant.
-    let our_programs: Vec<&str> = HOOKS
-        .iter()
-        .map(|h| h.program)
-        .chain([RAW_SOCK_STATE, RAW_RESET])
-        .collect();
+    let our_programs: Vec<&str> = program_names().collect();
     let ours: HashSet<u64> = wait_for("our links in bpftool", Duration::from_secs(10), || {
         let names: HashSet<u64> = bpftool("prog")
             .iter()

@@ -235,20 +235,6 @@ fn storm(bin: &Path, args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// connscope's kernel programs, as the kernel names them (15 characters).
-const OUR_PROGRAMS: &[&str] = &[
-    "sys_enter_connect",
-    "sys_exit_connect",
-    "sock_state_raw",
-    "inet_sock_set_state",
-    "reset_raw",
-    "tcp_receive_reset",
-    "sched_process_exec",
-    "sched_process_exit",
-    "cgroup_mkdir",
-    "cgroup_rmdir",
-];
-
 /// Kernel time of connscope's programs per connect, from BPF run-time
 /// statistics, set against what one connect costs with no tracer (cores /
 /// connects per second in the "none" rows): the programs' own share of the
@@ -284,7 +270,7 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
             if runs <= 0.0 {
                 continue;
             }
-            let ours = OUR_PROGRAMS.iter().any(|o| o.starts_with(name));
+            let ours = p["connscope"].as_bool().unwrap_or(false);
             let label = if ours {
                 name.to_string()
             } else {

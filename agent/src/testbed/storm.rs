@@ -65,7 +65,10 @@ pub struct Report {
 /// Runs and kernel time of one BPF program during a storm.
 #[derive(Debug, Serialize)]
 pub struct ProgramCost {
+    /// As the kernel keeps it (at most 15 characters).
     pub name: String,
+    /// One of connscope's programs (by name), not another tracer's.
+    pub connscope: bool,
     pub runs: u64,
     pub run_ns: u64,
 }
@@ -95,6 +98,8 @@ fn program_costs(
             let (r0, n0) = before.get(&id).map_or((0, 0), |(_, r, n)| (*r, *n));
             let runs = runs.saturating_sub(r0);
             (runs > 0).then(|| ProgramCost {
+                connscope: !name.is_empty()
+                    && crate::probes::program_names().any(|n| n.starts_with(name.as_str())),
                 name,
                 runs,
                 run_ns: ns.saturating_sub(n0),
