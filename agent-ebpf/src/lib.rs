@@ -99,11 +99,32 @@ pub struct Event {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub comm: [u8; COMM_LEN],
-    /// AF_UNIX path for a connect failure, filename for an exec.
+}
+
+/// An [`Event`] followed by a path: only AF_UNIX connect failures (the
+/// socket path) and execs (the filename) carry one. Every other record is an
+/// [`Event`] alone, half this size: half the ring memory, and half the
+/// bytes written per refused connect. Told apart by size, like
+/// [`CgroupEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathEvent {
+    pub event: Event,
+    /// AF_UNIX path for a connect failure, filename for an exec; NUL-padded.
     pub path: [u8; PATH_LEN],
-    /// Explicit tail padding, so no byte of an event is left uninitialised.
+    /// Explicit tail padding, so no byte of a record is left uninitialised.
     pub reserved: [u8; 4],
 }
+
+// The reader tells records apart by their size alone, and every byte of
+// each is written by the kernel side (no implicit padding).
+const _: () = {
+    assert!(size_of::<Event>() == 104);
+    assert!(size_of::<PathEvent>() == size_of::<Event>() + PATH_LEN + 4);
+    assert!(size_of::<CgroupEvent>() == 24 + CGROUP_PATH_LEN);
+    assert!(size_of::<Event>() != size_of::<PathEvent>());
+    assert!(size_of::<PathEvent>() != size_of::<CgroupEvent>());
+};
 
 /// Offsets the kernel programs need, found by the agent at start-up from
 /// tracefs format files and `/sys/kernel/btf/vmlinux` instead of being

@@ -12,7 +12,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use connscope_ebpf::{
-    CGROUP_PATH_LEN, COMM_LEN, CgroupEvent, Config, Event, OFFSET_UNKNOWN, PATH_LEN, flags, kind,
+    CGROUP_PATH_LEN, COMM_LEN, CgroupEvent, Config, Event, OFFSET_UNKNOWN, PATH_LEN, PathEvent,
+    flags, kind,
 };
 
 const AF_UNIX: u16 = 1;
@@ -193,15 +194,59 @@ fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {
 /// `fill` sets what the context does not.
 #[inline(always)]
 fn emit(k: u8, c: &SockCtx, ts_ns: u64, fill: impl FnOnce(&mut Event)) {
-    let wake = wakeup_flags(size_of::<Event>() as u64);
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+    reserve_and_submit::<Event>(|e| {
+        // SAFETY: `e` is reserved ring memory of exactly one Event, written
+        // whole before the reference is made.
+        unsafe {
+            write_event(e, k, c, ts_ns);
+            fill(&mut *e);
+        }
+    });
+}
+
+/// [`emit`] for the two records that carry a path (AF_UNIX connect
+/// failures, execs): only they pay for its bytes.
+#[inline(always)]
+fn emit_with_path(
+    k: u8,
+    c: &SockCtx,
+    ts_ns: u64,
+    fill: impl FnOnce(&mut Event, &mut [u8; PATH_LEN]),
+) {
+    reserve_and_submit::<PathEvent>(|e| {
+        // SAFETY: `e` is reserved ring memory of exactly one PathEvent; the
+        // event, the path and the padding are written before the
+        // references are made.
+        unsafe {
+            write_event(&raw mut (*e).event, k, c, ts_ns);
+            (*e).path = [0; PATH_LEN];
+            (*e).reserved = [0; 4];
+            fill(&mut (*e).event, &mut (*e).path);
+        }
+    });
+}
+
+/// Reserves one `R` in the ring, has `write` fill it and submits it; a full
+/// ring counts the record as lost.
+#[inline(always)]
+fn reserve_and_submit<R: 'static>(write: impl FnOnce(*mut R)) {
+    let wake = wakeup_flags(size_of::<R>() as u64);
+    let Some(mut entry) = EVENTS.reserve::<R>(0) else {
         count_lost();
         return;
     };
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` is reserved ring memory of exactly one Event; every field
-    // is written before the reference is made and before submit, so no
-    // stale bytes reach userspace.
+    write(entry.as_mut_ptr());
+    entry.submit(wake);
+}
+
+/// Every field of an event from the task context; the rest zero, so no
+/// stale ring bytes reach userspace.
+///
+/// # Safety
+/// `e` must point to writable memory for one [`Event`].
+#[inline(always)]
+unsafe fn write_event(e: *mut Event, k: u8, c: &SockCtx, ts_ns: u64) {
+    // SAFETY: the caller's contract.
     unsafe {
         (*e).ts_ns = ts_ns;
         (*e).start_ns = c.start_ns;
@@ -220,11 +265,7 @@ fn emit(k: u8, c: &SockCtx, ts_ns: u64, fill: impl FnOnce(&mut Event)) {
         (*e).saddr = [0; 16];
         (*e).daddr = [0; 16];
         (*e).comm = c.comm;
-        (*e).path = [0; PATH_LEN];
-        (*e).reserved = [0; 4];
-        fill(&mut *e);
     }
-    entry.submit(wake);
 }
 
 #[inline(always)]
@@ -696,24 +737,32 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     // cleanly; 28 bytes is what an inet address needs (sockaddr_in6).
     let _ = unsafe { bpf_probe_read_user_buf(src, &mut addr) };
     let family = u16::from_ne_bytes([addr[0], addr[1]]);
-    emit(kind::CONNECT_FAILURE, &c, ts, |ev| {
+    let common = |ev: &mut Event| {
         ev.errno = errno;
         ev.flags |= extra;
         ev.family = family;
         ev.sport = p.sport;
         ev.saddr = p.saddr;
-        if family == AF_INET {
-            ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
-            ev.daddr[..4].copy_from_slice(&addr[4..8]);
-        } else if family == AF_INET6 {
-            ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
-            ev.daddr.copy_from_slice(&addr[8..24]);
-        } else if family == AF_UNIX {
+    };
+    if family == AF_UNIX {
+        emit_with_path(kind::CONNECT_FAILURE, &c, ts, |ev, path| {
+            common(ev);
             // SAFETY: sun_path follows the 2-byte family in user memory;
-            // read straight into the event.
-            let _ = unsafe { bpf_probe_read_user_buf(src.add(2), &mut ev.path) };
-        }
-    });
+            // read straight into the record.
+            let _ = unsafe { bpf_probe_read_user_buf(src.add(2), path) };
+        });
+    } else {
+        emit(kind::CONNECT_FAILURE, &c, ts, |ev| {
+            common(ev);
+            if family == AF_INET {
+                ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
+                ev.daddr[..4].copy_from_slice(&addr[4..8]);
+            } else if family == AF_INET6 {
+                ev.dport = u16::from_be_bytes([addr[2], addr[3]]);
+                ev.daddr.copy_from_slice(&addr[8..24]);
+            }
+        });
+    }
     0
 }
 
@@ -726,13 +775,13 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let ts = now();
     let c = current_ctx(&cfg, ts);
     let loc = read::<u32>(&ctx, cfg.exec_filename);
-    emit(kind::EXEC, &c, ts, |ev| {
+    emit_with_path(kind::EXEC, &c, ts, |_, path| {
         if let Some(loc) = loc {
             let off = (loc & 0xffff) as usize;
             // SAFETY: __data_loc offset into this tracepoint's record.
             unsafe {
                 let src = (ctx.as_ptr() as *const u8).add(off);
-                let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut ev.path);
+                let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, path);
             }
         }
     });

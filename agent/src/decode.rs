@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, flags, kind};
+use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, PATH_LEN, PathEvent, flags, kind};
 use serde::Serialize;
 
 /// What the kernel saw.
@@ -219,10 +219,12 @@ fn clock_ns(id: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A ring-buffer record: the two record types differ in size.
+/// A ring-buffer record: the three record types differ in size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Raw {
-    Event(Event),
+    /// An [`Event`], with the path of a [`PathEvent`] (AF_UNIX failures,
+    /// execs) or without one.
+    Event(Event, Option<[u8; PATH_LEN]>),
     Cgroup(CgroupEvent),
 }
 
@@ -236,13 +238,30 @@ pub struct CgroupChange {
 
 /// Reads a record out of the ring buffer.
 pub fn parse_record(bytes: &[u8]) -> Result<Raw, DecodeError> {
-    if bytes.len() == size_of::<CgroupEvent>() {
-        // SAFETY: length checked; CgroupEvent is repr(C) plain data for which
-        // every bit pattern is valid; read_unaligned tolerates any alignment.
-        let c = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<CgroupEvent>()) };
-        return Ok(Raw::Cgroup(c));
+    match bytes.len() {
+        n if n == size_of::<CgroupEvent>() => read_plain(bytes).map(Raw::Cgroup),
+        n if n == size_of::<PathEvent>() => {
+            read_plain(bytes).map(|p: PathEvent| Raw::Event(p.event, Some(p.path)))
+        }
+        _ => read_plain(bytes).map(|e| Raw::Event(e, None)),
     }
-    parse(bytes).map(Raw::Event)
+}
+
+/// The kernel ABI records: `repr(C)` integers and byte arrays, so every bit
+/// pattern is a valid value.
+trait Plain: Copy {}
+impl Plain for Event {}
+impl Plain for PathEvent {}
+impl Plain for CgroupEvent {}
+
+/// Copies a record out of its bytes, which must be exactly one `T`.
+fn read_plain<T: Plain>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() != size_of::<T>() {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: the length was checked; T is plain data (see Plain);
+    // read_unaligned tolerates any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// Decodes a cgroup record.
@@ -264,16 +283,6 @@ pub fn decode_cgroup(c: &CgroupEvent) -> Result<CgroupChange, DecodeError> {
     })
 }
 
-/// Reads an [`Event`] out of a ring-buffer record.
-pub fn parse(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if bytes.len() != size_of::<Event>() {
-        return Err(DecodeError::Size(bytes.len()));
-    }
-    // SAFETY: the length was checked; Event is repr(C) plain data for which
-    // every bit pattern is valid; read_unaligned tolerates any alignment.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
-}
-
 fn cstr(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
@@ -287,8 +296,12 @@ fn ip(family: Family, raw: &[u8; 16]) -> Option<IpAddr> {
     }
 }
 
-/// Turns a raw event into a [`KernelEvent`].
-pub fn decode(ev: &Event, clock: &Clock) -> Result<KernelEvent, DecodeError> {
+/// Turns a raw event (and the path it carries, if any) into a [`KernelEvent`].
+pub fn decode(
+    ev: &Event,
+    path: Option<&[u8; PATH_LEN]>,
+    clock: &Clock,
+) -> Result<KernelEvent, DecodeError> {
     let k = match ev.kind {
         kind::CONNECT_FAILURE => Kind::ConnectFailure,
         kind::LISTEN => Kind::Listen,
@@ -309,9 +322,9 @@ pub fn decode(ev: &Event, clock: &Clock) -> Result<KernelEvent, DecodeError> {
     } else {
         None
     };
-    let path = match k {
-        Kind::ConnectFailure if family == Family::Unix => Some(unix_path(&ev.path)),
-        Kind::Exec => Some(cstr(&ev.path)),
+    let path = match (k, path) {
+        (Kind::ConnectFailure, Some(p)) if family == Family::Unix => Some(unix_path(p)),
+        (Kind::Exec, Some(p)) => Some(cstr(p)),
         _ => None,
     };
     let context_known = ev.flags & flags::CONTEXT_KNOWN != 0;
@@ -364,7 +377,6 @@ pub fn errno_name(errno: i32) -> String {
 mod tests {
     use super::*;
     use crate::testbed::records;
-    use connscope_ebpf::PATH_LEN;
 
     fn raw(kind: u8) -> Event {
         Event {
@@ -387,8 +399,11 @@ mod tests {
     #[test]
     fn decodes_ipv4_refusal() {
         let clock = Clock::with_offset_ns(1_000_000_000_000_000_000);
-        let ev = parse(&bytes(&raw(kind::CONNECT_FAILURE))).unwrap();
-        let k = decode(&ev, &clock).unwrap();
+        let Raw::Event(ev, None) = parse_record(&bytes(&raw(kind::CONNECT_FAILURE))).unwrap()
+        else {
+            panic!("not a plain event")
+        };
+        let k = decode(&ev, None, &clock).unwrap();
         assert_eq!(k.kind, Kind::ConnectFailure);
         assert_eq!(k.dst, Some("10.0.0.1:8080".parse().unwrap()));
         assert_eq!(k.src, Some("10.0.0.2:40000".parse().unwrap()));
@@ -410,45 +425,61 @@ mod tests {
         r.family = libc::AF_INET6 as u16;
         r.daddr = Ipv6Addr::LOCALHOST.octets();
         r.flags = flags::NONBLOCKING;
-        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        let k = decode(&r, None, &Clock::with_offset_ns(0)).unwrap();
         assert_eq!(k.dst, Some("[::1]:8080".parse().unwrap()));
         assert_eq!(k.netns, None);
         assert!(k.nonblocking && !k.context_known);
+    }
+
+    /// A record with a path, as the ring hands it over, read back.
+    fn with_path(ev: Event, path: &[u8]) -> KernelEvent {
+        let mut p = PathEvent {
+            event: ev,
+            path: [0; PATH_LEN],
+            reserved: [0; 4],
+        };
+        p.path[..path.len()].copy_from_slice(path);
+        let Raw::Event(ev, path) = parse_record(&records::path_bytes(&p)).unwrap() else {
+            panic!("not an event")
+        };
+        assert!(path.is_some(), "the path was lost");
+        decode(&ev, path.as_ref(), &Clock::with_offset_ns(0)).unwrap()
     }
 
     #[test]
     fn decodes_unix_paths_including_abstract() {
         let mut r = raw(kind::CONNECT_FAILURE);
         r.family = libc::AF_UNIX as u16;
-        r.path[..9].copy_from_slice(b"/run/x.sk");
-        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        let k = with_path(r, b"/run/x.sk");
         assert_eq!(k.path.as_deref(), Some("/run/x.sk"));
         assert_eq!(k.dst, None);
-        r.path = [0; PATH_LEN];
-        r.path[1..4].copy_from_slice(b"abc");
-        assert_eq!(
-            decode(&r, &Clock::with_offset_ns(0))
-                .unwrap()
-                .path
-                .as_deref(),
-            Some("@abc")
-        );
+        assert_eq!(with_path(r, b"\0abc").path.as_deref(), Some("@abc"));
     }
 
     #[test]
     fn exec_carries_filename_and_no_addresses() {
-        let mut r = raw(kind::EXEC);
-        r.path[..8].copy_from_slice(b"/bin/app");
-        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        let k = with_path(raw(kind::EXEC), b"/bin/app");
         assert_eq!(k.path.as_deref(), Some("/bin/app"));
         assert_eq!((k.src, k.dst, k.start_mono_ns), (None, None, None));
     }
 
     #[test]
+    fn inet_failures_carry_no_path() {
+        let r = raw(kind::CONNECT_FAILURE);
+        let k = decode(&r, None, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.path, None);
+    }
+
+    #[test]
     fn rejects_wrong_size_and_unknown_kind() {
-        assert_eq!(parse(&[0u8; 3]), Err(DecodeError::Size(3)));
+        assert_eq!(parse_record(&[0u8; 3]), Err(DecodeError::Size(3)));
+        let one_short = size_of::<Event>() - 1;
         assert_eq!(
-            decode(&raw(99), &Clock::with_offset_ns(0)),
+            parse_record(&vec![0u8; one_short]),
+            Err(DecodeError::Size(one_short))
+        );
+        assert_eq!(
+            decode(&raw(99), None, &Clock::with_offset_ns(0)),
             Err(DecodeError::Kind(99))
         );
     }
@@ -457,7 +488,7 @@ mod tests {
     fn comm_without_nul_and_non_utf8_is_kept() {
         let mut r = raw(kind::EXIT);
         r.comm = [0xff; COMM_LEN];
-        let k = decode(&r, &Clock::with_offset_ns(0)).unwrap();
+        let k = decode(&r, None, &Clock::with_offset_ns(0)).unwrap();
         assert_eq!(k.comm.as_str().chars().count(), COMM_LEN);
     }
 
@@ -492,7 +523,7 @@ mod tests {
         );
         assert!(matches!(
             parse_record(&bytes(&raw(kind::EXIT))),
-            Ok(Raw::Event(_))
+            Ok(Raw::Event(_, None))
         ));
         c.kind = 42;
         assert_eq!(decode_cgroup(&c), Err(DecodeError::Kind(42)));

@@ -92,7 +92,7 @@ impl Pipeline {
         let raw = decode::parse_record(bytes);
         self.count_record(raw.as_ref().map_err(|_| ()));
         match raw {
-            Ok(Raw::Event(raw)) => match decode::decode(&raw, clock) {
+            Ok(Raw::Event(raw, path)) => match decode::decode(&raw, path.as_ref(), clock) {
                 Ok(ev) => self.event(ev),
                 Err(e) => self.bad_record(e),
             },
@@ -110,7 +110,7 @@ impl Pipeline {
 
     fn count_record(&mut self, raw: Result<&Raw, ()>) {
         let t = match raw {
-            Ok(Raw::Event(e)) => match e.kind {
+            Ok(Raw::Event(e, _)) => match e.kind {
                 connscope_ebpf::kind::CONNECT_FAILURE => EventType::ConnectFailure,
                 connscope_ebpf::kind::LISTEN | connscope_ebpf::kind::LISTEN_CLOSE => {
                     EventType::Listener

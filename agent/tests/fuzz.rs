@@ -40,10 +40,17 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn ring_buffer_records(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+    fn ring_buffer_records(bytes in prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..400),
+        // Exactly the size of each record type, so that decoding (not only
+        // the size check) meets arbitrary bytes.
+        prop::collection::vec(any::<u8>(), size_of::<connscope_ebpf::Event>()),
+        prop::collection::vec(any::<u8>(), size_of::<connscope_ebpf::PathEvent>()),
+        prop::collection::vec(any::<u8>(), size_of::<connscope_ebpf::CgroupEvent>()),
+    ]) {
         if let Ok(r) = parse_record(&bytes) {
             match r {
-                connscope::decode::Raw::Event(e) => { let _ = decode(&e, &Clock::with_offset_ns(0)); }
+                connscope::decode::Raw::Event(e, p) => { let _ = decode(&e, p.as_ref(), &Clock::with_offset_ns(0)); }
                 connscope::decode::Raw::Cgroup(c) => { let _ = decode_cgroup(&c); }
             }
         }

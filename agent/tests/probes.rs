@@ -232,10 +232,11 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
         }
     }
     assert!(
-        events
-            .iter()
-            .any(|e| e["type"] == "process" && e["state"] == "exec" && e["pid"] == sidecar_pid),
-        "the sidecar's exec is seen"
+        events.iter().any(|e| e["type"] == "process"
+            && e["state"] == "exec"
+            && e["pid"] == sidecar_pid
+            && e["path"] == BIN),
+        "the sidecar's exec is seen, with the file it ran"
     );
     assert!(
         events

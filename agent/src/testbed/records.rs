@@ -1,7 +1,7 @@
 //! Ring-buffer records as the kernel programs write them, for unit tests
 //! and benchmarks of the userspace pipeline (no BPF needed).
 
-use connscope_ebpf::{Event, PATH_LEN, flags, kind};
+use connscope_ebpf::{Event, PathEvent, flags, kind};
 
 /// A refused IPv4 connect (10.0.0.2:40000 -> 10.0.0.1:8080, RST, from the
 /// syscall) by `pid` in cgroup `cgroup_id`, seen at kernel time `ts_ns`.
@@ -24,15 +24,25 @@ pub fn refused(cgroup_id: u64, ts_ns: u64, pid: u32) -> Event {
         saddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         daddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         comm: *b"app\0\0\0\0\0\0\0\0\0\0\0\0\0",
-        path: [0; PATH_LEN],
-        reserved: [0; 4],
     }
 }
 
 /// The bytes of an event as the ring buffer hands them over.
 pub fn bytes(ev: &Event) -> Vec<u8> {
-    // SAFETY: the bytes of a repr(C) value whose padding is explicit.
+    // SAFETY: the bytes of a repr(C) value without padding.
     unsafe {
         std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()).to_vec()
+    }
+}
+
+/// The bytes of an event with a path, as the ring buffer hands them over.
+pub fn path_bytes(ev: &PathEvent) -> Vec<u8> {
+    // SAFETY: the bytes of a repr(C) value whose padding is explicit.
+    unsafe {
+        std::slice::from_raw_parts(
+            (ev as *const PathEvent).cast::<u8>(),
+            size_of::<PathEvent>(),
+        )
+        .to_vec()
     }
 }

@@ -46,6 +46,12 @@ pub struct Args {
     /// throughput. (The statistics themselves add two clock reads per run.)
     #[arg(long)]
     pub bpf_stats: bool,
+    /// Non-blocking connects (connect, wait for writable, read SO_ERROR), the
+    /// way Go, Java NIO, Node and Envoy dial: the connect's outcome is known
+    /// only after the syscall returns, which is another path in the kernel
+    /// programs than a blocking connect.
+    #[arg(long)]
+    pub nonblocking: bool,
 }
 
 /// What a storm did.
@@ -108,6 +114,31 @@ fn program_costs(
         .collect();
     v.sort_by_key(|p| std::cmp::Reverse(p.run_ns));
     v
+}
+
+/// One non-blocking connect: `connect()` (EINPROGRESS), wait until the
+/// socket is writable (bounded: 5 s), then its outcome from `SO_ERROR`.
+fn connect_nonblocking(target: SocketAddr) -> std::io::Result<socket2::Socket> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM.nonblocking(),
+        None,
+    )?;
+    match s.connect(&target.into()) {
+        Ok(()) => return Ok(s),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+    if poll(&mut fds, PollTimeout::from(5000u16))? == 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+    }
+    match s.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(s),
+    }
 }
 
 /// Runs the storm and prints a JSON [`Report`].
@@ -176,6 +207,7 @@ pub fn run(args: Args) -> Result<()> {
         let counts = counts.clone();
         let cgroups = cgroups.clone();
         let per = args.per_cgroup.max(1);
+        let nonblocking = args.nonblocking;
         handles.push(std::thread::spawn(move || {
             let mut next = Instant::now();
             let mut n = 0u64;
@@ -185,10 +217,15 @@ pub fn run(args: Args) -> Result<()> {
                     let _ = std::fs::write(cg.join("cgroup.procs"), "0");
                 }
                 n += 1;
-                let i = match TcpStream::connect(target) {
+                let outcome = if nonblocking {
+                    connect_nonblocking(target)
+                } else {
+                    TcpStream::connect(target).map(socket2::Socket::from)
+                };
+                let i = match outcome {
                     Ok(s) => {
                         // Close with RST: no TIME_WAIT, so ports never run out.
-                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        let _ = s.set_linger(Some(Duration::ZERO));
                         1
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => 2,
