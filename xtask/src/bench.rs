@@ -72,6 +72,24 @@ const HOOKS_ONLY: &str = "connscope hooks only (programs return at once)";
 /// hooks, and what an operator gains by turning them off).
 const NO_SYSCALL_HOOKS: &str = "connscope without syscall hooks";
 
+/// The storms of the connect-path table: (label, `testbed storm` arguments).
+/// Loopback, and a test host in a network namespace of the storm's own
+/// across a veth pair (the path a pod's connect to another host takes).
+const MODES: [(&str, &[&str]); 4] = [
+    ("successful", &[]),
+    ("refused", &["--refused"]),
+    ("successful, netns host", &["--netns"]),
+    ("refused, netns host", &["--netns", "--refused"]),
+];
+
+/// Non-blocking connects (how Go, Java NIO and Envoy dial) in the program
+/// time table only: their outcome is known after the syscall returns,
+/// which takes other branches of the kernel programs.
+const NONBLOCKING_MODES: [(&str, &[&str]); 2] = [
+    ("successful, non-blocking", &["--nonblocking"]),
+    ("refused, non-blocking", &["--nonblocking", "--refused"]),
+];
+
 /// Starts a tracer and waits until it is attached. `Ok(None)`: the tracer
 /// cannot run here (the reason is returned for the report).
 fn start(
@@ -246,10 +264,7 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
         "| connects | program | runs per connect | ns per run | ns per connect |\n|---|---|---|---|---|\n",
     );
     let mut totals = String::new();
-    for (i, (mode, refused)) in [("successful", false), ("refused", true)]
-        .iter()
-        .enumerate()
-    {
+    for (i, (mode, extra)) in MODES.iter().chain(&NONBLOCKING_MODES).enumerate() {
         let mut a = vec![
             "--threads".to_string(),
             o.threads.to_string(),
@@ -257,9 +272,7 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
             o.seconds.to_string(),
             "--bpf-stats".into(),
         ];
-        if *refused {
-            a.push("--refused".into());
-        }
+        a.extend(extra.iter().map(|s| s.to_string()));
         let r = storm(bin, &a)?;
         let connects = r["connects"].as_f64().unwrap_or(0.0).max(1.0);
         let mut total = 0.0;
@@ -401,7 +414,6 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
         "bpftrace",
         "bcc",
     ];
-    let modes = [("successful", false), ("refused", true)];
     let mut rates: std::collections::HashMap<(&str, &str), Vec<f64>> = Default::default();
     let mut unavailable: std::collections::HashMap<&str, String> = Default::default();
     for round in 0..o.rounds {
@@ -418,16 +430,14 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
                     continue;
                 }
             };
-            for (mode, refused) in modes {
+            for (mode, extra) in MODES {
                 let mut a = vec![
                     "--threads".to_string(),
                     o.threads.to_string(),
                     "--seconds".into(),
                     o.seconds.to_string(),
                 ];
-                if refused {
-                    a.push("--refused".into());
-                }
+                a.extend(extra.iter().map(|s| s.to_string()));
                 let r = storm(&bin, &a)?;
                 rates
                     .entry((tracer.name, mode))
@@ -436,8 +446,14 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
             }
         }
     }
-    report.push_str("## Connect path (connects/s, median of rounds; ratio to no tracer)\n\n| tracer | successful | ratio | refused | ratio |\n|---|---|---|---|---|\n");
-    let base: Vec<f64> = modes
+    report.push_str(
+        "## Connect path (connects/s, median of rounds; ratio to no tracer)\n\n| tracer |",
+    );
+    for (m, _) in MODES {
+        report.push_str(&format!(" {m} | ratio |"));
+    }
+    report.push_str(&format!("\n|---|{}\n", "---|---|".repeat(MODES.len())));
+    let base: Vec<f64> = MODES
         .iter()
         .map(|(m, _)| {
             median(
@@ -451,11 +467,14 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
     let mut ratios = std::collections::HashMap::new();
     for t in tracers {
         if let Some(why) = unavailable.get(t) {
-            report.push_str(&format!("| {t} | unavailable: {why} | | | |\n"));
+            report.push_str(&format!(
+                "| {t} | unavailable: {why} |{}\n",
+                " |".repeat(2 * MODES.len() - 1)
+            ));
             continue;
         }
         let mut row = format!("| {t} |");
-        for (i, (m, _)) in modes.iter().enumerate() {
+        for (i, (m, _)) in MODES.iter().enumerate() {
             let v = median(
                 rates
                     .get_mut(&(t, *m))

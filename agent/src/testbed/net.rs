@@ -28,6 +28,13 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Moves the calling thread into the named namespace (`/run/netns/<name>`).
+pub fn enter_netns(name: &str) -> Result<()> {
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("network namespace {name}"))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")
+}
+
 /// A named network namespace (`ip netns`), deleted on drop.
 #[derive(Debug)]
 pub struct Netns {
@@ -56,6 +63,12 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
         c
+    }
+
+    /// Moves the calling thread (only it) into the namespace: sockets it
+    /// makes from then on belong there.
+    pub fn enter_thread(&self) -> Result<()> {
+        enter_netns(&self.name)
     }
 
     /// Inode of the namespace, as the kernel reports it in events.

@@ -400,9 +400,7 @@ pub fn enter(netns: Option<&str>, cgroup: Option<&Path>, argv: &[String]) -> Res
             .with_context(|| format!("joining cgroup {}", cg.display()))?;
     }
     if let Some(ns) = netns {
-        let f = std::fs::File::open(format!("/run/netns/{ns}"))
-            .with_context(|| format!("network namespace {ns}"))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        super::net::enter_netns(ns)?;
     }
     let (prog, args) = argv.split_first().context("nothing to exec")?;
     let err = std::process::Command::new(prog).args(args).exec();

@@ -1,6 +1,7 @@
-//! Connect storms for benchmarks: many threads doing blocking connect +
-//! close against a loopback (or test-host) address, successful or refused,
-//! optionally rate-limited and spread over many cgroups.
+//! Connect storms for benchmarks: many threads doing connect + close against
+//! a loopback address or a test host in a network namespace of its own,
+//! successful or refused, optionally rate-limited and spread over many
+//! cgroups.
 
 use std::{
     io::Write as _,
@@ -52,7 +53,17 @@ pub struct Args {
     /// programs than a blocking connect.
     #[arg(long)]
     pub nonblocking: bool,
+    /// Dial across a veth pair: the connecting threads move into a pod
+    /// namespace, the listener (successful connects) lives in a test-host
+    /// namespace, and refused connects go to a port nothing listens on
+    /// there. The storm creates both namespaces (`cs250-pod`, `cs250-up`)
+    /// and deletes them when it ends. Ignored with `--target`.
+    #[arg(long)]
+    pub netns: bool,
 }
+
+/// `Topology` tag of the storm's namespaces; the tests use low tags.
+const NETNS_TAG: u8 = 250;
 
 /// What a storm did.
 #[derive(Debug, Serialize)]
@@ -116,6 +127,19 @@ fn program_costs(
     v
 }
 
+/// A listener with a deep backlog: a full accept queue drops SYNs and turns
+/// the benchmark into a measure of SYN retransmission timers.
+fn listener(addr: SocketAddr) -> Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    Ok(sock.into())
+}
+
 /// One non-blocking connect: `connect()` (EINPROGRESS), wait until the
 /// socket is writable (bounded: 5 s), then its outcome from `SO_ERROR`.
 fn connect_nonblocking(target: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -144,19 +168,35 @@ fn connect_nonblocking(target: SocketAddr) -> std::io::Result<socket2::Socket> {
 /// Runs the storm and prints a JSON [`Report`].
 pub fn run(args: Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
-    let target = match (args.target, args.refused) {
-        (Some(t), _) => t,
-        (None, true) => {
+    // Deleted when the storm ends (drop), whatever happens.
+    let topo = match (args.netns, args.target) {
+        (true, None) => Some(super::net::Topology::create(NETNS_TAG, false)?),
+        _ => None,
+    };
+    let target = match (args.target, args.refused, &topo) {
+        (Some(t), _, _) => t,
+        // Nothing listens in the test host's namespace: its kernel answers RST.
+        (None, true, Some(t)) => t.upstream_addr(false, 9),
+        (None, true, None) => {
             let l = TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?
         }
-        (None, false) => {
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
-            // A deep backlog: a full accept queue drops SYNs and turns the
-            // benchmark into a measure of SYN retransmission timers.
-            sock.listen(4096)?;
-            let l: TcpListener = sock.into();
+        (None, false, topo) => {
+            let l = match topo {
+                Some(t) => {
+                    let addr = t.upstream_addr(false, 0);
+                    let up = &t.upstream;
+                    std::thread::scope(|sc| {
+                        sc.spawn(|| {
+                            up.enter_thread()?;
+                            listener(addr)
+                        })
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
+                    })?
+                }
+                None => listener(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+            };
             let addr = l.local_addr()?;
             for _ in 0..args.threads.max(2) {
                 let l = l.try_clone()?;
@@ -173,6 +213,7 @@ pub fn run(args: Args) -> Result<()> {
             addr
         }
     };
+    let pod_ns = topo.as_ref().map(|t| t.pod.name.clone());
     let cgroups: Vec<PathBuf> = match &args.cgroups {
         Some(f) => std::fs::read_to_string(f)
             .with_context(|| format!("reading {}", f.display()))?
@@ -208,7 +249,11 @@ pub fn run(args: Args) -> Result<()> {
         let cgroups = cgroups.clone();
         let per = args.per_cgroup.max(1);
         let nonblocking = args.nonblocking;
-        handles.push(std::thread::spawn(move || {
+        let pod_ns = pod_ns.clone();
+        handles.push(std::thread::spawn(move || -> Result<()> {
+            if let Some(ns) = &pod_ns {
+                super::net::enter_netns(ns)?;
+            }
             let mut next = Instant::now();
             let mut n = 0u64;
             while Instant::now() < deadline {
@@ -241,10 +286,12 @@ pub fn run(args: Args) -> Result<()> {
                     }
                 }
             }
+            Ok(())
         }));
     }
     for h in handles {
-        let _ = h.join();
+        h.join()
+            .map_err(|_| anyhow::anyhow!("storm thread panicked"))??;
     }
     stop.store(true, Ordering::Relaxed);
     let secs = start.elapsed().as_secs_f64();
