@@ -500,7 +500,7 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
     let rates_to_try: &[u64] = if smoke {
         &[5_000]
     } else {
-        &[25_000, 50_000, 75_000, 0]
+        &[50_000, 100_000, 150_000, 200_000, 250_000, 0]
     };
     let mut sustainable = 0.0;
     {
