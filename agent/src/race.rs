@@ -270,6 +270,10 @@ impl Refusals {
 #[derive(Debug, Default)]
 struct PodState {
     who: Arc<Attribution>,
+    /// The attribution `who` was last made from: the attributor hands out
+    /// one shared attribution per container, so the next event of the same
+    /// container finds `who` up to date without rebuilding it.
+    who_from: Option<Arc<Attribution>>,
     first_process_ns: Option<u64>,
     sidecar_start_ns: Option<u64>,
     /// Open LISTEN sockets by port.
@@ -418,6 +422,7 @@ impl Tracker {
         };
         let p = self.pods.entry(uid).or_default();
         p.who = who;
+        p.who_from = None;
         p.last_seen_ns = p.last_seen_ns.max(now_ns);
         p.injected = Some(true);
         p.started_counted = true;
@@ -437,19 +442,29 @@ impl Tracker {
         hints: Option<Hints>,
         out: &mut Vec<Output>,
     ) {
-        let Some(uid) = who.pod_uid.clone() else {
+        // A second handle keeps the pod's uid borrowable while `who` moves on
+        // with the event: the uid is copied only for a new pod, not per event.
+        let attr = Arc::clone(&who);
+        let Some(uid) = attr.pod_uid.as_deref() else {
             let phase = (ev.kind == Kind::ConnectFailure).then_some(Phase::NoSidecar);
             out.push(Output::Event { ev, who, phase });
             return;
         };
-        if !self.pods.contains_key(&uid) && self.pods.len() >= self.cfg.max_pods {
-            self.evict_oldest(out);
+        if !self.pods.contains_key(uid) {
+            if self.pods.len() >= self.cfg.max_pods {
+                self.evict_oldest(out);
+            }
+            self.pods.insert(uid.to_string(), PodState::default());
         }
         let cfg = &self.cfg;
-        let p = self.pods.entry(uid.clone()).or_default();
+        let Some(p) = self.pods.get_mut(uid) else {
+            return;
+        };
         p.last_seen_ns = p.last_seen_ns.max(ev.mono_ns);
-        if who.pod.is_some() || p.who.pod_uid.is_none() {
+        let fresh = p.who_from.as_ref().is_some_and(|f| Arc::ptr_eq(f, &who));
+        if !fresh && (who.pod.is_some() || p.who.pod_uid.is_none()) {
             p.who = pod_level(&who);
+            p.who_from = Some(who.clone());
         }
         if let Some(h) = &hints {
             if h.injected.is_some() {
@@ -520,7 +535,7 @@ impl Tracker {
                     p.held.push((ev, who));
                     self.held_total += 1;
                     self.stats.held += 1;
-                    self.after_change(&uid, out);
+                    self.after_change(uid, out);
                     self.enforce_hold_limit(out);
                     return;
                 } else {
@@ -529,7 +544,7 @@ impl Tracker {
             }
         }
         out.push(Output::Event { ev, who, phase });
-        self.after_change(&uid, out);
+        self.after_change(uid, out);
     }
 
     /// Releases held failures, counts pod starts and emits summaries that
@@ -861,6 +876,66 @@ mod tests {
             s[0].recommendation
                 .contains("holdApplicationUntilProxyStarts")
         );
+    }
+
+    #[test]
+    fn pod_summary_follows_a_changed_attribution_not_a_repeated_one() {
+        let mut t = Tracker::new(Config::default());
+        let first = who("app");
+        // The same container, now known under another pod name (a new
+        // attribution, as after the API answered).
+        let renamed = Arc::new(Attribution {
+            pod: Some("checkout-renamed".into()),
+            ..(*first).clone()
+        });
+        let out = run(
+            &mut t,
+            vec![
+                (ev(Kind::Exec, 100, 0), first.clone(), injected()),
+                (ev(Kind::ConnectFailure, 200, 0), first.clone(), None),
+                (ev(Kind::ConnectFailure, 300, 0), renamed.clone(), None),
+                // Handles alternating: each change rebuilds the pod-level
+                // attribution.
+                (ev(Kind::ConnectFailure, 400, 0), first.clone(), None),
+                (ev(Kind::ConnectFailure, 500, 0), renamed.clone(), None),
+                (ev(Kind::Listen, 1100, 1337), who(PROXY_CONTAINER), None),
+            ],
+        );
+        let s: Vec<&RaceSummary> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::StartupRace(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].refused, 4);
+        // who(PROXY_CONTAINER) (a new handle, original pod name) came last.
+        assert_eq!(s[0].who.pod.as_deref(), Some("checkout-7d9f8c6b5-xk2lp"));
+        assert_eq!(s[0].who.container, None, "pod-level: no container");
+
+        let mut t = Tracker::new(Config::default());
+        let out = run(
+            &mut t,
+            vec![
+                (ev(Kind::Exec, 100, 0), first.clone(), injected()),
+                (ev(Kind::ConnectFailure, 200, 0), first.clone(), None),
+                (ev(Kind::ConnectFailure, 300, 0), renamed.clone(), None),
+                (ev(Kind::ConnectFailure, 400, 0), renamed.clone(), None),
+            ],
+        );
+        let mut out2 = Vec::new();
+        t.flush(&mut out2);
+        let s: Vec<&RaceSummary> = out
+            .iter()
+            .chain(&out2)
+            .filter_map(|o| match o {
+                Output::StartupRace(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].who.pod.as_deref(), Some("checkout-renamed"));
     }
 
     #[test]
