@@ -116,6 +116,22 @@ pub struct PathEvent {
     pub reserved: [u8; 4],
 }
 
+/// The ring-buffer record types: `repr(C)` integers and byte arrays with no
+/// implicit padding, so every bit pattern is a valid value and every byte is
+/// initialised. The reader copies them out of raw bytes, and tests turn them
+/// into bytes, on that guarantee alone.
+///
+/// # Safety
+/// Only for `repr(C)` plain-data types without implicit padding (the sizes
+/// are checked below).
+pub unsafe trait Record: Copy {}
+// SAFETY: repr(C), integers and byte arrays, no implicit padding (asserted below).
+unsafe impl Record for Event {}
+// SAFETY: as above; the tail padding is an explicit field.
+unsafe impl Record for PathEvent {}
+// SAFETY: as above; the padding is an explicit field.
+unsafe impl Record for CgroupEvent {}
+
 // The reader tells records apart by their size alone, and every byte of
 // each is written by the kernel side (no implicit padding).
 const _: () = {

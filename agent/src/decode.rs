@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, PATH_LEN, PathEvent, flags, kind};
+use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, PATH_LEN, PathEvent, Record, flags, kind};
 use serde::Serialize;
 
 /// What the kernel saw.
@@ -247,19 +247,12 @@ pub fn parse_record(bytes: &[u8]) -> Result<Raw, DecodeError> {
     }
 }
 
-/// The kernel ABI records: `repr(C)` integers and byte arrays, so every bit
-/// pattern is a valid value.
-trait Plain: Copy {}
-impl Plain for Event {}
-impl Plain for PathEvent {}
-impl Plain for CgroupEvent {}
-
 /// Copies a record out of its bytes, which must be exactly one `T`.
-fn read_plain<T: Plain>(bytes: &[u8]) -> Result<T, DecodeError> {
+fn read_plain<T: Record>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() != size_of::<T>() {
         return Err(DecodeError::Size(bytes.len()));
     }
-    // SAFETY: the length was checked; T is plain data (see Plain);
+    // SAFETY: the length was checked; T is plain data (see Record);
     // read_unaligned tolerates any alignment.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
@@ -392,14 +385,11 @@ mod tests {
         }
     }
 
-    fn bytes(ev: &Event) -> Vec<u8> {
-        records::bytes(ev)
-    }
-
     #[test]
     fn decodes_ipv4_refusal() {
         let clock = Clock::with_offset_ns(1_000_000_000_000_000_000);
-        let Raw::Event(ev, None) = parse_record(&bytes(&raw(kind::CONNECT_FAILURE))).unwrap()
+        let Raw::Event(ev, None) =
+            parse_record(&records::bytes(&raw(kind::CONNECT_FAILURE))).unwrap()
         else {
             panic!("not a plain event")
         };
@@ -439,7 +429,7 @@ mod tests {
             reserved: [0; 4],
         };
         p.path[..path.len()].copy_from_slice(path);
-        let Raw::Event(ev, path) = parse_record(&records::path_bytes(&p)).unwrap() else {
+        let Raw::Event(ev, path) = parse_record(&records::bytes(&p)).unwrap() else {
             panic!("not an event")
         };
         assert!(path.is_some(), "the path was lost");
@@ -503,14 +493,7 @@ mod tests {
             path: [0; connscope_ebpf::CGROUP_PATH_LEN],
         };
         c.path[..9].copy_from_slice(b"/kubepods");
-        // SAFETY: bytes of a repr(C) value with explicit padding.
-        let b = unsafe {
-            std::slice::from_raw_parts(
-                (&c as *const CgroupEvent).cast::<u8>(),
-                size_of::<CgroupEvent>(),
-            )
-        };
-        let Raw::Cgroup(r) = parse_record(b).unwrap() else {
+        let Raw::Cgroup(r) = parse_record(&records::bytes(&c)).unwrap() else {
             panic!("not a cgroup record")
         };
         assert_eq!(
@@ -522,7 +505,7 @@ mod tests {
             }
         );
         assert!(matches!(
-            parse_record(&bytes(&raw(kind::EXIT))),
+            parse_record(&records::bytes(&raw(kind::EXIT))),
             Ok(Raw::Event(_, None))
         ));
         c.kind = 42;

@@ -837,6 +837,15 @@ mod tests {
             .collect()
     }
 
+    fn startup_races(out: &[Output]) -> Vec<&RaceSummary> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::StartupRace(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn injected() -> Option<Hints> {
         Some(Hints {
             container_names: vec!["app".into(), PROXY_CONTAINER.into()],
@@ -861,13 +870,7 @@ mod tests {
             phases(&out),
             vec![Phase::StartupRace, Phase::StartupRace, Phase::SidecarReady]
         );
-        let s: Vec<&RaceSummary> = out
-            .iter()
-            .filter_map(|o| match o {
-                Output::StartupRace(s) => Some(s),
-                _ => None,
-            })
-            .collect();
+        let s = startup_races(&out);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].refused, 2);
         assert!((s[0].window_seconds.unwrap() - 0.9).abs() < 1e-9);
@@ -901,13 +904,7 @@ mod tests {
                 (ev(Kind::Listen, 1100, 1337), who(PROXY_CONTAINER), None),
             ],
         );
-        let s: Vec<&RaceSummary> = out
-            .iter()
-            .filter_map(|o| match o {
-                Output::StartupRace(s) => Some(s),
-                _ => None,
-            })
-            .collect();
+        let s = startup_races(&out);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].refused, 4);
         // who(PROXY_CONTAINER) (a new handle, original pod name) came last.
@@ -915,7 +912,7 @@ mod tests {
         assert_eq!(s[0].who.container, None, "pod-level: no container");
 
         let mut t = Tracker::new(Config::default());
-        let out = run(
+        let mut out = run(
             &mut t,
             vec![
                 (ev(Kind::Exec, 100, 0), first.clone(), injected()),
@@ -924,16 +921,8 @@ mod tests {
                 (ev(Kind::ConnectFailure, 400, 0), renamed.clone(), None),
             ],
         );
-        let mut out2 = Vec::new();
-        t.flush(&mut out2);
-        let s: Vec<&RaceSummary> = out
-            .iter()
-            .chain(&out2)
-            .filter_map(|o| match o {
-                Output::StartupRace(s) => Some(s),
-                _ => None,
-            })
-            .collect();
+        t.flush(&mut out);
+        let s = startup_races(&out);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].who.pod.as_deref(), Some("checkout-renamed"));
     }

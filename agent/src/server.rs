@@ -113,8 +113,9 @@ impl Shared {
         })
     }
 
-    /// Publishes a batch of events to `/events` readers, under one lock of the recent buffer (a refused
-    /// storm publishes every failure; a lock per event showed in profiles).
+    /// Publishes a batch of events to `/events` readers, under one lock of
+    /// the recent buffer (a refused storm publishes every failure; a lock per
+    /// event showed in profiles).
     pub fn publish_all(&self, lines: impl IntoIterator<Item = EventLine>) {
         let follow = self.live.receiver_count() > 0;
         let keep = self.limits.recent > 0;

@@ -253,6 +253,19 @@ fn storm(bin: &Path, args: &[String]) -> Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `testbed storm` arguments of one connect-path cell: the round's threads
+/// and duration, then the mode's own.
+fn storm_args(o: &Opts, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--threads".to_string(),
+        o.threads.to_string(),
+        "--seconds".into(),
+        o.seconds.to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// Kernel time of connscope's programs per connect, from BPF run-time
 /// statistics, set against what one connect costs with no tracer (cores /
 /// connects per second in the "none" rows): the programs' own share of the
@@ -265,14 +278,8 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
     );
     let mut totals = String::new();
     for (i, (mode, extra)) in MODES.iter().chain(&NONBLOCKING_MODES).enumerate() {
-        let mut a = vec![
-            "--threads".to_string(),
-            o.threads.to_string(),
-            "--seconds".into(),
-            o.seconds.to_string(),
-            "--bpf-stats".into(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = storm_args(o, extra);
+        a.push("--bpf-stats".into());
         let r = storm(bin, &a)?;
         let connects = r["connects"].as_f64().unwrap_or(0.0).max(1.0);
         let mut total = 0.0;
@@ -431,14 +438,7 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
                 }
             };
             for (mode, extra) in MODES {
-                let mut a = vec![
-                    "--threads".to_string(),
-                    o.threads.to_string(),
-                    "--seconds".into(),
-                    o.seconds.to_string(),
-                ];
-                a.extend(extra.iter().map(|s| s.to_string()));
-                let r = storm(&bin, &a)?;
+                let r = storm(&bin, &storm_args(&o, extra))?;
                 rates
                     .entry((tracer.name, mode))
                     .or_default()

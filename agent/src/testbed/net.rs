@@ -28,7 +28,8 @@ pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Moves the calling thread into the named namespace (`/run/netns/<name>`).
+/// Moves the calling thread (only it) into the named namespace
+/// (`/run/netns/<name>`): sockets it makes from then on belong there.
 pub fn enter_netns(name: &str) -> Result<()> {
     let f = std::fs::File::open(format!("/run/netns/{name}"))
         .with_context(|| format!("network namespace {name}"))?;
@@ -63,12 +64,6 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
         c
-    }
-
-    /// Moves the calling thread (only it) into the namespace: sockets it
-    /// makes from then on belong there.
-    pub fn enter_thread(&self) -> Result<()> {
-        enter_netns(&self.name)
     }
 
     /// Inode of the namespace, as the kernel reports it in events.

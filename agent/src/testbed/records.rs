@@ -1,7 +1,7 @@
 //! Ring-buffer records as the kernel programs write them, for unit tests
 //! and benchmarks of the userspace pipeline (no BPF needed).
 
-use connscope_ebpf::{Event, PathEvent, flags, kind};
+use connscope_ebpf::{Event, Record, flags, kind};
 
 /// A refused IPv4 connect (10.0.0.2:40000 -> 10.0.0.1:8080, RST, from the
 /// syscall) by `pid` in cgroup `cgroup_id`, seen at kernel time `ts_ns`.
@@ -27,22 +27,8 @@ pub fn refused(cgroup_id: u64, ts_ns: u64, pid: u32) -> Event {
     }
 }
 
-/// The bytes of an event as the ring buffer hands them over.
-pub fn bytes(ev: &Event) -> Vec<u8> {
-    // SAFETY: the bytes of a repr(C) value without padding.
-    unsafe {
-        std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()).to_vec()
-    }
-}
-
-/// The bytes of an event with a path, as the ring buffer hands them over.
-pub fn path_bytes(ev: &PathEvent) -> Vec<u8> {
-    // SAFETY: the bytes of a repr(C) value whose padding is explicit.
-    unsafe {
-        std::slice::from_raw_parts(
-            (ev as *const PathEvent).cast::<u8>(),
-            size_of::<PathEvent>(),
-        )
-        .to_vec()
-    }
+/// The bytes of a record as the ring buffer hands them over.
+pub fn bytes<T: Record>(r: &T) -> Vec<u8> {
+    // SAFETY: a Record has no implicit padding, so every byte is initialised.
+    unsafe { std::slice::from_raw_parts((r as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
 }

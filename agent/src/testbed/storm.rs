@@ -185,10 +185,10 @@ pub fn run(args: Args) -> Result<()> {
             let l = match topo {
                 Some(t) => {
                     let addr = t.upstream_addr(false, 0);
-                    let up = &t.upstream;
+                    let up = &t.upstream.name;
                     std::thread::scope(|sc| {
                         sc.spawn(|| {
-                            up.enter_thread()?;
+                            super::net::enter_netns(up)?;
                             listener(addr)
                         })
                         .join()
