@@ -6,15 +6,16 @@ use std::os::unix::fs::MetadataExt as _;
 
 use connscope::{
     attribute::Attributor,
-    cgroup::Resolver,
-    decode::Clock,
-    events::{Sink, Target},
-    metrics::Metrics,
+    attribute::cgroup::Resolver,
+    attribute::kubelet::Qos,
+    attribute::runtime::{Reader, Roots},
+    export::http::{Limits, Shared},
+    export::json::{Sink, Target},
+    export::metrics::Metrics,
+    export::{ExportOptions, Exporter},
+    kernel::decode::Clock,
     pipeline::Pipeline,
-    pods::Qos,
     race::{Config, Tracker},
-    runtime::{Reader, Roots},
-    server::{Limits, Shared},
     testbed::{
         pod::{Flavor, Pod},
         records,
@@ -91,8 +92,12 @@ fn bench(c: &mut Criterion) {
         let mut p = Pipeline::new(
             who,
             Tracker::new(Config::default()),
-            Sink::open(&target).unwrap(),
-            shared,
+            Exporter::new(
+                Sink::open(&target).unwrap(),
+                shared,
+                ExportOptions::default(),
+            ),
+            false,
         );
         group.bench_function(name, |b| {
             b.iter(|| {

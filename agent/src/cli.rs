@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{events, testbed};
+use crate::export::json;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -27,14 +27,16 @@ pub enum Command {
         btf: PathBuf,
     },
     /// Show the agent catching a real sidecar startup race on this machine (root).
+    #[cfg(feature = "testbed")]
     Demo {
         /// How long the stand-in sidecar waits before listening on 15001.
         #[arg(long, default_value_t = 1500)]
         sidecar_delay_ms: u64,
     },
     /// Stand-ins used by the demo and the tests (sidecar, application).
+    #[cfg(feature = "testbed")]
     #[command(hide = true, subcommand)]
-    Testbed(testbed::Command),
+    Testbed(crate::testbed::Command),
 }
 
 /// Options of `connscope run`.
@@ -42,7 +44,7 @@ pub enum Command {
 pub struct RunArgs {
     /// Where JSON events go: stdout, none, or a file path (appended).
     #[arg(long, default_value = "stdout")]
-    pub events: events::Target,
+    pub events: json::Target,
     /// Kernel ring buffer size in bytes (power of two).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub ring_buffer_bytes: u32,

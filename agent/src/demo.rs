@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use crate::{
-    runtime::Roots,
+    attribute::runtime::Roots,
     testbed::{
         pod::cgroup2_root,
         scenario::{App, Proc, SimPod},

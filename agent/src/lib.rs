@@ -1,25 +1,26 @@
-//! connscope: explains `connect()` failures on Kubernetes nodes, and tells the
-//! Istio sidecar startup race apart from every other refusal.
+//! connscope: explains `connect()` failures on Kubernetes nodes, and tells
+//! service-mesh lifecycle failures (the Istio sidecar startup and shutdown
+//! races) apart from every other refusal.
 //!
-//! Data flows one way: kernel event (`probes`) -> `decode` -> export
-//! (`events`). `testbed` builds the simulated pods used by the demo and tests.
+//! Data flows one way, one folder per stage (see ARCHITECTURE.md):
+//! `kernel` (probes, ring records, decode) -> `attribute` (pod, container,
+//! workload) -> `race` (per-pod timelines, a phase per failure, summaries)
+//! -> `export` (JSON lines, metrics, HTTP, Kubernetes Events). `pipeline`
+//! joins the stages; `agent` starts, serves and stops them. `k8s` is the
+//! API side (pod watcher, Events writer).
 
+pub mod agent;
 pub mod attribute;
-pub mod cgroup;
-pub mod check;
 pub mod cli;
-pub mod decode;
+#[cfg(feature = "testbed")]
 pub mod demo;
-pub mod events;
-pub mod kube;
-pub mod metrics;
-pub mod offsets;
+pub mod export;
+pub mod k8s;
+pub mod kernel;
 pub mod pipeline;
-pub mod pods;
-pub mod privileges;
-pub mod probes;
 pub mod race;
-pub mod restore;
-pub mod runtime;
-pub mod server;
+/// Test bed: stand-in sidecar and apps, connect storms, network namespaces.
+/// Behind the `testbed` feature so the production image carries none of it;
+/// unit tests use its record helpers.
+#[cfg(any(test, feature = "testbed"))]
 pub mod testbed;

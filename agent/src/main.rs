@@ -3,9 +3,9 @@
 use anyhow::Result;
 use clap::Parser as _;
 use connscope::{
-    check,
+    agent,
     cli::{Cli, Command},
-    demo, pipeline, testbed,
+    kernel::check,
 };
 
 fn main() -> Result<()> {
@@ -23,7 +23,7 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(pipeline::run(*args))
+            rt.block_on(agent::run(*args))
         }
         Command::Check { json, btf } => {
             let report = check::run(&btf);
@@ -38,7 +38,9 @@ fn main() -> Result<()> {
                 std::process::exit(1)
             }
         }
-        Command::Demo { sidecar_delay_ms } => demo::run(sidecar_delay_ms),
-        Command::Testbed(cmd) => testbed::run(cmd),
+        #[cfg(feature = "testbed")]
+        Command::Demo { sidecar_delay_ms } => connscope::demo::run(sidecar_delay_ms),
+        #[cfg(feature = "testbed")]
+        Command::Testbed(cmd) => connscope::testbed::run(cmd),
     }
 }

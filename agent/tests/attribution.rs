@@ -8,8 +8,8 @@ use std::net::TcpListener;
 
 use common::{Agent, TempDir, dial, privileged};
 use connscope::{
-    pods::Qos,
-    runtime::Roots,
+    attribute::kubelet::Qos,
+    attribute::runtime::Roots,
     testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 

@@ -8,8 +8,8 @@ use std::{process::Command, time::Duration};
 
 use common::{Agent, BIN, TempDir, http_get, privileged, wait_for, wait_for_or};
 use connscope::{
-    pods::Qos,
-    runtime::Roots,
+    attribute::kubelet::Qos,
+    attribute::runtime::Roots,
     testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 

@@ -13,7 +13,7 @@ use std::{
 
 use common::{Agent, BIN, Bg, Prometheus, TempDir, free_port, http_get, privileged, wait_for};
 use connscope::{
-    runtime::Roots,
+    attribute::runtime::Roots,
     testbed::{
         pod::cgroup2_root,
         scenario::{App, SimPod},

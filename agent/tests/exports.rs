@@ -15,7 +15,7 @@ use common::{
     Agent, BIN, Prometheus, TempDir, fake_api, free_port, http_get, privileged, wait_for,
 };
 use connscope::{
-    runtime::Roots,
+    attribute::runtime::Roots,
     testbed::{
         pod::cgroup2_root,
         scenario::{App, SimPod},

@@ -8,8 +8,8 @@ use std::{net::TcpStream, process::Command, time::Duration};
 
 use common::{Agent, BIN, TempDir, dial, free_port, http_get, metric, privileged, wait_for};
 use connscope::{
-    pods::Qos,
-    runtime::Roots,
+    attribute::kubelet::Qos,
+    attribute::runtime::Roots,
     testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 
@@ -221,7 +221,7 @@ fn least_privilege_no_leaks_bounded_followers() {
     unsafe { std::env::set_var("CONNSCOPE_TEST_SECRET", "s3cr3t-value-9f2c") };
     let agent = Agent::start(&dir.0, &["--kubernetes", "off"]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
-    let eff = connscope::check::effective_caps(&status).unwrap();
+    let eff = connscope::kernel::check::effective_caps(&status).unwrap();
     assert_eq!(eff, 1 << 39, "only CAP_BPF kept after start-up: {eff:#x}");
     let o = dial(&closed(), None, false);
     wait_for(

@@ -3,17 +3,17 @@
 
 use clap::Parser as _;
 use connscope::{
-    cgroup::{cgroup2_mount, proc_cgroup_path},
-    check::effective_caps,
+    attribute::cgroup::{cgroup2_mount, proc_cgroup_path},
+    attribute::kubelet::{derive_workload, parse_cgroup},
+    attribute::restore::parse_proc_net_tcp,
+    attribute::runtime::parse_config,
     cli::Cli,
-    decode::{Clock, decode, decode_cgroup, parse_record},
-    events::Target,
-    kube::{owner_to_walk, pod_info, workload},
-    offsets::parse_format,
-    pods::{derive_workload, parse_cgroup},
+    export::json::Target,
+    k8s::{owner_to_walk, pod_info, workload},
+    kernel::check::effective_caps,
+    kernel::decode::{Clock, decode, decode_cgroup, parse_record},
+    kernel::offsets::parse_format,
     race::config_flag,
-    restore::parse_proc_net_tcp,
-    runtime::parse_config,
 };
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
@@ -50,8 +50,8 @@ proptest! {
     ]) {
         if let Ok(r) = parse_record(&bytes) {
             match r {
-                connscope::decode::Raw::Event(e, p) => { let _ = decode(&e, p.as_ref(), &Clock::with_offset_ns(0)); }
-                connscope::decode::Raw::Cgroup(c) => { let _ = decode_cgroup(&c); }
+                connscope::kernel::decode::Raw::Event(e, p) => { let _ = decode(&e, p.as_ref(), &Clock::with_offset_ns(0)); }
+                connscope::kernel::decode::Raw::Cgroup(c) => { let _ = decode_cgroup(&c); }
             }
         }
     }

@@ -8,8 +8,8 @@ use std::{net::TcpListener, time::Duration};
 
 use common::{Agent, TempDir, dial, fake_api, privileged, wait_for};
 use connscope::{
-    pods::Qos,
-    runtime::Roots,
+    attribute::kubelet::Qos,
+    attribute::runtime::Roots,
     testbed::pod::{Flavor, Pod, cgroup2_root},
 };
 use serde_json::{Value, json};

@@ -8,7 +8,7 @@ use std::{net::TcpListener, path::PathBuf, time::Duration};
 
 use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
 use connscope::{
-    runtime::Roots,
+    attribute::runtime::Roots,
     testbed::{
         pod::cgroup2_root,
         scenario::{App, SimPod, outcomes},

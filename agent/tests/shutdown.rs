@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::{Agent, BIN, TempDir, metric, privileged, wait_for};
-use connscope::probes::program_names;
+use connscope::kernel::probes::program_names;
 use serde_json::Value;
 
 fn bpftool(what: &str) -> Vec<Value> {

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::decode::{Clock, errno_name};
+use crate::kernel::decode::{Clock, errno_name};
 
 /// Options of `connscope testbed dial`.
 #[derive(Debug, clap::Args)]

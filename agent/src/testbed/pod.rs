@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{pods::Qos, runtime::Roots};
+use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
 /// Which runtime's files to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +389,7 @@ pub fn sweep_stale(cgroup_root: &Path) {
 /// The cgroup2 mount of this machine (from /proc/self/mountinfo).
 pub fn cgroup2_root() -> Result<PathBuf> {
     let mi = std::fs::read_to_string("/proc/self/mountinfo")?;
-    crate::cgroup::cgroup2_mount(&mi).context("no cgroup2 mount on this machine")
+    crate::attribute::cgroup::cgroup2_mount(&mi).context("no cgroup2 mount on this machine")
 }
 
 /// `testbed enter`: joins a network namespace and a cgroup, then execs.

@@ -18,7 +18,7 @@ use super::{
     net::Topology,
     pod::{Flavor, Pod},
 };
-use crate::{pods::Qos, runtime::Roots};
+use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
 /// Port the upstream test host serves on.
 pub const UPSTREAM_PORT: u16 = 8080;

@@ -116,7 +116,7 @@ fn program_costs(
             let runs = runs.saturating_sub(r0);
             (runs > 0).then(|| ProgramCost {
                 connscope: !name.is_empty()
-                    && crate::probes::program_names().any(|n| n.starts_with(name.as_str())),
+                    && crate::kernel::probes::program_names().any(|n| n.starts_with(name.as_str())),
                 name,
                 runs,
                 run_ns: ns.saturating_sub(n0),

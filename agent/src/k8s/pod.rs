@@ -1,18 +1,10 @@
-//! The Kubernetes API: this node's pods (watched with kube-rs), their
-//! workloads (walking owner references), Istio annotations and container
-//! statuses. An outage degrades to runtime metadata: it is logged once,
-//! counted, and the watcher recovers by itself.
+//! What the agent keeps of a pod from the API, and the store of this node's
+//! pods that the watcher keeps up to date.
 
 use std::{collections::HashMap, time::SystemTime};
 
-use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use kube::{
-    Api, Client,
-    api::ObjectMeta,
-    runtime::{WatchStreamExt as _, watcher},
-};
-use tokio::sync::mpsc;
+use kube::api::ObjectMeta;
 
 /// The workload a pod belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,128 +211,6 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
     })
 }
 
-/// Owner lookups through the API, cached per (kind, namespace, name).
-struct Owners {
-    client: Client,
-    cache: HashMap<(String, String, String), Option<(String, String)>>,
-}
-
-impl Owners {
-    async fn workload(&mut self, pod: &Pod) -> Workload {
-        let walked = match owner_to_walk(pod) {
-            Some((k, ns, n)) => self.owner_of(k, ns, n).await,
-            None => None,
-        };
-        workload(pod, walked)
-    }
-
-    async fn owner_of(
-        &mut self,
-        kind: String,
-        ns: String,
-        name: String,
-    ) -> Option<(String, String)> {
-        let key = (kind.clone(), ns.clone(), name.clone());
-        if let Some(v) = self.cache.get(&key) {
-            return v.clone();
-        }
-        let meta = match kind.as_str() {
-            "ReplicaSet" => {
-                Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(self.client.clone(), &ns)
-                    .get_metadata_opt(&name)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|o| o.metadata)
-            }
-            "Job" => Api::<k8s_openapi::api::batch::v1::Job>::namespaced(self.client.clone(), &ns)
-                .get_metadata_opt(&name)
-                .await
-                .ok()
-                .flatten()
-                .map(|o| o.metadata),
-            _ => None,
-        };
-        let owner = meta.as_ref().and_then(controller_owner);
-        if self.cache.len() > 10_000 {
-            self.cache.clear();
-        }
-        self.cache.insert(key, owner.clone());
-        owner
-    }
-}
-
-/// How the agent reaches the API.
-#[derive(Debug, Clone)]
-pub enum Access {
-    /// In-cluster service account (or KUBECONFIG).
-    Infer,
-    /// An explicit URL, plain HTTP or HTTPS without auth (tests, proxies).
-    Url(String),
-}
-
-/// Builds a client.
-pub async fn client(access: &Access) -> anyhow::Result<Client> {
-    Ok(match access {
-        Access::Infer => Client::try_default().await?,
-        Access::Url(u) => Client::try_from(kube::Config::new(u.parse()?))?,
-    })
-}
-
-/// Watches this node's pods and sends [`Update`]s until the receiver is gone.
-pub async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
-    let api: Api<Pod> = Api::all(client.clone());
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let mut owners = Owners {
-        client,
-        cache: HashMap::new(),
-    };
-    let mut stream = watcher(api, cfg).default_backoff().boxed();
-    let mut buffer: Vec<PodInfo> = Vec::new();
-    let mut failing = false;
-    loop {
-        let ev = match stream.try_next().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break,
-            Err(e) => {
-                failing = true;
-                if tx.send(Update::Error(e.to_string())).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        if failing {
-            failing = false;
-            if tx.send(Update::Recovered).await.is_err() {
-                return;
-            }
-        }
-        let update = match ev {
-            watcher::Event::Init => {
-                buffer.clear();
-                None
-            }
-            watcher::Event::InitApply(p) => {
-                let w = owners.workload(&p).await;
-                buffer.extend(pod_info(&p, w));
-                None
-            }
-            watcher::Event::InitDone => Some(Update::Replace(std::mem::take(&mut buffer))),
-            watcher::Event::Apply(p) => {
-                let w = owners.workload(&p).await;
-                pod_info(&p, w).map(|p| Update::Apply(Box::new(p)))
-            }
-            watcher::Event::Delete(p) => p.metadata.uid.clone().map(Update::Delete),
-        };
-        if let Some(u) = update
-            && tx.send(u).await.is_err()
-        {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,76 +325,5 @@ mod tests {
         assert!(s.is_empty());
         s.apply(Update::Replace(vec![p.clone()]));
         assert_eq!(s.len(), 1);
-    }
-}
-
-/// A Kubernetes Event to write on a pod (one per startup-race summary).
-#[derive(Debug, Clone)]
-pub struct PodEvent {
-    pub namespace: String,
-    pub pod: String,
-    pub uid: Option<String>,
-    pub reason: &'static str,
-    pub note: String,
-}
-
-/// Writes Warning events on pods, aggregated by kube-rs' recorder (repeats
-/// become a series) and rate-limited: at most `per_minute` a minute, and one
-/// per pod and reason per `per_pod`. What is refused is counted, not queued.
-pub async fn write_events(
-    client: Client,
-    node: String,
-    mut rx: mpsc::Receiver<PodEvent>,
-    per_minute: u32,
-    per_pod: std::time::Duration,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) {
-    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-    use std::time::Instant;
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: "connscope".into(),
-            instance: Some(node),
-        },
-    );
-    let mut window = Instant::now();
-    let mut sent_in_window = 0u32;
-    let mut last: HashMap<(String, String, &'static str), Instant> = HashMap::new();
-    while let Some(e) = rx.recv().await {
-        if window.elapsed() >= std::time::Duration::from_secs(60) {
-            window = Instant::now();
-            sent_in_window = 0;
-        }
-        let key = (e.namespace.clone(), e.pod.clone(), e.reason);
-        let recent = last.get(&key).is_some_and(|t| t.elapsed() < per_pod);
-        if sent_in_window >= per_minute || recent {
-            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            continue;
-        }
-        sent_in_window += 1;
-        if last.len() > 10_000 {
-            last.retain(|_, t| t.elapsed() < per_pod);
-        }
-        last.insert(key, Instant::now());
-        let reference = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(e.pod.clone()),
-            namespace: Some(e.namespace.clone()),
-            uid: e.uid.clone(),
-            ..Default::default()
-        };
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: e.reason.into(),
-            note: Some(e.note.chars().take(1000).collect()),
-            action: "ObserveConnect".into(),
-            secondary: None,
-        };
-        if let Err(err) = recorder.publish(&ev, &reference).await {
-            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(error = %err, pod = %e.pod, "could not write Kubernetes Event");
-        }
     }
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     attribute::Attribution,
-    decode::{KernelEvent, Kind, errno_name},
+    kernel::decode::{KernelEvent, Kind, errno_name},
     race::Phase,
 };
 
@@ -63,7 +63,7 @@ impl FromStr for Target {
 
 /// One line of the stream.
 #[derive(Debug, Serialize)]
-pub struct Record<'a> {
+pub struct KernelJson<'a> {
     /// `connect_failure`, `listener` or `process`.
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -115,21 +115,12 @@ pub struct Record<'a> {
     pub duration_ms: Option<f64>,
 }
 
-/// The `type` of a kernel event's line.
-pub fn record_kind(k: Kind) -> &'static str {
-    match k {
-        Kind::ConnectFailure => "connect_failure",
-        Kind::Listen | Kind::ListenClose => "listener",
-        Kind::Exec | Kind::Exit => "process",
-    }
-}
-
 /// RFC 3339 with nanoseconds, UTC.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-impl<'a> Record<'a> {
+impl<'a> KernelJson<'a> {
     /// The JSON view of a kernel event, who it is attributed to and its phase.
     pub fn from_kernel(e: &'a KernelEvent, who: &'a Attribution, phase: Option<Phase>) -> Self {
         let known = e.context_known;
@@ -138,7 +129,7 @@ impl<'a> Record<'a> {
             e.kind,
             Kind::ConnectFailure | Kind::Listen | Kind::ListenClose
         );
-        let kind = record_kind(e.kind);
+        let kind = e.kind.record_type().label();
         let state = match e.kind {
             Kind::ConnectFailure => None,
             Kind::Listen => Some("listen"),
@@ -146,7 +137,7 @@ impl<'a> Record<'a> {
             Kind::Exec => Some("exec"),
             Kind::Exit => Some("exit"),
         };
-        Record {
+        KernelJson {
             kind,
             state,
             phase,
@@ -235,7 +226,7 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::Family;
+    use crate::kernel::decode::Family;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn failure() -> KernelEvent {
@@ -248,7 +239,7 @@ mod tests {
             tid: 8,
             uid: 0,
             gid: 0,
-            comm: crate::decode::Comm::from_name("app"),
+            comm: crate::kernel::decode::Comm::from_name("app"),
             cgroup_id: Some(9),
             netns: None,
             family: Family::Inet,
@@ -266,8 +257,8 @@ mod tests {
     #[test]
     fn connect_failure_json() {
         let e = failure();
-        let v =
-            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
+            .unwrap();
         assert_eq!(v["type"], "connect_failure");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456789Z");
         assert_eq!(v["dst"], "10.1.2.3:80");
@@ -282,8 +273,8 @@ mod tests {
     fn unknown_context_hides_pid_and_comm() {
         let mut e = failure();
         e.context_known = false;
-        let v =
-            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
+            .unwrap();
         assert!(v.get("pid").is_none() && v.get("comm").is_none());
     }
 
@@ -292,8 +283,8 @@ mod tests {
         let mut e = failure();
         e.kind = Kind::Listen;
         e.dst = None;
-        let v =
-            serde_json::to_value(Record::from_kernel(&e, &Attribution::default(), None)).unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
+            .unwrap();
         assert_eq!(
             (v["type"].as_str(), v["state"].as_str()),
             (Some("listener"), Some("listen"))

@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::pods::Runtime;
+use crate::attribute::kubelet::Runtime;
 
 /// A config.json larger than this is refused (no unbounded allocation).
 pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;

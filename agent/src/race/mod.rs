@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::{
     attribute::Attribution,
-    decode::{Family, KernelEvent, Kind},
-    kube::PodInfo,
+    k8s::PodInfo,
+    kernel::decode::{Family, KernelEvent, Kind},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -797,7 +797,7 @@ mod tests {
             tid: 10,
             uid,
             gid: uid,
-            comm: crate::decode::Comm::from_name("app"),
+            comm: crate::kernel::decode::Comm::from_name("app"),
             cgroup_id: Some(1),
             netns: Some(1),
             family: Family::Inet,

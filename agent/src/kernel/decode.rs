@@ -9,18 +9,8 @@ use std::{
 };
 
 use connscope_ebpf::{COMM_LEN, CgroupEvent, Event, PATH_LEN, PathEvent, Record, flags, kind};
-use serde::Serialize;
 
-/// What the kernel saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    ConnectFailure,
-    Listen,
-    ListenClose,
-    Exec,
-    Exit,
-}
+pub use super::kind::Kind;
 
 /// A decoded kernel event. Fields that the kernel did not know are `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,14 +285,7 @@ pub fn decode(
     path: Option<&[u8; PATH_LEN]>,
     clock: &Clock,
 ) -> Result<KernelEvent, DecodeError> {
-    let k = match ev.kind {
-        kind::CONNECT_FAILURE => Kind::ConnectFailure,
-        kind::LISTEN => Kind::Listen,
-        kind::LISTEN_CLOSE => Kind::ListenClose,
-        kind::EXEC => Kind::Exec,
-        kind::EXIT => Kind::Exit,
-        other => return Err(DecodeError::Kind(other)),
-    };
+    let k = Kind::from_abi(ev.kind).ok_or(DecodeError::Kind(ev.kind))?;
     let family = Family::from_raw(ev.family);
     let is_socket = matches!(k, Kind::ConnectFailure | Kind::Listen | Kind::ListenClose);
     let src = if is_socket {

@@ -26,7 +26,8 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
 use crate::{
-    attribute::Attribution, decode::KernelEvent, events::Record, metrics::Metrics, race::Phase,
+    attribute::Attribution, export::json::KernelJson, export::metrics::Metrics,
+    kernel::decode::KernelEvent, race::Phase,
 };
 
 /// What an `/events` line says.
@@ -57,10 +58,12 @@ impl EventLine {
     pub fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
-            LineBody::Kernel { ev, phase } => serde_json::to_string(&Record::from_kernel(
-                ev, &self.who, *phase,
-            ))
-            .unwrap_or_else(|e| format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")),
+            LineBody::Kernel { ev, phase } => {
+                serde_json::to_string(&KernelJson::from_kernel(ev, &self.who, *phase))
+                    .unwrap_or_else(|e| {
+                        format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
+                    })
+            }
         }
     }
 }
@@ -146,7 +149,7 @@ impl Shared {
 }
 
 fn now_ms() -> u64 {
-    crate::decode::Clock::mono_now() / 1_000_000
+    crate::kernel::decode::Clock::mono_now() / 1_000_000
 }
 
 /// `/events` query.

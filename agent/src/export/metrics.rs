@@ -17,7 +17,11 @@ use prometheus::{
 
 use std::sync::Arc;
 
-use crate::{attribute::Attribution, race::Phase};
+use crate::{
+    attribute::Attribution,
+    kernel::kind::{RecordCounts, RecordType},
+    race::Phase,
+};
 
 /// Buckets for start-up latencies and race windows: 10 ms .. 120 s.
 pub const BUCKETS: &[f64] = &[
@@ -32,40 +36,6 @@ type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
 type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
 
-/// The type of a ring-buffer record: the `type` label of
-/// `connscope_events_total`, and the index of its per-batch count
-/// ([`Metrics::add_events`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    ConnectFailure,
-    Listener,
-    Process,
-    Cgroup,
-    Unknown,
-}
-
-impl EventType {
-    /// Every type, in index order.
-    pub const ALL: [EventType; 5] = [
-        EventType::ConnectFailure,
-        EventType::Listener,
-        EventType::Process,
-        EventType::Cgroup,
-        EventType::Unknown,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            EventType::ConnectFailure => "connect_failure",
-            EventType::Listener => "listener",
-            EventType::Process => "process",
-            EventType::Cgroup => "cgroup",
-            EventType::Unknown => "unknown",
-        }
-    }
-}
-
 /// Every metric the agent exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -79,7 +49,7 @@ pub struct Metrics {
     pub events_lost: IntCounter,
     pub events: IntCounterVec,
     /// `connscope_events_total` children by type, resolved once.
-    /// The `connscope_events_total` child of each [`EventType`], by index.
+    /// The `connscope_events_total` child of each [`RecordType`], by index.
     event_kinds: Vec<IntCounter>,
     pub metadata_errors: IntCounterVec,
     pub pods_tracked: IntGauge,
@@ -230,7 +200,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
         let mut m = m;
-        m.event_kinds = EventType::ALL
+        m.event_kinds = RecordType::ALL
             .into_iter()
             .map(|t| m.events.with_label_values(&[t.label()]))
             .collect();
@@ -272,7 +242,7 @@ impl Metrics {
             return;
         }
         let c = who.container.clone().unwrap_or_default();
-        let name = crate::decode::errno_name(errno);
+        let name = crate::kernel::decode::errno_name(errno);
         let l = self.labels("failures", who, &[&c, &name, phase.as_str()]);
         let counter = self.connect_failures.with_label_values(&strs(&l));
         counter.inc();
@@ -282,9 +252,9 @@ impl Metrics {
         self.failure_cache.insert(key, (who.clone(), counter, now));
     }
 
-    /// Adds one batch of per-type event counts (indexed by [`EventType`]):
+    /// Adds one batch of per-type event counts (indexed by [`RecordType`]):
     /// one lock and one atomic add per type per batch, not per event.
-    pub fn add_events(&self, counts: &[u64; EventType::ALL.len()]) {
+    pub fn add_events(&self, counts: &RecordCounts) {
         for (c, n) in self.event_kinds.iter().zip(counts) {
             if *n > 0 {
                 c.inc_by(*n);
@@ -463,13 +433,13 @@ mod tests {
 
     #[test]
     fn event_types_index_their_own_counters() {
-        for (i, t) in EventType::ALL.into_iter().enumerate() {
+        for (i, t) in RecordType::ALL.into_iter().enumerate() {
             assert_eq!(t as usize, i, "{t:?}");
         }
         let m = Metrics::new(false).unwrap();
         m.add_events(&[1, 2, 3, 4, 5]);
         let text = m.render();
-        for (t, n) in EventType::ALL.into_iter().zip(1..) {
+        for (t, n) in RecordType::ALL.into_iter().zip(1..) {
             let line = format!("connscope_events_total{{type=\"{}\"}} {n}", t.label());
             assert!(text.contains(&line), "{line} in {text}");
         }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{offsets, probes::HOOKS};
+use crate::{kernel::offsets, kernel::probes::HOOKS};
 
 /// Linux capability numbers the agent cares about.
 const CAPS: &[(u32, &str, &str)] = &[

@@ -8,13 +8,15 @@ use std::{collections::HashMap, sync::Arc};
 
 use serde::Serialize;
 
-use crate::{
-    cgroup::{self, Miss, Resolver},
-    decode::KernelEvent,
-    kube::PodStore,
-    pods::{self, Qos},
-    runtime::{self, Reader},
-};
+pub mod cgroup;
+pub mod kubelet;
+pub mod restore;
+pub mod runtime;
+
+use crate::{k8s::PodStore, kernel::decode::KernelEvent};
+use cgroup::{Miss, Resolver};
+use kubelet::Qos;
+use runtime::Reader;
 
 /// Where the workload name came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -213,7 +215,7 @@ impl Attributor {
             node: self.node.clone(),
             ..Default::default()
         };
-        let layout = path.as_deref().and_then(pods::parse_cgroup);
+        let layout = path.as_deref().and_then(kubelet::parse_cgroup);
         let mut complete = false;
         if let Some(l) = &layout {
             a.pod_uid = Some(l.pod_uid.clone());
@@ -269,7 +271,7 @@ impl Attributor {
         if a.workload.is_none()
             && let Some(pod) = &a.pod
         {
-            let w = pods::derive_workload(pod);
+            let w = kubelet::derive_workload(pod);
             a.workload = Some(w.name);
             a.workload_kind = w.kind.map(str::to_string);
             a.workload_source = Some(WorkloadSource::Derived);
@@ -308,7 +310,7 @@ impl Attributor {
             .collect();
         let mut names = Vec::new();
         for child in children {
-            if let Some(l) = pods::parse_cgroup(&child)
+            if let Some(l) = kubelet::parse_cgroup(&child)
                 && let Some(cid) = l.container_id
                 && let Ok(Some(m)) = self.runtime.lookup(&cid, l.runtime)
                 && let Some(n) = m.container_name
@@ -321,14 +323,14 @@ impl Attributor {
 
     /// Follows cgroup creation and removal reported by the kernel. Returns
     /// the pod uid when a pod-level cgroup went away (the pod is gone).
-    pub fn cgroup_changed(&mut self, c: crate::decode::CgroupChange) -> Option<String> {
+    pub fn cgroup_changed(&mut self, c: crate::kernel::decode::CgroupChange) -> Option<String> {
         if c.created {
             self.cgroups.created(c.id, c.path);
             return None;
         }
         self.cgroups.removed(c.id);
         self.cache.remove(&c.id);
-        let l = pods::parse_cgroup(&c.path)?;
+        let l = kubelet::parse_cgroup(&c.path)?;
         match l.container_id {
             Some(cid) => {
                 self.runtime.forget(&cid);

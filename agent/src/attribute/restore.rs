@@ -11,7 +11,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::{attribute::Attributor, cgroup, kube::PodStore, race::Tracker};
+use crate::{attribute::Attributor, attribute::cgroup, k8s::PodStore, race::Tracker};
 
 /// A LISTEN socket from `/proc/net/tcp{,6}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub fn restore(
         }
         let ports: Vec<u16> = ports.into_iter().collect();
         for a in pods.values() {
-            tracker.restore_ready(a.clone(), &ports, crate::decode::Clock::mono_now());
+            tracker.restore_ready(a.clone(), &ports, crate::kernel::decode::Clock::mono_now());
             restored += 1;
         }
     }

@@ -1,0 +1,370 @@
+//! `connscope run`: start (load and attach the probes, open the exports,
+//! rebuild running pods, drop privileges), serve (feed the pipeline from the
+//! ring buffer until a signal) and shut down (detach first, then drain and
+//! flush within budgets, reporting what is left).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use connscope_ebpf::Config;
+use serde::Serialize;
+use tokio::{
+    signal::unix::{Signal, SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    attribute::{
+        Attributor,
+        cgroup::Resolver,
+        runtime::{Reader, Roots},
+    },
+    cli::{KubeMode, RunArgs},
+    export::{
+        ExportOptions, Exporter,
+        http::{Limits, Shared},
+        json::{Sink, Summary},
+        metrics::Metrics,
+    },
+    k8s::{self, Update},
+    kernel::{
+        decode::Clock,
+        offsets, privileges,
+        probes::{self, LoadOptions, Probes},
+    },
+    pipeline::Pipeline,
+    race::{self, Tracker},
+};
+
+/// How often the ring buffer is drained without a wakeup (ms): the kernel
+/// wakes the reader only for batches.
+const DRAIN_MS: u64 = 20;
+
+/// A line reporting events the kernel could not deliver: loss is never silent.
+#[derive(Debug, Serialize)]
+struct Lost {
+    /// Newly lost since the previous report.
+    lost: u64,
+    lost_total: u64,
+}
+
+/// A started agent: probes attached, exports open, pipeline ready.
+pub struct Agent {
+    probes: Probes,
+    pipeline: Pipeline,
+    shared: std::sync::Arc<Shared>,
+    kube_rx: Option<mpsc::Receiver<Update>>,
+    clock: Clock,
+    lost_seen: u64,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let mut agent = Agent::start(&args).await?;
+    agent.serve().await?;
+    agent.shutdown()
+}
+
+impl Agent {
+    /// Loads and attaches the probes, opens the exports, rebuilds the pods
+    /// already running and drops the privileges no longer needed.
+    pub async fn start(args: &RunArgs) -> Result<Agent> {
+        let probes = load_probes(args)?;
+        let sink = Sink::open(&args.events)
+            .with_context(|| format!("opening --events {:?}", args.events))?;
+        let kube_rx = start_kube(args).await?;
+        let metrics = Metrics::new(args.pod_labels).context("registering metrics")?;
+        for s in &probes.status {
+            metrics
+                .probe_attached
+                .with_label_values(&[s.hook.name])
+                .set(i64::from(s.error.is_none()));
+        }
+        let shared = Shared::new(
+            metrics,
+            Limits {
+                recent: args.recent_events,
+                ..Limits::default()
+            },
+        );
+        crate::export::http::serve(args.metrics_addr, shared.clone()).await?;
+        let tracker = Tracker::new(race::Config {
+            capture_port: args.capture_port,
+            sidecar_ports: args.sidecar_ports.clone(),
+            proxy_uid: args.proxy_uid,
+            hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
+            ..race::Config::default()
+        });
+        let mut who = attributor(args);
+        who.set_cgroup_grace(Duration::from_secs(args.cgroup_grace_seconds));
+        let k8s_events = if args.k8s_events {
+            let node = args.node_name.clone().unwrap_or_else(|| "unknown".into());
+            Some(k8s::start_events(&access(args), node).await?)
+        } else {
+            None
+        };
+        let exporter = Exporter::new(
+            sink,
+            shared.clone(),
+            ExportOptions {
+                process_events: args.process_events,
+                k8s_events,
+            },
+        );
+        let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some());
+        let restored = pipeline.restore(&args.proc_root, &args.sidecar_ports, args.proxy_uid);
+        tracing::info!(restored, "pods with a listening sidecar found at start");
+        if args.keep_privileges {
+            tracing::warn!("--keep-privileges: capabilities are not dropped after start-up");
+        } else {
+            let kept = privileges::drop_after_load()?;
+            tracing::info!(?kept, "dropped all other capabilities");
+        }
+        release_startup_memory();
+        Ok(Agent {
+            probes,
+            pipeline,
+            shared,
+            kube_rx,
+            clock: Clock::new(),
+            lost_seen: 0,
+        })
+    }
+
+    /// Feeds the pipeline from the ring buffer, API updates and timers until
+    /// SIGINT or SIGTERM.
+    pub async fn serve(&mut self) -> Result<()> {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let attached = self
+            .probes
+            .status
+            .iter()
+            .filter(|s| s.error.is_none())
+            .count();
+        self.shared
+            .attached
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.beat();
+        tracing::info!(
+            attached,
+            total = self.probes.status.len(),
+            "probes attached, reading events"
+        );
+        let mut ticks = 0u64;
+        loop {
+            // Signals, then API updates and timers, then the ring: during a
+            // flood the ring is always readable, and the others must still
+            // be served.
+            tokio::select! {
+                biased;
+                _ = recv_signal(&mut sigint) => break,
+                _ = recv_signal(&mut sigterm) => break,
+                Some(u) = recv(&mut self.kube_rx) => self.pipeline.pods_changed(u),
+                _ = tick.tick() => {
+                    ticks += 1;
+                    self.on_tick(ticks)?;
+                }
+                r = self.probes.read_batch(|bytes| self.pipeline.record(bytes, &self.clock)) => {
+                    if r? == probes::BATCH {
+                        // The ring is still full: let the runtime poll its
+                        // drivers (signals, sockets, timers) before the next batch.
+                        tokio::task::yield_now().await;
+                    }
+                    self.pipeline.advance(Clock::mono_now())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The periodic work: drain what the kernel did not wake us for, once a
+    /// second report losses and self-metrics, once a minute expire series.
+    fn on_tick(&mut self, ticks: u64) -> Result<()> {
+        self.shared.beat();
+        let (pipeline, clock) = (&mut self.pipeline, &self.clock);
+        self.probes.drain(|bytes| pipeline.record(bytes, clock));
+        if ticks.is_multiple_of(1000 / DRAIN_MS) {
+            self.clock.refresh();
+            self.report_lost()?;
+            self.pipeline.update_self_metrics(self.lost_seen);
+        }
+        if ticks.is_multiple_of(60_000 / DRAIN_MS)
+            && let Ok(mut m) = self.shared.metrics.lock()
+        {
+            m.expire();
+        }
+        self.pipeline.advance(Clock::mono_now())?;
+        Ok(())
+    }
+
+    /// Stops the kernel side first, so the drain ends; then delivers what the
+    /// kernel wrote and what the race tracker holds, within budgets so that
+    /// SIGTERM mid-flood still exits promptly. What is left is counted and
+    /// reported, never silently dropped.
+    pub fn shutdown(mut self) -> Result<()> {
+        let t0 = Instant::now();
+        tracing::info!("signal received, stopping");
+        self.probes.detach();
+        let detach_ms = t0.elapsed().as_millis();
+        let budget = Instant::now() + Duration::from_millis(500);
+        let (pipeline, clock) = (&mut self.pipeline, &self.clock);
+        let (_, skipped) = self
+            .probes
+            .drain_until(budget, |bytes| pipeline.record(bytes, clock));
+        let drain_ms = t0.elapsed().as_millis() - detach_ms;
+        self.report_lost()?;
+        let json_skipped = self
+            .pipeline
+            .flush_until(Instant::now() + Duration::from_millis(500))?;
+        let flush_ms = t0.elapsed().as_millis() - detach_ms - drain_ms;
+        if skipped > 0 || json_skipped > 0 {
+            tracing::warn!(
+                skipped,
+                json_skipped,
+                "exiting: ring buffer records left unprocessed / failures counted but not written"
+            );
+            let sink = self.pipeline.exporter().sink();
+            sink.write(&Summary::now(
+                "events_unprocessed_at_exit",
+                &serde_json::json!({ "unprocessed": skipped, "json_skipped": json_skipped }),
+            ))?;
+            sink.flush()?;
+        }
+        drop(self.probes);
+        tracing::info!(
+            detach_ms,
+            drain_ms,
+            flush_ms,
+            total_ms = t0.elapsed().as_millis(),
+            "probes detached, exiting"
+        );
+        Ok(())
+    }
+
+    /// Writes an `events_lost` line when the kernel lost events since the
+    /// last report.
+    fn report_lost(&mut self) -> Result<()> {
+        let total = self.probes.lost_total()?;
+        if total > self.lost_seen {
+            tracing::warn!(
+                lost = total - self.lost_seen,
+                total,
+                "kernel ring buffer full: events lost"
+            );
+            let sink = self.pipeline.exporter().sink();
+            sink.write(&Summary::now(
+                "events_lost",
+                &Lost {
+                    lost: total - self.lost_seen,
+                    lost_total: total,
+                },
+            ))?;
+            sink.flush()?;
+            self.lost_seen = total;
+        }
+        Ok(())
+    }
+}
+
+/// Finds the offsets for this kernel, then loads and attaches the programs.
+fn load_probes(args: &RunArgs) -> Result<Probes> {
+    let tracefs = offsets::tracefs_root()?;
+    let (config, discovery) = offsets::discover(tracefs, &args.btf);
+    for t in &discovery.missing_tracepoints {
+        tracing::warn!(tracepoint = %t, "tracepoint missing on this kernel");
+    }
+    for b in &discovery.missing_btf {
+        tracing::warn!(offset = %b, "BTF offset unavailable; dependent fields will be absent");
+    }
+    if args.bench_noop_programs {
+        tracing::warn!(
+            "--bench-noop-programs: hooks attached, programs return at once; nothing is reported"
+        );
+    }
+    Probes::load(&LoadOptions {
+        config: Config {
+            noop: args.bench_noop_programs.into(),
+            ..config
+        },
+        ring_bytes: args.ring_buffer_bytes,
+        disabled: args.disable_probe.clone(),
+    })
+}
+
+/// Start-up (parsing the kernel's BTF, loading programs) allocates and frees
+/// tens of MiB; glibc keeps freed heap mapped, so the agent would carry it in
+/// its RSS for its whole life. Hand it back once.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; no pointers change.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Builds the attributor from the command line.
+pub fn attributor(args: &RunArgs) -> Attributor {
+    let cgroups = match &args.cgroup_root {
+        Some(r) => Resolver::new(Some(r.clone())),
+        None => Resolver::from_mountinfo(),
+    };
+    match cgroups.root() {
+        Some(r) => tracing::info!(root = %r.display(), "cgroup v2 mount"),
+        None => tracing::warn!("no cgroup v2 mount; attributing through /proc/<pid>/cgroup"),
+    }
+    let node = args.node_name.clone().or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+    });
+    let runtime = Reader::new(Roots {
+        containerd: args.containerd_root.clone(),
+        crio: args.crio_root.clone(),
+    });
+    Attributor::new(node, cgroups, runtime, args.proc_root.clone())
+}
+
+/// How the agent reaches the API (an explicit URL, or in-cluster).
+fn access(args: &RunArgs) -> k8s::Access {
+    match &args.kube_api_url {
+        Some(u) => k8s::Access::Url(u.clone()),
+        None => k8s::Access::Infer,
+    }
+}
+
+/// Starts the pod watcher when the API is wanted; `None` when it is off.
+async fn start_kube(args: &RunArgs) -> Result<Option<mpsc::Receiver<Update>>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let wanted = match args.kubernetes {
+        KubeMode::Off => false,
+        KubeMode::On => true,
+        KubeMode::Auto => in_cluster || args.kube_api_url.is_some(),
+    };
+    if !wanted {
+        tracing::info!("Kubernetes API off: attributing from runtime metadata and cgroups");
+        return Ok(None);
+    }
+    let node = args
+        .node_name
+        .clone()
+        .context("--kubernetes needs --node-name (or NODE_NAME) to watch this node's pods")?;
+    let rx = k8s::start_watch(&access(args), node.clone()).await?;
+    tracing::info!(%node, "watching this node's pods");
+    Ok(Some(rx))
+}
+
+/// Receives from an optional channel; pending forever when there is none.
+async fn recv(rx: &mut Option<mpsc::Receiver<Update>>) -> Option<Update> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for a signal.
+async fn recv_signal(s: &mut Signal) -> Option<()> {
+    s.recv().await
+}

@@ -1,0 +1,16 @@
+//! The Kubernetes API: this node's pods (watched with kube-rs), their
+//! workloads (walking owner references), Istio annotations and container
+//! statuses; and Kubernetes Events written on pods. An outage degrades to
+//! runtime metadata: it is logged once, counted, and the watcher recovers by
+//! itself.
+
+mod events;
+mod pod;
+mod watch;
+
+pub use events::{EventQueue, PodEvent, start_events, write_events};
+pub use pod::{
+    ContainerInfo, IstioAnnotations, PodInfo, PodStore, Update, Workload, controller_owner,
+    owner_to_walk, pod_info, workload,
+};
+pub use watch::{Access, client, start_watch, watch};

@@ -1,0 +1,147 @@
+//! The watcher of this node's pods (`spec.nodeName`), with owner lookups to
+//! name each pod's workload.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::mpsc;
+
+use super::pod::{PodInfo, Update, Workload, controller_owner, owner_to_walk, pod_info, workload};
+
+/// Owner lookups through the API, cached per (kind, namespace, name).
+struct Owners {
+    client: Client,
+    cache: HashMap<(String, String, String), Option<(String, String)>>,
+}
+
+impl Owners {
+    async fn workload(&mut self, pod: &Pod) -> Workload {
+        let walked = match owner_to_walk(pod) {
+            Some((k, ns, n)) => self.owner_of(k, ns, n).await,
+            None => None,
+        };
+        workload(pod, walked)
+    }
+
+    async fn owner_of(
+        &mut self,
+        kind: String,
+        ns: String,
+        name: String,
+    ) -> Option<(String, String)> {
+        let key = (kind.clone(), ns.clone(), name.clone());
+        if let Some(v) = self.cache.get(&key) {
+            return v.clone();
+        }
+        let meta = match kind.as_str() {
+            "ReplicaSet" => {
+                Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(self.client.clone(), &ns)
+                    .get_metadata_opt(&name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|o| o.metadata)
+            }
+            "Job" => Api::<k8s_openapi::api::batch::v1::Job>::namespaced(self.client.clone(), &ns)
+                .get_metadata_opt(&name)
+                .await
+                .ok()
+                .flatten()
+                .map(|o| o.metadata),
+            _ => None,
+        };
+        let owner = meta.as_ref().and_then(controller_owner);
+        if self.cache.len() > 10_000 {
+            self.cache.clear();
+        }
+        self.cache.insert(key, owner.clone());
+        owner
+    }
+}
+
+/// How the agent reaches the API.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// In-cluster service account (or KUBECONFIG).
+    Infer,
+    /// An explicit URL, plain HTTP or HTTPS without auth (tests, proxies).
+    Url(String),
+}
+
+/// Builds a client.
+pub async fn client(access: &Access) -> anyhow::Result<Client> {
+    Ok(match access {
+        Access::Infer => Client::try_default().await?,
+        Access::Url(u) => Client::try_from(kube::Config::new(u.parse()?))?,
+    })
+}
+
+/// Starts the watcher of `node`'s pods on its own task.
+pub async fn start_watch(access: &Access, node: String) -> anyhow::Result<mpsc::Receiver<Update>> {
+    let client = client(access)
+        .await
+        .context("building the Kubernetes client")?;
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(watch(client, node, tx));
+    Ok(rx)
+}
+
+/// Watches this node's pods and sends [`Update`]s until the receiver is gone.
+pub async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
+    let api: Api<Pod> = Api::all(client.clone());
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut owners = Owners {
+        client,
+        cache: HashMap::new(),
+    };
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
+    let mut buffer: Vec<PodInfo> = Vec::new();
+    let mut failing = false;
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(e) => {
+                failing = true;
+                if tx.send(Update::Error(e.to_string())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if failing {
+            failing = false;
+            if tx.send(Update::Recovered).await.is_err() {
+                return;
+            }
+        }
+        let update = match ev {
+            watcher::Event::Init => {
+                buffer.clear();
+                None
+            }
+            watcher::Event::InitApply(p) => {
+                let w = owners.workload(&p).await;
+                buffer.extend(pod_info(&p, w));
+                None
+            }
+            watcher::Event::InitDone => Some(Update::Replace(std::mem::take(&mut buffer))),
+            watcher::Event::Apply(p) => {
+                let w = owners.workload(&p).await;
+                pod_info(&p, w).map(|p| Update::Apply(Box::new(p)))
+            }
+            watcher::Event::Delete(p) => p.metadata.uid.clone().map(Update::Delete),
+        };
+        if let Some(u) = update
+            && tx.send(u).await.is_err()
+        {
+            return;
+        }
+    }
+}
