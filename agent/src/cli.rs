@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::export::json;
+use crate::{export::json, race::istio};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -103,17 +103,17 @@ pub struct RunArgs {
     #[arg(long)]
     pub process_events: bool,
     /// The sidecar's outbound capture port: sidecar-ready = it listens.
-    #[arg(long, default_value_t = 15001)]
+    #[arg(long, default_value_t = istio::CAPTURE_PORT)]
     pub capture_port: u16,
     /// Ports whose LISTEN by the proxy uid marks a pod as injected.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "15001,15006,15020,15021,15090,15000"
+        default_values_t = istio::SIDECAR_PORTS
     )]
     pub sidecar_ports: Vec<u16>,
     /// The proxy's uid (Istio: 1337).
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = istio::PROXY_UID)]
     pub proxy_uid: u32,
     /// How long a failure waits for its pod's injection to be known (kubelet
     /// starts a pod's containers within moments of each other).

@@ -1,0 +1,244 @@
+//! One pod's timeline, with one handler per kind of kernel event, and the
+//! phase of each of its connect failures.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use super::{
+    Config, Hints, Phase,
+    istio::{self, Mitigation},
+};
+use crate::{
+    attribute::Attribution,
+    kernel::decode::{Family, KernelEvent, Kind},
+};
+
+pub(super) const ECONNREFUSED: i32 = 111;
+
+/// Refusals of one episode (start-up or shutdown), bounded.
+#[derive(Debug, Default)]
+pub(super) struct Refusals {
+    pub(super) count: u64,
+    pub(super) first_ns: u64,
+    pub(super) last_ns: u64,
+    pub(super) dests: BTreeSet<SocketAddr>,
+    pub(super) containers: BTreeSet<String>,
+}
+
+impl Refusals {
+    fn add(&mut self, ev: &KernelEvent, container: Option<&str>) {
+        if self.count == 0 || ev.mono_ns < self.first_ns {
+            self.first_ns = ev.mono_ns;
+        }
+        self.last_ns = self.last_ns.max(ev.mono_ns);
+        self.count += 1;
+        if self.dests.len() < 64
+            && let Some(d) = ev.dst
+        {
+            self.dests.insert(d);
+        }
+        if let Some(c) = container
+            && self.containers.len() < 16
+            && !self.containers.contains(c)
+        {
+            self.containers.insert(c.to_string());
+        }
+    }
+}
+
+/// What the tracker knows of one pod.
+#[derive(Debug, Default)]
+pub(super) struct PodState {
+    pub(super) who: Arc<Attribution>,
+    /// The attribution `who` was last made from: the attributor hands out
+    /// one shared attribution per container, so the next event of the same
+    /// container finds `who` up to date without rebuilding it.
+    who_from: Option<Arc<Attribution>>,
+    pub(super) first_process_ns: Option<u64>,
+    pub(super) sidecar_start_ns: Option<u64>,
+    /// Open LISTEN sockets by port.
+    open: HashMap<u16, u32>,
+    /// First time the capture port listened; `Some(0)`: before the agent.
+    pub(super) ready_ns: Option<u64>,
+    /// When the capture port stopped listening (all sockets closed).
+    pub(super) closed_ns: Option<u64>,
+    pub(super) injected: Option<bool>,
+    pub(super) mitigation: Mitigation,
+    pub(super) startup: Refusals,
+    pub(super) startup_emitted: bool,
+    pub(super) shutdown: Refusals,
+    pub(super) started_counted: bool,
+    live: HashSet<u32>,
+    last_exit_ns: Option<u64>,
+    pub(super) last_seen_ns: u64,
+    /// Failures waiting for the pod's injection to be known.
+    pub(super) held: Vec<(KernelEvent, Arc<Attribution>)>,
+}
+
+impl PodState {
+    /// Is the capture port listening at kernel time `t`?
+    fn listening_at(&self, t: u64) -> bool {
+        match (self.ready_ns, self.closed_ns) {
+            (Some(r), None) => t >= r,
+            (Some(r), Some(c)) => t >= r && t < c,
+            _ => false,
+        }
+    }
+
+    /// The agent started after the sidecar listened on `ports`
+    /// (reconstructed from /proc/<pid>/net/tcp*).
+    pub(super) fn restore_ready(
+        &mut self,
+        who: Arc<Attribution>,
+        ports: &[u16],
+        now_ns: u64,
+        cfg: &Config,
+    ) {
+        self.who = who;
+        self.who_from = None;
+        self.last_seen_ns = self.last_seen_ns.max(now_ns);
+        self.injected = Some(true);
+        self.started_counted = true;
+        for &port in ports {
+            *self.open.entry(port).or_default() += 1;
+            if port == cfg.capture_port {
+                self.ready_ns = Some(0);
+            }
+        }
+        self.startup_emitted = true;
+    }
+
+    /// Takes in what every event brings: its time, its attribution, and
+    /// what other sources say of the pod. Returns whether the event comes
+    /// from the proxy.
+    pub(super) fn observe(
+        &mut self,
+        ev: &KernelEvent,
+        who: &Arc<Attribution>,
+        hints: Option<&Hints>,
+        cfg: &Config,
+    ) -> bool {
+        self.last_seen_ns = self.last_seen_ns.max(ev.mono_ns);
+        let fresh = self.who_from.as_ref().is_some_and(|f| Arc::ptr_eq(f, who));
+        if !fresh && (who.pod.is_some() || self.who.pod_uid.is_none()) {
+            self.who = pod_level(who);
+            self.who_from = Some(who.clone());
+        }
+        if let Some(h) = hints {
+            self.take_hints(h);
+        }
+        let proxy_container = who.container.as_deref() == Some(istio::PROXY_CONTAINER);
+        if proxy_container {
+            self.injected = Some(true);
+        }
+        proxy_container || (ev.context_known && ev.uid == cfg.proxy_uid)
+    }
+
+    fn take_hints(&mut self, h: &Hints) {
+        if h.injected.is_some() {
+            self.injected = self.injected.or(h.injected);
+            if h.injected == Some(true) {
+                self.injected = Some(true);
+            }
+        }
+        if h.mitigation.hold.is_some() {
+            self.mitigation.hold = h.mitigation.hold;
+        }
+        if h.mitigation.native_sidecar.is_some() {
+            self.mitigation.native_sidecar = h.mitigation.native_sidecar;
+        }
+        if h.container_names
+            .iter()
+            .any(|n| n == istio::PROXY_CONTAINER)
+        {
+            self.injected = Some(true);
+        }
+    }
+
+    /// A process started: the pod's first process, the sidecar's start.
+    pub(super) fn on_exec(&mut self, ev: &KernelEvent, who: &Attribution, cfg: &Config) {
+        self.first_process_ns = Some(
+            self.first_process_ns
+                .map_or(ev.mono_ns, |f| f.min(ev.mono_ns)),
+        );
+        self.live.insert(ev.pid);
+        let sidecar_comm = cfg.sidecar_comms.iter().any(|c| ev.comm.is(c));
+        if sidecar_comm || who.container.as_deref() == Some(istio::PROXY_CONTAINER) {
+            self.sidecar_start_ns = Some(
+                self.sidecar_start_ns
+                    .map_or(ev.mono_ns, |s| s.min(ev.mono_ns)),
+            );
+        }
+    }
+
+    /// A process ended: the pod's last exit.
+    pub(super) fn on_exit(&mut self, ev: &KernelEvent) {
+        if self.live.remove(&ev.pid) && self.live.is_empty() {
+            self.last_exit_ns = Some(ev.mono_ns);
+        }
+    }
+
+    /// A socket started or stopped listening: the proxy's listeners mark the
+    /// pod injected, and the capture port's make it ready or closed.
+    pub(super) fn on_listen(&mut self, ev: &KernelEvent, is_proxy: bool, cfg: &Config) {
+        let port = ev.src.map(|a| a.port()).unwrap_or(0);
+        let by_proxy = ev.context_known && ev.uid == cfg.proxy_uid || is_proxy;
+        if !by_proxy || !cfg.sidecar_ports.contains(&port) {
+            return;
+        }
+        self.injected = Some(true);
+        let n = self.open.entry(port).or_default();
+        if ev.kind == Kind::Listen {
+            *n += 1;
+            if port == cfg.capture_port {
+                if self.ready_ns.is_none() {
+                    self.ready_ns = Some(ev.mono_ns);
+                }
+                self.closed_ns = None;
+            }
+        } else {
+            *n = n.saturating_sub(1);
+            if port == cfg.capture_port && *n == 0 && self.ready_ns.is_some() {
+                self.closed_ns = Some(ev.mono_ns);
+            }
+        }
+    }
+
+    /// Phase of a failure in an injected pod, by kernel time.
+    pub(super) fn classify(&mut self, ev: &KernelEvent, who: &Attribution) -> Phase {
+        // Only captured traffic can be refused by a missing capture listener:
+        // Istio never redirects loopback destinations, nor non-TCP families.
+        let refused = ev.errno == ECONNREFUSED
+            && matches!(ev.family, Family::Inet | Family::Inet6)
+            && ev.dst.is_some_and(|d| !d.ip().is_loopback());
+        let t = ev.mono_ns;
+        if self.listening_at(t) {
+            return Phase::SidecarReady;
+        }
+        let before_ready = self.ready_ns.is_none_or(|r| t < r);
+        if !refused {
+            return Phase::SidecarNotReady;
+        }
+        if before_ready {
+            self.startup.add(ev, who.container.as_deref());
+            Phase::StartupRace
+        } else {
+            self.shutdown.add(ev, who.container.as_deref());
+            Phase::ShutdownRace
+        }
+    }
+}
+
+/// The pod-level part of an attribution (no container).
+fn pod_level(a: &Attribution) -> Arc<Attribution> {
+    Arc::new(Attribution {
+        container: None,
+        container_id: None,
+        sandbox: false,
+        cgroup: None,
+        ..a.clone()
+    })
+}

@@ -1,0 +1,321 @@
+//! The tracker: events re-ordered by kernel time in a short window, failures
+//! held while their pod's injection is unknown (bounded in count and time),
+//! timers for shutdown summaries and idle pods, and the per-pod states.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use super::{
+    Config, Hints, Output, Phase,
+    pod::PodState,
+    summary::{RaceSummary, ShutdownSummary, SidecarReady},
+};
+use crate::{
+    attribute::Attribution,
+    kernel::decode::{KernelEvent, Kind},
+};
+
+/// An event waiting in the re-order window.
+struct Pending {
+    ev: KernelEvent,
+    who: Arc<Attribution>,
+    hints: Option<Hints>,
+}
+
+/// Counters of what the tracker had to do, for self-metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Failures held because the pod's injection was not yet known.
+    pub held: u64,
+    /// Held failures classified at the time or count limit.
+    pub held_expired: u64,
+}
+
+/// Per-pod timelines and classification.
+pub struct Tracker {
+    cfg: Config,
+    pods: rustc_hash::FxHashMap<String, PodState>,
+    /// Sorted by (kernel time, arrival): events nearly always arrive in
+    /// order, so insertion is a push at the back.
+    queue: VecDeque<Pending>,
+    last_timers_ns: u64,
+    /// Pods whose cgroup was removed, with the kernel time: finalised once
+    /// every earlier event of theirs was applied.
+    gone: Vec<(String, u64)>,
+    held_total: usize,
+    pub stats: Stats,
+}
+
+impl Tracker {
+    pub fn new(cfg: Config) -> Self {
+        Tracker {
+            cfg,
+            pods: Default::default(),
+            queue: VecDeque::new(),
+            last_timers_ns: 0,
+            gone: Vec::new(),
+            held_total: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Pods with state.
+    pub fn pods_tracked(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Failures held for their pod's injection to be known.
+    pub fn held(&self) -> usize {
+        self.held_total
+    }
+
+    /// Whether the pipeline should gather [`Hints`] for this pod (its
+    /// injection is not known yet).
+    pub fn wants_hints(&self, pod_uid: &str) -> bool {
+        self.pods.get(pod_uid).is_none_or(|p| p.injected.is_none())
+    }
+
+    /// Queues an event; it is applied once older than the re-order window.
+    pub fn push(&mut self, ev: KernelEvent, who: Arc<Attribution>, hints: Option<Hints>) {
+        let p = Pending { ev, who, hints };
+        let at = self
+            .queue
+            .iter()
+            .rposition(|q| q.ev.mono_ns <= p.ev.mono_ns)
+            .map_or(0, |i| i + 1);
+        self.queue.insert(at, p);
+    }
+
+    /// Applies queued events older than `now_ns - reorder`, then timers.
+    pub fn advance(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        let horizon = now_ns.saturating_sub(self.cfg.reorder_ns);
+        while self.queue.front().is_some_and(|p| p.ev.mono_ns <= horizon) {
+            let p = self.queue.pop_front().expect("checked");
+            self.apply(p.ev, p.who, p.hints, out);
+        }
+        if !self.gone.is_empty() {
+            let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.gone)
+                .into_iter()
+                .partition(|(_, t)| *t <= horizon);
+            self.gone = keep;
+            for (uid, _) in due {
+                self.finalise(&uid, out);
+            }
+        }
+        // Timers walk every pod: at most every 50 ms.
+        if now_ns.saturating_sub(self.last_timers_ns) >= 50_000_000 {
+            self.last_timers_ns = now_ns;
+            self.timers(now_ns, out);
+        }
+    }
+
+    /// Applies everything queued and finalises every pod (shutdown).
+    pub fn flush(&mut self, out: &mut Vec<Output>) {
+        self.advance(u64::MAX, out);
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            self.finalise(&uid, out);
+        }
+    }
+
+    /// The pod's cgroup was removed at kernel time `mono_ns`: its state is
+    /// finalised (pending summaries emitted) and freed.
+    pub fn pod_gone(&mut self, uid: String, mono_ns: u64) {
+        self.gone.push((uid, mono_ns));
+    }
+
+    /// Marks a pod's sidecar as already listening when the agent started
+    /// (reconstructed from /proc/<pid>/net/tcp*).
+    pub fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16], now_ns: u64) {
+        let Some(uid) = who.pod_uid.clone() else {
+            return;
+        };
+        let p = self.pods.entry(uid).or_default();
+        p.restore_ready(who, ports, now_ns, &self.cfg);
+    }
+
+    /// Applies one event, in kernel-time order: the pod's handler for its
+    /// kind, then whatever became due.
+    fn apply(
+        &mut self,
+        ev: KernelEvent,
+        who: Arc<Attribution>,
+        hints: Option<Hints>,
+        out: &mut Vec<Output>,
+    ) {
+        // A second handle keeps the pod's uid borrowable while `who` moves on
+        // with the event: the uid is copied only for a new pod, not per event.
+        let attr = Arc::clone(&who);
+        let Some(uid) = attr.pod_uid.as_deref() else {
+            let phase = (ev.kind == Kind::ConnectFailure).then_some(Phase::NoSidecar);
+            out.push(Output::Event { ev, who, phase });
+            return;
+        };
+        if !self.pods.contains_key(uid) {
+            if self.pods.len() >= self.cfg.max_pods {
+                self.evict_oldest(out);
+            }
+            self.pods.insert(uid.to_string(), PodState::default());
+        }
+        let cfg = &self.cfg;
+        let Some(p) = self.pods.get_mut(uid) else {
+            return;
+        };
+        let is_proxy = p.observe(&ev, &who, hints.as_ref(), cfg);
+        let phase = match ev.kind {
+            Kind::Exec => {
+                p.on_exec(&ev, &who, cfg);
+                None
+            }
+            Kind::Exit => {
+                p.on_exit(&ev);
+                None
+            }
+            Kind::Listen | Kind::ListenClose => {
+                p.on_listen(&ev, is_proxy, cfg);
+                None
+            }
+            Kind::ConnectFailure if is_proxy => Some(Phase::Proxy),
+            Kind::ConnectFailure if p.injected.is_none() => {
+                p.held.push((ev, who));
+                self.held_total += 1;
+                self.stats.held += 1;
+                self.after_change(uid, out);
+                self.enforce_hold_limit(out);
+                return;
+            }
+            Kind::ConnectFailure => Some(p.classify(&ev, &who)),
+        };
+        out.push(Output::Event { ev, who, phase });
+        self.after_change(uid, out);
+    }
+
+    /// Releases held failures, counts pod starts and emits summaries that
+    /// became due after a change to pod `uid`.
+    fn after_change(&mut self, uid: &str, out: &mut Vec<Output>) {
+        let Some(p) = self.pods.get_mut(uid) else {
+            return;
+        };
+        if let Some(inj) = p.injected {
+            if !p.started_counted {
+                p.started_counted = true;
+                out.push(Output::PodStarted {
+                    who: p.who.clone(),
+                    injected: inj,
+                });
+            }
+            let held = std::mem::take(&mut p.held);
+            self.held_total -= held.len();
+            for (ev, who) in held {
+                let phase = if inj {
+                    p.classify(&ev, &who)
+                } else {
+                    Phase::NoSidecar
+                };
+                out.push(Output::Event {
+                    ev,
+                    who,
+                    phase: Some(phase),
+                });
+            }
+        }
+        if let Some(ready) = p.ready_ns
+            && !p.startup_emitted
+            && p.injected == Some(true)
+        {
+            p.startup_emitted = true;
+            out.push(Output::SidecarReady(SidecarReady::of(p, ready)));
+            if p.startup.count > 0 {
+                out.push(Output::StartupRace(RaceSummary::of(p)));
+            }
+        }
+    }
+
+    fn enforce_hold_limit(&mut self, out: &mut Vec<Output>) {
+        while self.held_total > self.cfg.max_held {
+            // Classify the pod holding the oldest failure with what is known.
+            let Some(uid) = self
+                .pods
+                .iter()
+                .filter_map(|(u, p)| p.held.first().map(|(e, _)| (e.mono_ns, u.clone())))
+                .min()
+                .map(|(_, u)| u)
+            else {
+                break;
+            };
+            self.expire_hold(&uid, out);
+        }
+    }
+
+    /// The pod's injection could not be learned in time: not injected.
+    fn expire_hold(&mut self, uid: &str, out: &mut Vec<Output>) {
+        if let Some(p) = self.pods.get_mut(uid) {
+            self.stats.held_expired += p.held.len() as u64;
+            if p.injected.is_none() {
+                p.injected = Some(false);
+            }
+        }
+        self.after_change(uid, out);
+    }
+
+    fn timers(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        let cfg = self.cfg.clone();
+        let mut expire = Vec::new();
+        let mut shutdown = Vec::new();
+        let mut idle = Vec::new();
+        for (uid, p) in &self.pods {
+            if p.held
+                .first()
+                .is_some_and(|(e, _)| now_ns.saturating_sub(e.mono_ns) > cfg.hold_ns)
+            {
+                expire.push(uid.clone());
+            }
+            if p.shutdown.count > 0
+                && now_ns.saturating_sub(p.shutdown.last_ns) > cfg.shutdown_quiet_ns
+            {
+                shutdown.push(uid.clone());
+            }
+            if now_ns.saturating_sub(p.last_seen_ns) > cfg.idle_ns {
+                idle.push(uid.clone());
+            }
+        }
+        for uid in expire {
+            self.expire_hold(&uid, out);
+        }
+        for uid in shutdown {
+            if let Some(p) = self.pods.get_mut(&uid) {
+                out.push(Output::ShutdownRace(ShutdownSummary::of(p)));
+                p.shutdown = Default::default();
+            }
+        }
+        for uid in idle {
+            self.finalise(&uid, out);
+        }
+    }
+
+    fn evict_oldest(&mut self, out: &mut Vec<Output>) {
+        if let Some(uid) = self
+            .pods
+            .iter()
+            .min_by_key(|(_, p)| p.last_seen_ns)
+            .map(|(u, _)| u.clone())
+        {
+            self.finalise(&uid, out);
+        }
+    }
+
+    /// Emits what is still pending for a pod and forgets it.
+    fn finalise(&mut self, uid: &str, out: &mut Vec<Output>) {
+        if self.pods.get(uid).is_some_and(|p| !p.held.is_empty()) {
+            self.expire_hold(uid, out);
+        }
+        let Some(p) = self.pods.remove(uid) else {
+            return;
+        };
+        if p.startup.count > 0 && !p.startup_emitted {
+            out.push(Output::StartupRace(RaceSummary::of(&p)));
+        }
+        if p.shutdown.count > 0 {
+            out.push(Output::ShutdownRace(ShutdownSummary::of(&p)));
+        }
+    }
+}
