@@ -49,7 +49,7 @@ struct Lost {
 }
 
 /// A started agent: probes attached, exports open, pipeline ready.
-pub struct Agent {
+pub(crate) struct Agent {
     probes: Probes,
     pipeline: Pipeline,
     shared: std::sync::Arc<Shared>,
@@ -68,7 +68,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 impl Agent {
     /// Loads and attaches the probes, opens the exports, rebuilds the pods
     /// already running and drops the privileges no longer needed.
-    pub async fn start(args: &RunArgs) -> Result<Agent> {
+    pub(crate) async fn start(args: &RunArgs) -> Result<Agent> {
         let probes = load_probes(args)?;
         let sink = Sink::open(&args.events)
             .with_context(|| format!("opening --events {:?}", args.events))?;
@@ -133,7 +133,7 @@ impl Agent {
 
     /// Feeds the pipeline from the ring buffer, API updates and timers until
     /// SIGINT or SIGTERM.
-    pub async fn serve(&mut self) -> Result<()> {
+    pub(crate) async fn serve(&mut self) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_MS));
@@ -204,7 +204,7 @@ impl Agent {
     /// kernel wrote and what the race tracker holds, within budgets so that
     /// SIGTERM mid-flood still exits promptly. What is left is counted and
     /// reported, never silently dropped.
-    pub fn shutdown(mut self) -> Result<()> {
+    pub(crate) fn shutdown(mut self) -> Result<()> {
         let t0 = Instant::now();
         tracing::info!("signal received, stopping");
         self.probes.detach();
@@ -306,7 +306,7 @@ fn release_startup_memory() {
 }
 
 /// Builds the attributor from the command line.
-pub fn attributor(args: &RunArgs) -> Attributor {
+pub(crate) fn attributor(args: &RunArgs) -> Attributor {
     let cgroups = match &args.cgroup_root {
         Some(r) => Resolver::new(Some(r.clone())),
         None => Resolver::from_mountinfo(),

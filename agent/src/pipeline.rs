@@ -43,18 +43,18 @@ impl Pipeline {
         }
     }
 
-    /// The attributor (restoring pods at start, API state changes).
-    pub fn attributor(&mut self) -> &mut Attributor {
-        &mut self.who
-    }
-
     /// The exporter (agent-level lines, shutdown).
-    pub fn exporter(&mut self) -> &mut Exporter {
+    pub(crate) fn exporter(&mut self) -> &mut Exporter {
         &mut self.exporter
     }
 
     /// Rebuilds pods already running when the agent starts.
-    pub fn restore(&mut self, proc_root: &std::path::Path, ports: &[u16], proxy_uid: u32) -> usize {
+    pub(crate) fn restore(
+        &mut self,
+        proc_root: &std::path::Path,
+        ports: &[u16],
+        proxy_uid: u32,
+    ) -> usize {
         crate::attribute::restore::restore(
             proc_root,
             &mut self.who,
@@ -66,7 +66,7 @@ impl Pipeline {
     }
 
     /// Applies a change of the API's pods.
-    pub fn pods_changed(&mut self, u: crate::k8s::Update) {
+    pub(crate) fn pods_changed(&mut self, u: crate::k8s::Update) {
         match &u {
             crate::k8s::Update::Error(e) => self.who.error(
                 "kubernetes",
@@ -107,7 +107,7 @@ impl Pipeline {
     }
 
     /// Brings the self-metrics up to date (called about once a second).
-    pub fn update_self_metrics(&mut self, lost_total: u64) {
+    pub(crate) fn update_self_metrics(&mut self, lost_total: u64) {
         self.exporter.self_metrics(&SelfStats {
             lost_total,
             pods_tracked: self.tracker.pods_tracked(),
@@ -124,7 +124,7 @@ impl Pipeline {
     }
 
     /// Attributes one kernel event and hands it to the race tracker.
-    pub fn event(&mut self, ev: KernelEvent) {
+    pub(crate) fn event(&mut self, ev: KernelEvent) {
         let who = self.who.attribute(&ev, self.pods.as_ref());
         let hints = self.hints(&who);
         self.tracker.push(ev, who, hints);
@@ -157,7 +157,7 @@ impl Pipeline {
     }
 
     /// Applies everything and finalises every pod (at shutdown).
-    pub fn flush(&mut self) -> std::io::Result<()> {
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         let mut out = Vec::new();
         self.tracker.flush(&mut out);
         self.exporter.export(&mut out, &mut self.counted)
@@ -166,7 +166,7 @@ impl Pipeline {
     /// Like [`Pipeline::flush`], but failures released after `deadline` are
     /// only counted, not serialised, so that exit stays prompt however much
     /// the race tracker still holds. Returns how many were not serialised.
-    pub fn flush_until(&mut self, deadline: std::time::Instant) -> std::io::Result<u64> {
+    pub(crate) fn flush_until(&mut self, deadline: std::time::Instant) -> std::io::Result<u64> {
         self.exporter.set_json_deadline(deadline);
         self.flush()?;
         Ok(self.exporter.json_skipped())

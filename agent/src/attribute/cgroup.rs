@@ -81,7 +81,7 @@ pub fn proc_cgroup_path(text: &str) -> Option<String> {
 
 /// Where a cgroup path came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Path relative to the cgroup2 root, starting with `/`.
     pub path: String,
     /// When the directory was last seen gone (kept for the grace period).
@@ -90,7 +90,7 @@ pub struct Entry {
 
 /// Why a lookup failed; counted as metadata errors by the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Miss {
+pub(crate) enum Miss {
     /// No cgroup2 mount (cgroup v1 node); use `/proc/<pid>/cgroup`.
     NoCgroup2,
     /// Not found even after a fresh walk (deleted before we saw it).
@@ -127,7 +127,7 @@ impl Resolver {
     }
 
     /// Finds the cgroup2 mount of this process.
-    pub fn from_mountinfo() -> Self {
+    pub(crate) fn from_mountinfo() -> Self {
         let root = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|m| cgroup2_mount(&m));
@@ -135,12 +135,12 @@ impl Resolver {
     }
 
     /// The cgroup2 mount point, if any.
-    pub fn root(&self) -> Option<&Path> {
+    pub(crate) fn root(&self) -> Option<&Path> {
         self.root.as_deref()
     }
 
     /// Path of a cgroup id, walking the tree again on a miss.
-    pub fn resolve(&mut self, id: u64) -> Result<String, Miss> {
+    pub(crate) fn resolve(&mut self, id: u64) -> Result<String, Miss> {
         if self.root.is_none() {
             return Err(Miss::NoCgroup2);
         }
@@ -161,7 +161,7 @@ impl Resolver {
 
     /// Records a path seen another way (e.g. `/proc/<pid>/cgroup` at exec),
     /// so the id resolves even after the directory is gone.
-    pub fn remember(&mut self, id: u64, path: String) {
+    pub(crate) fn remember(&mut self, id: u64, path: String) {
         self.by_id.entry(id).or_insert(Entry {
             path,
             gone_since: None,
@@ -169,7 +169,7 @@ impl Resolver {
     }
 
     /// Records a cgroup the kernel just created (exact id and path).
-    pub fn created(&mut self, id: u64, path: String) {
+    pub(crate) fn created(&mut self, id: u64, path: String) {
         self.by_id.insert(
             id,
             Entry {
@@ -182,7 +182,7 @@ impl Resolver {
     /// Marks a cgroup removed: it still resolves for the grace period.
     /// Entries whose grace ran out are dropped here too (bounded memory
     /// under churn without waiting for a walk).
-    pub fn removed(&mut self, id: u64) {
+    pub(crate) fn removed(&mut self, id: u64) {
         if let Some(e) = self.by_id.get_mut(&id) {
             e.gone_since.get_or_insert_with(Instant::now);
         }
@@ -196,7 +196,7 @@ impl Resolver {
 
     /// Re-reads the whole tree; marks vanished cgroups and drops those gone
     /// for longer than the grace period.
-    pub fn walk(&mut self) {
+    pub(crate) fn walk(&mut self) {
         let Some(root) = self.root.clone() else {
             return;
         };

@@ -60,7 +60,7 @@ pub struct Attribution {
 }
 
 /// Metadata failures by source, exported as `connscope_metadata_errors_total`.
-pub type ErrorCounts = HashMap<&'static str, u64>;
+pub(crate) type ErrorCounts = HashMap<&'static str, u64>;
 
 /// Attributes events; caches complete answers per cgroup id.
 pub struct Attributor {
@@ -110,7 +110,7 @@ impl Attributor {
     }
 
     /// Counts a metadata failure; logs only the first of each source.
-    pub fn error(&mut self, source: &'static str, msg: impl std::fmt::Display) {
+    pub(crate) fn error(&mut self, source: &'static str, msg: impl std::fmt::Display) {
         *self.errors.entry(source).or_default() += 1;
         if !self.logged.insert(source, true).unwrap_or(false) {
             tracing::warn!(source, error = %msg, "metadata error (further ones from this source are only counted)");
@@ -164,7 +164,11 @@ impl Attributor {
     }
 
     /// Attributes one event, with the API's pods if a store is given.
-    pub fn attribute(&mut self, ev: &KernelEvent, api: Option<&PodStore>) -> Arc<Attribution> {
+    pub(crate) fn attribute(
+        &mut self,
+        ev: &KernelEvent,
+        api: Option<&PodStore>,
+    ) -> Arc<Attribution> {
         if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
             return a.clone();
         }
@@ -282,7 +286,7 @@ impl Attributor {
     /// Names of a pod's containers present on the node, from the runtime's
     /// files (to learn that an istio-proxy container exists before it does
     /// anything). Rate-limited per pod.
-    pub fn pod_container_names(&mut self, pod_uid: &str) -> Vec<String> {
+    pub(crate) fn pod_container_names(&mut self, pod_uid: &str) -> Vec<String> {
         let now = std::time::Instant::now();
         if self
             .scanned
@@ -323,7 +327,10 @@ impl Attributor {
 
     /// Follows cgroup creation and removal reported by the kernel. Returns
     /// the pod uid when a pod-level cgroup went away (the pod is gone).
-    pub fn cgroup_changed(&mut self, c: crate::kernel::decode::CgroupChange) -> Option<String> {
+    pub(crate) fn cgroup_changed(
+        &mut self,
+        c: crate::kernel::decode::CgroupChange,
+    ) -> Option<String> {
         if c.created {
             self.cgroups.created(c.id, c.path);
             return None;
@@ -345,7 +352,7 @@ impl Attributor {
     }
 
     /// Sizes of the caches, for `connscope_state_entries`.
-    pub fn state_sizes(&self) -> [(&'static str, usize); 4] {
+    pub(crate) fn state_sizes(&self) -> [(&'static str, usize); 4] {
         [
             ("cgroups", self.cgroups.len()),
             ("attributions", self.cache.len()),
@@ -355,12 +362,12 @@ impl Attributor {
     }
 
     /// How long deleted cgroups stay resolvable.
-    pub fn set_cgroup_grace(&mut self, grace: std::time::Duration) {
+    pub(crate) fn set_cgroup_grace(&mut self, grace: std::time::Duration) {
         self.cgroups.grace = grace;
     }
 
     /// Drops cached answers (e.g. after the API store changed).
-    pub fn invalidate(&mut self) {
+    pub(crate) fn invalidate(&mut self) {
         self.cache.clear();
         self.by_pid_attr.clear();
     }
@@ -370,6 +377,3 @@ impl Attributor {
         &self.cgroups
     }
 }
-
-/// Re-exported for callers building an attributor.
-pub use runtime::Roots as RuntimeRoots;

@@ -42,7 +42,7 @@ pub fn parse_proc_net_tcp(text: &str) -> Vec<Listener> {
 /// Rebuilds pods whose proxy already listens on sidecar ports. Returns how
 /// many pods were restored. The host network namespace is skipped: pods
 /// there share it and their listeners cannot be told apart.
-pub fn restore(
+pub(crate) fn restore(
     proc_root: &Path,
     who: &mut Attributor,
     api: Option<&PodStore>,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use crate::attribute::kubelet::Runtime;
 
 /// A config.json larger than this is refused (no unbounded allocation).
-pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
 /// What the runtime says about a container.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -186,7 +186,7 @@ impl Reader {
 
     /// Metadata of a container; `Ok(None)` if no runtime has a bundle for it.
     /// Errors name the runtime (`containerd` / `crio`) for the metric label.
-    pub fn lookup(
+    pub(crate) fn lookup(
         &mut self,
         id: &str,
         rt: Runtime,
@@ -242,7 +242,7 @@ impl Reader {
     }
 
     /// Forgets a container (its cgroup is gone for good).
-    pub fn forget(&mut self, id: &str) {
+    pub(crate) fn forget(&mut self, id: &str) {
         self.cache.remove(id);
     }
 }

@@ -32,7 +32,7 @@ use crate::{
 
 /// What an `/events` line says.
 #[derive(Debug, Clone)]
-pub enum LineBody {
+pub(crate) enum LineBody {
     /// Already serialised (a summary, or an event the stream also wrote).
     Json(String),
     /// A kernel event serialised only when somebody reads it: with
@@ -45,7 +45,7 @@ pub enum LineBody {
 
 /// One event line with the fields `/events` filters on.
 #[derive(Debug, Clone)]
-pub struct EventLine {
+pub(crate) struct EventLine {
     pub body: LineBody,
     pub kind: &'static str,
     /// Who it is about (namespace and pod are filtered on).
@@ -55,7 +55,7 @@ pub struct EventLine {
 
 impl EventLine {
     /// The line's JSON (without the newline).
-    pub fn json(&self) -> String {
+    pub(crate) fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
             LineBody::Kernel { ev, phase } => {
@@ -119,7 +119,7 @@ impl Shared {
     /// Publishes a batch of events to `/events` readers, under one lock of
     /// the recent buffer (a refused storm publishes every failure; a lock per
     /// event showed in profiles).
-    pub fn publish_all(&self, lines: impl IntoIterator<Item = EventLine>) {
+    pub(crate) fn publish_all(&self, lines: impl IntoIterator<Item = EventLine>) {
         let follow = self.live.receiver_count() > 0;
         let keep = self.limits.recent > 0;
         let mut recent = if keep { self.recent.lock().ok() } else { None };
@@ -138,12 +138,12 @@ impl Shared {
     }
 
     /// Whether `/events` keeps recent events (else they need no JSON).
-    pub fn keeps_recent(&self) -> bool {
+    pub(crate) fn keeps_recent(&self) -> bool {
         self.limits.recent > 0
     }
 
     /// Records that the main loop is alive.
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         self.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
@@ -154,7 +154,7 @@ fn now_ms() -> u64 {
 
 /// `/events` query.
 #[derive(Debug, Default, Deserialize)]
-pub struct Filter {
+pub(crate) struct Filter {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub phase: Option<String>,
@@ -164,7 +164,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn matches(&self, e: &EventLine) -> bool {
+    pub(crate) fn matches(&self, e: &EventLine) -> bool {
         self.namespace
             .as_deref()
             .is_none_or(|n| e.who.namespace.as_deref() == Some(n))
@@ -182,7 +182,7 @@ impl Filter {
 }
 
 /// The router.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -192,7 +192,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Serves until the process exits.
-pub async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
+pub(crate) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;

@@ -22,7 +22,7 @@ use crate::{
 /// A summary event (`sidecar_ready`, `startup_race`, `shutdown_race`,
 /// `events_lost`): a type, the time it was written, and its body.
 #[derive(Debug, Serialize)]
-pub struct Summary<'a, T: Serialize> {
+pub(crate) struct Summary<'a, T: Serialize> {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub time: String,
@@ -32,7 +32,7 @@ pub struct Summary<'a, T: Serialize> {
 
 impl<'a, T: Serialize> Summary<'a, T> {
     /// Wraps a body, stamped with the current time.
-    pub fn now(kind: &'static str, body: &'a T) -> Self {
+    pub(crate) fn now(kind: &'static str, body: &'a T) -> Self {
         Summary {
             kind,
             time: rfc3339(SystemTime::now()),
@@ -63,7 +63,7 @@ impl FromStr for Target {
 
 /// One line of the stream.
 #[derive(Debug, Serialize)]
-pub struct KernelJson<'a> {
+pub(crate) struct KernelJson<'a> {
     /// `connect_failure`, `listener` or `process`.
     #[serde(rename = "type")]
     pub kind: &'static str,
@@ -116,13 +116,17 @@ pub struct KernelJson<'a> {
 }
 
 /// RFC 3339 with nanoseconds, UTC.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
 impl<'a> KernelJson<'a> {
     /// The JSON view of a kernel event, who it is attributed to and its phase.
-    pub fn from_kernel(e: &'a KernelEvent, who: &'a Attribution, phase: Option<Phase>) -> Self {
+    pub(crate) fn from_kernel(
+        e: &'a KernelEvent,
+        who: &'a Attribution,
+        phase: Option<Phase>,
+    ) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
         let socket = matches!(
@@ -192,7 +196,7 @@ impl Sink {
     }
 
     /// Writes one serialisable value as a line.
-    pub fn write<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
+    pub(crate) fn write<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
         if let Some(out) = self.out.as_mut() {
             serde_json::to_writer(&mut *out, value)?;
             out.write_all(b"\n")?;
@@ -201,12 +205,12 @@ impl Sink {
     }
 
     /// Whether lines go anywhere.
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.out.is_some()
     }
 
     /// Writes an already serialised line.
-    pub fn write_line(&mut self, line: &str) -> io::Result<()> {
+    pub(crate) fn write_line(&mut self, line: &str) -> io::Result<()> {
         if let Some(out) = self.out.as_mut() {
             out.write_all(line.as_bytes())?;
             out.write_all(b"\n")?;
@@ -215,7 +219,7 @@ impl Sink {
     }
 
     /// Flushes buffered lines; called after each batch from the kernel.
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         match self.out.as_mut() {
             Some(o) => o.flush(),
             None => Ok(()),

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// Buckets for start-up latencies and race windows: 10 ms .. 120 s.
-pub const BUCKETS: &[f64] = &[
+pub(crate) const BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
@@ -223,7 +223,13 @@ impl Metrics {
     /// A connect failure with its phase.
     /// `now` is the batch's time (the cache's last-use stamp), taken once by
     /// the caller rather than read from the clock per failure.
-    pub fn failure(&mut self, who: &Arc<Attribution>, errno: i32, phase: Phase, now: Instant) {
+    pub(crate) fn failure(
+        &mut self,
+        who: &Arc<Attribution>,
+        errno: i32,
+        phase: Phase,
+        now: Instant,
+    ) {
         use std::hash::BuildHasher as _;
         // Only what the series' labels are made of identifies the counter.
         let pod = if self.pod_labels { &who.pod } else { &None };
@@ -254,7 +260,7 @@ impl Metrics {
 
     /// Adds one batch of per-type event counts (indexed by [`RecordType`]):
     /// one lock and one atomic add per type per batch, not per event.
-    pub fn add_events(&self, counts: &RecordCounts) {
+    pub(crate) fn add_events(&self, counts: &RecordCounts) {
         for (c, n) in self.event_kinds.iter().zip(counts) {
             if *n > 0 {
                 c.inc_by(*n);
@@ -263,7 +269,7 @@ impl Metrics {
     }
 
     /// A pod seen starting.
-    pub fn pod_started(&mut self, who: &Attribution, injected: bool) {
+    pub(crate) fn pod_started(&mut self, who: &Attribution, injected: bool) {
         let l = self.labels("started", who, &[if injected { "true" } else { "false" }]);
         self.pods_started.with_label_values(&strs(&l)).inc();
         if injected {
@@ -277,7 +283,7 @@ impl Metrics {
     }
 
     /// A sidecar became ready `seconds` after the pod's first process.
-    pub fn sidecar_ready(&mut self, who: &Attribution, seconds: f64) {
+    pub(crate) fn sidecar_ready(&mut self, who: &Attribution, seconds: f64) {
         let l = self.labels("ready", who, &[]);
         self.sidecar_ready_seconds
             .with_label_values(&strs(&l))
@@ -285,7 +291,7 @@ impl Metrics {
     }
 
     /// A pod raced at start-up.
-    pub fn startup_race(&mut self, who: &Attribution, window: Option<f64>) {
+    pub(crate) fn startup_race(&mut self, who: &Attribution, window: Option<f64>) {
         let l = self.labels("race", who, &[]);
         self.startup_race_pods.with_label_values(&strs(&l)).inc();
         if let Some(w) = window {
@@ -296,13 +302,13 @@ impl Metrics {
     }
 
     /// A pod raced at shutdown.
-    pub fn shutdown_race(&mut self, who: &Attribution) {
+    pub(crate) fn shutdown_race(&mut self, who: &Attribution) {
         let l = self.labels("shutdown", who, &[]);
         self.shutdown_race_pods.with_label_values(&strs(&l)).inc();
     }
 
     /// Drops series of workloads not seen for `series_ttl`.
-    pub fn expire(&mut self) {
+    pub(crate) fn expire(&mut self) {
         let ttl = self.series_ttl;
         // Cached failure counters carry the freshest touch times: fold them
         // into `touched` in one pass (linear in both maps).
@@ -358,7 +364,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let enc = TextEncoder::new();
         if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {

@@ -31,7 +31,7 @@ pub struct ExportOptions {
 
 /// The agent's own state, sampled for the self-metrics.
 #[derive(Debug)]
-pub struct SelfStats<'a> {
+pub(crate) struct SelfStats<'a> {
     pub lost_total: u64,
     pub pods_tracked: usize,
     pub held_now: usize,
@@ -76,23 +76,23 @@ impl Exporter {
     }
 
     /// The JSON stream (for agent-level lines: losses, exit reports).
-    pub fn sink(&mut self) -> &mut Sink {
+    pub(crate) fn sink(&mut self) -> &mut Sink {
         &mut self.sink
     }
 
     /// From `deadline` on, failures are only counted, not serialised, so that
     /// exit stays prompt; returns how many were skipped so far.
-    pub fn set_json_deadline(&mut self, deadline: Instant) {
+    pub(crate) fn set_json_deadline(&mut self, deadline: Instant) {
         self.json_deadline = Some(deadline);
     }
 
     /// Failures counted but not serialised because of the JSON deadline.
-    pub fn json_skipped(&self) -> u64 {
+    pub(crate) fn json_skipped(&self) -> u64 {
         self.json_skipped
     }
 
     /// Brings the self-metrics up to date (called about once a second).
-    pub fn self_metrics(&mut self, s: &SelfStats<'_>) {
+    pub(crate) fn self_metrics(&mut self, s: &SelfStats<'_>) {
         let shared = self.shared.clone();
         let Ok(m) = shared.metrics.lock() else {
             return;
@@ -127,7 +127,7 @@ impl Exporter {
     /// metrics and `/events` locks once per batch (not per event: during a
     /// refused storm every failure passes here). `counted` holds the batch's
     /// records per type and is reset.
-    pub fn export(
+    pub(crate) fn export(
         &mut self,
         out: &mut Vec<Output>,
         counted: &mut RecordCounts,

@@ -27,21 +27,21 @@ pub struct EventQueue {
 
 impl EventQueue {
     /// Queues an Event; a full queue counts it as dropped.
-    pub fn send(&self, ev: PodEvent) {
+    pub(crate) fn send(&self, ev: PodEvent) {
         if self.tx.try_send(ev).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Events not written so far.
-    pub fn dropped(&self) -> u64 {
+    pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 }
 
 /// Starts the Events writer (30 a minute, one per pod and reason per 10
 /// minutes) on its own task.
-pub async fn start_events(access: &Access, node: String) -> anyhow::Result<EventQueue> {
+pub(crate) async fn start_events(access: &Access, node: String) -> anyhow::Result<EventQueue> {
     let client = super::client(access)
         .await
         .context("--k8s-events needs the Kubernetes API")?;
@@ -60,7 +60,7 @@ pub async fn start_events(access: &Access, node: String) -> anyhow::Result<Event
 
 /// A Kubernetes Event to write on a pod (one per startup-race summary).
 #[derive(Debug, Clone)]
-pub struct PodEvent {
+pub(crate) struct PodEvent {
     pub namespace: String,
     pub pod: String,
     pub uid: Option<String>,
@@ -71,7 +71,7 @@ pub struct PodEvent {
 /// Writes Warning events on pods, aggregated by kube-rs' recorder (repeats
 /// become a series) and rate-limited: at most `per_minute` a minute, and one
 /// per pod and reason per `per_pod`. What is refused is counted, not queued.
-pub async fn write_events(
+pub(crate) async fn write_events(
     client: Client,
     node: String,
     mut rx: mpsc::Receiver<PodEvent>,

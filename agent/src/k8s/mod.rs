@@ -8,9 +8,7 @@ mod events;
 mod pod;
 mod watch;
 
-pub use events::{EventQueue, PodEvent, start_events, write_events};
-pub use pod::{
-    ContainerInfo, IstioAnnotations, PodInfo, PodStore, Update, Workload, controller_owner,
-    owner_to_walk, pod_info, workload,
-};
-pub use watch::{Access, client, start_watch, watch};
+pub use events::EventQueue;
+pub(crate) use events::{PodEvent, start_events};
+pub use pod::{PodInfo, PodStore, Update, owner_to_walk, pod_info, workload};
+pub(crate) use watch::{Access, client, start_watch};

@@ -51,7 +51,7 @@ pub struct PodInfo {
 
 impl PodInfo {
     /// The name of the container with this runtime id.
-    pub fn container_name(&self, id: &str) -> Option<&str> {
+    pub(crate) fn container_name(&self, id: &str) -> Option<&str> {
         self.containers
             .iter()
             .find(|c| c.container_id.as_deref() == Some(id))
@@ -66,7 +66,7 @@ pub struct PodStore {
 }
 
 impl PodStore {
-    pub fn get(&self, uid: &str) -> Option<&PodInfo> {
+    pub(crate) fn get(&self, uid: &str) -> Option<&PodInfo> {
         self.by_uid.get(uid)
     }
 
@@ -79,7 +79,7 @@ impl PodStore {
     }
 
     /// Applies an update from the watcher.
-    pub fn apply(&mut self, u: Update) {
+    pub(crate) fn apply(&mut self, u: Update) {
         match u {
             Update::Apply(p) => {
                 self.by_uid.insert(p.uid.clone(), *p);
@@ -109,7 +109,7 @@ pub enum Update {
 }
 
 /// The controller owner reference of an object, as (kind, name).
-pub fn controller_owner(meta: &ObjectMeta) -> Option<(String, String)> {
+pub(crate) fn controller_owner(meta: &ObjectMeta) -> Option<(String, String)> {
     let refs = meta.owner_references.as_ref()?;
     refs.iter()
         .find(|r| r.controller == Some(true))

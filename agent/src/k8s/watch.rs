@@ -67,7 +67,7 @@ impl Owners {
 
 /// How the agent reaches the API.
 #[derive(Debug, Clone)]
-pub enum Access {
+pub(crate) enum Access {
     /// In-cluster service account (or KUBECONFIG).
     Infer,
     /// An explicit URL, plain HTTP or HTTPS without auth (tests, proxies).
@@ -75,7 +75,7 @@ pub enum Access {
 }
 
 /// Builds a client.
-pub async fn client(access: &Access) -> anyhow::Result<Client> {
+pub(crate) async fn client(access: &Access) -> anyhow::Result<Client> {
     Ok(match access {
         Access::Infer => Client::try_default().await?,
         Access::Url(u) => Client::try_from(kube::Config::new(u.parse()?))?,
@@ -83,7 +83,10 @@ pub async fn client(access: &Access) -> anyhow::Result<Client> {
 }
 
 /// Starts the watcher of `node`'s pods on its own task.
-pub async fn start_watch(access: &Access, node: String) -> anyhow::Result<mpsc::Receiver<Update>> {
+pub(crate) async fn start_watch(
+    access: &Access,
+    node: String,
+) -> anyhow::Result<mpsc::Receiver<Update>> {
     let client = client(access)
         .await
         .context("building the Kubernetes client")?;
@@ -93,7 +96,7 @@ pub async fn start_watch(access: &Access, node: String) -> anyhow::Result<mpsc::
 }
 
 /// Watches this node's pods and sends [`Update`]s until the receiver is gone.
-pub async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
+pub(crate) async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
     let api: Api<Pod> = Api::all(client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut owners = Owners {

@@ -74,12 +74,12 @@ impl Comm {
     }
 
     /// The name; lossy for bytes that are not UTF-8.
-    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+    pub(crate) fn as_str(&self) -> std::borrow::Cow<'_, str> {
         String::from_utf8_lossy(&self.bytes[..self.len as usize])
     }
 
     /// Whether it equals `name`.
-    pub fn is(&self, name: &str) -> bool {
+    pub(crate) fn is(&self, name: &str) -> bool {
         &self.bytes[..self.len as usize] == name.as_bytes()
     }
 }
@@ -116,7 +116,7 @@ impl Family {
     }
 
     /// Name used in JSON output.
-    pub fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         match self {
             Family::Unix => "unix".into(),
             Family::Inet => "inet".into(),
@@ -171,19 +171,19 @@ impl Clock {
     }
 
     /// Re-measures realtime - monotonic.
-    pub fn refresh(&mut self) {
+    pub(crate) fn refresh(&mut self) {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         let real = clock_ns(libc::CLOCK_REALTIME);
         self.offset_ns = real as i128 - mono as i128;
     }
 
     /// Current CLOCK_MONOTONIC in ns (the kernel's `bpf_ktime_get_ns`).
-    pub fn mono_now() -> u64 {
+    pub(crate) fn mono_now() -> u64 {
         clock_ns(libc::CLOCK_MONOTONIC)
     }
 
     /// Wall-clock time of a monotonic timestamp.
-    pub fn wall(&self, mono_ns: u64) -> SystemTime {
+    pub(crate) fn wall(&self, mono_ns: u64) -> SystemTime {
         let ns = mono_ns as i128 + self.offset_ns;
         if ns <= 0 {
             UNIX_EPOCH
@@ -337,7 +337,7 @@ fn unix_path(raw: &[u8]) -> String {
 }
 
 /// Symbolic name of an errno (`ECONNREFUSED`), or the number.
-pub fn errno_name(errno: i32) -> String {
+pub(crate) fn errno_name(errno: i32) -> String {
     if errno == 0 {
         return "none".into();
     }

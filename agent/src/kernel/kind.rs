@@ -20,7 +20,7 @@ pub enum Kind {
 /// `connscope_events_total` and the `type` of a JSON line, and the index of
 /// its per-batch count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordType {
+pub(crate) enum RecordType {
     ConnectFailure,
     Listener,
     Process,
@@ -44,12 +44,12 @@ const KINDS: [(u8, Kind, RecordType); 5] = [
 impl Kind {
     /// The decoded kind of an event record's ABI `kind` (None: not an
     /// event kind, e.g. a cgroup record's or an unknown value).
-    pub fn from_abi(k: u8) -> Option<Kind> {
+    pub(crate) fn from_abi(k: u8) -> Option<Kind> {
         KINDS.iter().find(|r| r.0 == k).map(|r| r.1)
     }
 
     /// How records of this kind are counted and typed.
-    pub fn record_type(self) -> RecordType {
+    pub(crate) fn record_type(self) -> RecordType {
         KINDS
             .iter()
             .find(|r| r.1 == self)
@@ -59,7 +59,7 @@ impl Kind {
 
 impl RecordType {
     /// Every type, in index order.
-    pub const ALL: [RecordType; 5] = [
+    pub(crate) const ALL: [RecordType; 5] = [
         RecordType::ConnectFailure,
         RecordType::Listener,
         RecordType::Process,
@@ -68,7 +68,7 @@ impl RecordType {
     ];
 
     /// The type of an event record's ABI `kind`.
-    pub fn of_abi(k: u8) -> RecordType {
+    pub(crate) fn of_abi(k: u8) -> RecordType {
         match k {
             kind::CGROUP_MKDIR | kind::CGROUP_RMDIR => RecordType::Cgroup,
             k => Kind::from_abi(k).map_or(RecordType::Unknown, Kind::record_type),
@@ -76,7 +76,7 @@ impl RecordType {
     }
 
     /// The label value.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RecordType::ConnectFailure => "connect_failure",
             RecordType::Listener => "listener",
@@ -88,7 +88,7 @@ impl RecordType {
 }
 
 /// Per-type counts of one batch, indexed by [`RecordType`].
-pub type RecordCounts = [u64; RecordType::ALL.len()];
+pub(crate) type RecordCounts = [u64; RecordType::ALL.len()];
 
 #[cfg(test)]
 mod tests {

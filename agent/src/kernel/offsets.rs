@@ -59,7 +59,7 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
 
 /// The tracefs root, mounted if it is absent (DEVELOPERS.md: some nodes
 /// have it only under debugfs, or not at all until mounted).
-pub fn tracefs_root() -> Result<&'static Path> {
+pub(crate) fn tracefs_root() -> Result<&'static Path> {
     for p in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
         if Path::new(p).join("events").is_dir() {
             return Ok(Path::new(p));
@@ -86,7 +86,7 @@ pub fn tracefs_root() -> Result<&'static Path> {
 }
 
 /// Reads one tracepoint's format, or `None` if this kernel lacks it.
-pub fn tracepoint_format(
+pub(crate) fn tracepoint_format(
     root: &Path,
     category: &str,
     name: &str,
@@ -105,7 +105,7 @@ fn off(fields: Option<&HashMap<String, Field>>, name: &str) -> u32 {
 
 /// Byte offset of a member path (`["__sk_common", "skc_net"]`) in a named
 /// struct, descending through anonymous structs and unions.
-pub fn btf_member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32> {
+pub(crate) fn btf_member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32> {
     let ty = btf
         .resolve_types_by_name(strukt)
         .with_context(|| format!("struct {strukt} not in BTF"))?
@@ -168,7 +168,7 @@ fn resolve_typedefs(btf: &Btf, mut ty: Type) -> Result<Type> {
 
 /// What could and could not be found, for `connscope check` and the logs.
 #[derive(Debug, Default, Clone)]
-pub struct Discovery {
+pub(crate) struct Discovery {
     /// Tracepoints (`category/name`) whose format file is missing.
     pub missing_tracepoints: Vec<String>,
     /// BTF-derived offsets that could not be found, with the reason.
@@ -176,7 +176,7 @@ pub struct Discovery {
 }
 
 /// Builds the kernel programs' [`Config`] for this kernel.
-pub fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
+pub(crate) fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
     let mut d = Discovery::default();
     let mut fmt = |cat: &str, name: &str| {
         let f = tracepoint_format(tracefs, cat, name);

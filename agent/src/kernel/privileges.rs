@@ -8,7 +8,7 @@ use caps::{CapSet, Capability, CapsHashSet};
 /// Drops every capability but the one BPF map access needs, in all sets of
 /// the calling thread (call it before other threads are started). Returns
 /// the names of the capabilities kept.
-pub fn drop_after_load() -> Result<Vec<String>> {
+pub(crate) fn drop_after_load() -> Result<Vec<String>> {
     let supported = caps::runtime::thread_all_supported();
     let keep_cap = if supported.contains(&Capability::CAP_BPF) {
         Capability::CAP_BPF

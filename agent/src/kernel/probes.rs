@@ -12,7 +12,7 @@ use connscope_ebpf::{Config, names};
 use tokio::io::unix::AsyncFd;
 
 /// Records handled per turn of the main loop.
-pub const BATCH: usize = 1024;
+pub(crate) const BATCH: usize = 1024;
 
 /// The kernel object, built by agent/build.rs and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope-ebpf"));
@@ -20,7 +20,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/co
 /// A kernel hook: program name in the object, tracepoint category and name,
 /// and what is lost without it.
 #[derive(Debug, Clone, Copy)]
-pub struct Hook {
+pub(crate) struct Hook {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
@@ -28,7 +28,7 @@ pub struct Hook {
 }
 
 /// Every hook the agent uses.
-pub const HOOKS: &[Hook] = &[
+pub(crate) const HOOKS: &[Hook] = &[
     Hook {
         program: "inet_sock_set_state",
         category: "sock",
@@ -81,14 +81,14 @@ pub const HOOKS: &[Hook] = &[
 
 /// Outcome of attaching one hook.
 #[derive(Debug, Clone)]
-pub struct HookStatus {
+pub(crate) struct HookStatus {
     pub hook: Hook,
     /// `None` when attached, else why not.
     pub error: Option<String>,
 }
 
 /// Loaded and attached programs. Dropping it detaches everything.
-pub struct Probes {
+pub(crate) struct Probes {
     /// Owns the programs and their links: dropped last, detaching all.
     ebpf: Ebpf,
     pub status: Vec<HookStatus>,
@@ -98,7 +98,7 @@ pub struct Probes {
 
 /// Options for [`Probes::load`].
 #[derive(Debug, Clone)]
-pub struct LoadOptions {
+pub(crate) struct LoadOptions {
     pub config: Config,
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub ring_bytes: u32,
@@ -110,7 +110,7 @@ pub struct LoadOptions {
 impl Probes {
     /// Loads the object with this kernel's offsets and attaches every hook it
     /// can. Fails only if nothing useful could be attached.
-    pub fn load(opts: &LoadOptions) -> Result<Self> {
+    pub(crate) fn load(opts: &LoadOptions) -> Result<Self> {
         if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < 4096 {
             bail!(
                 "--ring-buffer-bytes must be a power of two of at least 4096, not {}",
@@ -182,7 +182,7 @@ impl Probes {
 
     /// Waits until the ring buffer has data, then hands every record to `f`.
     /// Returns the number of records read.
-    pub async fn read_batch(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize> {
+    pub(crate) async fn read_batch(&mut self, mut f: impl FnMut(&[u8])) -> Result<usize> {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         let mut n = 0;
@@ -202,7 +202,7 @@ impl Probes {
     /// Reads what the ring buffer holds now, without waiting (the kernel
     /// only wakes the reader for batches); at most a few batches, so a flood
     /// cannot hold the main loop here.
-    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let ring = self.ring.get_mut();
         let mut n = 0;
         while n < 4 * BATCH {
@@ -215,7 +215,7 @@ impl Probes {
 
     /// Detaches and unloads every program, keeping the maps: at shutdown the
     /// kernel stops producing first, so what is left in the ring is finite.
-    pub fn detach(&mut self) {
+    pub(crate) fn detach(&mut self) {
         // Each detach waits for an RCU grace period in the kernel: done one
         // after the other they take ~70 ms each, side by side about one.
         std::thread::scope(|s| {
@@ -241,7 +241,7 @@ impl Probes {
     /// Like [`Probes::drain`], but hands records to `f` only until
     /// `deadline`; the rest is consumed without processing and counted.
     /// Returns (processed, skipped).
-    pub fn drain_until(
+    pub(crate) fn drain_until(
         &mut self,
         deadline: std::time::Instant,
         mut f: impl FnMut(&[u8]),
@@ -260,23 +260,16 @@ impl Probes {
     }
 
     /// Events the kernel could not submit since load, summed over CPUs.
-    pub fn lost_total(&self) -> Result<u64> {
+    pub(crate) fn lost_total(&self) -> Result<u64> {
         let per_cpu = self.lost.get(&0, 0)?;
         Ok(per_cpu.iter().sum())
-    }
-
-    /// Whether a hook is attached.
-    pub fn attached(&self, program: &str) -> bool {
-        self.status
-            .iter()
-            .any(|s| s.hook.program == program && s.error.is_none())
     }
 }
 
 /// Program name of the raw-tracepoint variant of `sock:inet_sock_set_state`.
-pub const RAW_SOCK_STATE: &str = "sock_state_raw";
+pub(crate) const RAW_SOCK_STATE: &str = "sock_state_raw";
 /// Program name of the raw-tracepoint variant of `tcp:tcp_receive_reset`.
-pub const RAW_RESET: &str = "reset_raw";
+pub(crate) const RAW_RESET: &str = "reset_raw";
 
 /// Every program the agent may load: each hook's classic program and the
 /// raw-tracepoint variants (to find ours among the kernel's programs).
@@ -289,7 +282,7 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
 
 /// The raw-tracepoint program that replaces a classic hook, when this
 /// kernel's BTF gave every offset it reads.
-pub fn raw_variant(hook: &Hook, config: &Config) -> Option<&'static str> {
+pub(crate) fn raw_variant(hook: &Hook, config: &Config) -> Option<&'static str> {
     match hook.program {
         "inet_sock_set_state" if config.raw_sock_state_usable() => Some(RAW_SOCK_STATE),
         "tcp_receive_reset" if config.raw_reset_usable() => Some(RAW_RESET),

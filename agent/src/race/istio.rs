@@ -9,16 +9,16 @@ use super::Hints;
 use crate::k8s::PodInfo;
 
 /// The Istio proxy container's name.
-pub const PROXY_CONTAINER: &str = "istio-proxy";
+pub(crate) const PROXY_CONTAINER: &str = "istio-proxy";
 /// The proxy's uid (istio-iptables exempts it from capture).
-pub const PROXY_UID: u32 = 1337;
+pub(crate) const PROXY_UID: u32 = 1337;
 /// Outbound capture port: the sidecar is ready when it listens.
-pub const CAPTURE_PORT: u16 = 15001;
+pub(crate) const CAPTURE_PORT: u16 = 15001;
 /// Ports whose LISTEN by the proxy uid marks a pod as injected: outbound
 /// and inbound capture, pilot-agent status, health, Prometheus, admin.
-pub const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
+pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
 /// Process names of the sidecar (pilot-agent starts envoy).
-pub const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
+pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
 
 /// Mitigations in effect for a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
-pub use istio::{Mitigation, api_hints, config_flag};
+pub use istio::config_flag;
+pub use istio::{Mitigation, api_hints};
 pub use summary::{RaceSummary, ShutdownSummary, SidecarReady};
 pub use tracker::{Stats, Tracker};
 
@@ -48,7 +49,7 @@ pub enum Phase {
 
 impl Phase {
     /// Label value used in metrics and events.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::StartupRace => "startup_race",
             Phase::ShutdownRace => "shutdown_race",

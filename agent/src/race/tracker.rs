@@ -59,23 +59,23 @@ impl Tracker {
     }
 
     /// Pods with state.
-    pub fn pods_tracked(&self) -> usize {
+    pub(crate) fn pods_tracked(&self) -> usize {
         self.pods.len()
     }
 
     /// Failures held for their pod's injection to be known.
-    pub fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.held_total
     }
 
     /// Whether the pipeline should gather [`Hints`] for this pod (its
     /// injection is not known yet).
-    pub fn wants_hints(&self, pod_uid: &str) -> bool {
+    pub(crate) fn wants_hints(&self, pod_uid: &str) -> bool {
         self.pods.get(pod_uid).is_none_or(|p| p.injected.is_none())
     }
 
     /// Queues an event; it is applied once older than the re-order window.
-    pub fn push(&mut self, ev: KernelEvent, who: Arc<Attribution>, hints: Option<Hints>) {
+    pub(crate) fn push(&mut self, ev: KernelEvent, who: Arc<Attribution>, hints: Option<Hints>) {
         let p = Pending { ev, who, hints };
         let at = self
             .queue
@@ -109,7 +109,7 @@ impl Tracker {
     }
 
     /// Applies everything queued and finalises every pod (shutdown).
-    pub fn flush(&mut self, out: &mut Vec<Output>) {
+    pub(crate) fn flush(&mut self, out: &mut Vec<Output>) {
         self.advance(u64::MAX, out);
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
@@ -119,13 +119,13 @@ impl Tracker {
 
     /// The pod's cgroup was removed at kernel time `mono_ns`: its state is
     /// finalised (pending summaries emitted) and freed.
-    pub fn pod_gone(&mut self, uid: String, mono_ns: u64) {
+    pub(crate) fn pod_gone(&mut self, uid: String, mono_ns: u64) {
         self.gone.push((uid, mono_ns));
     }
 
     /// Marks a pod's sidecar as already listening when the agent started
     /// (reconstructed from /proc/<pid>/net/tcp*).
-    pub fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16], now_ns: u64) {
+    pub(crate) fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16], now_ns: u64) {
         let Some(uid) = who.pod_uid.clone() else {
             return;
         };
