@@ -7,15 +7,14 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use prometheus::{
     Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder, core::Collector,
 };
-
-use std::sync::Arc;
 
 use crate::{
     attribute::Attribution,
@@ -61,11 +60,23 @@ pub struct Metrics {
     pub held_failures: IntCounter,
     /// When each workload-level series was last touched, for expiry.
     touched: HashMap<(&'static str, Vec<String>), Instant>,
-    /// Failure counters by (attribution, errno, phase): the per-event path
-    /// hashes a pointer instead of five label strings. The Arc is kept so
-    /// the pointer cannot be reused while cached.
+    /// Failure counters by [`FailureKey`] (a hash of the label fields, not a
+    /// pointer). The cached attribution confirms a hit: by pointer first (the
+    /// common case, one shared attribution per container), else by its label
+    /// fields, so a hash collision never counts into another series.
     failure_cache: rustc_hash::FxHashMap<FailureKey, CachedCounter>,
     pub series_ttl: Duration,
+}
+
+/// Registers a new collector: each metric is created and registered in one
+/// place.
+fn register<C: Collector + Clone + 'static>(
+    r: &Registry,
+    c: prometheus::Result<C>,
+) -> prometheus::Result<C> {
+    let c = c?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn with_pod(base: &[&'static str], pod: bool) -> Vec<&'static str> {
@@ -87,32 +98,45 @@ impl Metrics {
             pod_labels,
         );
         let started = with_pod(&["namespace", "workload", "injected"], pod_labels);
-        let hist = |name: &str, help: &str| {
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-                &wl,
-            )
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
-        let m = Metrics {
-            connect_failures: IntCounterVec::new(
-                Opts::new(
-                    "connscope_connect_failures_total",
-                    "connect() failures seen in the kernel, by phase relative to the pod's sidecar",
-                ),
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let hist = |name: &str, help: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
+            register(&r, HistogramVec::new(opts, &wl))
+        };
+        let events = counters(
+            "connscope_events_total",
+            "Kernel events read, by type",
+            &["type"],
+        )?;
+        let build_info = register(
+            &r,
+            GaugeVec::new(
+                Opts::new("connscope_build_info", "Always 1; the agent's version"),
+                &["version"],
+            ),
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        Ok(Metrics {
+            connect_failures: counters(
+                "connscope_connect_failures_total",
+                "connect() failures seen in the kernel, by phase relative to the pod's sidecar",
                 &cf,
             )?,
-            startup_race_pods: IntCounterVec::new(
-                Opts::new(
-                    "connscope_startup_race_pods_total",
-                    "Pods whose application was refused before the sidecar's capture port listened",
-                ),
+            startup_race_pods: counters(
+                "connscope_startup_race_pods_total",
+                "Pods whose application was refused before the sidecar's capture port listened",
                 &wl,
             )?,
-            pods_started: IntCounterVec::new(
-                Opts::new(
-                    "connscope_pods_started_total",
-                    "Pods seen starting on this node (denominator for race ratios)",
-                ),
+            pods_started: counters(
+                "connscope_pods_started_total",
+                "Pods seen starting on this node (denominator for race ratios)",
                 &started,
             )?,
             sidecar_ready_seconds: hist(
@@ -123,88 +147,59 @@ impl Metrics {
                 "connscope_startup_race_window_seconds",
                 "First refused connect to the sidecar's capture port listening",
             )?,
-            shutdown_race_pods: IntCounterVec::new(
-                Opts::new(
-                    "connscope_shutdown_race_pods_total",
-                    "Pods whose application was refused after the sidecar's capture listener closed",
-                ),
+            shutdown_race_pods: counters(
+                "connscope_shutdown_race_pods_total",
+                "Pods whose application was refused after the sidecar's capture listener closed",
                 &wl,
             )?,
-            events_lost: IntCounter::new(
-                "connscope_events_lost_total",
-                "Kernel events the ring buffer had no room for",
-            )?,
-            events: IntCounterVec::new(
-                Opts::new("connscope_events_total", "Kernel events read, by type"),
-                &["type"],
-            )?,
-            metadata_errors: IntCounterVec::new(
-                Opts::new(
-                    "connscope_metadata_errors_total",
-                    "Failures reading attribution metadata, by source",
+            events_lost: register(
+                &r,
+                IntCounter::new(
+                    "connscope_events_lost_total",
+                    "Kernel events the ring buffer had no room for",
                 ),
+            )?,
+            event_kinds: RecordType::ALL
+                .into_iter()
+                .map(|t| events.with_label_values(&[t.label()]))
+                .collect(),
+            events,
+            metadata_errors: counters(
+                "connscope_metadata_errors_total",
+                "Failures reading attribution metadata, by source",
                 &["source"],
             )?,
-            pods_tracked: IntGauge::new(
-                "connscope_pods_tracked",
-                "Pods with a sidecar timeline in memory",
-            )?,
-            state_entries: IntGaugeVec::new(
-                Opts::new(
-                    "connscope_state_entries",
-                    "Entries in the agent's caches, by kind",
+            pods_tracked: register(
+                &r,
+                IntGauge::new(
+                    "connscope_pods_tracked",
+                    "Pods with a sidecar timeline in memory",
                 ),
+            )?,
+            state_entries: gauges(
+                "connscope_state_entries",
+                "Entries in the agent's caches, by kind",
                 &["kind"],
             )?,
-            probe_attached: IntGaugeVec::new(
-                Opts::new(
-                    "connscope_probe_attached",
-                    "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
-                ),
+            probe_attached: gauges(
+                "connscope_probe_attached",
+                "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
                 &["probe"],
             )?,
-            build_info: GaugeVec::new(
-                Opts::new("connscope_build_info", "Always 1; the agent's version"),
-                &["version"],
-            )?,
-            held_failures: IntCounter::new(
-                "connscope_held_failures_total",
-                "Failures held until their pod's sidecar injection was known",
+            build_info,
+            held_failures: register(
+                &r,
+                IntCounter::new(
+                    "connscope_held_failures_total",
+                    "Failures held until their pod's sidecar injection was known",
+                ),
             )?,
             registry: r,
             pod_labels,
-            event_kinds: Vec::new(),
             touched: HashMap::new(),
             failure_cache: Default::default(),
             series_ttl: Duration::from_secs(3600),
-        };
-        for c in [
-            Box::new(m.connect_failures.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.startup_race_pods.clone()),
-            Box::new(m.pods_started.clone()),
-            Box::new(m.sidecar_ready_seconds.clone()),
-            Box::new(m.startup_race_window_seconds.clone()),
-            Box::new(m.shutdown_race_pods.clone()),
-            Box::new(m.events_lost.clone()),
-            Box::new(m.events.clone()),
-            Box::new(m.metadata_errors.clone()),
-            Box::new(m.pods_tracked.clone()),
-            Box::new(m.state_entries.clone()),
-            Box::new(m.probe_attached.clone()),
-            Box::new(m.build_info.clone()),
-            Box::new(m.held_failures.clone()),
-        ] {
-            m.registry.register(c)?;
-        }
-        m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1.0);
-        let mut m = m;
-        m.event_kinds = RecordType::ALL
-            .into_iter()
-            .map(|t| m.events.with_label_values(&[t.label()]))
-            .collect();
-        Ok(m)
+        })
     }
 
     fn labels(&mut self, metric: &'static str, who: &Attribution, extra: &[&str]) -> Vec<String> {

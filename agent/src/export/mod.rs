@@ -14,11 +14,15 @@ use serde::Serialize;
 use crate::{
     attribute::{Attribution, ErrorCounts},
     k8s::{EventQueue, PodEvent},
-    kernel::kind::{Kind, RecordCounts},
-    race::{Output, RaceSummary},
+    kernel::{
+        decode::KernelEvent,
+        kind::{Kind, RecordCounts},
+    },
+    race::{Output, Phase, RaceSummary},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
+use metrics::Metrics;
 
 /// How the exporter is set up (from the command line).
 #[derive(Debug, Default)]
@@ -140,86 +144,87 @@ impl Exporter {
         }
         *counted = RecordCounts::default();
         for o in out.drain(..) {
-            let r = match o {
-                Output::Event { ev, who, phase } => {
-                    if let (Some(p), Some(m)) = (phase, m.as_deref_mut()) {
-                        m.failure(&who, ev.errno, p, now);
-                    }
-                    if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.opts.process_events {
-                        continue;
-                    }
-                    if !self.wants_json() {
-                        continue;
-                    }
-                    if self.json_deadline.is_some_and(|d| Instant::now() >= d) {
-                        self.json_skipped += 1;
-                        continue;
-                    }
-                    if !self.sink.is_active() {
-                        // Only /events wants it: serialised if read.
-                        self.lines.push(EventLine {
-                            kind: ev.kind.record_type().label(),
-                            phase: phase.map(|p| p.as_str()),
-                            who,
-                            body: LineBody::Kernel {
-                                ev: Box::new(ev),
-                                phase,
-                            },
-                        });
-                        continue;
-                    }
-                    let rec = KernelJson::from_kernel(&ev, &who, phase);
-                    self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
-                }
-                Output::PodStarted { who, injected } => {
-                    if let Some(m) = m.as_deref_mut() {
-                        m.pod_started(&who, injected);
-                    }
-                    Ok(())
-                }
-                Output::SidecarReady(s) => {
-                    if let (Some(secs), Some(m)) = (s.pod_start_to_ready_seconds, m.as_deref_mut())
-                    {
-                        m.sidecar_ready(&s.who, secs);
-                    }
-                    self.emit(
-                        "sidecar_ready",
-                        &s.who,
-                        None,
-                        &Summary::now("sidecar_ready", &s),
-                    )
-                }
-                Output::StartupRace(s) => {
-                    if let Some(m) = m.as_deref_mut() {
-                        m.startup_race(&s.who, s.window_seconds);
-                    }
-                    self.k8s_event(&s);
-                    self.emit(
-                        "startup_race",
-                        &s.who,
-                        Some("startup_race"),
-                        &Summary::now("startup_race", &s),
-                    )
-                }
-                Output::ShutdownRace(s) => {
-                    if let Some(m) = m.as_deref_mut() {
-                        m.shutdown_race(&s.who);
-                    }
-                    self.emit(
-                        "shutdown_race",
-                        &s.who,
-                        Some("shutdown_race"),
-                        &Summary::now("shutdown_race", &s),
-                    )
-                }
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.output(o, m.as_deref_mut(), now) {
                 tracing::error!(error = %e, "writing event");
             }
         }
         drop(m);
         shared.publish_all(self.lines.drain(..));
         self.sink.flush()
+    }
+
+    /// Exports one output of the tracker: metrics, JSON, Kubernetes Events.
+    fn output(&mut self, o: Output, m: Option<&mut Metrics>, now: Instant) -> std::io::Result<()> {
+        match o {
+            Output::Event { ev, who, phase } => {
+                if let (Some(p), Some(m)) = (phase, m) {
+                    m.failure(&who, ev.errno, p, now);
+                }
+                self.kernel_event(ev, who, phase)
+            }
+            Output::PodStarted { who, injected } => {
+                if let Some(m) = m {
+                    m.pod_started(&who, injected);
+                }
+                Ok(())
+            }
+            Output::SidecarReady(s) => {
+                if let (Some(secs), Some(m)) = (s.pod_start_to_ready_seconds, m) {
+                    m.sidecar_ready(&s.who, secs);
+                }
+                let line = Summary::now("sidecar_ready", &s);
+                self.emit("sidecar_ready", &s.who, None, &line)
+            }
+            Output::StartupRace(s) => {
+                if let Some(m) = m {
+                    m.startup_race(&s.who, s.window_seconds);
+                }
+                self.k8s_event(&s);
+                let line = Summary::now("startup_race", &s);
+                self.emit("startup_race", &s.who, Some("startup_race"), &line)
+            }
+            Output::ShutdownRace(s) => {
+                if let Some(m) = m {
+                    m.shutdown_race(&s.who);
+                }
+                let line = Summary::now("shutdown_race", &s);
+                self.emit("shutdown_race", &s.who, Some("shutdown_race"), &line)
+            }
+        }
+    }
+
+    /// A kernel event's JSON line, when anybody reads JSON: written to the
+    /// stream, or kept for `/events` unserialised (serialised if read).
+    fn kernel_event(
+        &mut self,
+        ev: KernelEvent,
+        who: Arc<Attribution>,
+        phase: Option<Phase>,
+    ) -> std::io::Result<()> {
+        if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.opts.process_events {
+            return Ok(());
+        }
+        if !self.wants_json() {
+            return Ok(());
+        }
+        if self.json_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.json_skipped += 1;
+            return Ok(());
+        }
+        if !self.sink.is_active() {
+            self.lines.push(EventLine {
+                kind: ev.kind.record_type().label(),
+                phase: phase.map(|p| p.as_str()),
+                who,
+                body: LineBody::Kernel {
+                    ev: Box::new(ev),
+                    phase,
+                },
+            });
+            return Ok(());
+        }
+        let rec = KernelJson::from_kernel(&ev, &who, phase);
+        self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
     }
 
     /// Whether anybody reads JSON (a stream or the /events buffer); if not,
