@@ -59,7 +59,6 @@ pub fn effective_caps(status: &str) -> Option<u64> {
 
 /// Builds the report for this machine.
 pub fn run(btf: &Path) -> Report {
-    let mut items = Vec::new();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
@@ -67,18 +66,7 @@ pub fn run(btf: &Path) -> Report {
         .ok()
         .and_then(|s| effective_caps(&s))
         .unwrap_or(0);
-    for (bit, name, why) in CAPS {
-        let ok = caps & (1 << bit) != 0;
-        items.push(Item {
-            name: (*name).into(),
-            ok,
-            detail: if ok {
-                "present".into()
-            } else {
-                format!("missing: {why}")
-            },
-        });
-    }
+    let mut items = capability_items(caps);
     let has_bpf = caps & (1 << 39) != 0 || caps & (1 << 21) != 0;
     items.push(Item {
         name: "BTF".into(),
@@ -104,59 +92,85 @@ pub fn run(btf: &Path) -> Report {
             Err(e) => format!("{e:#}"),
         },
     });
-    let mut any_core = false;
-    if let Ok(root) = tracefs {
-        let (cfg, disc) = offsets::discover(root, btf);
-        // Hooks that run as raw tracepoints where BTF gives the offsets they read.
-        for (hook, usable, found, missing) in [
-            (
-                "inet_sock_set_state",
-                cfg.raw_sock_state_usable(),
-                "struct sock offsets found: the socket hook runs as a raw tracepoint (cheapest)",
-                "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)",
-            ),
-            (
-                "tcp_receive_reset",
-                cfg.raw_reset_usable(),
-                "sock.skc_state found: resets of sockets not in SYN_SENT cost one read",
-                "sock.skc_state missing: the classic tracepoint is used (builds a record for every reset)",
-            ),
-        ] {
-            items.push(Item {
-                name: format!("raw tracepoint {hook}"),
-                ok: usable,
-                detail: if usable { found } else { missing }.into(),
-            });
-        }
-        for h in HOOKS {
-            let full = format!("{}/{}", h.category, h.name);
-            let ok = !disc.missing_tracepoints.contains(&full);
-            if ok && (h.program == "inet_sock_set_state" || h.program == "sys_exit_connect") {
-                any_core = true;
-            }
-            items.push(Item {
-                name: format!("tracepoint {}:{}", h.category, h.name),
-                ok,
-                detail: if ok {
-                    "available".into()
-                } else {
-                    format!("missing: {}", h.without)
-                },
-            });
-        }
-        for m in disc.missing_btf {
-            items.push(Item {
-                name: "BTF offset".into(),
-                ok: false,
-                detail: m,
-            });
-        }
-    }
+    let any_core = match tracefs {
+        Ok(root) => hook_items(root, btf, &mut items),
+        Err(_) => false,
+    };
     Report {
         kernel,
         usable: has_bpf && any_core,
         items,
     }
+}
+
+/// One item per capability the agent cares about.
+fn capability_items(caps: u64) -> Vec<Item> {
+    CAPS.iter()
+        .map(|(bit, name, why)| {
+            let ok = caps & (1 << bit) != 0;
+            Item {
+                name: (*name).into(),
+                ok,
+                detail: if ok {
+                    "present".into()
+                } else {
+                    format!("missing: {why}")
+                },
+            }
+        })
+        .collect()
+}
+
+/// One item per hook, raw-tracepoint variant and missing BTF offset; returns
+/// whether a core hook (one a failure can be seen without) is available.
+fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> bool {
+    let (cfg, disc) = offsets::discover(root, btf);
+    // Hooks that run as raw tracepoints where BTF gives the offsets they read.
+    for (hook, usable, found, missing) in [
+        (
+            "inet_sock_set_state",
+            cfg.raw_sock_state_usable(),
+            "struct sock offsets found: the socket hook runs as a raw tracepoint (cheapest)",
+            "struct sock offsets missing: the classic tracepoint is used (costs more per TCP state change)",
+        ),
+        (
+            "tcp_receive_reset",
+            cfg.raw_reset_usable(),
+            "sock.skc_state found: resets of sockets not in SYN_SENT cost one read",
+            "sock.skc_state missing: the classic tracepoint is used (builds a record for every reset)",
+        ),
+    ] {
+        items.push(Item {
+            name: format!("raw tracepoint {hook}"),
+            ok: usable,
+            detail: if usable { found } else { missing }.into(),
+        });
+    }
+    let mut any_core = false;
+    for h in HOOKS {
+        let full = format!("{}/{}", h.category, h.name);
+        let ok = !disc.missing_tracepoints.contains(&full);
+        if ok && (h.program == "inet_sock_set_state" || h.program == "sys_exit_connect") {
+            any_core = true;
+        }
+        items.push(Item {
+            name: format!("tracepoint {}:{}", h.category, h.name),
+            ok,
+            detail: if ok {
+                "available".into()
+            } else {
+                format!("missing: {}", h.without)
+            },
+        });
+    }
+    for m in disc.missing_btf {
+        items.push(Item {
+            name: "BTF offset".into(),
+            ok: false,
+            detail: m,
+        });
+    }
+    any_core
 }
 
 impl std::fmt::Display for Report {
