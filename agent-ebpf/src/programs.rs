@@ -1,10 +1,12 @@
 //! The BPF-target half of the crate; see the crate docs in `main.rs`.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel, bpf_probe_read_user_buf,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user_buf,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{map, raw_tracepoint, tracepoint},
@@ -124,6 +126,25 @@ fn read<T>(ctx: &TracePointContext, off: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(off as usize) }.ok()
 }
 
+/// The `T` at byte `off` of the kernel object at `base` (offsets from BTF).
+#[inline(always)]
+fn read_kernel<T>(base: u64, off: u32) -> Option<T> {
+    let src = (base as *const u8).wrapping_add(off as usize) as *const T;
+    // SAFETY: bpf_probe_read_kernel checks the address itself: a bad one is
+    // an error, not a fault.
+    unsafe { bpf_probe_read_kernel(src) }.ok()
+}
+
+/// Copies the `__data_loc` string `loc` of the current tracepoint record
+/// into `dst` (NUL-terminated, truncated to fit).
+#[inline(always)]
+fn read_data_loc_str(ctx: &TracePointContext, loc: u32, dst: &mut [u8]) {
+    let src = (ctx.as_ptr() as *const u8).wrapping_add((loc & 0xffff) as usize);
+    // SAFETY: the low 16 bits of a __data_loc are the string's offset inside
+    // this record; the helper fails cleanly on a bad address anyway.
+    let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, dst) };
+}
+
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper without arguments.
@@ -145,24 +166,17 @@ fn current_netns(cfg: &Config) -> Option<u32> {
     {
         return None;
     }
-    // SAFETY: offsets come from this kernel's BTF; bpf_probe_read_kernel
-    // returns an error instead of faulting on a bad pointer.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let nsproxy: u64 =
-            bpf_probe_read_kernel(task.add(cfg.task_nsproxy as usize) as *const u64).ok()?;
-        if nsproxy == 0 {
-            return None;
-        }
-        let net: u64 = bpf_probe_read_kernel(
-            (nsproxy as *const u8).add(cfg.nsproxy_net_ns as usize) as *const u64,
-        )
-        .ok()?;
-        if net == 0 {
-            return None;
-        }
-        bpf_probe_read_kernel((net as *const u8).add(cfg.net_inum as usize) as *const u32).ok()
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read_kernel(task, cfg.task_nsproxy)?;
+    if nsproxy == 0 {
+        return None;
     }
+    let net: u64 = read_kernel(nsproxy, cfg.nsproxy_net_ns)?;
+    if net == 0 {
+        return None;
+    }
+    read_kernel(net, cfg.net_inum)
 }
 
 /// Everything about the current task an event carries.
@@ -194,14 +208,7 @@ fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {
 /// `fill` sets what the context does not.
 #[inline(always)]
 fn emit(k: u8, c: &SockCtx, ts_ns: u64, fill: impl FnOnce(&mut Event)) {
-    reserve_and_submit::<Event>(|e| {
-        // SAFETY: `e` is reserved ring memory of exactly one Event, written
-        // whole before the reference is made.
-        unsafe {
-            write_event(e, k, c, ts_ns);
-            fill(&mut *e);
-        }
-    });
+    reserve_and_submit::<Event>(|e| fill(e.write(event(k, c, ts_ns))));
 }
 
 /// [`emit`] for the two records that carry a path (AF_UNIX connect
@@ -214,57 +221,50 @@ fn emit_with_path(
     fill: impl FnOnce(&mut Event, &mut [u8; PATH_LEN]),
 ) {
     reserve_and_submit::<PathEvent>(|e| {
-        // SAFETY: `e` is reserved ring memory of exactly one PathEvent; the
-        // event, the path and the padding are written before the
-        // references are made.
-        unsafe {
-            write_event(&raw mut (*e).event, k, c, ts_ns);
-            (*e).path = [0; PATH_LEN];
-            (*e).reserved = [0; 4];
-            fill(&mut (*e).event, &mut (*e).path);
-        }
+        let e = e.write(PathEvent {
+            event: event(k, c, ts_ns),
+            path: [0; PATH_LEN],
+            reserved: [0; 4],
+        });
+        fill(&mut e.event, &mut e.path);
     });
 }
 
 /// Reserves one `R` in the ring, has `write` fill it and submits it; a full
 /// ring counts the record as lost.
 #[inline(always)]
-fn reserve_and_submit<R: 'static>(write: impl FnOnce(*mut R)) {
+fn reserve_and_submit<R: 'static>(write: impl FnOnce(&mut MaybeUninit<R>)) {
     let wake = wakeup_flags(size_of::<R>() as u64);
     let Some(mut entry) = EVENTS.reserve::<R>(0) else {
         count_lost();
         return;
     };
-    write(entry.as_mut_ptr());
+    write(&mut entry);
     entry.submit(wake);
 }
 
 /// Every field of an event from the task context; the rest zero, so no
 /// stale ring bytes reach userspace.
-///
-/// # Safety
-/// `e` must point to writable memory for one [`Event`].
 #[inline(always)]
-unsafe fn write_event(e: *mut Event, k: u8, c: &SockCtx, ts_ns: u64) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        (*e).ts_ns = ts_ns;
-        (*e).start_ns = c.start_ns;
-        (*e).cgroup_id = c.cgroup_id;
-        (*e).tgid = c.tgid;
-        (*e).tid = c.tid;
-        (*e).uid = c.uid;
-        (*e).gid = c.gid;
-        (*e).netns = c.netns;
-        (*e).errno = 0;
-        (*e).kind = k;
-        (*e).flags = c.flags;
-        (*e).family = 0;
-        (*e).sport = 0;
-        (*e).dport = 0;
-        (*e).saddr = [0; 16];
-        (*e).daddr = [0; 16];
-        (*e).comm = c.comm;
+fn event(k: u8, c: &SockCtx, ts_ns: u64) -> Event {
+    Event {
+        ts_ns,
+        start_ns: c.start_ns,
+        cgroup_id: c.cgroup_id,
+        tgid: c.tgid,
+        tid: c.tid,
+        uid: c.uid,
+        gid: c.gid,
+        netns: c.netns,
+        errno: 0,
+        kind: k,
+        flags: c.flags,
+        family: 0,
+        sport: 0,
+        dport: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        comm: c.comm,
     }
 }
 
@@ -360,9 +360,7 @@ impl Sock<'_> {
         if off == OFFSET_UNKNOWN {
             return None;
         }
-        // SAFETY: offset of a member of struct sock from this kernel's BTF;
-        // the helper fails cleanly on a bad address.
-        unsafe { bpf_probe_read_kernel((self.sk as *const u8).add(off as usize) as *const T) }.ok()
+        read_kernel(self.sk, off)
     }
 }
 
@@ -407,7 +405,7 @@ fn interesting(old: i32, new: i32) -> bool {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -447,7 +445,7 @@ fn active_pending(tid: u32) -> Option<*mut Pending> {
 }
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -485,7 +483,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 /// state changes of every connection nearly free. Used when BTF gives the
 /// `struct sock` offsets; the agent falls back to the classic one otherwise.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
+fn sock_state_raw(ctx: RawTracePointContext) -> i32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -541,10 +539,9 @@ fn syn_sent(cfg: &Config, sk: u64) {
         // the syscall), not for every connect here.
         Some(p) => {
             // SAFETY: pointer into this thread's own map slot.
-            let start_ns = unsafe {
-                (*p).sk = sk;
-                (*p).start_ns
-            };
+            unsafe { (*p).sk = sk };
+            // SAFETY: as above.
+            let start_ns = unsafe { (*p).start_ns };
             SockCtx {
                 start_ns,
                 tgid: (pid_tgid >> 32) as u32,
@@ -587,11 +584,8 @@ fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
     let ts = now();
     let mut errno = 0i32;
     if cfg.sock_sk_err != OFFSET_UNKNOWN {
-        // SAFETY: offset of sk_err in struct sock from this kernel's BTF.
-        errno = unsafe {
-            bpf_probe_read_kernel((sk as *const u8).add(cfg.sock_sk_err as usize) as *const i32)
-        }
-        .unwrap_or(0);
+        // sk_err of struct sock, offset from this kernel's BTF.
+        errno = read_kernel(sk, cfg.sock_sk_err).unwrap_or(0);
     }
     let rst = saved.map(|c| c.flags & flags::RST != 0).unwrap_or(false);
     if errno == 0 && rst {
@@ -601,19 +595,23 @@ fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
         && c.in_syscall == 1
         && let Some(p) = active_pending(c.tid)
     {
-        // SAFETY: pointer into the connecting thread's map slot; it
-        // reports the failure when its syscall returns.
-        unsafe {
-            if (*p).sk == sk {
-                // The source port is assigned after SYN_SENT is
-                // entered: take it (and the address) from here.
-                (*p).sport = src.sport();
-                (*p).saddr = src.addrs(src.family()).0;
-                (*p).failed = 1;
-                (*p).failed_errno = errno;
-                (*p).sk_flags = c.flags;
-                return;
-            }
+        // The connecting thread reports the failure when its syscall
+        // returns: hand it over in the thread's slot.
+        // SAFETY: pointer into the connecting thread's live map slot.
+        if unsafe { (*p).sk } == sk {
+            // The source port is assigned after SYN_SENT is entered: take
+            // it (and the address) from here.
+            // SAFETY: as above.
+            unsafe { (*p).sport = src.sport() };
+            // SAFETY: as above.
+            unsafe { (*p).saddr = src.addrs(src.family()).0 };
+            // SAFETY: as above.
+            unsafe { (*p).failed = 1 };
+            // SAFETY: as above.
+            unsafe { (*p).failed_errno = errno };
+            // SAFETY: as above.
+            unsafe { (*p).sk_flags = c.flags };
+            return;
         }
     }
     // Not inside connect() any more (non-blocking, interrupted, or a connect
@@ -633,7 +631,7 @@ fn left_syn_sent(cfg: &Config, sk: u64, new: i32, src: &impl SockSrc) {
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -648,7 +646,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 /// builds no record (two addresses and ports) for every reset, and resets of
 /// sockets not in SYN_SENT, nearly all of them, return after one read.
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
-pub fn reset_raw(ctx: RawTracePointContext) -> i32 {
+fn reset_raw(ctx: RawTracePointContext) -> i32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -657,10 +655,8 @@ pub fn reset_raw(ctx: RawTracePointContext) -> i32 {
     if off == OFFSET_UNKNOWN {
         return 0;
     }
-    // SAFETY: offset of skc_state in struct sock from this kernel's BTF; the
-    // helper fails cleanly on a bad address.
-    let state = unsafe { bpf_probe_read_kernel((sk as *const u8).add(off as usize)) };
-    if state != Ok(TCP_SYN_SENT as u8) {
+    // skc_state of struct sock, offset from this kernel's BTF.
+    if read_kernel::<u8>(sk, off) != Some(TCP_SYN_SENT as u8) {
         return 0;
     }
     reset(sk);
@@ -677,7 +673,7 @@ fn reset(sk: u64) {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -688,11 +684,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: this thread's own slot: copied, then marked ended (kept for
     // the thread's next connect).
-    let p = unsafe {
-        let p = *pp;
-        (*pp).active = 0;
-        p
-    };
+    let p = unsafe { *pp };
+    // SAFETY: as above.
+    unsafe { (*pp).active = 0 };
     let ret = read::<i64>(&ctx, cfg.exit_ret).unwrap_or(0);
     if ret == 0 {
         return 0;
@@ -709,10 +703,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
             // task: take its context now.
             let mut full = current_ctx(&cfg, p.start_ns);
             // SAFETY: pointer into the socket's map slot.
-            unsafe {
-                full.flags |= flags::NONBLOCKING | ((*c).flags & flags::RST);
-                *c = full;
-            }
+            let rst = unsafe { (*c).flags } & flags::RST;
+            full.flags |= flags::NONBLOCKING | rst;
+            // SAFETY: as above.
+            unsafe { *c = full };
         }
         return 0;
     }
@@ -747,9 +741,10 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     if family == AF_UNIX {
         emit_with_path(kind::CONNECT_FAILURE, &c, ts, |ev, path| {
             common(ev);
+            let sun_path = src.wrapping_add(2);
             // SAFETY: sun_path follows the 2-byte family in user memory;
-            // read straight into the record.
-            let _ = unsafe { bpf_probe_read_user_buf(src.add(2), path) };
+            // read straight into the record through the helper.
+            let _ = unsafe { bpf_probe_read_user_buf(sun_path, path) };
         });
     } else {
         emit(kind::CONNECT_FAILURE, &c, ts, |ev| {
@@ -767,7 +762,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
-pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+fn sched_process_exec(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -777,19 +772,14 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let loc = read::<u32>(&ctx, cfg.exec_filename);
     emit_with_path(kind::EXEC, &c, ts, |_, path| {
         if let Some(loc) = loc {
-            let off = (loc & 0xffff) as usize;
-            // SAFETY: __data_loc offset into this tracepoint's record.
-            unsafe {
-                let src = (ctx.as_ptr() as *const u8).add(off);
-                let _ = aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, path);
-            }
+            read_data_loc_str(&ctx, loc, path);
         }
     });
     0
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+fn sched_process_exit(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -827,30 +817,26 @@ fn cgroup_event(ctx: &TracePointContext, k: u8, root: u32, level: u32, id: u32, 
     let Some(p) = CGSCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; the path is read through the helper
-    // from the __data_loc offset inside this tracepoint's record.
-    unsafe {
-        (*p).ts_ns = now();
-        (*p).cgroup_id = cg;
-        (*p).level = read::<u32>(ctx, level).unwrap_or(0);
-        (*p).kind = k;
-        (*p).reserved = [0; 3];
-        (*p).path[0] = 0;
-        let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
-        let dst = &mut *core::ptr::addr_of_mut!((*p).path);
-        let _ =
-            aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(src, &mut dst[..CGROUP_PATH_LEN]);
-        if EVENTS
-            .output::<CgroupEvent>(&*p, wakeup_flags(size_of::<CgroupEvent>() as u64))
-            .is_err()
-        {
-            count_lost();
-        }
+    // SAFETY: this CPU's scratch slot, a live map value; nothing else
+    // refers to it while this program runs on this CPU.
+    let ev = unsafe { &mut *p };
+    ev.ts_ns = now();
+    ev.cgroup_id = cg;
+    ev.level = read::<u32>(ctx, level).unwrap_or(0);
+    ev.kind = k;
+    ev.reserved = [0; 3];
+    ev.path[0] = 0;
+    read_data_loc_str(ctx, loc, &mut ev.path[..CGROUP_PATH_LEN]);
+    if EVENTS
+        .output::<CgroupEvent>(&*ev, wakeup_flags(size_of::<CgroupEvent>() as u64))
+        .is_err()
+    {
+        count_lost();
     }
 }
 
 #[tracepoint(category = "cgroup", name = "cgroup_mkdir")]
-pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
+fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
@@ -867,7 +853,7 @@ pub fn cgroup_mkdir(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
-pub fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
+fn cgroup_rmdir(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
