@@ -2,9 +2,10 @@
 //! module per hook family, each holding only its programs' entry points and
 //! what nothing else uses, over the shared modules below.
 //!
-//! Program and map names are the ELF symbols the agent loads by name: the
-//! program macros make their functions `#[no_mangle]` and `#[map]` sets the
-//! export name, so neither depends on where in these modules an item lives.
+//! The agent finds programs, maps and the `CONFIG` global by their ELF
+//! symbol names: the program macros make their functions `#[no_mangle]`,
+//! `#[map]` sets a map's export name and `CONFIG` is `#[no_mangle]`, so no
+//! name depends on the module an item lives in (nor on Rust visibility).
 
 // Shared by the hook families.
 mod common;
