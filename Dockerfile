@@ -7,7 +7,9 @@ RUN rustup toolchain install nightly --profile minimal \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo xtask setup && cargo build --release --package connscope \
+# --no-default-features: the image carries no test bed (connect-storm
+# generator, stand-in sidecar and apps, netns helpers) and no demo.
+RUN cargo xtask setup && cargo build --release --package connscope --no-default-features \
  && cp target/release/connscope /connscope
 
 FROM debian:bookworm-slim

@@ -380,7 +380,7 @@ fn proc_stat(pid: u32) -> Result<(u64, f64)> {
 }
 
 /// Runs the benchmarks.
-pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
+pub(crate) fn run(workspace: &Path, smoke: bool) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         if std::env::var("CI").as_deref() == Ok("true") {
@@ -603,7 +603,7 @@ pub fn run(workspace: &Path, smoke: bool) -> Result<()> {
 /// simulated pod cgroups.
 /// Appends the criterion pipeline results (events/s on one core, from
 /// `target/criterion/pipeline/*/new/estimates.json`) to BENCHMARKS.md.
-pub fn record_pipeline(workspace: &Path) -> Result<()> {
+pub(crate) fn record_pipeline(workspace: &Path) -> Result<()> {
     /// Events per criterion iteration (`BATCH` in agent/benches/pipeline.rs).
     const EVENTS_PER_ITER: f64 = 10_000.0;
     let mut section = String::from(
@@ -741,7 +741,7 @@ fn cgroup2_root() -> Result<PathBuf> {
 /// minutes (refused and successful storms, real race demos, pod churn),
 /// then every refused connect must be reported or counted lost, with the
 /// agent's memory and CPU recorded. Results go to RELIABILITY.md.
-pub fn soak(workspace: &Path, minutes: f64) -> Result<()> {
+pub(crate) fn soak(workspace: &Path, minutes: f64) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the soak test needs root (BPF)");

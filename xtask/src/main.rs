@@ -225,6 +225,39 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     )
 }
 
+/// The production build (the Dockerfile's: no `testbed` feature) passes
+/// clippy, and its binary has no test bed: no `testbed` or `demo` command,
+/// no storm generator or stand-in sidecar linked in.
+fn production_build() -> Result<()> {
+    let no_feature = ["--package", "connscope", "--no-default-features"];
+    run(cargo()
+        .args(["clippy", "--all-targets"])
+        .args(no_feature)
+        .args(["--", "-D", "warnings"]))?;
+    // Same target dir: only connscope itself is compiled again. Copied out,
+    // since the test build that follows puts its own binary in that place.
+    run(cargo().arg("build").args(no_feature))?;
+    let bin = workspace().join("target/connscope-production");
+    std::fs::copy(workspace().join("target/debug/connscope"), &bin)?;
+    for cmd in ["testbed", "demo"] {
+        let st = Command::new(&bin)
+            .args([cmd, "--help"])
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if st.status.success() {
+            bail!("the production binary still has `connscope {cmd}`");
+        }
+    }
+    let image = std::fs::read(&bin)?;
+    for needle in ["testbed::storm", "testbed::sidecar", "connscope::demo"] {
+        if image.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            bail!("the production binary contains {needle}");
+        }
+    }
+    eprintln!("xtask: production build has no test bed");
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
@@ -257,6 +290,7 @@ fn test(extra: &[String]) -> Result<()> {
             "--cfg=bpf_target_arch=\"x86_64\"",
         );
     run(&mut nightly)?;
+    production_build()?;
     run(cargo().args(["test", "--workspace"]).args(extra))?;
     // Smoke runs of every benchmark: short, numbers not recorded.
     run(cargo().args(["test", "--package", "connscope", "--bench", "pipeline"]))?;
