@@ -173,46 +173,7 @@ pub fn run(args: Args) -> Result<()> {
         (true, None) => Some(super::net::Topology::create(NETNS_TAG, false)?),
         _ => None,
     };
-    let target = match (args.target, args.refused, &topo) {
-        (Some(t), _, _) => t,
-        // Nothing listens in the test host's namespace: its kernel answers RST.
-        (None, true, Some(t)) => t.upstream_addr(false, 9),
-        (None, true, None) => {
-            let l = TcpListener::bind("127.0.0.1:0")?;
-            l.local_addr()?
-        }
-        (None, false, topo) => {
-            let l = match topo {
-                Some(t) => {
-                    let addr = t.upstream_addr(false, 0);
-                    let up = &t.upstream.name;
-                    std::thread::scope(|sc| {
-                        sc.spawn(|| {
-                            super::net::enter_netns(up)?;
-                            listener(addr)
-                        })
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
-                    })?
-                }
-                None => listener(SocketAddr::from(([127, 0, 0, 1], 0)))?,
-            };
-            let addr = l.local_addr()?;
-            for _ in 0..args.threads.max(2) {
-                let l = l.try_clone()?;
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    for s in l.incoming() {
-                        drop(s);
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                    }
-                });
-            }
-            addr
-        }
-    };
+    let target = target(&args, topo.as_ref(), &stop)?;
     let pod_ns = topo.as_ref().map(|t| t.pod.name.clone());
     let cgroups: Vec<PathBuf> = match &args.cgroups {
         Some(f) => std::fs::read_to_string(f)
@@ -243,52 +204,22 @@ pub fn run(args: Args) -> Result<()> {
     };
     let per_thread_gap =
         (args.rate > 0).then(|| Duration::from_secs_f64(threads as f64 / args.rate as f64));
-    let mut handles = Vec::new();
-    for _ in 0..threads {
-        let counts = counts.clone();
-        let cgroups = cgroups.clone();
-        let per = args.per_cgroup.max(1);
-        let nonblocking = args.nonblocking;
-        let pod_ns = pod_ns.clone();
-        handles.push(std::thread::spawn(move || -> Result<()> {
-            if let Some(ns) = &pod_ns {
-                super::net::enter_netns(ns)?;
-            }
-            let mut next = Instant::now();
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                if !cgroups.is_empty() && n.is_multiple_of(per) {
-                    let cg = &cgroups[((n / per) as usize) % cgroups.len()];
-                    let _ = std::fs::write(cg.join("cgroup.procs"), "0");
-                }
-                n += 1;
-                let outcome = if nonblocking {
-                    connect_nonblocking(target)
-                } else {
-                    TcpStream::connect(target).map(socket2::Socket::from)
-                };
-                let i = match outcome {
-                    Ok(s) => {
-                        // Close with RST: no TIME_WAIT, so ports never run out.
-                        let _ = s.set_linger(Some(Duration::ZERO));
-                        1
-                    }
-                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => 2,
-                    Err(_) => 3,
-                };
-                counts[0].fetch_add(1, Ordering::Relaxed);
-                counts[i].fetch_add(1, Ordering::Relaxed);
-                if let Some(gap) = per_thread_gap {
-                    next += gap;
-                    let now = Instant::now();
-                    if next > now {
-                        std::thread::sleep(next - now);
-                    }
-                }
-            }
-            Ok(())
-        }));
-    }
+    let dialer = Dialer {
+        target,
+        deadline,
+        gap: per_thread_gap,
+        per_cgroup: args.per_cgroup.max(1),
+        nonblocking: args.nonblocking,
+        pod_ns,
+        cgroups,
+        counts: counts.clone(),
+    };
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let d = dialer.clone();
+            std::thread::spawn(move || d.dial())
+        })
+        .collect();
     for h in handles {
         h.join()
             .map_err(|_| anyhow::anyhow!("storm thread panicked"))??;
@@ -312,4 +243,105 @@ pub fn run(args: Args) -> Result<()> {
     println!("{}", serde_json::to_string(&r)?);
     std::io::stdout().flush()?;
     Ok(())
+}
+
+/// Where the storm dials: the given target, a closed port (refused), or a
+/// listener of its own (loopback or the test host's namespace) whose
+/// acceptor threads run until `stop`.
+fn target(
+    args: &Args,
+    topo: Option<&super::net::Topology>,
+    stop: &Arc<AtomicBool>,
+) -> Result<SocketAddr> {
+    let l = match (args.target, args.refused, topo) {
+        (Some(t), _, _) => return Ok(t),
+        // Nothing listens in the test host's namespace: its kernel answers RST.
+        (None, true, Some(t)) => return Ok(t.upstream_addr(false, 9)),
+        (None, true, None) => {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            return Ok(l.local_addr()?);
+        }
+        (None, false, Some(t)) => {
+            let addr = t.upstream_addr(false, 0);
+            let up = &t.upstream.name;
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    super::net::enter_netns(up)?;
+                    listener(addr)
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("listener thread panicked"))?
+            })?
+        }
+        (None, false, None) => listener(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+    };
+    let addr = l.local_addr()?;
+    for _ in 0..args.threads.max(2) {
+        let l = l.try_clone()?;
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s);
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(addr)
+}
+
+/// One storm thread's work: connect until the deadline, at its rate,
+/// counting outcomes (all, ok, refused, other).
+#[derive(Clone)]
+struct Dialer {
+    target: SocketAddr,
+    deadline: Instant,
+    gap: Option<Duration>,
+    per_cgroup: u64,
+    nonblocking: bool,
+    pod_ns: Option<String>,
+    cgroups: Vec<PathBuf>,
+    counts: Arc<[AtomicU64; 4]>,
+}
+
+impl Dialer {
+    fn dial(self) -> Result<()> {
+        if let Some(ns) = &self.pod_ns {
+            super::net::enter_netns(ns)?;
+        }
+        let mut next = Instant::now();
+        let mut n = 0u64;
+        while Instant::now() < self.deadline {
+            if !self.cgroups.is_empty() && n.is_multiple_of(self.per_cgroup) {
+                let cg = &self.cgroups[((n / self.per_cgroup) as usize) % self.cgroups.len()];
+                let _ = std::fs::write(cg.join("cgroup.procs"), "0");
+            }
+            n += 1;
+            let outcome = if self.nonblocking {
+                connect_nonblocking(self.target)
+            } else {
+                TcpStream::connect(self.target).map(socket2::Socket::from)
+            };
+            let i = match outcome {
+                Ok(s) => {
+                    // Close with RST: no TIME_WAIT, so ports never run out.
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                    1
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => 2,
+                Err(_) => 3,
+            };
+            self.counts[0].fetch_add(1, Ordering::Relaxed);
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+            if let Some(gap) = self.gap {
+                next += gap;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+            }
+        }
+        Ok(())
+    }
 }
