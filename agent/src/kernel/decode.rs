@@ -271,10 +271,21 @@ fn cstr(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// An address as the kernel stored it, with IPv4-mapped IPv6 addresses
+/// (`::ffff:a.b.c.d`, what a dual-stack socket dialing IPv4 holds: Java by
+/// default) turned into the IPv4 address they are, so that every test on an
+/// address (loopback, the pod's own, capture ranges) and every report sees
+/// one form.
 fn ip(family: Family, raw: &[u8; 16]) -> Option<IpAddr> {
     match family {
         Family::Inet => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        Family::Inet6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        Family::Inet6 => {
+            let v6 = Ipv6Addr::from(*raw);
+            Some(match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            })
+        }
         _ => None,
     }
 }
@@ -297,6 +308,13 @@ pub fn decode(
         ip(family, &ev.daddr).map(|a| SocketAddr::new(a, ev.dport))
     } else {
         None
+    };
+    // A dual-stack socket's IPv4 peer: reported as the IPv4 flow it is.
+    let peer = dst.or(src);
+    let family = if family == Family::Inet6 && peer.is_some_and(|a| a.is_ipv4()) {
+        Family::Inet
+    } else {
+        family
     };
     let path = match (k, path) {
         (Kind::ConnectFailure, Some(p)) if family == Family::Unix => Some(unix_path(p)),
@@ -402,6 +420,28 @@ mod tests {
         assert_eq!(k.dst, Some("[::1]:8080".parse().unwrap()));
         assert_eq!(k.netns, None);
         assert!(k.nonblocking && !k.context_known);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_reported_as_ipv4() {
+        let mut r = raw(kind::CONNECT_FAILURE);
+        r.family = libc::AF_INET6 as u16;
+        r.saddr = Ipv4Addr::new(10, 1, 2, 9).to_ipv6_mapped().octets();
+        r.daddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        let k = decode(&r, None, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.dst, Some("127.0.0.1:8080".parse().unwrap()));
+        assert!(
+            k.dst.unwrap().ip().is_loopback(),
+            "mapped loopback is loopback"
+        );
+        assert_eq!(k.src.unwrap().ip(), IpAddr::from([10, 1, 2, 9]));
+        assert_eq!(k.family, Family::Inet);
+        // A real IPv6 peer keeps its form and family.
+        r.daddr = "fd00::7".parse::<Ipv6Addr>().unwrap().octets();
+        r.saddr = "fd00::9".parse::<Ipv6Addr>().unwrap().octets();
+        let k = decode(&r, None, &Clock::with_offset_ns(0)).unwrap();
+        assert_eq!(k.dst, Some("[fd00::7]:8080".parse().unwrap()));
+        assert_eq!(k.family, Family::Inet6);
     }
 
     /// A record with a path, as the ring hands it over, read back.
