@@ -32,8 +32,7 @@ fn read(p: &std::path::Path) -> Vec<Value> {
 
 /// Runs the demo and prints the verdict.
 pub fn run(sidecar_delay_ms: u64) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!(
             "the demo creates network namespaces and cgroups and loads eBPF programs: run it as root"
         );

@@ -5,7 +5,7 @@
 //! itself.
 
 mod events;
-mod pod;
+pub mod pod;
 mod watch;
 
 pub use events::EventQueue;

@@ -65,24 +65,22 @@ pub(crate) fn tracefs_root() -> Result<&'static Path> {
             return Ok(Path::new(p));
         }
     }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: FFI call with valid NUL-terminated strings and no data pointer.
-    let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 && Path::new("/sys/kernel/tracing/events").is_dir() {
+    let mounted = nix::mount::mount(
+        Some("tracefs"),
+        "/sys/kernel/tracing",
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    );
+    if mounted.is_ok() && Path::new("/sys/kernel/tracing/events").is_dir() {
         return Ok(Path::new("/sys/kernel/tracing"));
     }
-    bail!(
-        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {}",
-        std::io::Error::last_os_error()
-    )
+    let why = match mounted {
+        Err(errno) => std::io::Error::from(errno),
+        // Mounted, but no events/: the errno of that failed stat, as before.
+        Ok(()) => std::io::Error::last_os_error(),
+    };
+    bail!("tracefs is not mounted and mounting it at /sys/kernel/tracing failed: {why}")
 }
 
 /// Reads one tracepoint's format, or `None` if this kernel lacks it.

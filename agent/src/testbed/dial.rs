@@ -5,11 +5,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::SocketAddr,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -136,16 +137,11 @@ fn attempt(args: &Args) -> std::result::Result<String, i32> {
 }
 
 fn wait_writable(sock: &Socket, timeout: Duration) -> std::io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-    match rc {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+    // Timeouts beyond i32::MAX ms (24 days) wait i32::MAX ms.
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout)? {
         0 => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
-        r if r < 0 => Err(std::io::Error::last_os_error()),
         _ => Ok(()),
     }
 }

@@ -64,12 +64,9 @@ pub fn run(cmd: Command) -> Result<()> {
 /// Sets the calling thread's comm (what the kernel reports as `comm`).
 pub fn set_comm(name: &str) -> Result<()> {
     let c = std::ffi::CString::new(name.as_bytes().iter().take(15).copied().collect::<Vec<_>>())?;
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_NAME)");
-    }
-    Ok(())
+    nix::sys::prctl::set_name(&c)
+        .map_err(std::io::Error::from)
+        .context("prctl(PR_SET_NAME)")
 }
 
 fn serve(addrs: &[SocketAddr]) -> Result<()> {

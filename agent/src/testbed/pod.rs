@@ -10,6 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
@@ -285,8 +289,7 @@ pub fn kill_cgroup(dir: &Path) {
             break;
         }
         for p in pids {
-            // SAFETY: sending SIGKILL to processes of our own test cgroup.
-            unsafe { libc::kill(p, libc::SIGKILL) };
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
