@@ -52,44 +52,7 @@ fn demo(exe: &std::path::Path, dir: &std::path::Path, delay_ms: u64) -> Result<(
     };
     let events = dir.join("events.json");
     println!("connscope demo: a simulated Istio pod on this machine\n");
-    let mut agent = Command::new(exe);
-    agent
-        .args([
-            "run",
-            "--kubernetes",
-            "off",
-            "--hold-seconds",
-            "1",
-            "--events",
-        ])
-        .arg(&events)
-        .arg("--containerd-root")
-        .arg(&roots.containerd)
-        .arg("--crio-root")
-        .arg(&roots.crio)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = agent.spawn().context("starting the agent")?;
-    let (tx, rx) = mpsc::channel();
-    let err = child.stderr.take().context("agent stderr")?;
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    let mut agent = AgentProc(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.contains("probes attached") => break,
-            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the agent exited during start-up"),
-        }
-        if Instant::now() > deadline {
-            bail!("the agent did not attach its probes within 60 s");
-        }
-    }
+    let mut agent = start_agent(exe, &roots, &events)?;
     println!("  agent        probes attached (connect failures, listeners, processes, cgroups)");
 
     let mut pod = SimPod::create(
@@ -131,65 +94,112 @@ fn demo(exe: &std::path::Path, dir: &std::path::Path, delay_ms: u64) -> Result<(
     }
     agent.stop();
     drop(pod);
+    verdict(&read(&events), &uid, refused)
+}
 
-    let evs = read(&events);
+/// Starts the agent writing events to `events`, and waits for its probes.
+fn start_agent(
+    exe: &std::path::Path,
+    roots: &Roots,
+    events: &std::path::Path,
+) -> Result<AgentProc> {
+    let mut agent = Command::new(exe);
+    agent
+        .args([
+            "run",
+            "--kubernetes",
+            "off",
+            "--hold-seconds",
+            "1",
+            "--events",
+        ])
+        .arg(events)
+        .arg("--containerd-root")
+        .arg(&roots.containerd)
+        .arg("--crio-root")
+        .arg(&roots.crio)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = agent.spawn().context("starting the agent")?;
+    let (tx, rx) = mpsc::channel();
+    let err = child.stderr.take().context("agent stderr")?;
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let agent = AgentProc(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("probes attached") => return Ok(agent),
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the agent exited during start-up"),
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not attach its probes within 60 s");
+        }
+    }
+}
+
+/// Prints what the agent said of the pod `uid`, whose app was refused
+/// `refused` times.
+fn verdict(evs: &[Value], uid: &str, refused: usize) -> Result<()> {
     let of_pod = |t: &str| {
         evs.iter()
-            .find(|e| e["pod_uid"] == uid.as_str() && e["type"] == t)
+            .find(|e| e["pod_uid"] == uid && e["type"] == t)
             .cloned()
     };
     let phases: Vec<String> = evs
         .iter()
-        .filter(|e| e["pod_uid"] == uid.as_str() && e["type"] == "connect_failure")
+        .filter(|e| e["pod_uid"] == uid && e["type"] == "connect_failure")
         .map(|e| e["phase"].as_str().unwrap_or("?").to_string())
         .collect();
     println!();
-    match of_pod("startup_race") {
-        Some(s) => {
-            println!(
-                "VERDICT  sidecar startup race in {}/{} ({} {})",
-                s["namespace"].as_str().unwrap_or("?"),
-                s["pod"].as_str().unwrap_or("?"),
-                s["workload_kind"].as_str().unwrap_or("workload"),
-                s["workload"].as_str().unwrap_or("?")
-            );
-            println!(
-                "  {} connect()s refused over {:.3} s before istio-proxy listened on 15001 (kernel timestamps)",
-                s["refused"],
-                s["window_seconds"].as_f64().unwrap_or(f64::NAN)
-            );
-            println!("  destinations: {}", s["destinations"]);
-            if let Some(p) = s["sidecar_start_to_ready_seconds"].as_f64() {
-                println!("  sidecar start -> outbound listener: {p:.3} s");
-            }
-            println!(
-                "  every refusal classified: {} of {} as startup_race",
-                phases.iter().filter(|p| *p == "startup_race").count(),
-                phases.len()
-            );
-            let m = &s["mitigation"];
-            println!(
-                "  mitigation in effect: {}",
-                match (m["hold"].as_bool(), m["native_sidecar"].as_bool()) {
-                    (Some(true), _) => "holdApplicationUntilProxyStarts".to_string(),
-                    (_, Some(true)) => "native sidecar".to_string(),
-                    (Some(false), Some(false)) => "none".to_string(),
-                    _ =>
-                        "unknown (no Kubernetes API in the demo; the pod's annotations would tell)"
-                            .to_string(),
-                }
-            );
-            println!(
-                "  recommendation: {}",
-                s["recommendation"].as_str().unwrap_or("")
-            );
-            println!("\nsummary event:\n{}", serde_json::to_string_pretty(&s)?);
+    let Some(s) = of_pod("startup_race") else {
+        if refused == 0 {
+            println!("VERDICT  no race: the app was never refused");
+            return Ok(());
         }
-        None if refused == 0 => println!("VERDICT  no race: the app was never refused"),
-        None => bail!(
-            "the app was refused {refused} times but the agent reported no startup_race summary"
-        ),
+        bail!("the app was refused {refused} times but the agent reported no startup_race summary");
+    };
+    println!(
+        "VERDICT  sidecar startup race in {}/{} ({} {})",
+        s["namespace"].as_str().unwrap_or("?"),
+        s["pod"].as_str().unwrap_or("?"),
+        s["workload_kind"].as_str().unwrap_or("workload"),
+        s["workload"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  {} connect()s refused over {:.3} s before istio-proxy listened on 15001 (kernel timestamps)",
+        s["refused"],
+        s["window_seconds"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!("  destinations: {}", s["destinations"]);
+    if let Some(p) = s["sidecar_start_to_ready_seconds"].as_f64() {
+        println!("  sidecar start -> outbound listener: {p:.3} s");
     }
+    println!(
+        "  every refusal classified: {} of {} as startup_race",
+        phases.iter().filter(|p| *p == "startup_race").count(),
+        phases.len()
+    );
+    let m = &s["mitigation"];
+    println!(
+        "  mitigation in effect: {}",
+        match (m["hold"].as_bool(), m["native_sidecar"].as_bool()) {
+            (Some(true), _) => "holdApplicationUntilProxyStarts",
+            (_, Some(true)) => "native sidecar",
+            (Some(false), Some(false)) => "none",
+            _ => "unknown (no Kubernetes API in the demo; the pod's annotations would tell)",
+        }
+    );
+    println!(
+        "  recommendation: {}",
+        s["recommendation"].as_str().unwrap_or("")
+    );
+    println!("\nsummary event:\n{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }
 
