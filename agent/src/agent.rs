@@ -76,6 +76,7 @@ impl Agent {
         let metrics = Metrics::new(args.pod_labels).context("registering metrics")?;
         for s in &probes.status {
             metrics
+                .health
                 .probe_attached
                 .with_label_values(&[s.hook.name])
                 .set(i64::from(s.error.is_none()));

@@ -45,19 +45,12 @@ pub struct Metrics {
     pub sidecar_ready_seconds: HistogramVec,
     pub startup_race_window_seconds: HistogramVec,
     pub shutdown_race_pods: IntCounterVec,
-    pub events_lost: IntCounter,
     pub events: IntCounterVec,
     /// `connscope_events_total` children by type, resolved once.
     /// The `connscope_events_total` child of each [`RecordType`], by index.
     event_kinds: Vec<IntCounter>,
-    pub metadata_errors: IntCounterVec,
-    pub pods_tracked: IntGauge,
-    /// Entries in the agent's caches, by kind: returns to baseline after churn.
-    pub state_entries: IntGaugeVec,
-    pub probe_attached: IntGaugeVec,
-    pub build_info: GaugeVec,
-    /// Failures held because the pod's injection was not yet known.
-    pub held_failures: IntCounter,
+    /// The agent's own health.
+    pub health: Health,
     /// When each workload-level series was last touched, for expiry.
     touched: HashMap<(&'static str, Vec<String>), Instant>,
     /// Failure counters by [`FailureKey`] (a hash of the label fields, not a
@@ -66,6 +59,79 @@ pub struct Metrics {
     /// fields, so a hash collision never counts into another series.
     failure_cache: rustc_hash::FxHashMap<FailureKey, CachedCounter>,
     pub series_ttl: Duration,
+}
+
+/// The agent's own health: losses, metadata errors, state sizes, hooks.
+pub struct Health {
+    pub events_lost: IntCounter,
+    pub metadata_errors: IntCounterVec,
+    pub pods_tracked: IntGauge,
+    /// Entries in the agent's caches, by kind: returns to baseline after churn.
+    pub state_entries: IntGaugeVec,
+    pub probe_attached: IntGaugeVec,
+    pub build_info: GaugeVec,
+    /// Failures held because the pod's injection was not yet known.
+    pub held_failures: IntCounter,
+}
+
+impl Health {
+    fn new(r: &Registry) -> prometheus::Result<Self> {
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntCounterVec::new(Opts::new(name, help), labels))
+        };
+        let gauges = |name: &str, help: &str, labels: &[&str]| {
+            register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+        };
+        let build_info = register(
+            r,
+            GaugeVec::new(
+                Opts::new("connscope_build_info", "Always 1; the agent's version"),
+                &["version"],
+            ),
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
+        Ok(Health {
+            events_lost: register(
+                r,
+                IntCounter::new(
+                    "connscope_events_lost_total",
+                    "Kernel events the ring buffer had no room for",
+                ),
+            )?,
+            metadata_errors: counters(
+                "connscope_metadata_errors_total",
+                "Failures reading attribution metadata, by source",
+                &["source"],
+            )?,
+            pods_tracked: register(
+                r,
+                IntGauge::new(
+                    "connscope_pods_tracked",
+                    "Pods with a sidecar timeline in memory",
+                ),
+            )?,
+            state_entries: gauges(
+                "connscope_state_entries",
+                "Entries in the agent's caches, by kind",
+                &["kind"],
+            )?,
+            probe_attached: gauges(
+                "connscope_probe_attached",
+                "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
+                &["probe"],
+            )?,
+            held_failures: register(
+                r,
+                IntCounter::new(
+                    "connscope_held_failures_total",
+                    "Failures held until their pod's sidecar injection was known",
+                ),
+            )?,
+            build_info,
+        })
+    }
 }
 
 /// Registers a new collector: each metric is created and registered in one
@@ -101,9 +167,6 @@ impl Metrics {
         let counters = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
-        let gauges = |name: &str, help: &str, labels: &[&str]| {
-            register(&r, IntGaugeVec::new(Opts::new(name, help), labels))
-        };
         let hist = |name: &str, help: &str| {
             let opts = HistogramOpts::new(name, help).buckets(BUCKETS.to_vec());
             register(&r, HistogramVec::new(opts, &wl))
@@ -113,16 +176,6 @@ impl Metrics {
             "Kernel events read, by type",
             &["type"],
         )?;
-        let build_info = register(
-            &r,
-            GaugeVec::new(
-                Opts::new("connscope_build_info", "Always 1; the agent's version"),
-                &["version"],
-            ),
-        )?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1.0);
         Ok(Metrics {
             connect_failures: counters(
                 "connscope_connect_failures_total",
@@ -152,48 +205,12 @@ impl Metrics {
                 "Pods whose application was refused after the sidecar's capture listener closed",
                 &wl,
             )?,
-            events_lost: register(
-                &r,
-                IntCounter::new(
-                    "connscope_events_lost_total",
-                    "Kernel events the ring buffer had no room for",
-                ),
-            )?,
             event_kinds: RecordType::ALL
                 .into_iter()
                 .map(|t| events.with_label_values(&[t.label()]))
                 .collect(),
             events,
-            metadata_errors: counters(
-                "connscope_metadata_errors_total",
-                "Failures reading attribution metadata, by source",
-                &["source"],
-            )?,
-            pods_tracked: register(
-                &r,
-                IntGauge::new(
-                    "connscope_pods_tracked",
-                    "Pods with a sidecar timeline in memory",
-                ),
-            )?,
-            state_entries: gauges(
-                "connscope_state_entries",
-                "Entries in the agent's caches, by kind",
-                &["kind"],
-            )?,
-            probe_attached: gauges(
-                "connscope_probe_attached",
-                "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
-                &["probe"],
-            )?,
-            build_info,
-            held_failures: register(
-                &r,
-                IntCounter::new(
-                    "connscope_held_failures_total",
-                    "Failures held until their pod's sidecar injection was known",
-                ),
-            )?,
+            health: Health::new(&r)?,
             registry: r,
             pod_labels,
             touched: HashMap::new(),

@@ -101,22 +101,34 @@ impl Exporter {
         let Ok(m) = shared.metrics.lock() else {
             return;
         };
-        m.pods_tracked.set(s.pods_tracked as i64);
+        m.health.pods_tracked.set(s.pods_tracked as i64);
         for (kind, n) in s.state_sizes {
-            m.state_entries.with_label_values(&[kind]).set(n as i64);
+            m.health
+                .state_entries
+                .with_label_values(&[kind])
+                .set(n as i64);
         }
-        m.state_entries
+        m.health
+            .state_entries
             .with_label_values(&["held_failures"])
             .set(s.held_now as i64);
-        m.events_lost.inc_by(self.new_since("lost", s.lost_total));
-        m.held_failures.inc_by(self.new_since("held", s.held_total));
+        m.health
+            .events_lost
+            .inc_by(self.new_since("lost", s.lost_total));
+        m.health
+            .held_failures
+            .inc_by(self.new_since("held", s.held_total));
         for (source, n) in s.metadata_errors {
             let d = self.new_since(source, *n);
-            m.metadata_errors.with_label_values(&[source]).inc_by(d);
+            m.health
+                .metadata_errors
+                .with_label_values(&[source])
+                .inc_by(d);
         }
         let dropped = self.opts.k8s_events.as_ref().map_or(0, EventQueue::dropped);
         let d = self.new_since("k8s_events", dropped);
-        m.metadata_errors
+        m.health
+            .metadata_errors
             .with_label_values(&["k8s_events"])
             .inc_by(d);
     }
