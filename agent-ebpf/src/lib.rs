@@ -29,6 +29,14 @@ pub mod kind {
     pub const CGROUP_MKDIR: u8 = 6;
     /// A cgroup v2 directory was removed ([`super::CgroupEvent`]).
     pub const CGROUP_RMDIR: u8 = 7;
+    /// The pod's own stack refused a SYN that found no socket, from the
+    /// capture port (`tcp:tcp_send_reset`, no socket): a connect that the
+    /// mesh's rules redirected to the capture port was refused there. The
+    /// record's source is the reset's source (the capture address and
+    /// port), its destination the reset's destination (the connecting
+    /// socket's local address and port). No task context: it runs in
+    /// softirq; `netns` is the receiving device's namespace.
+    pub const CAPTURE_RESET: u8 = 8;
 }
 
 /// Bytes kept of a cgroup path (kubelet paths run to ~200 bytes).
@@ -211,6 +219,21 @@ pub struct Config {
     /// variant of `tcp:tcp_receive_reset` return at once for resets of
     /// sockets not in SYN_SENT (nearly all of them).
     pub skc_state: u32,
+    /// `tcp:tcp_send_reset` fields: skbaddr, skaddr, and the reset's source
+    /// and destination as a `struct sockaddr_in`/`sockaddr_in6` (28 bytes).
+    pub tsr_skbaddr: u32,
+    pub tsr_skaddr: u32,
+    pub tsr_saddr: u32,
+    pub tsr_daddr: u32,
+    /// `struct sk_buff`.dev and `struct net_device`.nd_net.net (BTF): the
+    /// network namespace of the device a reset's SYN arrived on (the reset
+    /// runs in softirq, where the current task is anybody).
+    pub skb_dev: u32,
+    pub dev_nd_net: u32,
+    /// The mesh's outbound capture port (host order; 0: none): a reset sent
+    /// with no socket from this port is a captured connect refused. Not an
+    /// offset.
+    pub capture_port: u32,
     /// Non-zero: every program returns at once. Only for `cargo xtask bench`,
     /// to measure what attaching the hooks costs by itself. Not an offset;
     /// the verifier folds this read-only value, so it costs nothing otherwise.
@@ -261,6 +284,13 @@ impl Config {
         skc_v6_rcv_saddr: OFFSET_UNKNOWN,
         skc_v6_daddr: OFFSET_UNKNOWN,
         skc_state: OFFSET_UNKNOWN,
+        tsr_skbaddr: OFFSET_UNKNOWN,
+        tsr_skaddr: OFFSET_UNKNOWN,
+        tsr_saddr: OFFSET_UNKNOWN,
+        tsr_daddr: OFFSET_UNKNOWN,
+        skb_dev: OFFSET_UNKNOWN,
+        dev_nd_net: OFFSET_UNKNOWN,
+        capture_port: 0,
         noop: 0,
     };
 

@@ -69,7 +69,7 @@ impl Agent {
     /// Loads and attaches the probes, opens the exports, rebuilds the pods
     /// already running and drops the privileges no longer needed.
     pub(crate) async fn start(args: &RunArgs) -> Result<Agent> {
-        let probes = load_probes(args)?;
+        let (probes, kernel_capture) = load_probes(args)?;
         let sink = Sink::open(&args.events)
             .with_context(|| format!("opening --events {:?}", args.events))?;
         let kube_rx = start_kube(args).await?;
@@ -94,6 +94,7 @@ impl Agent {
             sidecar_ports: args.sidecar_ports.clone(),
             proxy_uid: args.proxy_uid,
             hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
+            kernel_capture,
             ..race::Config::default()
         });
         let mut who = attributor(args);
@@ -271,7 +272,9 @@ impl Agent {
 }
 
 /// Finds the offsets for this kernel, then loads and attaches the programs.
-fn load_probes(args: &RunArgs) -> Result<Probes> {
+/// Loads the probes; also says whether the kernel proves capture (the
+/// capture-reset hook attached on a kernel that fires it without a socket).
+fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
     let tracefs = offsets::tracefs_root()?;
     let (config, discovery) = offsets::discover(tracefs, &args.btf);
     for t in &discovery.missing_tracepoints {
@@ -285,14 +288,33 @@ fn load_probes(args: &RunArgs) -> Result<Probes> {
             "--bench-noop-programs: hooks attached, programs return at once; nothing is reported"
         );
     }
-    Probes::load(&LoadOptions {
+    let probes = Probes::load(&LoadOptions {
         config: Config {
             noop: args.bench_noop_programs.into(),
+            capture_port: args.capture_port.into(),
             ..config
         },
         ring_bytes: args.ring_buffer_bytes,
         disabled: args.disable_probe.clone(),
-    })
+    })?;
+    let hook = probes
+        .status
+        .iter()
+        .any(|s| s.hook.name == "tcp_send_reset" && s.error.is_none());
+    let kernel_capture = hook && discovery.no_socket_resets && args.capture_port != 0;
+    if kernel_capture {
+        tracing::info!(
+            capture_port = args.capture_port,
+            "capture proof from the kernel: a refusal is the race only if tcp:tcp_send_reset shows it was redirected to the capture port"
+        );
+    } else {
+        tracing::warn!(
+            hook_attached = hook,
+            no_socket_resets = discovery.no_socket_resets,
+            "no capture proof from the kernel (tcp:tcp_send_reset without a socket needs kernel >= 6.10 and the hook): capture is decided from the pod's annotations, else inferred"
+        );
+    }
+    Ok((probes, kernel_capture))
 }
 
 /// Start-up (parsing the kernel's BTF, loading programs) allocates and frees

@@ -125,6 +125,12 @@ impl Pipeline {
 
     /// Attributes one kernel event and hands it to the race tracker.
     pub(crate) fn event(&mut self, ev: KernelEvent) {
+        if ev.kind == decode::Kind::CaptureReset {
+            // Runs in softirq: no task to attribute; the tracker matches it
+            // to its failure by namespace and address.
+            self.tracker.push(ev, Arc::default(), None);
+            return;
+        }
         let who = self.who.attribute(&ev, self.pods.as_ref());
         let hints = self.hints(&who);
         self.tracker.push(ev, who, hints);
@@ -132,7 +138,7 @@ impl Pipeline {
 
     fn hints(&mut self, who: &Arc<Attribution>) -> Option<Hints> {
         let uid = who.pod_uid.as_deref()?;
-        if !self.tracker.wants_hints(uid) {
+        if !self.tracker.wants_hints(uid, self.pods.is_some()) {
             return None;
         }
         let mut h = match self.pods.as_ref().and_then(|p| p.get(uid)) {

@@ -26,8 +26,11 @@ use tokio::sync::broadcast;
 use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
 use crate::{
-    attribute::Attribution, export::json::KernelJson, export::metrics::Metrics,
-    kernel::decode::KernelEvent, race::Phase,
+    attribute::Attribution,
+    export::json::KernelJson,
+    export::metrics::Metrics,
+    kernel::decode::KernelEvent,
+    race::{Capture, Phase},
 };
 
 /// What an `/events` line says.
@@ -40,6 +43,7 @@ pub(crate) enum LineBody {
     Kernel {
         ev: Box<KernelEvent>,
         phase: Option<Phase>,
+        capture: Option<Capture>,
     },
 }
 
@@ -58,8 +62,8 @@ impl EventLine {
     pub(crate) fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
-            LineBody::Kernel { ev, phase } => {
-                serde_json::to_string(&KernelJson::from_kernel(ev, &self.who, *phase))
+            LineBody::Kernel { ev, phase, capture } => {
+                serde_json::to_string(&KernelJson::from_kernel(ev, &self.who, *phase, *capture))
                     .unwrap_or_else(|e| {
                         format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
                     })

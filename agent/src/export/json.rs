@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::{
     attribute::Attribution,
     kernel::decode::{KernelEvent, Kind, errno_name},
-    race::Phase,
+    race::{Capture, Phase},
 };
 
 /// A summary event (`sidecar_ready`, `startup_race`, `shutdown_race`,
@@ -73,6 +73,10 @@ pub(crate) struct KernelJson<'a> {
     /// Where a connect failure stands relative to the pod's sidecar.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// What the failure's capture verdict rests on: `kernel`, `annotations`
+    /// or `inferred` (connect failures only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
     /// RFC 3339 wall-clock time, nanosecond precision (from the kernel).
     pub time: String,
     /// Kernel CLOCK_MONOTONIC ns, for exact intervals between events.
@@ -126,6 +130,7 @@ impl<'a> KernelJson<'a> {
         e: &'a KernelEvent,
         who: &'a Attribution,
         phase: Option<Phase>,
+        capture: Option<Capture>,
     ) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
@@ -140,11 +145,13 @@ impl<'a> KernelJson<'a> {
             Kind::ListenClose => Some("closed"),
             Kind::Exec => Some("exec"),
             Kind::Exit => Some("exit"),
+            Kind::CaptureReset => None,
         };
         KernelJson {
             kind,
             state,
             phase,
+            capture,
             time: rfc3339(e.time),
             mono_ns: e.mono_ns,
             who,
@@ -261,8 +268,13 @@ mod tests {
     #[test]
     fn connect_failure_json() {
         let e = failure();
-        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
-            .unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(
+            &e,
+            &Attribution::default(),
+            None,
+            None,
+        ))
+        .unwrap();
         assert_eq!(v["type"], "connect_failure");
         assert_eq!(v["time"], "2023-11-14T22:13:20.123456789Z");
         assert_eq!(v["dst"], "10.1.2.3:80");
@@ -277,8 +289,13 @@ mod tests {
     fn unknown_context_hides_pid_and_comm() {
         let mut e = failure();
         e.context_known = false;
-        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
-            .unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(
+            &e,
+            &Attribution::default(),
+            None,
+            None,
+        ))
+        .unwrap();
         assert!(v.get("pid").is_none() && v.get("comm").is_none());
     }
 
@@ -287,8 +304,13 @@ mod tests {
         let mut e = failure();
         e.kind = Kind::Listen;
         e.dst = None;
-        let v = serde_json::to_value(KernelJson::from_kernel(&e, &Attribution::default(), None))
-            .unwrap();
+        let v = serde_json::to_value(KernelJson::from_kernel(
+            &e,
+            &Attribution::default(),
+            None,
+            None,
+        ))
+        .unwrap();
         assert_eq!(
             (v["type"].as_str(), v["state"].as_str()),
             (Some("listener"), Some("listen"))

@@ -455,7 +455,7 @@ mod tests {
             assert_eq!(t as usize, i, "{t:?}");
         }
         let m = Metrics::new(false).unwrap();
-        m.add_events(&[1, 2, 3, 4, 5]);
+        m.add_events(&[1, 2, 3, 4, 5, 6]);
         let text = m.render();
         for (t, n) in RecordType::ALL.into_iter().zip(1..) {
             let line = format!("connscope_events_total{{type=\"{}\"}} {n}", t.label());

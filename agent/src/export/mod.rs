@@ -18,7 +18,7 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Output, Phase, RaceSummary},
+    race::{Capture, Output, Phase, RaceSummary},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -168,11 +168,16 @@ impl Exporter {
     /// Exports one output of the tracker: metrics, JSON, Kubernetes Events.
     fn output(&mut self, o: Output, m: Option<&mut Metrics>, now: Instant) -> std::io::Result<()> {
         match o {
-            Output::Event { ev, who, phase } => {
+            Output::Event {
+                ev,
+                who,
+                phase,
+                capture,
+            } => {
                 if let (Some(p), Some(m)) = (phase, m) {
                     m.failure(&who, ev.errno, p, now);
                 }
-                self.kernel_event(ev, who, phase)
+                self.kernel_event(ev, who, phase, capture)
             }
             Output::PodStarted { who, injected } => {
                 if let Some(m) = m {
@@ -212,6 +217,7 @@ impl Exporter {
         ev: KernelEvent,
         who: Arc<Attribution>,
         phase: Option<Phase>,
+        capture: Option<Capture>,
     ) -> std::io::Result<()> {
         if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.opts.process_events {
             return Ok(());
@@ -231,11 +237,12 @@ impl Exporter {
                 body: LineBody::Kernel {
                     ev: Box::new(ev),
                     phase,
+                    capture,
                 },
             });
             return Ok(());
         }
-        let rec = KernelJson::from_kernel(&ev, &who, phase);
+        let rec = KernelJson::from_kernel(&ev, &who, phase, capture);
         self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
     }
 

@@ -1,7 +1,7 @@
 //! What the agent keeps of a pod from the API, and the store of this node's
 //! pods that the watcher keeps up to date.
 
-use std::{collections::HashMap, time::SystemTime};
+use std::{collections::HashMap, net::IpAddr, time::SystemTime};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::ObjectMeta;
@@ -35,6 +35,12 @@ pub struct IstioAnnotations {
     pub proxy_config: Option<String>,
     pub native_sidecar: Option<String>,
     pub rev: Option<String>,
+    /// `traffic.sidecar.istio.io/includeOutboundIPRanges`,
+    /// `excludeOutboundIPRanges`, `excludeOutboundPorts`: which outbound
+    /// connects the pod's rules capture (kept raw; `race::istio` parses them).
+    pub include_outbound_ip_ranges: Option<String>,
+    pub exclude_outbound_ip_ranges: Option<String>,
+    pub exclude_outbound_ports: Option<String>,
 }
 
 /// What the API says about one pod of this node.
@@ -47,6 +53,8 @@ pub struct PodInfo {
     pub workload: Workload,
     pub containers: Vec<ContainerInfo>,
     pub istio: IstioAnnotations,
+    /// `status.podIPs` (and `status.podIP`): never captured.
+    pub pod_ips: Vec<IpAddr>,
 }
 
 impl PodInfo {
@@ -207,8 +215,31 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
                     .and_then(|l| l.get("istio.io/rev"))
                     .cloned()
             }),
+            include_outbound_ip_ranges: ann("traffic.sidecar.istio.io/includeOutboundIPRanges"),
+            exclude_outbound_ip_ranges: ann("traffic.sidecar.istio.io/excludeOutboundIPRanges"),
+            exclude_outbound_ports: ann("traffic.sidecar.istio.io/excludeOutboundPorts"),
         },
+        pod_ips: pod_ips(pod),
     })
+}
+
+/// The pod's addresses from its status (`podIPs`, else `podIP`).
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(st) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = st
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = st.pod_ip.as_deref().and_then(|i| i.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.push(ip);
+    }
+    ips
 }
 
 #[cfg(test)]
@@ -226,7 +257,9 @@ mod tests {
                 "name": "checkout-7d9f8c6b5-xk2lp", "namespace": "shop",
                 "uid": "0a1b2c3d-4e5f-6789-abcd-ef0123456789",
                 "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
-                                "proxy.istio.io/config": "{\"holdApplicationUntilProxyStarts\":true}"},
+                                "proxy.istio.io/config": "{\"holdApplicationUntilProxyStarts\":true}",
+                                "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12",
+                                "traffic.sidecar.istio.io/excludeOutboundPorts": "5432"},
                 "labels": {"istio.io/rev": "1-27"},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "checkout-7d9f8c6b5",
                                      "uid": "x", "controller": true}]
@@ -235,6 +268,8 @@ mod tests {
                      "containers": [{"name": "app"}],
                      "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always"}]},
             "status": {
+                "podIP": "10.1.2.3",
+                "podIPs": [{"ip": "10.1.2.3"}, {"ip": "fd00::3"}],
                 "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "i", "imageID": "",
                     "containerID": "containerd://abc123", "started": true,
                     "state": {"running": {"startedAt": "2026-01-02T03:04:05Z"}}}],
@@ -306,6 +341,19 @@ mod tests {
                 .contains("holdApplicationUntilProxyStarts")
         );
         assert_eq!(p.node.as_deref(), Some("node-1"));
+        assert_eq!(
+            p.pod_ips,
+            vec![
+                "10.1.2.3".parse::<IpAddr>().unwrap(),
+                "fd00::3".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            p.istio.exclude_outbound_ip_ranges.as_deref(),
+            Some("10.96.0.0/12")
+        );
+        assert_eq!(p.istio.exclude_outbound_ports.as_deref(), Some("5432"));
+        assert_eq!(p.istio.include_outbound_ip_ranges, None);
     }
 
     #[test]

@@ -163,6 +163,16 @@ fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> bool {
             },
         });
     }
+    items.push(Item {
+        name: "capture proof".into(),
+        ok: disc.no_socket_resets,
+        detail: if disc.no_socket_resets {
+            "tcp:tcp_send_reset fires without a socket (kernel >= 6.10): a refused connect is the race only when the kernel shows it was redirected to the capture port (capture: kernel)"
+        } else {
+            "tcp:tcp_send_reset has no no-socket resets on this kernel (before 6.10): capture is decided from the pod's annotations (capture: annotations) or inferred (capture: inferred)"
+        }
+        .into(),
+    });
     for m in disc.missing_btf {
         items.push(Item {
             name: "BTF offset".into(),

@@ -298,13 +298,17 @@ pub fn decode(
 ) -> Result<KernelEvent, DecodeError> {
     let k = Kind::from_abi(ev.kind).ok_or(DecodeError::Kind(ev.kind))?;
     let family = Family::from_raw(ev.family);
-    let is_socket = matches!(k, Kind::ConnectFailure | Kind::Listen | Kind::ListenClose);
+    let is_socket = matches!(
+        k,
+        Kind::ConnectFailure | Kind::Listen | Kind::ListenClose | Kind::CaptureReset
+    );
     let src = if is_socket {
         ip(family, &ev.saddr).map(|a| SocketAddr::new(a, ev.sport))
     } else {
         None
     };
-    let dst = if k == Kind::ConnectFailure {
+    // A capture reset's destination is the refused socket's local address.
+    let dst = if matches!(k, Kind::ConnectFailure | Kind::CaptureReset) {
         ip(family, &ev.daddr).map(|a| SocketAddr::new(a, ev.dport))
     } else {
         None

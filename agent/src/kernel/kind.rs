@@ -14,6 +14,8 @@ pub enum Kind {
     ListenClose,
     Exec,
     Exit,
+    /// A connect redirected to the capture port was refused there.
+    CaptureReset,
 }
 
 /// The type of a ring-buffer record: the `type` label of
@@ -25,11 +27,12 @@ pub(crate) enum RecordType {
     Listener,
     Process,
     Cgroup,
+    CaptureReset,
     Unknown,
 }
 
 /// The table: ABI value -> decoded kind -> record type.
-const KINDS: [(u8, Kind, RecordType); 5] = [
+const KINDS: [(u8, Kind, RecordType); 6] = [
     (
         kind::CONNECT_FAILURE,
         Kind::ConnectFailure,
@@ -39,6 +42,11 @@ const KINDS: [(u8, Kind, RecordType); 5] = [
     (kind::LISTEN_CLOSE, Kind::ListenClose, RecordType::Listener),
     (kind::EXEC, Kind::Exec, RecordType::Process),
     (kind::EXIT, Kind::Exit, RecordType::Process),
+    (
+        kind::CAPTURE_RESET,
+        Kind::CaptureReset,
+        RecordType::CaptureReset,
+    ),
 ];
 
 impl Kind {
@@ -59,11 +67,12 @@ impl Kind {
 
 impl RecordType {
     /// Every type, in index order.
-    pub(crate) const ALL: [RecordType; 5] = [
+    pub(crate) const ALL: [RecordType; 6] = [
         RecordType::ConnectFailure,
         RecordType::Listener,
         RecordType::Process,
         RecordType::Cgroup,
+        RecordType::CaptureReset,
         RecordType::Unknown,
     ];
 
@@ -82,6 +91,7 @@ impl RecordType {
             RecordType::Listener => "listener",
             RecordType::Process => "process",
             RecordType::Cgroup => "cgroup",
+            RecordType::CaptureReset => "capture_reset",
             RecordType::Unknown => "unknown",
         }
     }

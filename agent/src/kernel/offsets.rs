@@ -171,6 +171,11 @@ pub(crate) struct Discovery {
     pub missing_tracepoints: Vec<String>,
     /// BTF-derived offsets that could not be found, with the reason.
     pub missing_btf: Vec<String>,
+    /// `tcp:tcp_send_reset` fires for SYNs that found no socket: its format
+    /// has the `reason` field (the same kernel change, 6.10), so a refused
+    /// captured connect shows as a reset from the capture port. Without it
+    /// the hook attaches but proves nothing.
+    pub no_socket_resets: bool,
 }
 
 /// Builds the kernel programs' [`Config`] for this kernel.
@@ -185,6 +190,8 @@ pub(crate) fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
     };
     let sss = fmt("sock", "inet_sock_set_state");
     let rst = fmt("tcp", "tcp_receive_reset");
+    let tsr = fmt("tcp", "tcp_send_reset");
+    d.no_socket_resets = tsr.as_ref().is_some_and(|f| f.contains_key("reason"));
     let enter = fmt("syscalls", "sys_enter_connect");
     let exit = fmt("syscalls", "sys_exit_connect");
     let exec = fmt("sched", "sched_process_exec");
@@ -204,6 +211,10 @@ pub(crate) fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
         sss_saddr_v6: off(sss.as_ref(), "saddr_v6"),
         sss_daddr_v6: off(sss.as_ref(), "daddr_v6"),
         rst_skaddr: off(rst.as_ref(), "skaddr"),
+        tsr_skbaddr: off(tsr.as_ref(), "skbaddr"),
+        tsr_skaddr: off(tsr.as_ref(), "skaddr"),
+        tsr_saddr: off(tsr.as_ref(), "saddr"),
+        tsr_daddr: off(tsr.as_ref(), "daddr"),
         enter_fd: off(enter.as_ref(), "fd"),
         enter_uservaddr: off(enter.as_ref(), "uservaddr"),
         enter_addrlen: off(enter.as_ref(), "addrlen"),
@@ -243,6 +254,8 @@ pub(crate) fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
             cfg.skc_v6_rcv_saddr = get("sock", &common("skc_v6_rcv_saddr"));
             cfg.skc_v6_daddr = get("sock", &common("skc_v6_daddr"));
             cfg.skc_state = get("sock", &common("skc_state"));
+            cfg.skb_dev = get("sk_buff", &["dev"]);
+            cfg.dev_nd_net = get("net_device", &["nd_net", "net"]);
         }
         Err(e) => d.missing_btf.push(format!("{}: {e:#}", btf_path.display())),
     }
@@ -306,7 +319,8 @@ print fmt: \"family=%s\"
         let dir = std::env::temp_dir().join(format!("connscope-nofmt-{}", std::process::id()));
         let (cfg, d) = discover(&dir, &dir.join("vmlinux"));
         assert_eq!(cfg, Config::UNKNOWN);
-        assert_eq!(d.missing_tracepoints.len(), 8);
+        assert_eq!(d.missing_tracepoints.len(), 9);
+        assert!(!d.no_socket_resets);
         assert_eq!(d.missing_btf.len(), 1);
     }
 
@@ -349,5 +363,8 @@ print fmt: \"family=%s\"
         let family = btf_member_offset(&btf, "sock", &["__sk_common", "skc_family"]).unwrap();
         let state = btf_member_offset(&btf, "sock", &["__sk_common", "skc_state"]).unwrap();
         assert_eq!(state, family + 2, "sock_common layout");
+        // The capture-reset hook's netns: skb->dev->nd_net.net.
+        assert!(btf_member_offset(&btf, "sk_buff", &["dev"]).is_ok());
+        assert!(btf_member_offset(&btf, "net_device", &["nd_net", "net"]).is_ok());
     }
 }

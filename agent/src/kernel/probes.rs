@@ -54,6 +54,12 @@ pub(crate) const HOOKS: &[Hook] = &[
         without: "RST not flagged; errno still read from sk_err where BTF allows",
     },
     Hook {
+        program: "tcp_send_reset",
+        category: "tcp",
+        name: "tcp_send_reset",
+        without: "no kernel proof that a refused connect was captured (redirected to the capture port): the race verdict falls back to the pod's capture annotations, then to inference",
+    },
+    Hook {
         program: "sched_process_exec",
         category: "sched",
         name: "sched_process_exec",

@@ -3,6 +3,8 @@
 //! say a pod is injected and which mitigations it runs, and the
 //! recommendations.
 
+use std::net::{IpAddr, SocketAddr};
+
 use serde::Serialize;
 
 use super::Hints;
@@ -61,6 +63,132 @@ pub fn api_hints(p: &PodInfo) -> Hints {
             },
         },
         container_names: p.containers.iter().map(|c| c.name.clone()).collect(),
+        capture: injected.then(|| CaptureRules::of(p)),
+    }
+}
+
+/// An address range (`10.0.0.0/8`, `fd00::/64`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `addr/prefix` or a bare address; None if it is neither.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.trim().split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside (an IPv4 range holds IPv4 addresses only).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which outbound destinations a pod's rules redirect to the capture port,
+/// from its `traffic.sidecar.istio.io/*` annotations and its addresses,
+/// applied in istio-iptables' order (its `ISTIO_OUTPUT` chain): excluded
+/// ports return first, then loopback and the pod's own addresses (they
+/// leave through `lo`), then excluded ranges; what is left is captured if
+/// an included range holds it (`*`: every address; empty: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureRules {
+    /// None: `*` (istio-iptables' default when the annotation is absent).
+    pub include: Option<Vec<Cidr>>,
+    pub exclude: Vec<Cidr>,
+    pub exclude_ports: Vec<u16>,
+    /// The pod's own addresses (`status.podIPs`).
+    pub pod_ips: Vec<IpAddr>,
+}
+
+impl CaptureRules {
+    /// The rules of a pod as the API describes it.
+    pub fn of(p: &PodInfo) -> CaptureRules {
+        let a = &p.istio;
+        CaptureRules::parse(
+            a.include_outbound_ip_ranges.as_deref(),
+            a.exclude_outbound_ip_ranges.as_deref(),
+            a.exclude_outbound_ports.as_deref(),
+            &p.pod_ips,
+        )
+    }
+
+    /// From the annotations' values (comma-separated; entries that do not
+    /// parse are skipped).
+    pub fn parse(
+        include: Option<&str>,
+        exclude: Option<&str>,
+        exclude_ports: Option<&str>,
+        pod_ips: &[IpAddr],
+    ) -> CaptureRules {
+        let items = |v: &str| -> Vec<String> {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let include = include.and_then(|v| {
+            let list = items(v);
+            if list.iter().any(|s| s == "*") {
+                None
+            } else {
+                Some(list.iter().filter_map(|s| Cidr::parse(s)).collect())
+            }
+        });
+        CaptureRules {
+            include,
+            exclude: exclude
+                .map(|v| items(v).iter().filter_map(|s| Cidr::parse(s)).collect())
+                .unwrap_or_default(),
+            exclude_ports: exclude_ports
+                .map(|v| items(v).iter().filter_map(|s| s.parse().ok()).collect())
+                .unwrap_or_default(),
+            pod_ips: pod_ips.to_vec(),
+        }
+    }
+
+    /// Whether a TCP connect to `dst` from a socket bound to `src` is
+    /// redirected to the capture port.
+    pub fn captures(&self, dst: SocketAddr, src: Option<IpAddr>) -> bool {
+        let ip = dst.ip();
+        if self.exclude_ports.contains(&dst.port()) {
+            return false;
+        }
+        if ip.is_loopback() || self.pod_ips.contains(&ip) || src == Some(ip) {
+            return false;
+        }
+        if self.exclude.iter().any(|c| c.contains(ip)) {
+            return false;
+        }
+        match &self.include {
+            None => true,
+            Some(list) => list.iter().any(|c| c.contains(ip)),
+        }
     }
 }
 

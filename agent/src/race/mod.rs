@@ -11,6 +11,7 @@
 //! summaries in `summary`, and what is Istio's own (ports, uid, names,
 //! annotations, recommendations) in `istio`.
 
+mod capture;
 pub mod istio;
 mod pod;
 mod summary;
@@ -22,7 +23,7 @@ use serde::Serialize;
 
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
 pub use istio::config_flag;
-pub use istio::{Mitigation, api_hints};
+pub use istio::{CaptureRules, Mitigation, api_hints};
 pub use summary::{RaceSummary, ShutdownSummary, SidecarReady};
 pub use tracker::{Stats, Tracker};
 
@@ -31,10 +32,17 @@ pub use tracker::{Stats, Tracker};
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Refused, application container of an injected pod, before the
-    /// sidecar's capture port (15001) listened.
+    /// sidecar's capture port (15001) listened, and the connect was captured
+    /// (redirected to the capture port; see [`Capture`]).
     StartupRace,
-    /// Refused after the capture listener closed while the app still ran.
+    /// Refused after the capture listener closed while the app still ran,
+    /// and captured.
     ShutdownRace,
+    /// Refused in an injected pod while the capture port was not listening,
+    /// but the connect was never redirected to it (excluded by the pod's
+    /// capture settings, outside its included ranges, or the pod's own
+    /// address): the destination itself refused. Not the race.
+    NotCaptured,
     /// The pod's sidecar was ready: the failure is not the race.
     SidecarReady,
     /// Injected pod, capture port not listening, and a failure the missing
@@ -53,12 +61,29 @@ impl Phase {
         match self {
             Phase::StartupRace => "startup_race",
             Phase::ShutdownRace => "shutdown_race",
+            Phase::NotCaptured => "not_captured",
             Phase::SidecarReady => "sidecar_ready",
             Phase::SidecarNotReady => "sidecar_not_ready",
             Phase::Proxy => "proxy",
             Phase::NoSidecar => "no_sidecar",
         }
     }
+}
+
+/// What a connect failure's capture verdict (was it redirected to the
+/// capture port?) rests on; `capture` in its JSON line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capture {
+    /// The kernel: a reset with no socket from the capture port to the
+    /// failed socket's address (`tcp:tcp_send_reset`, kernels >= 6.10).
+    Kernel,
+    /// The pod's capture settings from the API (Istio's include and exclude
+    /// annotations, the pod's own addresses).
+    Annotations,
+    /// Neither: every non-loopback destination other than the socket's own
+    /// address is taken as captured (istio-iptables' defaults).
+    Inferred,
 }
 
 /// Tunables (ports are flags).
@@ -83,6 +108,14 @@ pub struct Config {
     pub idle_ns: u64,
     /// Pods tracked at most (least recently seen finalised beyond it).
     pub max_pods: usize,
+    /// The kernel reports capture resets (the `tcp:tcp_send_reset` hook is
+    /// attached and the kernel fires it without a socket): a refusal is
+    /// captured exactly when such a reset matches it.
+    pub kernel_capture: bool,
+    /// How long before a failure its capture reset may be (kernel time).
+    pub capture_match_ns: u64,
+    /// Capture resets kept at most, waiting for their failure.
+    pub max_capture_resets: usize,
 }
 
 impl Default for Config {
@@ -98,6 +131,9 @@ impl Default for Config {
             shutdown_quiet_ns: 2_000_000_000,
             idle_ns: 120_000_000_000,
             max_pods: 20_000,
+            kernel_capture: false,
+            capture_match_ns: 1_000_000_000,
+            max_capture_resets: 4096,
         }
     }
 }
@@ -110,16 +146,20 @@ pub struct Hints {
     pub mitigation: Mitigation,
     /// Names of the pod's containers found on the node (runtime metadata).
     pub container_names: Vec<String>,
+    /// Which destinations the pod's capture rules redirect (from the API).
+    pub capture: Option<CaptureRules>,
 }
 
 /// What the tracker produces, in kernel-time order.
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// A kernel event, with its phase if it is a connect failure.
+    /// A kernel event, with its phase if it is a connect failure and what
+    /// the failure's capture verdict rests on.
     Event {
         ev: KernelEvent,
         who: Arc<Attribution>,
         phase: Option<Phase>,
+        capture: Option<Capture>,
     },
     /// A pod first seen starting, once its injection is known.
     PodStarted {

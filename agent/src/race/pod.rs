@@ -8,8 +8,8 @@ use std::{
 };
 
 use super::{
-    Config, Hints, Phase,
-    istio::{self, Mitigation},
+    Capture, Config, Hints, Phase,
+    istio::{self, CaptureRules, Mitigation},
 };
 use crate::{
     attribute::Attribution,
@@ -67,6 +67,8 @@ pub(super) struct PodState {
     pub(super) closed_ns: Option<u64>,
     pub(super) injected: Option<bool>,
     pub(super) mitigation: Mitigation,
+    /// The pod's capture settings from the API, if it answered.
+    pub(super) capture: Option<CaptureRules>,
     pub(super) startup: Refusals,
     pub(super) startup_emitted: bool,
     pub(super) shutdown: Refusals,
@@ -74,8 +76,9 @@ pub(super) struct PodState {
     live: HashSet<u32>,
     last_exit_ns: Option<u64>,
     pub(super) last_seen_ns: u64,
-    /// Failures waiting for the pod's injection to be known.
-    pub(super) held: Vec<(KernelEvent, Arc<Attribution>)>,
+    /// Failures waiting for the pod's injection to be known, with the
+    /// kernel's capture proof taken when they were applied.
+    pub(super) held: Vec<(KernelEvent, Arc<Attribution>, Option<bool>)>,
 }
 
 impl PodState {
@@ -150,6 +153,9 @@ impl PodState {
         if h.mitigation.native_sidecar.is_some() {
             self.mitigation.native_sidecar = h.mitigation.native_sidecar;
         }
+        if h.capture.is_some() {
+            self.capture = h.capture.clone();
+        }
         if h.container_names
             .iter()
             .any(|n| n == istio::PROXY_CONTAINER)
@@ -207,8 +213,44 @@ impl PodState {
         }
     }
 
-    /// Phase of a failure in an injected pod, by kernel time.
-    pub(super) fn classify(&mut self, ev: &KernelEvent, who: &Attribution) -> Phase {
+    /// What a failure's capture verdict rests on: the kernel when it gives
+    /// proof (`kernel` is Some), else the pod's settings from the API, else
+    /// inference.
+    pub(super) fn evidence(&self, kernel: Option<bool>) -> Capture {
+        if kernel.is_some() {
+            Capture::Kernel
+        } else if self.capture.is_some() {
+            Capture::Annotations
+        } else {
+            Capture::Inferred
+        }
+    }
+
+    /// Whether the failure's connect was redirected to the capture port,
+    /// by the best evidence there is.
+    fn captured(&self, ev: &KernelEvent, kernel: Option<bool>) -> bool {
+        let Some(dst) = ev.dst else {
+            return false;
+        };
+        let src = ev.src.map(|s| s.ip());
+        match (kernel, &self.capture) {
+            (Some(k), _) => k,
+            (None, Some(rules)) => rules.captures(dst, src),
+            // istio-iptables' defaults: every destination but loopback and
+            // the pod's own address (the socket's source) is captured.
+            (None, None) => !dst.ip().is_loopback() && src != Some(dst.ip()),
+        }
+    }
+
+    /// Phase of a failure in an injected pod, by kernel time. `kernel`:
+    /// the kernel's proof that it was captured (None: no proof on this
+    /// kernel).
+    pub(super) fn classify(
+        &mut self,
+        ev: &KernelEvent,
+        who: &Attribution,
+        kernel: Option<bool>,
+    ) -> Phase {
         // Only captured traffic can be refused by a missing capture listener:
         // Istio never redirects loopback destinations, nor non-TCP families.
         let refused = ev.errno == ECONNREFUSED
@@ -221,6 +263,9 @@ impl PodState {
         let before_ready = self.ready_ns.is_none_or(|r| t < r);
         if !refused {
             return Phase::SidecarNotReady;
+        }
+        if !self.captured(ev, kernel) {
+            return Phase::NotCaptured;
         }
         if before_ready {
             self.startup.add(ev, who.container.as_deref());

@@ -5,8 +5,9 @@
 use std::{collections::VecDeque, sync::Arc};
 
 use super::{
-    Config, Hints, Output, Phase,
-    pod::PodState,
+    Capture, Config, Hints, Output, Phase,
+    capture::Resets,
+    pod::{ECONNREFUSED, PodState},
     summary::{RaceSummary, ShutdownSummary, SidecarReady},
 };
 use crate::{
@@ -42,6 +43,8 @@ pub struct Tracker {
     /// every earlier event of theirs was applied.
     gone: Vec<(String, u64)>,
     held_total: usize,
+    /// Recent capture resets, waiting for the failures they prove captured.
+    resets: Resets,
     pub stats: Stats,
 }
 
@@ -54,6 +57,7 @@ impl Tracker {
             last_timers_ns: 0,
             gone: Vec::new(),
             held_total: 0,
+            resets: Resets::default(),
             stats: Stats::default(),
         }
     }
@@ -68,10 +72,23 @@ impl Tracker {
         self.held_total
     }
 
-    /// Whether the pipeline should gather [`Hints`] for this pod (its
-    /// injection is not known yet).
-    pub(crate) fn wants_hints(&self, pod_uid: &str) -> bool {
-        self.pods.get(pod_uid).is_none_or(|p| p.injected.is_none())
+    /// Capture resets waiting for their failures.
+    #[cfg(test)]
+    pub(crate) fn capture_resets(&self) -> usize {
+        self.resets.len()
+    }
+
+    /// Whether the pipeline should gather [`Hints`] for this pod: its
+    /// injection is not known yet, or (when the API is watched and the
+    /// kernel gives no capture proof) its capture settings are not.
+    pub(crate) fn wants_hints(&self, pod_uid: &str, api: bool) -> bool {
+        self.pods.get(pod_uid).is_none_or(|p| {
+            p.injected.is_none()
+                || (api
+                    && !self.cfg.kernel_capture
+                    && p.injected == Some(true)
+                    && p.capture.is_none())
+        })
     }
 
     /// Queues an event; it is applied once older than the re-order window.
@@ -144,10 +161,31 @@ impl Tracker {
     ) {
         // A second handle keeps the pod's uid borrowable while `who` moves on
         // with the event: the uid is copied only for a new pod, not per event.
+        if ev.kind == Kind::CaptureReset {
+            self.resets
+                .add(&ev, self.cfg.capture_match_ns, self.cfg.max_capture_resets);
+            return;
+        }
+        // The kernel's proof, taken in kernel-time order (the reset comes
+        // just before its failure), also for failures then held.
+        let kernel = (ev.kind == Kind::ConnectFailure && self.cfg.kernel_capture).then(|| {
+            ev.errno == ECONNREFUSED && self.resets.take_match(&ev, self.cfg.capture_match_ns)
+        });
         let attr = Arc::clone(&who);
         let Some(uid) = attr.pod_uid.as_deref() else {
-            let phase = (ev.kind == Kind::ConnectFailure).then_some(Phase::NoSidecar);
-            out.push(Output::Event { ev, who, phase });
+            let failure = ev.kind == Kind::ConnectFailure;
+            let phase = failure.then_some(Phase::NoSidecar);
+            let capture = failure.then_some(if kernel.is_some() {
+                Capture::Kernel
+            } else {
+                Capture::Inferred
+            });
+            out.push(Output::Event {
+                ev,
+                who,
+                phase,
+                capture,
+            });
             return;
         };
         if !self.pods.contains_key(uid) {
@@ -161,6 +199,7 @@ impl Tracker {
             return;
         };
         let is_proxy = p.observe(&ev, &who, hints.as_ref(), cfg);
+        let capture = (ev.kind == Kind::ConnectFailure).then(|| p.evidence(kernel));
         let phase = match ev.kind {
             Kind::Exec => {
                 p.on_exec(&ev, &who, cfg);
@@ -174,18 +213,24 @@ impl Tracker {
                 p.on_listen(&ev, is_proxy, cfg);
                 None
             }
+            Kind::CaptureReset => None,
             Kind::ConnectFailure if is_proxy => Some(Phase::Proxy),
             Kind::ConnectFailure if p.injected.is_none() => {
-                p.held.push((ev, who));
+                p.held.push((ev, who, kernel));
                 self.held_total += 1;
                 self.stats.held += 1;
                 self.after_change(uid, out);
                 self.enforce_hold_limit(out);
                 return;
             }
-            Kind::ConnectFailure => Some(p.classify(&ev, &who)),
+            Kind::ConnectFailure => Some(p.classify(&ev, &who, kernel)),
         };
-        out.push(Output::Event { ev, who, phase });
+        out.push(Output::Event {
+            ev,
+            who,
+            phase,
+            capture,
+        });
         self.after_change(uid, out);
     }
 
@@ -205,9 +250,9 @@ impl Tracker {
             }
             let held = std::mem::take(&mut p.held);
             self.held_total -= held.len();
-            for (ev, who) in held {
+            for (ev, who, kernel) in held {
                 let phase = if inj {
-                    p.classify(&ev, &who)
+                    p.classify(&ev, &who, kernel)
                 } else {
                     Phase::NoSidecar
                 };
@@ -215,6 +260,7 @@ impl Tracker {
                     ev,
                     who,
                     phase: Some(phase),
+                    capture: Some(p.evidence(kernel)),
                 });
             }
         }
@@ -236,7 +282,7 @@ impl Tracker {
             let Some(uid) = self
                 .pods
                 .iter()
-                .filter_map(|(u, p)| p.held.first().map(|(e, _)| (e.mono_ns, u.clone())))
+                .filter_map(|(u, p)| p.held.first().map(|(e, ..)| (e.mono_ns, u.clone())))
                 .min()
                 .map(|(_, u)| u)
             else {
@@ -265,7 +311,7 @@ impl Tracker {
         for (uid, p) in &self.pods {
             if p.held
                 .first()
-                .is_some_and(|(e, _)| now_ns.saturating_sub(e.mono_ns) > cfg.hold_ns)
+                .is_some_and(|(e, ..)| now_ns.saturating_sub(e.mono_ns) > cfg.hold_ns)
             {
                 expire.push(uid.clone());
             }

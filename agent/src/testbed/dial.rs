@@ -41,6 +41,10 @@ pub struct Args {
     /// Pause between attempts.
     #[arg(long, default_value_t = 50)]
     pub interval_ms: u64,
+    /// Dial an IPv4 target from an AF_INET6 socket, as its IPv4-mapped
+    /// address (`::ffff:a.b.c.d`): a dual-stack client (Java by default).
+    #[arg(long)]
+    pub dual_stack: bool,
 }
 
 /// One attempt, as printed.
@@ -106,8 +110,17 @@ pub fn parse_target(t: &str) -> Result<(Domain, SockAddr)> {
 
 fn attempt(args: &Args) -> std::result::Result<String, i32> {
     let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-    let (domain, addr) = parse_target(&args.target).map_err(|_| libc::EINVAL)?;
+    let (mut domain, mut addr) = parse_target(&args.target).map_err(|_| libc::EINVAL)?;
+    if args.dual_stack
+        && let Some(SocketAddr::V4(v4)) = addr.as_socket()
+    {
+        domain = Domain::IPV6;
+        addr = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()).into();
+    }
     let sock = Socket::new(domain, Type::STREAM, None).map_err(errno)?;
+    if args.dual_stack {
+        sock.set_only_v6(false).map_err(errno)?;
+    }
     let timeout = Duration::from_millis(args.timeout_ms);
     if args.nonblocking {
         sock.set_nonblocking(true).map_err(errno)?;

@@ -79,14 +79,57 @@ impl Drop for Netns {
     }
 }
 
+/// A pod's outbound capture settings, as its
+/// `traffic.sidecar.istio.io/*` annotations give them to istio-iptables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// `includeOutboundIPRanges`: None is `*` (everything); an empty list
+    /// captures nothing.
+    pub include: Option<Vec<String>>,
+    /// `excludeOutboundIPRanges`.
+    pub exclude: Vec<String>,
+    /// `excludeOutboundPorts`.
+    pub exclude_ports: Vec<u16>,
+}
+
 /// Istio's outbound/inbound capture rules, as `istio-iptables` writes them
 /// (REDIRECT to 15001 outbound, 15006 inbound; uid/gid 1337 exempt).
 pub fn istio_rules(v6: bool) -> String {
+    istio_rules_with(v6, &CaptureSettings::default())
+}
+
+/// [`istio_rules`] for a pod with these capture settings, in the shapes
+/// istio-iptables gives them (its golden files): excluded ports return
+/// first in ISTIO_OUTPUT; excluded ranges return after loopback; included
+/// ranges jump to ISTIO_REDIRECT one by one, or `*` all that is left.
+/// Ranges of the other family are left out, as istio-iptables does.
+pub fn istio_rules_with(v6: bool, c: &CaptureSettings) -> String {
     let (six, lo) = if v6 {
         ("::6/128", "::1/128")
     } else {
         ("127.0.0.6/32", "127.0.0.1/32")
     };
+    let family = |r: &&String| r.contains(':') == v6;
+    let mut first = String::new();
+    if !c.exclude_ports.is_empty() {
+        let ports: Vec<String> = c.exclude_ports.iter().map(|p| p.to_string()).collect();
+        first.push_str(&format!(
+            "-A ISTIO_OUTPUT -p tcp -m multiport --dports {} -j RETURN\n",
+            ports.join(",")
+        ));
+    }
+    let mut last = String::new();
+    for r in c.exclude.iter().filter(family) {
+        last.push_str(&format!("-A ISTIO_OUTPUT -d {r} -j RETURN\n"));
+    }
+    match &c.include {
+        None => last.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"),
+        Some(list) => {
+            for r in list.iter().filter(family) {
+                last.push_str(&format!("-A ISTIO_OUTPUT -d {r} -j ISTIO_REDIRECT\n"));
+            }
+        }
+    }
     format!(
         "*nat
 :PREROUTING ACCEPT [0:0]
@@ -105,7 +148,7 @@ pub fn istio_rules(v6: bool) -> String {
 -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
 -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
--A ISTIO_OUTPUT -s {six} -o lo -j RETURN
+{first}-A ISTIO_OUTPUT -s {six} -o lo -j RETURN
 -A ISTIO_OUTPUT ! -d {lo} -o lo -p tcp -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
@@ -113,8 +156,7 @@ pub fn istio_rules(v6: bool) -> String {
 -A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -d {lo} -j RETURN
--A ISTIO_OUTPUT -j ISTIO_REDIRECT
--A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+{last}-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 COMMIT
 "
     )
@@ -192,6 +234,11 @@ impl Topology {
 
     /// Installs Istio's capture rules in the pod namespace (IPv4 and IPv6).
     pub fn install_istio_rules(&self) -> Result<()> {
+        self.install_istio_rules_with(&CaptureSettings::default())
+    }
+
+    /// Installs (or replaces) the capture rules for these settings.
+    pub fn install_istio_rules_with(&self, c: &CaptureSettings) -> Result<()> {
         for (tool, v6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
             let mut child = self
                 .pod
@@ -205,7 +252,7 @@ impl Topology {
                 .stdin
                 .take()
                 .context("stdin")?
-                .write_all(istio_rules(v6).as_bytes())?;
+                .write_all(istio_rules_with(v6, c).as_bytes())?;
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -236,5 +283,43 @@ mod tests {
         assert!(r.contains("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
         assert!(r.contains("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
         assert!(istio_rules(true).contains("! -d ::1/128"));
+        assert!(r.contains(
+            "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"
+        ));
+    }
+
+    #[test]
+    fn capture_settings_take_istio_iptables_shapes() {
+        let c = CaptureSettings {
+            include: Some(vec!["10.0.0.0/8".into(), "fd00::/16".into()]),
+            exclude: vec!["10.96.0.0/12".into()],
+            exclude_ports: vec![22, 80, 443],
+        };
+        let r = istio_rules_with(false, &c);
+        let out: Vec<&str> = r
+            .lines()
+            .filter(|l| l.starts_with("-A ISTIO_OUTPUT"))
+            .collect();
+        assert_eq!(
+            out.first(),
+            Some(&"-A ISTIO_OUTPUT -p tcp -m multiport --dports 22,80,443 -j RETURN")
+        );
+        assert_eq!(
+            &out[out.len() - 3..],
+            &[
+                "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+                "-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN",
+                "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT",
+            ]
+        );
+        assert!(!r.contains("fd00::/16"));
+        assert!(
+            istio_rules_with(true, &c).contains("-A ISTIO_OUTPUT -d fd00::/16 -j ISTIO_REDIRECT")
+        );
+        let none = CaptureSettings {
+            include: Some(vec![]),
+            ..CaptureSettings::default()
+        };
+        assert!(!istio_rules_with(false, &none).contains("-j ISTIO_REDIRECT\n"));
     }
 }

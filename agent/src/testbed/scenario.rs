@@ -143,6 +143,8 @@ pub struct App {
     pub target: Option<String>,
     /// Keep dialing after a success.
     pub keep_going: bool,
+    /// An AF_INET6 socket dialing IPv4 targets in IPv4-mapped form.
+    pub dual_stack: bool,
 }
 
 impl Default for App {
@@ -153,6 +155,7 @@ impl Default for App {
             nonblocking: true,
             target: None,
             keep_going: false,
+            dual_stack: false,
         }
     }
 }
@@ -280,6 +283,9 @@ impl SimPod {
         }
         if app.keep_going {
             args.push("--keep-going");
+        }
+        if app.dual_stack {
+            args.push("--dual-stack");
         }
         self.in_container("app", &args)
     }

@@ -1,0 +1,468 @@
+//! Exact race verdicts end to end: a refusal is the race only when the
+//! connect was captured (redirected to 15001). Simulated Istio pods with
+//! istio-iptables' rule shapes for each capture annotation, the real agent,
+//! the real kernel (which proves capture with `tcp:tcp_send_reset`).
+
+mod common;
+
+use std::{net::TcpListener, path::PathBuf, time::Duration};
+
+use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
+use connscope::{
+    attribute::runtime::Roots,
+    testbed::{
+        net::CaptureSettings,
+        pod::cgroup2_root,
+        scenario::{App, SimPod},
+    },
+};
+use serde_json::{Value, json};
+
+struct Env {
+    dir: TempDir,
+    roots: Roots,
+    cg: PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = TempDir::new(tag);
+        let roots = Roots {
+            containerd: dir.0.join("ctd"),
+            crio: dir.0.join("crio"),
+        };
+        Env {
+            roots,
+            cg: cgroup2_root().unwrap(),
+            dir,
+        }
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let mut args = vec![
+            "--containerd-root",
+            self.roots.containerd.to_str().unwrap(),
+            "--crio-root",
+            self.roots.crio.to_str().unwrap(),
+            "--hold-seconds",
+            "1",
+            "--node-name",
+            "test-node",
+        ];
+        if !extra.contains(&"--kubernetes") {
+            args.extend(["--kubernetes", "off"]);
+        }
+        args.extend_from_slice(extra);
+        Agent::start(&self.dir.0, &args)
+    }
+
+    /// An injected pod whose rules follow `capture`.
+    fn pod(&self, tag: u8, name: &str, capture: &CaptureSettings) -> SimPod {
+        let pod =
+            SimPod::create(BIN.as_ref(), tag, &self.cg, &self.roots, "shop", name, true).unwrap();
+        pod.topo.install_istio_rules_with(capture).unwrap();
+        pod
+    }
+}
+
+fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
+        .collect()
+}
+
+fn failures_of(events: &[Value], pid: u32) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "connect_failure" && e["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// Waits until the agent reported `n` failures of `pid`, and returns them.
+fn wait_failures(agent: &Agent, pid: u32, n: usize) -> Vec<Value> {
+    wait_for(
+        &format!("{n} failures of pid {pid}"),
+        Duration::from_secs(10),
+        || {
+            let f = failures_of(&agent.events(), pid);
+            (f.len() >= n).then_some(f)
+        },
+    )
+}
+
+fn stop(mut agent: Agent) -> Vec<Value> {
+    assert!(agent.stop().success());
+    agent.events()
+}
+
+/// The app's refusals: all of them ECONNREFUSED (the count the app itself
+/// reports).
+fn refused(app: &[connscope::testbed::dial::Outcome]) -> usize {
+    let n = app.iter().filter(|o| !o.ok).count();
+    assert!(
+        app.iter()
+            .filter(|o| !o.ok)
+            .all(|o| o.error == "ECONNREFUSED"),
+        "{app:?}"
+    );
+    n
+}
+
+#[test]
+fn captured_destination_every_refusal_is_the_race() {
+    if !privileged("captured_destination_every_refusal_is_the_race") {
+        return;
+    }
+    let env = Env::new("cap-captured");
+    let agent = env.agent(&[]);
+    let mut pod = env.pod(41, "orders-7d9f8c6b5-aaaaa", &CaptureSettings::default());
+    pod.start_sidecar(1200, 0).unwrap();
+    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
+        .unwrap();
+    let attempts = pod.run_app(&App::default()).unwrap();
+    let n = refused(&attempts);
+    assert!(attempts.last().unwrap().ok && n >= 3, "{attempts:?}");
+    let uid = pod.pod.uid.clone();
+    wait_for("startup_race summary", Duration::from_secs(10), || {
+        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
+    });
+    let events = stop(agent);
+    let f = failures_of(&events, attempts[0].pid);
+    assert_eq!(f.len(), n, "one event per refusal");
+    for e in &f {
+        assert_eq!(e["phase"], "startup_race", "{e}");
+        assert_eq!(e["capture"], "kernel", "{e}");
+    }
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["refused"], n);
+    assert_eq!(s[0]["destinations"], json!([pod.upstream()]));
+}
+
+/// An uncaptured destination refusing while the sidecar is not listening:
+/// `target` in a pod whose rules follow `capture`.
+fn uncaptured(tag: u8, name: &str, capture: CaptureSettings, target: impl Fn(&SimPod) -> String) {
+    let env = Env::new(&format!("cap-{tag}"));
+    let agent = env.agent(&[]);
+    let pod = env.pod(tag, name, &capture);
+    let target = target(&pod);
+    // No sidecar at all: 15001 never listens, so a captured connect would
+    // be refused by the pod itself, and an uncaptured one is refused by
+    // the destination.
+    let attempts = pod
+        .run_app(&App {
+            attempts: 5,
+            interval_ms: 20,
+            target: Some(target.clone()),
+            ..App::default()
+        })
+        .unwrap();
+    let n = refused(&attempts);
+    assert_eq!(n, 5, "{attempts:?}");
+    let f = wait_failures(&agent, attempts[0].pid, n);
+    let events = stop(agent);
+    assert_eq!(f.len(), n);
+    for e in &f {
+        assert_eq!(e["phase"], "not_captured", "{capture:?}: {e}");
+        assert_eq!(e["capture"], "kernel", "{e}");
+        assert_eq!(e["dst"], target.as_str());
+    }
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["pod_uid"] == pod.pod.uid.as_str())
+            .all(|e| e["phase"] != "startup_race"),
+        "zero race for {capture:?}"
+    );
+    assert!(of_pod(&events, &pod.pod.uid, "startup_race").is_empty());
+}
+
+/// Nothing listens on port 9 of the upstream host: it refuses by itself.
+const CLOSED: u16 = 9;
+
+#[test]
+fn excluded_ip_range_is_not_the_race() {
+    if !privileged("excluded_ip_range_is_not_the_race") {
+        return;
+    }
+    uncaptured(
+        42,
+        "excl-range-7d9f8c6b5-bbbbb",
+        CaptureSettings {
+            exclude: vec!["10.213.42.0/30".into()],
+            ..CaptureSettings::default()
+        },
+        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
+    );
+}
+
+#[test]
+fn excluded_port_is_not_the_race() {
+    if !privileged("excluded_port_is_not_the_race") {
+        return;
+    }
+    uncaptured(
+        43,
+        "excl-port-7d9f8c6b5-ccccc",
+        CaptureSettings {
+            exclude_ports: vec![CLOSED],
+            ..CaptureSettings::default()
+        },
+        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
+    );
+}
+
+#[test]
+fn destination_outside_included_ranges_is_not_the_race() {
+    if !privileged("destination_outside_included_ranges_is_not_the_race") {
+        return;
+    }
+    uncaptured(
+        44,
+        "incl-range-7d9f8c6b5-ddddd",
+        CaptureSettings {
+            include: Some(vec!["10.96.0.0/12".into()]),
+            ..CaptureSettings::default()
+        },
+        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
+    );
+}
+
+#[test]
+fn pods_own_ip_is_not_the_race() {
+    if !privileged("pods_own_ip_is_not_the_race") {
+        return;
+    }
+    uncaptured(
+        45,
+        "own-ip-7d9f8c6b5-eeeee",
+        CaptureSettings::default(),
+        |p| format!("{}:{CLOSED}", p.topo.pod_v4),
+    );
+}
+
+#[test]
+fn mixed_destinations_summary_holds_only_the_captured() {
+    if !privileged("mixed_destinations_summary_holds_only_the_captured") {
+        return;
+    }
+    let env = Env::new("cap-mixed");
+    let agent = env.agent(&[]);
+    let mut pod = env.pod(
+        46,
+        "mixed-7d9f8c6b5-fffff",
+        &CaptureSettings {
+            exclude_ports: vec![CLOSED],
+            ..CaptureSettings::default()
+        },
+    );
+    let excluded = pod.topo.upstream_addr(false, CLOSED).to_string();
+    let app = |target: String| App {
+        attempts: 4,
+        interval_ms: 20,
+        target: Some(target),
+        ..App::default()
+    };
+    // Before the sidecar exists: both refused, only one captured.
+    let a = pod.run_app(&app(pod.upstream())).unwrap();
+    let b = pod.run_app(&app(excluded.clone())).unwrap();
+    let a2 = pod.run_app(&app(pod.upstream())).unwrap();
+    let (na, nb, na2) = (refused(&a), refused(&b), refused(&a2));
+    assert_eq!((na, nb, na2), (4, 4, 4));
+    pod.start_sidecar(0, 0).unwrap();
+    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
+        .unwrap();
+    let uid = pod.pod.uid.clone();
+    wait_for("startup_race summary", Duration::from_secs(10), || {
+        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
+    });
+    let events = stop(agent);
+    for (o, phase) in [
+        (&a, "startup_race"),
+        (&b, "not_captured"),
+        (&a2, "startup_race"),
+    ] {
+        let f = failures_of(&events, o[0].pid);
+        assert_eq!(f.len(), 4, "{phase}: {f:?}");
+        assert!(
+            f.iter()
+                .all(|e| e["phase"] == phase && e["capture"] == "kernel"),
+            "{phase}: {f:?}"
+        );
+    }
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["refused"], na + na2, "{}", s[0]);
+    assert_eq!(s[0]["destinations"], json!([pod.upstream()]));
+}
+
+#[test]
+fn dual_stack_client_loopback_is_not_the_race_captured_is() {
+    if !privileged("dual_stack_client_loopback_is_not_the_race_captured_is") {
+        return;
+    }
+    let env = Env::new("cap-dual");
+    let agent = env.agent(&[]);
+    let mut pod = env.pod(47, "java-7d9f8c6b5-ggggg", &CaptureSettings::default());
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let local = format!("127.0.0.1:{closed}");
+    let app = |target: String| App {
+        attempts: 3,
+        interval_ms: 20,
+        target: Some(target),
+        dual_stack: true,
+        ..App::default()
+    };
+    let l = pod.run_app(&app(local.clone())).unwrap();
+    let c = pod.run_app(&app(pod.upstream())).unwrap();
+    assert_eq!((refused(&l), refused(&c)), (3, 3));
+    pod.start_sidecar(0, 0).unwrap();
+    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
+        .unwrap();
+    let uid = pod.pod.uid.clone();
+    wait_for("startup_race summary", Duration::from_secs(10), || {
+        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
+    });
+    let events = stop(agent);
+    let fl = failures_of(&events, l[0].pid);
+    assert_eq!(fl.len(), 3, "{fl:?}");
+    for e in &fl {
+        assert_eq!(e["phase"], "sidecar_not_ready", "loopback: {e}");
+        assert_eq!(e["family"], "inet", "{e}");
+        assert_eq!(e["dst"], local.as_str());
+    }
+    let fc = failures_of(&events, c[0].pid);
+    assert_eq!(fc.len(), 3, "{fc:?}");
+    for e in &fc {
+        assert_eq!(e["phase"], "startup_race", "{e}");
+        assert_eq!(e["capture"], "kernel", "{e}");
+        assert_eq!(e["family"], "inet", "{e}");
+        assert_eq!(e["dst"], pod.upstream().as_str());
+        assert!(!e["src"].as_str().unwrap().contains("::ffff:"), "{e}");
+    }
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["refused"], 3);
+    assert_eq!(s[0]["destinations"], json!([pod.upstream()]));
+}
+
+/// The API's view of a simulated injected pod, with its addresses.
+fn api_pod(pod: &SimPod, annotations: Value) -> Value {
+    let cid = |n: &str| format!("containerd://{}", pod.pod.container(n).unwrap().id);
+    let status = |n: &str| {
+        json!({"name": n, "ready": true, "restartCount": 0, "image": "i",
+        "imageID": "", "started": true, "containerID": cid(n),
+        "state": {"running": {"startedAt": "2026-11-24T10:00:00Z"}}})
+    };
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.pod.name, "namespace": pod.pod.namespace, "uid": pod.pod.uid,
+            "annotations": annotations},
+        "spec": {"nodeName": "test-node", "containers": [{"name": "app"}, {"name": "istio-proxy"}]},
+        "status": {"podIP": pod.topo.pod_v4.to_string(),
+            "podIPs": [{"ip": pod.topo.pod_v4.to_string()}, {"ip": pod.topo.pod_v6.to_string()}],
+            "containerStatuses": [status("app"), status("istio-proxy")]}})
+}
+
+/// Without the kernel's proof (the hook disabled, as on kernels before
+/// 6.10), the pod's annotations decide: uncaptured destinations are not the
+/// race, captured ones are, and every failure says `capture: annotations`.
+#[test]
+fn without_kernel_proof_annotations_decide() {
+    if !privileged("without_kernel_proof_annotations_decide") {
+        return;
+    }
+    let env = Env::new("cap-ann");
+    let settings = CaptureSettings {
+        exclude: vec!["10.213.48.0/30".into()],
+        exclude_ports: vec![CLOSED],
+        ..CaptureSettings::default()
+    };
+    let mut pod = env.pod(48, "annotated-7d9f8c6b5-hhhhh", &settings);
+    let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.213.48.0/30",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "9"});
+    std::fs::write(
+        env.dir.0.join("state.json"),
+        json!({"pods": [api_pod(&pod, ann)]}).to_string(),
+    )
+    .unwrap();
+    let port = common::free_port();
+    let _api = fake_api(&env.dir.0, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut agent = env.agent(&[
+        "--kubernetes",
+        "on",
+        "--kube-api-url",
+        &url,
+        "--disable-probe",
+        "tcp_send_reset",
+    ]);
+    agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
+    // The API's view first: loopback dials (never the race) until one is
+    // attributed through the API.
+    wait_for("API attribution", Duration::from_secs(20), || {
+        pod.run_app(&App {
+            attempts: 1,
+            target: Some("127.0.0.1:9".into()),
+            ..App::default()
+        })
+        .ok()?;
+        of_pod(&agent.events(), &pod.pod.uid, "connect_failure")
+            .iter()
+            .any(|e| e["workload_source"] == "api")
+            .then_some(())
+    });
+    let app = |target: String| App {
+        attempts: 3,
+        interval_ms: 20,
+        target: Some(target),
+        ..App::default()
+    };
+    // Excluded range (the upstream host's IPv4 /30), excluded port (over
+    // IPv6, outside that range), own IP: not the race; the upstream host
+    // over IPv6 is captured (include is `*`): the race.
+    let cases = [
+        (pod.topo.upstream_addr(false, 7).to_string(), "not_captured"),
+        (
+            pod.topo.upstream_addr(true, CLOSED).to_string(),
+            "not_captured",
+        ),
+        (format!("{}:7", pod.topo.pod_v4), "not_captured"),
+        (
+            pod.topo.upstream_addr(true, 8080).to_string(),
+            "startup_race",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (t, phase) in &cases {
+        let o = pod.run_app(&app(t.clone())).unwrap();
+        assert_eq!(refused(&o), 3, "{t}: {o:?}");
+        runs.push((o, *phase));
+    }
+    pod.start_sidecar(0, 0).unwrap();
+    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
+        .unwrap();
+    let uid = pod.pod.uid.clone();
+    wait_for("startup_race summary", Duration::from_secs(10), || {
+        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
+    });
+    let events = stop(agent);
+    for (o, phase) in &runs {
+        let f = failures_of(&events, o[0].pid);
+        assert_eq!(f.len(), 3, "{f:?}");
+        for e in &f {
+            assert_eq!(e["phase"], *phase, "{e}");
+            assert_eq!(e["capture"], "annotations", "{e}");
+        }
+    }
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["refused"], 3, "{}", s[0]);
+    assert_eq!(s[0]["destinations"], json!([cases[3].0]));
+}
