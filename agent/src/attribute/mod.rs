@@ -511,6 +511,7 @@ mod tests {
                 })
                 .collect(),
             istio: IstioAnnotations::default(),
+            pod_ips: Vec::new(),
         }]));
         s
     }
