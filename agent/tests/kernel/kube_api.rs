@@ -2,11 +2,9 @@
 //! can run here) speaking list+watch with real Kubernetes JSON: workloads by
 //! owner walk, an outage at start that degrades and recovers by itself.
 
-mod common;
-
 use std::{net::TcpListener, time::Duration};
 
-use common::{Agent, TempDir, dial, fake_api, privileged, wait_for};
+use crate::fixture::{Agent, TempDir, dial, fake_api, privileged, wait_for};
 use connscope::{
     attribute::kubelet::Qos,
     attribute::runtime::Roots,

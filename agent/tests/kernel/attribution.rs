@@ -2,11 +2,9 @@
 //! cgroup v2 directories, runtime-shaped metadata files, real connect()
 //! failures; the agent must name namespace, pod, container and workload.
 
-mod common;
-
 use std::net::TcpListener;
 
-use common::{Agent, TempDir, dial, privileged};
+use crate::fixture::{Agent, TempDir, dial, privileged};
 use connscope::{
     attribute::kubelet::Qos,
     attribute::runtime::Roots,

@@ -2,11 +2,11 @@
 //! missing or broken runtime state, hooks refused on purpose, capabilities
 //! dropped after start, endpoints that leak nothing and cannot exhaust memory.
 
-mod common;
-
 use std::{net::TcpStream, process::Command, time::Duration};
 
-use common::{Agent, BIN, TempDir, dial, free_port, http_get, metric, privileged, wait_for};
+use crate::fixture::{
+    Agent, BIN, TempDir, dial, free_port, http_get, metric, privileged, wait_for,
+};
 use connscope::{
     attribute::kubelet::Qos,
     attribute::runtime::Roots,

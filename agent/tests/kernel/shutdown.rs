@@ -1,15 +1,13 @@
 //! SIGTERM in the middle of a connect flood: the agent exits within 2 s and
 //! leaves no program or link of its own in the kernel (`bpftool`).
 
-mod common;
-
 use std::{
     collections::HashSet,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Agent, BIN, TempDir, metric, privileged, wait_for};
+use crate::fixture::{Agent, BIN, TempDir, metric, privileged, wait_for};
 use connscope::kernel::probes::program_names;
 use serde_json::Value;
 

@@ -2,11 +2,9 @@
 //! runtime files), each with a refused connect; once they are gone every
 //! per-pod entry is freed and memory does not grow with the churn.
 
-mod common;
-
 use std::{process::Command, time::Duration};
 
-use common::{Agent, BIN, TempDir, http_get, privileged, wait_for, wait_for_or};
+use crate::fixture::{Agent, BIN, TempDir, http_get, privileged, wait_for, wait_for_or};
 use connscope::{
     attribute::kubelet::Qos,
     attribute::runtime::Roots,

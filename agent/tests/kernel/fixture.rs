@@ -1,5 +1,4 @@
 //! Helpers for tests that run the real agent against the real kernel.
-#![allow(dead_code)]
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -12,11 +11,11 @@ use std::{
 use serde_json::Value;
 
 /// The agent binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_connscope");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_connscope");
 
 /// Whether this test can run: root with BPF. Under `CI=true` a missing
 /// privilege fails the test instead of skipping it silently.
-pub fn privileged(test: &str) -> bool {
+pub(crate) fn privileged(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if root {
@@ -32,7 +31,7 @@ pub fn privileged(test: &str) -> bool {
 }
 
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
-pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
     wait_for_or(timeout, f)
         .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
@@ -40,7 +39,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) 
 /// Polls `f` until it returns Some, or gives None at the deadline (for
 /// callers whose failure message needs the last state they saw).
 #[allow(dead_code)]
-pub fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub(crate) fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -54,19 +53,19 @@ pub fn wait_for_or<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Op
 }
 
 /// A running `connscope run`, stopped with SIGTERM on drop.
-pub struct Agent {
-    pub child: Child,
+pub(crate) struct Agent {
+    pub(crate) child: Child,
     /// Port of /metrics, /healthz, /readyz, /events.
-    pub http_port: u16,
-    pub events: PathBuf,
-    pub stderr: mpsc::Receiver<String>,
-    pub stderr_log: Vec<String>,
+    pub(crate) http_port: u16,
+    pub(crate) events: PathBuf,
+    pub(crate) stderr: mpsc::Receiver<String>,
+    pub(crate) stderr_log: Vec<String>,
 }
 
 impl Agent {
     /// Starts the agent writing events to a fresh file in `dir`, and waits
     /// until its probes are attached.
-    pub fn start(dir: &Path, extra: &[&str]) -> Agent {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Agent {
         let events = dir.join("events.json");
         let _ = std::fs::remove_file(&events);
         let http_port = free_port();
@@ -107,7 +106,7 @@ impl Agent {
     }
 
     /// Waits for a stderr line containing `needle`.
-    pub fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+    pub(crate) fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.stderr_log.iter().find(|l| l.contains(needle)) {
@@ -129,7 +128,7 @@ impl Agent {
     }
 
     /// Waits (10 s) for the connect failure of `pid` and returns it.
-    pub fn failure(&self, pid: u32) -> Value {
+    pub(crate) fn failure(&self, pid: u32) -> Value {
         wait_for(
             &format!("connect_failure of pid {pid}"),
             Duration::from_secs(10),
@@ -142,7 +141,7 @@ impl Agent {
     }
 
     /// Collects every stderr line printed so far.
-    pub fn drain_stderr(&mut self) -> &[String] {
+    pub(crate) fn drain_stderr(&mut self) -> &[String] {
         while let Ok(l) = self.stderr.try_recv() {
             self.stderr_log.push(l);
         }
@@ -150,12 +149,12 @@ impl Agent {
     }
 
     /// Every event line written so far.
-    pub fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         read_json_lines(&self.events)
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn stop(&mut self) -> std::process::ExitStatus {
         terminate(&mut self.child, Duration::from_secs(10))
     }
 }
@@ -169,7 +168,7 @@ impl Drop for Agent {
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
-pub fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus {
+pub(crate) fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus {
     // SAFETY: signalling a child we own.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
@@ -188,7 +187,7 @@ pub fn terminate(child: &mut Child, grace: Duration) -> std::process::ExitStatus
 /// Parses a JSON-lines file; a missing file is empty. The agent may be
 /// writing it meanwhile (its buffer can fill in the middle of a line): only
 /// lines already ended by a newline are read.
-pub fn read_json_lines(p: &Path) -> Vec<Value> {
+pub(crate) fn read_json_lines(p: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(p).unwrap_or_default();
     let complete = text.rfind('\n').map_or("", |i| &text[..i]);
     complete
@@ -199,10 +198,10 @@ pub fn read_json_lines(p: &Path) -> Vec<Value> {
 }
 
 /// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
         let p = std::env::temp_dir().join(format!("connscope-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
@@ -218,14 +217,14 @@ impl Drop for TempDir {
 
 /// A background process (sidecar, upstream) killed on drop, with its stdout
 /// lines collected.
-pub struct Bg {
-    pub child: Child,
-    pub lines: mpsc::Receiver<String>,
-    pub seen: Vec<String>,
+pub(crate) struct Bg {
+    pub(crate) child: Child,
+    pub(crate) lines: mpsc::Receiver<String>,
+    pub(crate) seen: Vec<String>,
 }
 
 impl Bg {
-    pub fn spawn(mut cmd: Command) -> Bg {
+    pub(crate) fn spawn(mut cmd: Command) -> Bg {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -248,7 +247,7 @@ impl Bg {
     }
 
     /// Waits for a stdout line containing `needle`.
-    pub fn wait_line(&mut self, needle: &str, timeout: Duration) {
+    pub(crate) fn wait_line(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.seen.iter().any(|l| l.contains(needle)) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -283,7 +282,7 @@ impl Drop for Bg {
 
 /// Starts the stand-in Kubernetes API server on `port`, serving
 /// `dir/state.json` and logging requests to `dir/api.log`.
-pub fn fake_api(dir: &Path, port: u16) -> Bg {
+pub(crate) fn fake_api(dir: &Path, port: u16) -> Bg {
     let mut c = Command::new("python3");
     c.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -300,7 +299,7 @@ pub fn fake_api(dir: &Path, port: u16) -> Bg {
 }
 
 /// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -309,7 +308,7 @@ pub fn free_port() -> u16 {
 }
 
 /// GET on the agent's HTTP port: (status, body). Bounded by a timeout.
-pub fn http_get(port: u16, path: &str) -> (u16, String) {
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect agent HTTP");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -334,7 +333,7 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// Percent-encodes a query value.
-pub fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
@@ -347,13 +346,13 @@ pub fn urlencode(s: &str) -> String {
 
 /// A real Prometheus server (Debian package) on loopback, scraping the given
 /// targets every second, optionally with rule files and an Alertmanager.
-pub struct Prometheus {
-    pub port: u16,
+pub(crate) struct Prometheus {
+    pub(crate) port: u16,
     _proc: Bg,
 }
 
 impl Prometheus {
-    pub fn start(
+    pub(crate) fn start(
         dir: &Path,
         targets: &[u16],
         rules: &[PathBuf],
@@ -389,7 +388,7 @@ impl Prometheus {
     }
 
     /// Instant query through the HTTP API; the result vector.
-    pub fn query(&self, q: &str) -> Vec<Value> {
+    pub(crate) fn query(&self, q: &str) -> Vec<Value> {
         let (status, body) = http_get(self.port, &format!("/api/v1/query?query={}", urlencode(q)));
         assert_eq!(status, 200, "query {q}: {body}");
         let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
@@ -397,7 +396,7 @@ impl Prometheus {
     }
 
     /// The single value of a query, if it has exactly one series.
-    pub fn value(&self, q: &str) -> Option<f64> {
+    pub(crate) fn value(&self, q: &str) -> Option<f64> {
         let r = self.query(q);
         (r.len() == 1).then(|| r[0]["value"][1].as_str()?.parse().ok())?
     }
@@ -405,7 +404,7 @@ impl Prometheus {
 
 /// Runs the stand-in application once (optionally inside a cgroup, as a
 /// runtime starts a container's process) and returns its attempt.
-pub fn dial(
+pub(crate) fn dial(
     target: &str,
     cgroup: Option<&Path>,
     nonblocking: bool,
@@ -432,7 +431,7 @@ pub fn dial(
 
 /// Sum of the agent's `/metrics` samples whose line starts with `name`
 /// (a metric name, or a name with its label set).
-pub fn metric(port: u16, name: &str) -> f64 {
+pub(crate) fn metric(port: u16, name: &str) -> f64 {
     http_get(port, "/metrics")
         .1
         .lines()

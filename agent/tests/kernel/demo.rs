@@ -1,11 +1,9 @@
 //! The README's first command: `connscope demo` shows a real race, verdict
 //! included, and leaves nothing behind.
 
-mod common;
-
 use std::process::Command;
 
-use common::{BIN, privileged};
+use crate::fixture::{BIN, privileged};
 
 #[test]
 fn demo_catches_the_race_and_cleans_up() {

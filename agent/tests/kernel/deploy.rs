@@ -3,15 +3,15 @@
 //! Prometheus with the shipped rules + real Alertmanager, where a race pages
 //! and a pod without a race does not, and every dashboard query runs.
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
 
-use common::{Agent, BIN, Bg, Prometheus, TempDir, free_port, http_get, privileged, wait_for};
+use crate::fixture::{
+    Agent, BIN, Bg, Prometheus, TempDir, free_port, http_get, privileged, wait_for,
+};
 use connscope::{
     attribute::runtime::Roots,
     testbed::{

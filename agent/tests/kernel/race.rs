@@ -2,11 +2,9 @@
 //! (network namespace with Istio's capture rules, kubelet cgroups, runtime
 //! metadata, stand-in sidecar and app), the agent classifying what it sees.
 
-mod common;
-
 use std::{net::TcpListener, path::PathBuf, time::Duration};
 
-use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
+use crate::fixture::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
 use connscope::{
     attribute::runtime::Roots,
     testbed::{
@@ -384,7 +382,7 @@ fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
     });
 }
 
-fn with_api(env: &Env, pods: Vec<Value>) -> (common::Bg, String) {
+fn with_api(env: &Env, pods: Vec<Value>) -> (crate::fixture::Bg, String) {
     std::fs::write(
         env.dir.0.join("state.json"),
         json!({"pods": pods}).to_string(),

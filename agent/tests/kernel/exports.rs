@@ -3,15 +3,13 @@
 //! `/events` filters and follow mode; Kubernetes Events written to the
 //! stand-in API server.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     time::{Duration, Instant},
 };
 
-use common::{
+use crate::fixture::{
     Agent, BIN, Prometheus, TempDir, fake_api, free_port, http_get, privileged, wait_for,
 };
 use connscope::{

@@ -2,11 +2,9 @@
 //! namespace with Istio's real capture rules is refused until a stand-in
 //! sidecar (uid 1337, SO_ORIGINAL_DST forwarding) listens on 15001.
 
-mod common;
-
 use std::{process::Command, time::Duration};
 
-use common::{Agent, BIN, Bg, TempDir, privileged, wait_for};
+use crate::fixture::{Agent, BIN, Bg, TempDir, privileged, wait_for};
 use connscope::testbed::{
     dial::{Outcome, parse_outcomes},
     net::Topology,
@@ -143,7 +141,7 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
             served.push(o);
         }
     }
-    common::terminate(&mut sidecar.child, Duration::from_secs(5));
+    crate::fixture::terminate(&mut sidecar.child, Duration::from_secs(5));
 
     // 4. What the agent saw.
     let sidecar_pid = sidecar.child.id();
