@@ -3,13 +3,11 @@
 
 use std::process::Command;
 
-use crate::fixture::{BIN, privileged};
+use crate::fixture::{BIN, Node};
 
 #[test]
 fn demo_catches_the_race_and_cleans_up() {
-    if !privileged("demo_catches_the_race_and_cleans_up") {
-        return;
-    }
+    let Some(_node) = Node::shared() else { return };
     let out = Command::new(BIN)
         .args(["demo", "--sidecar-delay-ms", "800"])
         .output()

@@ -2,41 +2,36 @@
 //! missing or broken runtime state, hooks refused on purpose, capabilities
 //! dropped after start, endpoints that leak nothing and cannot exhaust memory.
 
-use std::{net::TcpStream, process::Command, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
 
 use crate::fixture::{
-    Agent, BIN, TempDir, dial, free_port, http_get, metric, privileged, wait_for,
-};
-use connscope::{
-    attribute::kubelet::Qos,
-    attribute::runtime::Roots,
-    testbed::pod::{Flavor, Pod, cgroup2_root},
+    BIN, Node, assert_absent, assert_fields, closed_target, dial, dial_in, http_get, metric,
+    refused_storm, wait_for,
 };
 
-fn closed() -> String {
-    format!("127.0.0.1:{}", free_port())
+/// Opens `GET /events?follow=1` on the agent's port and reads the start of
+/// the answer (bounded by `timeout`): the open connection and what it read.
+fn follow(port: u16, timeout: Duration) -> std::io::Result<(TcpStream, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET /events?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf)?;
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok((s, head))
 }
 
 #[test]
 fn ring_buffer_overflow_is_counted_and_the_agent_keeps_going() {
-    if !privileged("ring_buffer_overflow_is_counted_and_the_agent_keeps_going") {
-        return;
-    }
-    let dir = TempDir::new("overflow");
-    let agent = Agent::start(
-        &dir.0,
-        &["--ring-buffer-bytes", "4096", "--kubernetes", "off"],
-    );
-    let out = Command::new(BIN)
-        .args([
-            "testbed",
-            "storm",
-            "--refused",
-            "--threads",
-            "2",
-            "--seconds",
-            "1",
-        ])
+    // Alone: the storm would overflow the other tests' agents too.
+    let Some(node) = Node::alone() else { return };
+    let agent = node.agent(&["--ring-buffer-bytes", "4096"]);
+    let out = refused_storm(&["--threads", "2", "--seconds", "1"])
         .output()
         .unwrap();
     let storm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -56,87 +51,35 @@ fn ring_buffer_overflow_is_counted_and_the_agent_keeps_going() {
         lines.iter().any(|e| e["type"] == "events_lost"),
         "loss is also in the event stream"
     );
-    // Still working afterwards.
+    // Still working afterwards: a failure after the overflow is reported.
     assert_eq!(http_get(port, "/readyz").0, 200);
-    let o = dial(&closed(), None, false);
-    wait_for(
-        "a failure after the overflow",
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .iter()
-                .any(|e| e["type"] == "connect_failure" && e["pid"] == o.pid)
-                .then_some(())
-        },
-    );
+    agent.failure(dial(&closed_target(), None, false).pid);
 }
 
 #[test]
 fn runtime_state_absent_or_broken_degrades_and_is_counted() {
-    if !privileged("runtime_state_absent_or_broken_degrades_and_is_counted") {
+    let Some(mut node) = Node::shared() else {
         return;
-    }
-    let dir = TempDir::new("rtfault");
-    let roots = Roots {
-        containerd: dir.0.join("ctd"),
-        crio: dir.0.join("crio"),
     };
-    let cg = cgroup2_root().unwrap();
-    let mut pod = Pod::create(
-        &cg,
-        &roots,
-        Flavor::Containerd,
-        Qos::Burstable,
-        "shop",
-        "a-7d9f8c6b5-x2k4p",
-        &["app"],
-    )
-    .unwrap();
+    // CRI-O's root does not exist at all.
+    node.roots.crio = node.dir.join("absent");
+    let mut pod = node.containerd_pod("shop/a-7d9f8c6b5-x2k4p", &["app"]);
     // config.json unreadable (a directory where the file should be).
     pod.add_container("broken").unwrap();
     let broken = pod.container("broken").unwrap().id.clone();
-    let cfg = roots
+    let cfg = node
+        .roots
         .containerd
         .join("k8s.io")
         .join(&broken)
         .join("config.json");
     std::fs::remove_file(&cfg).unwrap();
     std::fs::create_dir(&cfg).unwrap();
-    let agent = Agent::start(
-        &dir.0,
-        &[
-            "--kubernetes",
-            "off",
-            "--hold-seconds",
-            "1",
-            "--containerd-root",
-            roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            dir.0.join("absent").to_str().unwrap(),
-        ],
-    );
-    let o = dial(
-        &closed(),
-        Some(&pod.container("broken").unwrap().cgroup),
-        false,
-    );
-    let e = wait_for(
-        "failure in a container with unreadable metadata",
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .into_iter()
-                .find(|e| e["type"] == "connect_failure" && e["pid"] == o.pid)
-        },
-    );
-    assert_eq!(e["pod_uid"], pod.uid.as_str());
-    assert_eq!(e["container_id"], broken.as_str());
-    assert!(
-        e.get("container").is_none() && e.get("pod").is_none(),
-        "nothing guessed: {e}"
-    );
+    let agent = node.agent(&["--hold-seconds", "1"]);
+    // A failure in a container with unreadable metadata.
+    let e = agent.failure(dial_in(&pod, "broken", &closed_target(), false).pid);
+    assert_fields(&e, &[("pod_uid", &pod.uid), ("container_id", &broken)]);
+    assert_absent(&e, &["container", "pod"]);
     wait_for("metadata error counted", Duration::from_secs(5), || {
         (metric(
             agent.http_port,
@@ -145,96 +88,59 @@ fn runtime_state_absent_or_broken_degrades_and_is_counted() {
             .then_some(())
     });
     // The whole runtime root gone: still attributed by the cgroup path.
-    std::fs::remove_dir_all(&roots.containerd).unwrap();
+    std::fs::remove_dir_all(&node.roots.containerd).unwrap();
     pod.add_container("late").unwrap();
-    std::fs::remove_dir_all(&roots.containerd).unwrap();
-    let o = dial(
-        &closed(),
-        Some(&pod.container("late").unwrap().cgroup),
-        false,
-    );
-    let e = wait_for(
-        "failure without runtime state",
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .into_iter()
-                .find(|e| e["type"] == "connect_failure" && e["pid"] == o.pid)
-        },
-    );
-    assert_eq!(e["pod_uid"], pod.uid.as_str());
-    assert_eq!(e["qos"], "burstable");
+    std::fs::remove_dir_all(&node.roots.containerd).unwrap();
+    let e = agent.failure(dial_in(&pod, "late", &closed_target(), false).pid);
+    assert_fields(&e, &[("pod_uid", &pod.uid), ("qos", "burstable")]);
 }
 
 #[test]
 fn refused_hooks_degrade_and_are_reported() {
-    if !privileged("refused_hooks_degrade_and_are_reported") {
-        return;
+    let Some(node) = Node::shared() else { return };
+    let agent = node.agent(&[
+        "--disable-probe",
+        "tcp_receive_reset",
+        "--disable-probe",
+        "sys_enter_connect",
+        "--disable-probe",
+        "sys_exit_connect",
+    ]);
+    let m = http_get(agent.http_port, "/metrics").1;
+    for (probe, attached) in [
+        ("tcp_receive_reset", 0),
+        ("sys_enter_connect", 0),
+        ("sys_exit_connect", 0),
+        ("inet_sock_set_state", 1),
+    ] {
+        assert!(
+            m.contains(&format!(
+                "connscope_probe_attached{{probe=\"{probe}\"}} {attached}"
+            )),
+            "{probe} attached {attached}: {m}"
+        );
     }
-    let dir = TempDir::new("nohooks");
-    let agent = Agent::start(
-        &dir.0,
-        &[
-            "--kubernetes",
-            "off",
-            "--disable-probe",
-            "tcp_receive_reset",
-            "--disable-probe",
-            "sys_enter_connect",
-            "--disable-probe",
-            "sys_exit_connect",
-        ],
-    );
-    let port = agent.http_port;
-    let m = http_get(port, "/metrics").1;
-    assert!(
-        m.contains("connscope_probe_attached{probe=\"tcp_receive_reset\"} 0"),
-        "{m}"
-    );
-    assert!(m.contains("connscope_probe_attached{probe=\"sys_enter_connect\"} 0"));
-    assert!(m.contains("connscope_probe_attached{probe=\"sys_exit_connect\"} 0"));
-    assert!(m.contains("connscope_probe_attached{probe=\"inet_sock_set_state\"} 1"));
     // Without the syscall hooks (the README's low-cost mode), a refused
     // connect is still reported from the socket's state change, with the
     // dialed address and errno.
-    let target = closed();
-    let o = dial(&target, None, false);
-    let e = wait_for("the failure", Duration::from_secs(10), || {
-        agent
-            .events()
-            .into_iter()
-            .find(|e| e["type"] == "connect_failure" && e["pid"] == o.pid)
-    });
+    let target = closed_target();
+    let e = agent.failure(dial(&target, None, false).pid);
     assert_eq!(e["dst"], target.as_str());
     assert_eq!(e["errno"], 111);
 }
 
 #[test]
 fn least_privilege_no_leaks_bounded_followers() {
-    if !privileged("least_privilege_no_leaks_bounded_followers") {
-        return;
-    }
-    let dir = TempDir::new("privs");
-    // SAFETY: set before the agent is spawned; the test reads it back only
-    // to look for it in responses.
-    unsafe { std::env::set_var("CONNSCOPE_TEST_SECRET", "s3cr3t-value-9f2c") };
-    let agent = Agent::start(&dir.0, &["--kubernetes", "off"]);
+    let Some(node) = Node::shared() else { return };
+    // In the agent's environment only (this process's environment is shared
+    // by the tests running beside this one).
+    let secret = ("CONNSCOPE_TEST_SECRET", "s3cr3t-value-9f2c");
+    let agent = node.agent_with_env(&[], &[secret]);
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
     let eff = connscope::kernel::check::effective_caps(&status).unwrap();
     assert_eq!(eff, 1 << 39, "only CAP_BPF kept after start-up: {eff:#x}");
-    let o = dial(&closed(), None, false);
-    wait_for(
-        "events still reported without other capabilities",
-        Duration::from_secs(10),
-        || {
-            agent
-                .events()
-                .iter()
-                .any(|e| e["type"] == "connect_failure" && e["pid"] == o.pid)
-                .then_some(())
-        },
-    );
+    // Events are still reported without the other capabilities.
+    agent.failure(dial(&closed_target(), None, false).pid);
     let port = agent.http_port;
     for path in [
         "/metrics",
@@ -244,44 +150,27 @@ fn least_privilege_no_leaks_bounded_followers() {
         "/events?follow=0&type=x",
     ] {
         let (_, body) = http_get(port, path);
-        assert!(
-            !body.contains("s3cr3t-value-9f2c"),
-            "{path} leaks the environment"
-        );
+        assert!(!body.contains(secret.1), "{path} leaks the environment");
     }
     // Followers are bounded: the 17th concurrent follower is refused.
     let mut held = Vec::new();
     for _ in 0..16 {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        use std::io::{Read as _, Write as _};
-        write!(s, "GET /events?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut buf = [0u8; 64];
-        let n = s.read(&mut buf).unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let (s, head) = follow(port, Duration::from_secs(5)).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         held.push(s);
     }
     let (status, body) = http_get(port, "/events?follow=1");
     assert_eq!(status, 503, "{body}");
     drop(held);
     wait_for("slots freed", Duration::from_secs(10), || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        use std::io::{Read as _, Write as _};
-        write!(s, "GET /events?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut buf = [0u8; 16];
-        let n = s.read(&mut buf).ok()?;
-        String::from_utf8_lossy(&buf[..n])
-            .starts_with("HTTP/1.1 200")
-            .then_some(())
+        let (_s, head) = follow(port, Duration::from_secs(2)).ok()?;
+        head.starts_with("HTTP/1.1 200").then_some(())
     });
 }
 
 #[test]
 fn check_names_missing_capabilities() {
-    if !privileged("check_names_missing_capabilities") {
-        return;
-    }
+    let Some(_node) = Node::shared() else { return };
     let out = Command::new("setpriv")
         .args([
             "--bounding-set",
