@@ -1,6 +1,9 @@
 //! Attribution against the real kernel: processes moved into kubelet-shaped
 //! cgroup v2 directories, runtime-shaped metadata files, real connect()
 //! failures; the agent must name namespace, pod, container and workload.
+//!
+//! Why: an event is only as useful as the names on it. Shares the machine:
+//! it reads only the failures of its own dialers (by pid).
 
 use connscope::{
     attribute::kubelet::Qos,

@@ -1,5 +1,8 @@
 //! The README's first command: `connscope demo` shows a real race, verdict
 //! included, and leaves nothing behind.
+//!
+//! Why: it is what a new user runs first. Shares the machine: the demo's
+//! network namespaces use tag 200, which the fixture never hands out.
 
 use std::process::Command;
 

@@ -2,6 +2,11 @@
 //! the rendered chart (kubernetes-validate), and end to end: agent + real
 //! Prometheus with the shipped rules + real Alertmanager, where a race pages
 //! and a pod without a race does not, and every dashboard query runs.
+//!
+//! Why: the files are what users run in production; checking them only by eye
+//! would let a broken rule or query ship. The end-to-end test runs alone: its
+//! agent counts the races of every pod on the machine, and it checks that
+//! only the racing workload pages.
 
 use std::{
     path::{Path, PathBuf},

@@ -2,6 +2,10 @@
 //! scenario and the values are read back through Prometheus' HTTP API;
 //! `/events` filters and follow mode; Kubernetes Events written to the
 //! stand-in API server.
+//!
+//! Why: these are how users read connscope. Shares the machine: every query
+//! is scoped to its own workload, and other tests' pods have no metadata in
+//! its runtime roots or its API server, so its agent cannot name them.
 
 use std::{
     io::{Read as _, Write as _},

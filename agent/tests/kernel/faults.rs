@@ -1,6 +1,10 @@
 //! Faults and least privilege on the real kernel: ring buffer overflow,
 //! missing or broken runtime state, hooks refused on purpose, capabilities
 //! dropped after start, endpoints that leak nothing and cannot exhaust memory.
+//!
+//! Why: a node is not a lab; the agent must degrade, say so, and keep going.
+//! The overflow test runs alone: its storm would overflow the other tests'
+//! agents too.
 
 use std::{
     io::{Read as _, Write as _},

@@ -1,5 +1,9 @@
 //! Bad input, briefly fuzzed (proptest): every parser of outside data must
 //! never panic and never allocate without bound. Runs without root.
+//!
+//! Why: these inputs come from the kernel, files and the network. Each case
+//! still takes a shared turn, so that a test that runs alone has the CPU to
+//! itself.
 
 use clap::Parser as _;
 use connscope::{

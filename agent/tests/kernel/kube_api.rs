@@ -1,6 +1,9 @@
 //! The Kubernetes API path against a local stand-in API server (no real one
 //! can run here) speaking list+watch with real Kubernetes JSON: workloads by
 //! owner walk, an outage at start that degrades and recovers by itself.
+//!
+//! Why: on a real cluster workload names and owners come from the API, and
+//! the API is not always up. Shares the machine (its own API server port).
 
 use std::time::Duration;
 

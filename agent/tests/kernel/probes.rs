@@ -1,6 +1,9 @@
 //! The kernel probes against the real kernel: an application in a network
 //! namespace with Istio's real capture rules is refused until a stand-in
 //! sidecar (uid 1337, SO_ORIGINAL_DST forwarding) listens on 15001.
+//!
+//! Why: everything else stands on these events. Shares the machine: it counts
+//! only events of its own processes and its pod's network namespace.
 
 use std::{process::Command, time::Duration};
 

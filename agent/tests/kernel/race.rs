@@ -1,6 +1,9 @@
 //! The startup race end to end, on the real kernel: simulated Istio pods
 //! (network namespace with Istio's capture rules, kubelet cgroups, runtime
 //! metadata, stand-in sidecar and app), the agent classifying what it sees.
+//!
+//! Why: this race is what connscope exists to explain. The tests share the
+//! machine: each reads only its own pods (by uid) and processes (by pid).
 
 use std::time::Duration;
 

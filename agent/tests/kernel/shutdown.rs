@@ -1,5 +1,9 @@
 //! SIGTERM in the middle of a connect flood: the agent exits within 2 s and
 //! leaves no program or link of its own in the kernel (`bpftool`).
+//!
+//! Why: an agent that leaks probes or hangs on SIGTERM blocks node drains and
+//! upgrades. Runs alone: bpftool lists every agent's programs under the same
+//! names, and the exit is timed.
 
 use std::{
     collections::HashSet,
