@@ -1,58 +1,31 @@
 //! The kernel probes against the real kernel: an application in a network
 //! namespace with Istio's real capture rules is refused until a stand-in
 //! sidecar (uid 1337, SO_ORIGINAL_DST forwarding) listens on 15001.
-
-mod common;
+//!
+//! Why: everything else stands on these events. Shares the machine: it counts
+//! only events of its own processes and its pod's network namespace.
 
 use std::{process::Command, time::Duration};
 
-use common::{Agent, BIN, Bg, TempDir, privileged, wait_for};
-use connscope::testbed::{
-    dial::{Outcome, parse_outcomes},
-    net::Topology,
-};
+use connscope::testbed::{dial::Outcome, net::Topology};
 use serde_json::Value;
+
+use crate::fixture::{BIN, Bg, Node, failures_of, net_tag, run_dialer, terminate, wait_for};
 
 const UPSTREAM_PORT: u16 = 8080;
 
+/// One attempt of the stand-in application in the pod's network namespace.
 fn dial(topo: &Topology, target: &str, nonblocking: bool) -> Outcome {
-    let mut cmd = topo.pod.command(BIN);
-    cmd.args([
-        "testbed",
-        "dial",
-        "--target",
-        target,
-        "--timeout-ms",
-        "3000",
-    ]);
+    let mut args = vec!["--target", target, "--timeout-ms", "3000"];
     if nonblocking {
-        cmd.arg("--nonblocking");
+        args.push("--nonblocking");
     }
-    let out = cmd.output().expect("run dialer");
-    assert!(
-        out.status.success(),
-        "dialer failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_outcomes(&String::from_utf8_lossy(&out.stdout))
-        .expect("dialer output")
-        .remove(0)
-}
-
-fn failures_of(events: &[Value], pid: u32) -> Vec<Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "connect_failure" && e["pid"] == pid)
-        .cloned()
-        .collect()
+    run_dialer(topo.pod.command(BIN), &args)
 }
 
 #[test]
 fn refusals_before_sidecar_listens_and_none_after() {
-    if !privileged("refusals_before_sidecar_listens_and_none_after") {
-        return;
-    }
-    refusals_and_listeners(11, &[]);
+    refusals_and_listeners(&[]);
 }
 
 /// The same through the classic `sock:inet_sock_set_state` and
@@ -60,26 +33,20 @@ fn refusals_before_sidecar_listens_and_none_after() {
 /// tracepoints or their BTF offsets are missing.
 #[test]
 fn classic_socket_tracepoint_sees_the_same() {
-    if !privileged("classic_socket_tracepoint_sees_the_same") {
-        return;
-    }
-    refusals_and_listeners(
-        12,
-        &[
-            "--disable-probe",
-            "sock_state_raw",
-            "--disable-probe",
-            "reset_raw",
-        ],
-    );
+    refusals_and_listeners(&[
+        "--disable-probe",
+        "sock_state_raw",
+        "--disable-probe",
+        "reset_raw",
+    ]);
 }
 
-fn refusals_and_listeners(tag: u8, extra: &[&str]) {
-    let dir = TempDir::new(&format!("probes{tag}"));
+fn refusals_and_listeners(extra: &[&str]) {
+    let Some(node) = Node::shared() else { return };
     let mut args = vec!["--process-events"];
     args.extend_from_slice(extra);
-    let mut agent = Agent::start(&dir.0, &args);
-    let topo = Topology::create(tag, true).expect("topology");
+    let mut agent = node.agent(&args);
+    let topo = Topology::create(net_tag(), true).expect("topology");
     let pod_netns = topo.pod.inode().unwrap();
 
     let mut upstream = Bg::spawn({
@@ -109,8 +76,8 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
     }
 
     // 2. AF_UNIX: a missing path (ENOENT) and a bound socket nobody listens on.
-    let missing = dir.0.join("missing.sock");
-    let unlistened = dir.0.join("bound.sock");
+    let missing = node.dir.join("missing.sock");
+    let unlistened = node.dir.join("bound.sock");
     let bound = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
     bound
         .bind(&socket2::SockAddr::unix(&unlistened).unwrap())
@@ -143,7 +110,7 @@ fn refusals_and_listeners(tag: u8, extra: &[&str]) {
             served.push(o);
         }
     }
-    common::terminate(&mut sidecar.child, Duration::from_secs(5));
+    terminate(&mut sidecar.child, Duration::from_secs(5));
 
     // 4. What the agent saw.
     let sidecar_pid = sidecar.child.id();

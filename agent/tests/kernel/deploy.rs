@@ -2,8 +2,11 @@
 //! the rendered chart (kubernetes-validate), and end to end: agent + real
 //! Prometheus with the shipped rules + real Alertmanager, where a race pages
 //! and a pod without a race does not, and every dashboard query runs.
-
-mod common;
+//!
+//! Why: the files are what users run in production; checking them only by eye
+//! would let a broken rule or query ship. The end-to-end test runs alone: its
+//! agent counts the races of every pod on the machine, and it checks that
+//! only the racing workload pages.
 
 use std::{
     path::{Path, PathBuf},
@@ -11,15 +14,12 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, BIN, Bg, Prometheus, TempDir, free_port, http_get, privileged, wait_for};
-use connscope::{
-    attribute::runtime::Roots,
-    testbed::{
-        pod::cgroup2_root,
-        scenario::{App, SimPod},
-    },
-};
+use connscope::testbed::scenario::App;
 use serde_json::Value;
+
+use crate::fixture::{
+    Bg, Node, Prometheus, Turn, free_port, http_get, start_sidecar, wait_for, wait_ready,
+};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -40,6 +40,7 @@ fn run_ok(cmd: &mut Command) -> String {
 
 #[test]
 fn rules_pass_promtool_check_and_unit_tests() {
+    let _turn = Turn::shared();
     let rules = deploy().join("prometheus/connscope-rules.yaml");
     run_ok(
         Command::new("promtool")
@@ -58,6 +59,7 @@ fn rules_pass_promtool_check_and_unit_tests() {
 
 #[test]
 fn manifests_and_chart_validate_and_match() {
+    let _turn = Turn::shared();
     let out = run_ok(Command::new("python3").arg(deploy().join("tests/check_deploy.py")));
     assert!(out.contains("0 failed"), "{out}");
     assert!(
@@ -81,10 +83,7 @@ fn alertmanager(dir: &Path) -> (Bg, u16) {
         .arg("--cluster.listen-address=")
         .stderr(std::process::Stdio::null());
     let bg = Bg::spawn(c);
-    wait_for("Alertmanager ready", Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        (http_get(port, "/-/ready").0 == 200).then_some(())
-    });
+    wait_ready("Alertmanager ready", port);
     (bg, port)
 }
 
@@ -96,63 +95,22 @@ fn am_alerts(port: u16) -> Vec<Value> {
 
 #[test]
 fn race_pages_through_alertmanager_and_dashboard_queries_run() {
-    if !privileged("race_pages_through_alertmanager_and_dashboard_queries_run") {
-        return;
-    }
-    let dir = TempDir::new("deploy");
-    let roots = Roots {
-        containerd: dir.0.join("ctd"),
-        crio: dir.0.join("crio"),
-    };
-    let cg = cgroup2_root().unwrap();
-    let (_am, am_port) = alertmanager(&dir.0);
-    let agent = Agent::start(
-        &dir.0,
-        &[
-            "--kubernetes",
-            "off",
-            "--hold-seconds",
-            "1",
-            "--containerd-root",
-            roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            roots.crio.to_str().unwrap(),
-        ],
-    );
+    // Alone: the set of firing alerts is checked, and the agent would count
+    // the races of other tests' pods too (their workload it cannot name).
+    let Some(node) = Node::alone() else { return };
+    let (_am, am_port) = alertmanager(&node.dir);
+    let agent = node.agent(&["--hold-seconds", "1"]);
     let prom = Prometheus::start(
-        &dir.0,
+        &node.dir,
         &[agent.http_port],
         &[deploy().join("prometheus/connscope-rules.yaml")],
         Some(am_port),
     );
-    let mut racing = SimPod::create(
-        BIN.as_ref(),
-        41,
-        &cg,
-        &roots,
-        "shop",
-        "payments-7d9f8c6b5-r2t4v",
-        true,
-    )
-    .unwrap();
-    let mut calm = SimPod::create(
-        BIN.as_ref(),
-        42,
-        &cg,
-        &roots,
-        "shop",
-        "catalog-7d9f8c6b5-z8x6c",
-        true,
-    )
-    .unwrap();
-    calm.start_sidecar(0, 0).unwrap();
-    calm.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
+    let mut racing = node.sim_pod("payments-7d9f8c6b5-r2t4v", true);
+    let mut calm = node.sim_pod("catalog-7d9f8c6b5-z8x6c", true);
+    start_sidecar(&mut calm, 0, 0);
     // Let Prometheus see the workloads before anything happens.
-    racing.start_sidecar(1500, 0).unwrap();
-    racing
-        .wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
+    start_sidecar(&mut racing, 1500, 0);
     assert!(calm.run_app(&App::default()).unwrap()[0].ok);
     let attempts = racing.run_app(&App::default()).unwrap();
     assert!(attempts.iter().any(|o| !o.ok));

@@ -1,73 +1,21 @@
 //! The startup race end to end, on the real kernel: simulated Istio pods
 //! (network namespace with Istio's capture rules, kubelet cgroups, runtime
 //! metadata, stand-in sidecar and app), the agent classifying what it sees.
+//!
+//! Why: this race is what connscope exists to explain. The tests share the
+//! machine: each reads only its own pods (by uid) and processes (by pid).
 
-mod common;
+use std::time::Duration;
 
-use std::{net::TcpListener, path::PathBuf, time::Duration};
-
-use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
-use connscope::{
-    attribute::runtime::Roots,
-    testbed::{
-        pod::cgroup2_root,
-        scenario::{App, SimPod, outcomes},
-    },
+use connscope::testbed::{
+    dial::Outcome,
+    scenario::{App, SimPod, outcomes},
 };
 use serde_json::{Value, json};
 
-struct Env {
-    dir: TempDir,
-    roots: Roots,
-    cg: PathBuf,
-}
+use crate::fixture::{Agent, Bg, Node, closed_target, failures_of, start_sidecar, wait_for};
 
-impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = TempDir::new(tag);
-        let roots = Roots {
-            containerd: dir.0.join("ctd"),
-            crio: dir.0.join("crio"),
-        };
-        Env {
-            roots,
-            cg: cgroup2_root().unwrap(),
-            dir,
-        }
-    }
-
-    fn agent(&self, extra: &[&str]) -> Agent {
-        let mut args = vec![
-            "--containerd-root",
-            self.roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            self.roots.crio.to_str().unwrap(),
-            "--hold-seconds",
-            "1",
-            "--node-name",
-            "test-node",
-        ];
-        if !extra.contains(&"--kubernetes") {
-            args.extend(["--kubernetes", "off"]);
-        }
-        args.extend_from_slice(extra);
-        Agent::start(&self.dir.0, &args)
-    }
-
-    fn pod(&self, tag: u8, name: &str, injected: bool) -> SimPod {
-        SimPod::create(
-            BIN.as_ref(),
-            tag,
-            &self.cg,
-            &self.roots,
-            "shop",
-            name,
-            injected,
-        )
-        .unwrap()
-    }
-}
-
+/// The events of one type of the pod with this uid.
 fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
     events
         .iter()
@@ -75,11 +23,23 @@ fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn app_failures(events: &[Value], pid: u32) -> Vec<&Value> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "connect_failure" && e["pid"] == pid)
-        .collect()
+/// Waits (10 s) for the first event of type `ty` of the pod with this uid.
+fn wait_for_event(agent: &Agent, uid: &str, ty: &str) -> Value {
+    wait_for(
+        &format!("{ty} of pod {uid}"),
+        Duration::from_secs(10),
+        || {
+            of_pod(&agent.events(), uid, ty)
+                .first()
+                .map(|e| (*e).clone())
+        },
+    )
+}
+
+/// The agent of these tests: failures of a pod whose injection is not known
+/// yet are held for a second.
+fn agent(node: &Node) -> Agent {
+    node.agent(&["--hold-seconds", "1"])
 }
 
 /// Stops the agent (which flushes pending summaries) and returns its events.
@@ -88,18 +48,37 @@ fn stop(mut agent: Agent) -> Vec<Value> {
     agent.events()
 }
 
+/// An injected pod watched by the agent, whose app started once the sidecar
+/// did. Fields drop in order: the pod goes before the agent, the node last.
+struct Started {
+    pod: SimPod,
+    agent: Agent,
+    attempts: Vec<Outcome>,
+    _node: Node,
+}
+
+/// Runs the app of pod `name` once its sidecar has started, with the
+/// outbound listener opening `sidecar_delay_ms` later.
+fn app_after_sidecar(name: &str, sidecar_delay_ms: u64) -> Option<Started> {
+    let node = Node::shared()?;
+    let agent = agent(&node);
+    let mut pod = node.sim_pod(name, true);
+    start_sidecar(&mut pod, sidecar_delay_ms, 0);
+    let attempts = pod.run_app(&App::default()).unwrap();
+    Some(Started {
+        pod,
+        agent,
+        attempts,
+        _node: node,
+    })
+}
+
 #[test]
 fn startup_race_sidecar_late() {
-    if !privileged("startup_race_sidecar_late") {
+    let Some(run) = app_after_sidecar("checkout-7d9f8c6b5-xk2lp", 1200) else {
         return;
-    }
-    let env = Env::new("race-late");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(21, "checkout-7d9f8c6b5-xk2lp", true);
-    pod.start_sidecar(1200, 0).unwrap();
-    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
-    let attempts = pod.run_app(&App::default()).unwrap();
+    };
+    let (pod, attempts) = (&run.pod, &run.attempts);
     let refused = attempts.iter().filter(|o| !o.ok).count();
     assert!(
         attempts.last().unwrap().ok,
@@ -110,12 +89,9 @@ fn startup_race_sidecar_late() {
         "the app was refused while the sidecar was not ready: {attempts:?}"
     );
     let uid = pod.pod.uid.clone();
-    wait_for("startup_race summary", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
-    });
-    let events = stop(agent);
-    let pid = attempts[0].pid;
-    let f = app_failures(&events, pid);
+    wait_for_event(&run.agent, &uid, "startup_race");
+    let events = stop(run.agent);
+    let f = failures_of(&events, attempts[0].pid);
     assert_eq!(f.len(), refused, "one event per refused attempt");
     for e in &f {
         assert_eq!(e["phase"], "startup_race", "{e}");
@@ -158,23 +134,15 @@ fn startup_race_sidecar_late() {
 
 #[test]
 fn no_race_when_sidecar_first() {
-    if !privileged("no_race_when_sidecar_first") {
+    let Some(run) = app_after_sidecar("api-5c8d9f7b6-q2w4e", 0) else {
         return;
-    }
-    let env = Env::new("race-first");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(22, "api-5c8d9f7b6-q2w4e", true);
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
-    let attempts = pod.run_app(&App::default()).unwrap();
+    };
+    let attempts = &run.attempts;
     assert!(attempts.len() == 1 && attempts[0].ok, "{attempts:?}");
-    let uid = pod.pod.uid.clone();
-    wait_for("sidecar_ready", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "sidecar_ready").is_empty()).then_some(())
-    });
-    let events = stop(agent);
-    assert!(app_failures(&events, attempts[0].pid).is_empty());
+    let uid = run.pod.pod.uid.clone();
+    wait_for_event(&run.agent, &uid, "sidecar_ready");
+    let events = stop(run.agent);
+    assert!(failures_of(&events, attempts[0].pid).is_empty());
     assert!(
         of_pod(&events, &uid, "startup_race").is_empty(),
         "no race summary"
@@ -186,12 +154,9 @@ fn no_race_when_sidecar_first() {
 
 #[test]
 fn non_injected_pod_is_no_sidecar() {
-    if !privileged("non_injected_pod_is_no_sidecar") {
-        return;
-    }
-    let env = Env::new("race-plain");
-    let agent = env.agent(&[]);
-    let pod = env.pod(23, "batch-x7k2p", false);
+    let Some(node) = Node::shared() else { return };
+    let agent = agent(&node);
+    let pod = node.sim_pod("batch-x7k2p", false);
     // Nobody listens on 9 at the upstream host: a real refusal, no sidecar.
     let target = pod.topo.upstream_addr(false, 9).to_string();
     let attempts = pod
@@ -205,7 +170,7 @@ fn non_injected_pod_is_no_sidecar() {
     let pid = attempts[0].pid;
     let f = wait_for("classified failures", Duration::from_secs(10), || {
         let ev = agent.events();
-        let f: Vec<Value> = app_failures(&ev, pid).into_iter().cloned().collect();
+        let f: Vec<Value> = failures_of(&ev, pid).into_iter().cloned().collect();
         (f.len() == 2).then_some(f)
     });
     for e in &f {
@@ -218,15 +183,10 @@ fn non_injected_pod_is_no_sidecar() {
 
 #[test]
 fn shutdown_race_sidecar_exits_first() {
-    if !privileged("shutdown_race_sidecar_exits_first") {
-        return;
-    }
-    let env = Env::new("race-shutdown");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(24, "worker-6f7d8c9b5-m3n4p", true);
-    pod.start_sidecar(0, 1500).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
+    let Some(node) = Node::shared() else { return };
+    let agent = agent(&node);
+    let mut pod = node.sim_pod("worker-6f7d8c9b5-m3n4p", true);
+    start_sidecar(&mut pod, 0, 1500);
     // The app keeps dialing through the sidecar, which goes away under it.
     let mut app = pod
         .spawn_app(&App {
@@ -242,7 +202,7 @@ fn shutdown_race_sidecar_exits_first() {
     let attempts = outcomes(&lines).unwrap();
     let uid = pod.pod.uid.clone();
     let events = stop(agent);
-    let f = app_failures(&events, attempts[0].pid);
+    let f = failures_of(&events, attempts[0].pid);
     let refused = attempts.iter().filter(|o| !o.ok).count();
     assert!(attempts[0].ok, "through the sidecar first: {attempts:?}");
     assert!(refused >= 3, "refused after the sidecar left: {attempts:?}");
@@ -256,39 +216,26 @@ fn shutdown_race_sidecar_exits_first() {
 
 #[test]
 fn two_pods_at_once_different_outcomes() {
-    if !privileged("two_pods_at_once_different_outcomes") {
-        return;
-    }
-    let env = Env::new("race-two");
-    let agent = env.agent(&[]);
-    let mut late = env.pod(25, "cart-7d9f8c6b5-x2k4p", true);
-    let mut early = env.pod(26, "search-7d9f8c6b5-q8w6z", true);
-    early.start_sidecar(0, 0).unwrap();
-    late.start_sidecar(1000, 0).unwrap();
-    early
-        .wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
-    late.wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
-    let a = late.spawn_app(&App::default()).unwrap();
-    let b = early.spawn_app(&App::default()).unwrap();
-    let (mut a, mut b) = (a, b);
+    let Some(node) = Node::shared() else { return };
+    let agent = agent(&node);
+    let mut late = node.sim_pod("cart-7d9f8c6b5-x2k4p", true);
+    let mut early = node.sim_pod("search-7d9f8c6b5-q8w6z", true);
+    start_sidecar(&mut early, 0, 0);
+    start_sidecar(&mut late, 1000, 0);
+    let mut a = late.spawn_app(&App::default()).unwrap();
+    let mut b = early.spawn_app(&App::default()).unwrap();
     let la = outcomes(&a.wait_exit(Duration::from_secs(20)).unwrap()).unwrap();
     let lb = outcomes(&b.wait_exit(Duration::from_secs(20)).unwrap()).unwrap();
     assert!(la.iter().any(|o| !o.ok) && la.last().unwrap().ok);
     assert!(lb.len() == 1 && lb[0].ok);
     let (ua, ub) = (late.pod.uid.clone(), early.pod.uid.clone());
-    wait_for(
-        "race summary of the late pod",
-        Duration::from_secs(10),
-        || (!of_pod(&agent.events(), &ua, "startup_race").is_empty()).then_some(()),
-    );
+    wait_for_event(&agent, &ua, "startup_race");
     let events = stop(agent);
     assert_eq!(of_pod(&events, &ua, "startup_race")[0]["workload"], "cart");
     assert!(of_pod(&events, &ub, "startup_race").is_empty());
     assert_eq!(of_pod(&events, &ub, "sidecar_ready").len(), 1);
     assert!(
-        app_failures(&events, la[0].pid)
+        failures_of(&events, la[0].pid)
             .iter()
             .all(|e| e["phase"] == "startup_race")
     );
@@ -296,36 +243,20 @@ fn two_pods_at_once_different_outcomes() {
 
 #[test]
 fn agent_restarted_while_sidecar_is_up() {
-    if !privileged("agent_restarted_while_sidecar_is_up") {
-        return;
-    }
-    let env = Env::new("race-restart");
-    let mut pod = env.pod(27, "ledger-7d9f8c6b5-ccccc", true);
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
+    let Some(node) = Node::shared() else { return };
+    let mut pod = node.sim_pod("ledger-7d9f8c6b5-ccccc", true);
+    start_sidecar(&mut pod, 0, 0);
     // The agent starts after the sidecar is ready.
-    let agent = env.agent(&[]);
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let agent = agent(&node);
     // Loopback is not captured (ISTIO_OUTPUT RETURNs 127.0.0.1): a real refusal.
-    let target = format!("127.0.0.1:{closed}");
     let attempts = pod
         .run_app(&App {
             attempts: 1,
-            target: Some(target),
+            target: Some(closed_target()),
             ..App::default()
         })
         .unwrap();
-    let pid = attempts[0].pid;
-    let e = wait_for("the failure", Duration::from_secs(10), || {
-        app_failures(&agent.events(), pid)
-            .first()
-            .map(|e| (*e).clone())
-    });
+    let e = agent.failure(attempts[0].pid);
     assert_eq!(
         e["phase"], "sidecar_ready",
         "a ready sidecar is never taken for a missing one: {e}"
@@ -366,6 +297,20 @@ fn api_pod(pod: &SimPod, annotations: Value, init_proxy: bool) -> Value {
         "status": {"containerStatuses": statuses, "initContainerStatuses": init_statuses}})
 }
 
+/// A pod whose API view has these annotations, the stand-in API server
+/// serving it, and an agent watching that server.
+fn pod_in_api(
+    node: &Node,
+    name: &str,
+    annotations: Value,
+    init_proxy: bool,
+) -> (SimPod, Bg, Agent) {
+    let pod = node.sim_pod(name, true);
+    let (api, url) = node.api(&json!({"pods": [api_pod(&pod, annotations, init_proxy)]}));
+    let agent = node.kube_agent(&url, &["--hold-seconds", "1"]);
+    (pod, api, agent)
+}
+
 /// Dials loopback (never the race) until an event is attributed through
 /// the API: the agent has the pod's API view before the scenario starts.
 fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
@@ -384,40 +329,15 @@ fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
     });
 }
 
-fn with_api(env: &Env, pods: Vec<Value>) -> (common::Bg, String) {
-    std::fs::write(
-        env.dir.0.join("state.json"),
-        json!({"pods": pods}).to_string(),
-    )
-    .unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    (
-        fake_api(&env.dir.0, port),
-        format!("http://127.0.0.1:{port}"),
-    )
-}
-
 #[test]
 fn hold_mode_still_racing_is_reported_as_such() {
-    if !privileged("hold_mode_still_racing_is_reported_as_such") {
-        return;
-    }
-    let env = Env::new("race-hold");
-    let mut pod = env.pod(28, "db-0", true);
+    let Some(node) = Node::shared() else { return };
     let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
         "proxy.istio.io/config": "{ \"holdApplicationUntilProxyStarts\": true }"});
-    let (_api, url) = with_api(&env, vec![api_pod(&pod, ann, false)]);
-    let mut agent = env.agent(&["--kubernetes", "on", "--kube-api-url", &url]);
-    agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
+    let (mut pod, _api, agent) = pod_in_api(&node, "db-0", ann, false);
     // Hold releases the app when the proxy's health port answers (15021),
     // which here comes before the outbound listener: the race still happens.
-    pod.start_sidecar(800, 0).unwrap();
-    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
+    start_sidecar(&mut pod, 800, 0);
     let uid = pod.pod.uid.clone();
     // Make sure the API's view has arrived before the app runs.
     wait_for_api_view(&pod, &agent);
@@ -426,9 +346,7 @@ fn hold_mode_still_racing_is_reported_as_such() {
         attempts.iter().any(|o| !o.ok),
         "refused before 15001: {attempts:?}"
     );
-    wait_for("startup_race summary", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
-    });
+    wait_for_event(&agent, &uid, "startup_race");
     let events = stop(agent);
     let s = of_pod(&events, &uid, "startup_race")[0];
     assert_eq!(s["mitigation"]["hold"], true, "{s}");
@@ -444,28 +362,16 @@ fn hold_mode_still_racing_is_reported_as_such() {
 
 #[test]
 fn native_sidecar_ready_before_app() {
-    if !privileged("native_sidecar_ready_before_app") {
-        return;
-    }
-    let env = Env::new("race-native");
-    let mut pod = env.pod(29, "db-1", true);
+    let Some(node) = Node::shared() else { return };
     let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"});
-    let (_api, url) = with_api(&env, vec![api_pod(&pod, ann, true)]);
-    let mut agent = env.agent(&["--kubernetes", "on", "--kube-api-url", &url]);
-    agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
+    let (mut pod, _api, agent) = pod_in_api(&node, "db-1", ann, true);
     let uid = pod.pod.uid.clone();
     wait_for_api_view(&pod, &agent);
     // Native sidecar: kubelet starts the app once the proxy is started.
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
+    start_sidecar(&mut pod, 0, 0);
     let attempts = pod.run_app(&App::default()).unwrap();
     assert!(attempts.len() == 1 && attempts[0].ok);
-    let r = wait_for("sidecar_ready", Duration::from_secs(10), || {
-        of_pod(&agent.events(), &uid, "sidecar_ready")
-            .first()
-            .map(|e| (*e).clone())
-    });
+    let r = wait_for_event(&agent, &uid, "sidecar_ready");
     assert_eq!(r["mitigation"]["native_sidecar"], true, "{r}");
     let events = stop(agent);
     assert!(of_pod(&events, &uid, "startup_race").is_empty());

@@ -1,17 +1,16 @@
 //! The README's first command: `connscope demo` shows a real race, verdict
 //! included, and leaves nothing behind.
-
-mod common;
+//!
+//! Why: it is what a new user runs first. Shares the machine: the demo's
+//! network namespaces use tag 200, which the fixture never hands out.
 
 use std::process::Command;
 
-use common::{BIN, privileged};
+use crate::fixture::{BIN, Node};
 
 #[test]
 fn demo_catches_the_race_and_cleans_up() {
-    if !privileged("demo_catches_the_race_and_cleans_up") {
-        return;
-    }
+    let Some(_node) = Node::shared() else { return };
     let out = Command::new(BIN)
         .args(["demo", "--sidecar-delay-ms", "800"])
         .output()

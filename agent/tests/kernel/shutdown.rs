@@ -1,7 +1,9 @@
 //! SIGTERM in the middle of a connect flood: the agent exits within 2 s and
 //! leaves no program or link of its own in the kernel (`bpftool`).
-
-mod common;
+//!
+//! Why: an agent that leaks probes or hangs on SIGTERM blocks node drains and
+//! upgrades. Runs alone: bpftool lists every agent's programs under the same
+//! names, and the exit is timed.
 
 use std::{
     collections::HashSet,
@@ -9,55 +11,43 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, BIN, TempDir, metric, privileged, wait_for};
 use connscope::kernel::probes::program_names;
 use serde_json::Value;
 
+use crate::fixture::{Node, metric, refused_storm, stdout_of, wait_for};
+
+/// What `bpftool <what> show` lists.
 fn bpftool(what: &str) -> Vec<Value> {
-    let out = Command::new("bpftool")
-        .args([what, "show", "-j"])
-        .output()
-        .expect("bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool {what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
+    let out = stdout_of(Command::new("bpftool").args([what, "show", "-j"]));
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+/// The `field` of each object `bpftool <what> show` lists that `keep` takes.
+fn ids(what: &str, field: &str, keep: impl Fn(&Value) -> bool) -> HashSet<u64> {
+    bpftool(what)
+        .iter()
+        .filter(|o| keep(o))
+        .filter_map(|o| o[field].as_u64())
+        .collect()
 }
 
 #[test]
 fn sigterm_mid_flood_exits_fast_and_detaches_everything() {
-    if !privileged("sigterm_mid_flood_exits_fast_and_detaches_everything") {
-        return;
-    }
-    let dir = TempDir::new("sigterm");
-    let mut agent = Agent::start(&dir.0, &["--kubernetes", "off"]);
+    // Alone: another test's agent would have programs of the same names, and
+    // the exit is timed.
+    let Some(node) = Node::alone() else { return };
+    let mut agent = node.agent(&[]);
     // Our programs: the ones whose links appeared with this agent.
     let our_programs: Vec<&str> = program_names().collect();
     let ours: HashSet<u64> = wait_for("our links in bpftool", Duration::from_secs(10), || {
-        let names: HashSet<u64> = bpftool("prog")
-            .iter()
-            .filter(|p| our_programs.iter().any(|n| p["name"] == *n))
-            .filter_map(|p| p["id"].as_u64())
-            .collect();
-        let linked: HashSet<u64> = bpftool("link")
-            .iter()
-            .filter_map(|l| l["prog_id"].as_u64())
-            .collect();
+        let names = ids("prog", "id", |p| {
+            our_programs.iter().any(|n| p["name"] == *n)
+        });
+        let linked = ids("link", "prog_id", |_| true);
         let mine: HashSet<u64> = names.intersection(&linked).copied().collect();
         (!mine.is_empty()).then_some(mine)
     });
-    let mut storm = Command::new(BIN)
-        .args([
-            "testbed",
-            "storm",
-            "--refused",
-            "--threads",
-            "2",
-            "--seconds",
-            "5",
-        ])
+    let mut storm = refused_storm(&["--threads", "2", "--seconds", "5"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -76,14 +66,8 @@ fn sigterm_mid_flood_exits_fast_and_detaches_everything() {
     assert!(st.success(), "clean exit: {st}");
     assert!(took < Duration::from_secs(2), "exited in {took:?}");
     let _ = storm.wait();
-    let progs: HashSet<u64> = bpftool("prog")
-        .iter()
-        .filter_map(|p| p["id"].as_u64())
-        .collect();
-    let links: Vec<u64> = bpftool("link")
-        .iter()
-        .filter_map(|l| l["prog_id"].as_u64())
-        .collect();
+    let progs = ids("prog", "id", |_| true);
+    let links = ids("link", "prog_id", |_| true);
     assert!(
         ours.iter().all(|id| !progs.contains(id)),
         "programs unloaded: {ours:?}"

@@ -2,8 +2,10 @@
 //! scenario and the values are read back through Prometheus' HTTP API;
 //! `/events` filters and follow mode; Kubernetes Events written to the
 //! stand-in API server.
-
-mod common;
+//!
+//! Why: these are how users read connscope. Shares the machine: every query
+//! is scoped to its own workload, and other tests' pods have no metadata in
+//! its runtime roots or its API server, so its agent cannot name them.
 
 use std::{
     io::{Read as _, Write as _},
@@ -11,17 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Agent, BIN, Prometheus, TempDir, fake_api, free_port, http_get, privileged, wait_for,
-};
-use connscope::{
-    attribute::runtime::Roots,
-    testbed::{
-        pod::cgroup2_root,
-        scenario::{App, SimPod},
-    },
-};
+use connscope::testbed::scenario::App;
 use serde_json::{Value, json};
+
+use crate::fixture::{Node, Prometheus, http_get, start_sidecar, wait_for};
 
 /// Reads a streaming HTTP response until `needle` appears (bounded).
 fn follow_until(
@@ -57,26 +52,9 @@ fn follow_until(
 
 #[test]
 fn prometheus_events_endpoint_and_kubernetes_events() {
-    if !privileged("prometheus_events_endpoint_and_kubernetes_events") {
-        return;
-    }
-    let dir = TempDir::new("exports");
-    let roots = Roots {
-        containerd: dir.0.join("ctd"),
-        crio: dir.0.join("crio"),
-    };
-    let cg = cgroup2_root().unwrap();
-    let mut pod = SimPod::create(
-        BIN.as_ref(),
-        31,
-        &cg,
-        &roots,
-        "shop",
-        "orders-7d9f8c6b5-k2m4p",
-        true,
-    )
-    .unwrap();
-    std::fs::write(dir.0.join("state.json"), json!({"pods": [{
+    let Some(node) = Node::shared() else { return };
+    let mut pod = node.sim_pod("orders-7d9f8c6b5-k2m4p", true);
+    let (_api, url) = node.api(&json!({"pods": [{
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.pod.name, "namespace": "shop", "uid": pod.pod.uid,
             "annotations": {"sidecar.istio.io/status": "{}"},
@@ -84,39 +62,16 @@ fn prometheus_events_endpoint_and_kubernetes_events() {
                 "uid": "r", "controller": true}]},
         "spec": {"nodeName": "test-node", "containers": [{"name": "app"}, {"name": "istio-proxy"}]}}],
         "owners": {"ReplicaSet/shop/orders-7d9f8c6b5": {"apiVersion": "apps/v1", "kind": "Deployment",
-            "name": "orders", "uid": "d", "controller": true}}}).to_string()).unwrap();
-    let api_port = free_port();
-    let _api = fake_api(&dir.0, api_port);
-    let url = format!("http://127.0.0.1:{api_port}");
-    let mut agent = Agent::start(
-        &dir.0,
-        &[
-            "--kubernetes",
-            "on",
-            "--kube-api-url",
-            &url,
-            "--node-name",
-            "test-node",
-            "--k8s-events",
-            "--containerd-root",
-            roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            roots.crio.to_str().unwrap(),
-            "--hold-seconds",
-            "1",
-        ],
-    );
-    agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
-    let prom = Prometheus::start(&dir.0, &[agent.http_port], &[], None);
+            "name": "orders", "uid": "d", "controller": true}}}));
+    let mut agent = node.kube_agent(&url, &["--k8s-events", "--hold-seconds", "1"]);
+    let prom = Prometheus::start(&node.dir, &[agent.http_port], &[], None);
     let port = agent.http_port;
     assert_eq!(http_get(port, "/healthz").0, 200);
     let r = http_get(port, "/readyz");
     assert_eq!(r.0, 200, "{}", r.1);
 
     // The race, watched live through /events?follow=1.
-    pod.start_sidecar(1000, 0).unwrap();
-    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
+    start_sidecar(&mut pod, 1000, 0);
     let mut attempts = Vec::new();
     let streamed = follow_until(
         port,
@@ -193,10 +148,9 @@ fn prometheus_events_endpoint_and_kubernetes_events() {
 
     // One Kubernetes Event on the Pod, not one per refused connect.
     let posted = wait_for("Kubernetes Event posted", Duration::from_secs(15), || {
-        let log = std::fs::read_to_string(dir.0.join("api.log")).unwrap_or_default();
-        let posts: Vec<Value> = log
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        let posts: Vec<Value> = node
+            .api_requests()
+            .into_iter()
             .filter(|r| {
                 r["method"] == "POST" && r["path"].as_str().unwrap_or("").contains("/events")
             })

@@ -1,17 +1,16 @@
 //! Pod churn: 10 000 short-lived simulated pods (kubelet-shaped cgroups and
 //! runtime files), each with a refused connect; once they are gone every
 //! per-pod entry is freed and memory does not grow with the churn.
+//!
+//! Why: a node churns pods all day and the agent must not grow with it. Runs
+//! alone: it counts every pod the agent tracks and every cgroup it caches,
+//! which other tests' pods would add to.
 
-mod common;
+use std::time::Duration;
 
-use std::{process::Command, time::Duration};
+use connscope::testbed::pod::Pod;
 
-use common::{Agent, BIN, TempDir, http_get, privileged, wait_for, wait_for_or};
-use connscope::{
-    attribute::kubelet::Qos,
-    attribute::runtime::Roots,
-    testbed::pod::{Flavor, Pod, cgroup2_root},
-};
+use crate::fixture::{Node, http_get, refused_storm, wait_for, wait_for_or};
 
 fn gauges(port: u16) -> std::collections::HashMap<String, f64> {
     http_get(port, "/metrics")
@@ -56,30 +55,10 @@ fn pod_name(n: usize) -> String {
 
 #[test]
 fn ten_thousand_short_lived_pods_leave_nothing_behind() {
-    if !privileged("ten_thousand_short_lived_pods_leave_nothing_behind") {
-        return;
-    }
-    let dir = TempDir::new("churn");
-    let roots = Roots {
-        containerd: dir.0.join("ctd"),
-        crio: dir.0.join("crio"),
-    };
-    let cg = cgroup2_root().unwrap();
-    let agent = Agent::start(
-        &dir.0,
-        &[
-            "--kubernetes",
-            "off",
-            "--hold-seconds",
-            "0.2",
-            "--cgroup-grace-seconds",
-            "0",
-            "--containerd-root",
-            roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            roots.crio.to_str().unwrap(),
-        ],
-    );
+    // Alone: the agent tracks every pod of the machine, and the caches must
+    // come back to the machine's baseline.
+    let Some(node) = Node::alone() else { return };
+    let agent = node.agent(&["--hold-seconds", "0.2", "--cgroup-grace-seconds", "0"]);
     let port = agent.http_port;
     let pid = agent.child.id();
     // The agent publishes its cache sizes about once a second: the baseline
@@ -89,22 +68,14 @@ fn ten_thousand_short_lived_pods_leave_nothing_behind() {
         g.contains_key("connscope_state_entries{kind=\"cgroups\"}")
             .then_some(g)
     });
-    let list = dir.0.join("cgroups.txt");
+    let list = node.dir.join("cgroups.txt");
     let mut rss_after_first = 0;
     let mut pods_seen = 0.0;
     for batch in 0..10 {
         let pods: Vec<Pod> = (0..1000)
             .map(|i| {
-                Pod::create(
-                    &cg,
-                    &roots,
-                    Flavor::Containerd,
-                    Qos::Burstable,
-                    "churn",
-                    &pod_name(batch * 1000 + i),
-                    &["app"],
-                )
-                .unwrap()
+                let name = format!("churn/{}", pod_name(batch * 1000 + i));
+                node.containerd_pod(&name, &["app"])
             })
             .collect();
         let dirs: Vec<String> = pods
@@ -112,18 +83,7 @@ fn ten_thousand_short_lived_pods_leave_nothing_behind() {
             .map(|p| p.containers[0].cgroup.display().to_string())
             .collect();
         std::fs::write(&list, dirs.join("\n")).unwrap();
-        let out = Command::new(BIN)
-            .args([
-                "testbed",
-                "storm",
-                "--refused",
-                "--seconds",
-                "5",
-                "--rate",
-                "2000",
-                "--per-cgroup",
-                "1",
-            ])
+        let out = refused_storm(&["--seconds", "5", "--rate", "2000", "--per-cgroup", "1"])
             .arg("--cgroups")
             .arg(&list)
             .output()

@@ -1,5 +1,9 @@
 //! Bad input, briefly fuzzed (proptest): every parser of outside data must
 //! never panic and never allocate without bound. Runs without root.
+//!
+//! Why: these inputs come from the kernel, files and the network. Each case
+//! still takes a shared turn, so that a test that runs alone has the CPU to
+//! itself.
 
 use clap::Parser as _;
 use connscope::{
@@ -18,6 +22,8 @@ use connscope::{
 use k8s_openapi::api::core::v1::Pod;
 use proptest::prelude::*;
 use serde_json::{Value, json};
+
+use crate::fixture::Turn;
 
 /// Arbitrary JSON values, a few levels deep.
 fn json_value() -> impl Strategy<Value = Value> {
@@ -48,6 +54,7 @@ proptest! {
         prop::collection::vec(any::<u8>(), size_of::<connscope_ebpf::PathEvent>()),
         prop::collection::vec(any::<u8>(), size_of::<connscope_ebpf::CgroupEvent>()),
     ]) {
+        let _turn = Turn::shared();
         if let Ok(r) = parse_record(&bytes) {
             match r {
                 connscope::kernel::decode::Raw::Event(e, p) => { let _ = decode(&e, p.as_ref(), &Clock::with_offset_ns(0)); }
@@ -58,6 +65,7 @@ proptest! {
 
     #[test]
     fn cgroup_paths_and_proc_files(s in ".{0,400}") {
+        let _turn = Turn::shared();
         let _ = parse_cgroup(&s);
         let _ = derive_workload(&s);
         let _ = proc_cgroup_path(&s);
@@ -73,12 +81,14 @@ proptest! {
     fn proc_net_tcp_shaped_lines(
         port in "[0-9A-F]{0,6}", st in "[0-9A-F]{0,3}", uid in "[0-9x-]{0,12}", extra in " [^\n]{0,40}"
     ) {
+        let _turn = Turn::shared();
         let text = format!("header\n  0: 00000000:{port} 00000000:0000 {st} 0:0 0:0 0 {uid} 0 1{extra}\n");
         let _ = parse_proc_net_tcp(&text);
     }
 
     #[test]
     fn oci_config_json(v in json_value()) {
+        let _turn = Turn::shared();
         let _ = parse_config(v.to_string().as_bytes());
         let wrapped = json!({"annotations": v});
         let _ = parse_config(wrapped.to_string().as_bytes());
@@ -86,6 +96,7 @@ proptest! {
 
     #[test]
     fn kubernetes_pod_json(meta in json_value(), spec in json_value(), status in json_value()) {
+        let _turn = Turn::shared();
         let doc = json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec, "status": status});
         if let Ok(p) = serde_json::from_value::<Pod>(doc) {
             let _ = owner_to_walk(&p);
@@ -96,6 +107,7 @@ proptest! {
 
     #[test]
     fn command_lines(args in prop::collection::vec("[-a-z0-9=:./,]{0,16}", 0..8)) {
+        let _turn = Turn::shared();
         let mut argv = vec!["connscope".to_string(), "run".to_string()];
         argv.extend(args);
         let _ = Cli::try_parse_from(argv);
