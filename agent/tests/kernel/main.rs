@@ -1,5 +1,5 @@
 //! connscope's integration tests, one binary: the real agent against the real
-//! kernel (probes, attribution, the startup race, the Kubernetes API path,
+//! kernel (probes, attribution, the startup race and its capture proof, the Kubernetes API path,
 //! exports, faults, churn, shutdown, the demo), the shipped deploy files, and
 //! short fuzzing of every parser of outside data. Most need root; without it
 //! they say why and skip, under `CI=true` they fail.
@@ -14,6 +14,7 @@
 //! on by default, is required).
 
 mod attribution;
+mod capture;
 mod churn;
 mod demo;
 mod deploy;

@@ -3,63 +3,54 @@
 //! istio-iptables' rule shapes for each capture annotation, the real agent,
 //! the real kernel (which proves capture with `tcp:tcp_send_reset`).
 
-mod common;
+use std::time::Duration;
 
-use std::{net::TcpListener, path::PathBuf, time::Duration};
-
-use common::{Agent, BIN, TempDir, fake_api, privileged, wait_for};
-use connscope::{
-    attribute::runtime::Roots,
-    testbed::{
-        net::CaptureSettings,
-        pod::cgroup2_root,
-        scenario::{App, SimPod},
-    },
+use connscope::testbed::{
+    net::CaptureSettings,
+    scenario::{App, SimPod},
 };
 use serde_json::{Value, json};
 
+use crate::fixture::{Agent, BIN, Node, wait_for};
+
+/// A node for one capture test. Its pods take fixed network tags (150 and
+/// up, which [`crate::fixture::net_tag`] never hands out) because their
+/// capture settings name the pod's addresses.
 struct Env {
-    dir: TempDir,
-    roots: Roots,
-    cg: PathBuf,
+    node: Node,
 }
 
 impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = TempDir::new(tag);
-        let roots = Roots {
-            containerd: dir.0.join("ctd"),
-            crio: dir.0.join("crio"),
-        };
-        Env {
-            roots,
-            cg: cgroup2_root().unwrap(),
-            dir,
-        }
+    fn new() -> Option<Env> {
+        Node::shared().map(|node| Env { node })
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        let mut args = vec![
-            "--containerd-root",
-            self.roots.containerd.to_str().unwrap(),
-            "--crio-root",
-            self.roots.crio.to_str().unwrap(),
-            "--hold-seconds",
-            "1",
-            "--node-name",
-            "test-node",
-        ];
-        if !extra.contains(&"--kubernetes") {
-            args.extend(["--kubernetes", "off"]);
-        }
+        let mut args = vec!["--hold-seconds", "1"];
         args.extend_from_slice(extra);
-        Agent::start(&self.dir.0, &args)
+        self.node.agent(&args)
     }
 
-    /// An injected pod whose rules follow `capture`.
+    /// A node, its agent (no API) and one injected pod (see [`Env::pod`]).
+    fn start(tag: u8, name: &str, capture: &CaptureSettings) -> Option<(Env, Agent, SimPod)> {
+        let env = Env::new()?;
+        let agent = env.agent(&[]);
+        let pod = env.pod(tag, name, capture);
+        Some((env, agent, pod))
+    }
+
+    /// An injected pod with network tag `tag` whose rules follow `capture`.
     fn pod(&self, tag: u8, name: &str, capture: &CaptureSettings) -> SimPod {
-        let pod =
-            SimPod::create(BIN.as_ref(), tag, &self.cg, &self.roots, "shop", name, true).unwrap();
+        let pod = SimPod::create(
+            BIN.as_ref(),
+            tag,
+            &self.node.cgroup_root,
+            &self.node.roots,
+            "shop",
+            name,
+            true,
+        )
+        .unwrap();
         pod.topo.install_istio_rules_with(capture).unwrap();
         pod
     }
@@ -92,6 +83,19 @@ fn wait_failures(agent: &Agent, pid: u32, n: usize) -> Vec<Value> {
     )
 }
 
+/// Starts the pod's sidecar listening at once, waits for the agent's
+/// startup-race summary of the pod, stops the agent: everything it wrote.
+fn sidecar_ready_then_stop(pod: &mut SimPod, agent: Agent) -> Vec<Value> {
+    pod.start_sidecar(0, 0).unwrap();
+    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
+        .unwrap();
+    let uid = pod.pod.uid.clone();
+    wait_for("startup_race summary", Duration::from_secs(10), || {
+        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
+    });
+    stop(agent)
+}
+
 fn stop(mut agent: Agent) -> Vec<Value> {
     assert!(agent.stop().success());
     agent.events()
@@ -112,12 +116,11 @@ fn refused(app: &[connscope::testbed::dial::Outcome]) -> usize {
 
 #[test]
 fn captured_destination_every_refusal_is_the_race() {
-    if !privileged("captured_destination_every_refusal_is_the_race") {
+    let Some((_env, agent, mut pod)) =
+        Env::start(150, "orders-7d9f8c6b5-aaaaa", &CaptureSettings::default())
+    else {
         return;
-    }
-    let env = Env::new("cap-captured");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(41, "orders-7d9f8c6b5-aaaaa", &CaptureSettings::default());
+    };
     pod.start_sidecar(1200, 0).unwrap();
     pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
         .unwrap();
@@ -143,10 +146,10 @@ fn captured_destination_every_refusal_is_the_race() {
 
 /// An uncaptured destination refusing while the sidecar is not listening:
 /// `target` in a pod whose rules follow `capture`.
-fn uncaptured(tag: u8, name: &str, capture: CaptureSettings, target: impl Fn(&SimPod) -> String) {
-    let env = Env::new(&format!("cap-{tag}"));
-    let agent = env.agent(&[]);
-    let pod = env.pod(tag, name, &capture);
+fn uncaptured(tag: u8, name: &str, capture: CaptureSettings, target: &Target) {
+    let Some((_env, agent, pod)) = Env::start(tag, name, &capture) else {
+        return;
+    };
     let target = target(&pod);
     // No sidecar at all: 15001 never listens, so a captured connect would
     // be refused by the pod itself, and an uncaptured one is refused by
@@ -179,85 +182,71 @@ fn uncaptured(tag: u8, name: &str, capture: CaptureSettings, target: impl Fn(&Si
     assert!(of_pod(&events, &pod.pod.uid, "startup_race").is_empty());
 }
 
+/// Where an uncaptured case dials, given its pod.
+type Target = dyn Fn(&SimPod) -> String;
+
 /// Nothing listens on port 9 of the upstream host: it refuses by itself.
 const CLOSED: u16 = 9;
 
+/// Each way Istio leaves a destination uncaptured: an excluded range, an
+/// excluded port, a destination outside the included ranges, the pod's own
+/// IP. Each case is its own pod and agent; a failure names the case.
 #[test]
-fn excluded_ip_range_is_not_the_race() {
-    if !privileged("excluded_ip_range_is_not_the_race") {
-        return;
+fn uncaptured_destinations_are_not_the_race() {
+    let upstream_closed = |p: &SimPod| p.topo.upstream_addr(false, CLOSED).to_string();
+    let own_ip = |p: &SimPod| format!("{}:{CLOSED}", p.topo.pod_v4);
+    let cases: [(u8, &str, CaptureSettings, &Target); 4] = [
+        (
+            151,
+            "excl-range-7d9f8c6b5-bbbbb",
+            CaptureSettings {
+                exclude: vec!["10.213.151.0/30".into()],
+                ..CaptureSettings::default()
+            },
+            &upstream_closed,
+        ),
+        (
+            152,
+            "excl-port-7d9f8c6b5-ccccc",
+            CaptureSettings {
+                exclude_ports: vec![CLOSED],
+                ..CaptureSettings::default()
+            },
+            &upstream_closed,
+        ),
+        (
+            153,
+            "incl-range-7d9f8c6b5-ddddd",
+            CaptureSettings {
+                include: Some(vec!["10.96.0.0/12".into()]),
+                ..CaptureSettings::default()
+            },
+            &upstream_closed,
+        ),
+        (
+            154,
+            "own-ip-7d9f8c6b5-eeeee",
+            CaptureSettings::default(),
+            &own_ip,
+        ),
+    ];
+    for (tag, name, capture, target) in cases {
+        uncaptured(tag, name, capture, target);
     }
-    uncaptured(
-        42,
-        "excl-range-7d9f8c6b5-bbbbb",
-        CaptureSettings {
-            exclude: vec!["10.213.42.0/30".into()],
-            ..CaptureSettings::default()
-        },
-        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
-    );
-}
-
-#[test]
-fn excluded_port_is_not_the_race() {
-    if !privileged("excluded_port_is_not_the_race") {
-        return;
-    }
-    uncaptured(
-        43,
-        "excl-port-7d9f8c6b5-ccccc",
-        CaptureSettings {
-            exclude_ports: vec![CLOSED],
-            ..CaptureSettings::default()
-        },
-        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
-    );
-}
-
-#[test]
-fn destination_outside_included_ranges_is_not_the_race() {
-    if !privileged("destination_outside_included_ranges_is_not_the_race") {
-        return;
-    }
-    uncaptured(
-        44,
-        "incl-range-7d9f8c6b5-ddddd",
-        CaptureSettings {
-            include: Some(vec!["10.96.0.0/12".into()]),
-            ..CaptureSettings::default()
-        },
-        |p| p.topo.upstream_addr(false, CLOSED).to_string(),
-    );
-}
-
-#[test]
-fn pods_own_ip_is_not_the_race() {
-    if !privileged("pods_own_ip_is_not_the_race") {
-        return;
-    }
-    uncaptured(
-        45,
-        "own-ip-7d9f8c6b5-eeeee",
-        CaptureSettings::default(),
-        |p| format!("{}:{CLOSED}", p.topo.pod_v4),
-    );
 }
 
 #[test]
 fn mixed_destinations_summary_holds_only_the_captured() {
-    if !privileged("mixed_destinations_summary_holds_only_the_captured") {
-        return;
-    }
-    let env = Env::new("cap-mixed");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(
-        46,
+    let Some((_env, agent, mut pod)) = Env::start(
+        155,
         "mixed-7d9f8c6b5-fffff",
         &CaptureSettings {
             exclude_ports: vec![CLOSED],
             ..CaptureSettings::default()
         },
-    );
+    ) else {
+        return;
+    };
     let excluded = pod.topo.upstream_addr(false, CLOSED).to_string();
     let app = |target: String| App {
         attempts: 4,
@@ -271,14 +260,8 @@ fn mixed_destinations_summary_holds_only_the_captured() {
     let a2 = pod.run_app(&app(pod.upstream())).unwrap();
     let (na, nb, na2) = (refused(&a), refused(&b), refused(&a2));
     assert_eq!((na, nb, na2), (4, 4, 4));
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
     let uid = pod.pod.uid.clone();
-    wait_for("startup_race summary", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
-    });
-    let events = stop(agent);
+    let events = sidecar_ready_then_stop(&mut pod, agent);
     for (o, phase) in [
         (&a, "startup_race"),
         (&b, "not_captured"),
@@ -300,18 +283,13 @@ fn mixed_destinations_summary_holds_only_the_captured() {
 
 #[test]
 fn dual_stack_client_loopback_is_not_the_race_captured_is() {
-    if !privileged("dual_stack_client_loopback_is_not_the_race_captured_is") {
+    // A loopback port nobody listens on: refused, never captured.
+    let local = format!("127.0.0.1:{}", crate::fixture::free_port());
+    let Some((_env, agent, mut pod)) =
+        Env::start(156, "java-7d9f8c6b5-ggggg", &CaptureSettings::default())
+    else {
         return;
-    }
-    let env = Env::new("cap-dual");
-    let agent = env.agent(&[]);
-    let mut pod = env.pod(47, "java-7d9f8c6b5-ggggg", &CaptureSettings::default());
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let local = format!("127.0.0.1:{closed}");
+    };
     let app = |target: String| App {
         attempts: 3,
         interval_ms: 20,
@@ -322,14 +300,8 @@ fn dual_stack_client_loopback_is_not_the_race_captured_is() {
     let l = pod.run_app(&app(local.clone())).unwrap();
     let c = pod.run_app(&app(pod.upstream())).unwrap();
     assert_eq!((refused(&l), refused(&c)), (3, 3));
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
     let uid = pod.pod.uid.clone();
-    wait_for("startup_race summary", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
-    });
-    let events = stop(agent);
+    let events = sidecar_ready_then_stop(&mut pod, agent);
     let fl = failures_of(&events, l[0].pid);
     assert_eq!(fl.len(), 3, "{fl:?}");
     for e in &fl {
@@ -374,26 +346,25 @@ fn api_pod(pod: &SimPod, annotations: Value) -> Value {
 /// race, captured ones are, and every failure says `capture: annotations`.
 #[test]
 fn without_kernel_proof_annotations_decide() {
-    if !privileged("without_kernel_proof_annotations_decide") {
+    let Some(env) = Env::new() else {
         return;
-    }
-    let env = Env::new("cap-ann");
+    };
     let settings = CaptureSettings {
-        exclude: vec!["10.213.48.0/30".into()],
+        exclude: vec!["10.213.157.0/30".into()],
         exclude_ports: vec![CLOSED],
         ..CaptureSettings::default()
     };
-    let mut pod = env.pod(48, "annotated-7d9f8c6b5-hhhhh", &settings);
+    let mut pod = env.pod(157, "annotated-7d9f8c6b5-hhhhh", &settings);
     let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
-        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.213.48.0/30",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.213.157.0/30",
         "traffic.sidecar.istio.io/excludeOutboundPorts": "9"});
     std::fs::write(
-        env.dir.0.join("state.json"),
+        env.node.dir.join("state.json"),
         json!({"pods": [api_pod(&pod, ann)]}).to_string(),
     )
     .unwrap();
-    let port = common::free_port();
-    let _api = fake_api(&env.dir.0, port);
+    let port = crate::fixture::free_port();
+    let _api = crate::fixture::fake_api(&env.node.dir, port);
     let url = format!("http://127.0.0.1:{port}");
     let mut agent = env.agent(&[
         "--kubernetes",
@@ -445,14 +416,8 @@ fn without_kernel_proof_annotations_decide() {
         assert_eq!(refused(&o), 3, "{t}: {o:?}");
         runs.push((o, *phase));
     }
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
     let uid = pod.pod.uid.clone();
-    wait_for("startup_race summary", Duration::from_secs(10), || {
-        (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
-    });
-    let events = stop(agent);
+    let events = sidecar_ready_then_stop(&mut pod, agent);
     for (o, phase) in &runs {
         let f = failures_of(&events, o[0].pid);
         assert_eq!(f.len(), 3, "{f:?}");
