@@ -45,6 +45,30 @@ fn captures(out: &[Output]) -> Vec<(Phase, Option<Capture>)> {
         .collect()
 }
 
+/// A timeline entry: the capture reset of [`capture_reset`], unattributed.
+fn reset(
+    t_ns: u64,
+    to: &str,
+    netns: Option<u32>,
+) -> (KernelEvent, Arc<Attribution>, Option<Hints>) {
+    (capture_reset(t_ns, to, netns), none(), None)
+}
+
+/// A timeline entry: the app container's [`refusal`].
+fn app_refusal(
+    t_ms: u64,
+    src: &str,
+    dst: &str,
+    netns: u32,
+) -> (KernelEvent, Arc<Attribution>, Option<Hints>) {
+    (refusal(t_ms, src, dst, netns), who("app"), None)
+}
+
+/// A timeline entry: the app's first process in an injected pod (t=100 ms).
+fn app_started() -> (KernelEvent, Arc<Attribution>, Option<Hints>) {
+    (ev(Kind::Exec, 100, 0), who("app"), injected())
+}
+
 fn none() -> Arc<Attribution> {
     Arc::new(Attribution::default())
 }
@@ -56,15 +80,11 @@ fn kernel_reset_just_before_a_refusal_makes_it_the_race() {
     let out = run(
         &mut t,
         vec![
-            (ev(Kind::Exec, 100, 0), who("app"), injected()),
-            (capture_reset(200 * MS - 50_000, app, Some(7)), none(), None),
-            (refusal(200, app, "10.0.0.1:80", 7), who("app"), None),
+            app_started(),
+            reset(200 * MS - 50_000, app, Some(7)),
+            app_refusal(200, app, "10.0.0.1:80", 7),
             // No reset: the destination itself refused.
-            (
-                refusal(300, "10.1.0.5:40002", "10.0.0.2:80", 7),
-                who("app"),
-                None,
-            ),
+            app_refusal(300, "10.1.0.5:40002", "10.0.0.2:80", 7),
         ],
     );
     assert_eq!(
@@ -88,37 +108,13 @@ fn reset_in_another_netns_or_to_another_port_does_not_match() {
     let out = run(
         &mut t,
         vec![
-            (ev(Kind::Exec, 100, 0), who("app"), injected()),
-            (
-                capture_reset(199 * MS, "10.1.0.5:40000", Some(8)),
-                none(),
-                None,
-            ),
-            (
-                refusal(200, "10.1.0.5:40000", "10.0.0.1:80", 7),
-                who("app"),
-                None,
-            ),
-            (
-                capture_reset(299 * MS, "10.1.0.5:40001", Some(7)),
-                none(),
-                None,
-            ),
-            (
-                refusal(300, "10.1.0.5:40009", "10.0.0.1:80", 7),
-                who("app"),
-                None,
-            ),
-            (
-                capture_reset(399 * MS, "10.1.0.6:40010", Some(7)),
-                none(),
-                None,
-            ),
-            (
-                refusal(400, "10.1.0.5:40010", "10.0.0.1:80", 7),
-                who("app"),
-                None,
-            ),
+            app_started(),
+            reset(199 * MS, "10.1.0.5:40000", Some(8)),
+            app_refusal(200, "10.1.0.5:40000", "10.0.0.1:80", 7),
+            reset(299 * MS, "10.1.0.5:40001", Some(7)),
+            app_refusal(300, "10.1.0.5:40009", "10.0.0.1:80", 7),
+            reset(399 * MS, "10.1.0.6:40010", Some(7)),
+            app_refusal(400, "10.1.0.5:40010", "10.0.0.1:80", 7),
         ],
     );
     assert_eq!(phases(&out), vec![Phase::NotCaptured; 3]);
@@ -134,11 +130,11 @@ fn reset_with_unknown_netns_matches_by_address_and_is_used_once() {
     let out = run(
         &mut t,
         vec![
-            (ev(Kind::Exec, 100, 0), who("app"), injected()),
-            (capture_reset(199 * MS, app, None), none(), None),
-            (refusal(200, app, "10.0.0.1:80", 7), who("app"), None),
+            app_started(),
+            reset(199 * MS, app, None),
+            app_refusal(200, app, "10.0.0.1:80", 7),
             // The same port again, with no reset of its own.
-            (refusal(250, app, "10.0.0.1:80", 7), who("app"), None),
+            app_refusal(250, app, "10.0.0.1:80", 7),
         ],
     );
     assert_eq!(phases(&out), vec![Phase::StartupRace, Phase::NotCaptured]);
@@ -152,31 +148,15 @@ fn old_capture_resets_expire_and_the_store_is_bounded() {
     });
     let mut evs = vec![(ev(Kind::Exec, 100, 0), who("app"), injected())];
     // A reset 1.5 s before its failure (the window is 1 s).
-    evs.push((
-        capture_reset(200 * MS, "10.1.0.5:40000", Some(7)),
-        none(),
-        None,
-    ));
-    evs.push((
-        refusal(1700, "10.1.0.5:40000", "10.0.0.1:80", 7),
-        who("app"),
-        None,
-    ));
+    evs.push(reset(200 * MS, "10.1.0.5:40000", Some(7)));
+    evs.push(app_refusal(1700, "10.1.0.5:40000", "10.0.0.1:80", 7));
     // Five resets within the window: only the last three are kept.
     for i in 0..5u64 {
         let to = format!("10.1.0.5:{}", 41000 + i);
-        evs.push((capture_reset(1800 * MS + i, &to, Some(7)), none(), None));
+        evs.push(reset(1800 * MS + i, &to, Some(7)));
     }
-    evs.push((
-        refusal(1810, "10.1.0.5:41000", "10.0.0.1:80", 7),
-        who("app"),
-        None,
-    ));
-    evs.push((
-        refusal(1811, "10.1.0.5:41004", "10.0.0.1:80", 7),
-        who("app"),
-        None,
-    ));
+    evs.push(app_refusal(1810, "10.1.0.5:41000", "10.0.0.1:80", 7));
+    evs.push(app_refusal(1811, "10.1.0.5:41004", "10.0.0.1:80", 7));
     let out = run(&mut t, evs);
     assert_eq!(
         phases(&out),
@@ -193,14 +173,10 @@ fn kernel_counts_are_exact_over_many_refusals() {
         let app = format!("10.1.0.5:{}", 30000 + i);
         let t_ms = 200 + i;
         if i % 4 != 0 {
-            evs.push((
-                capture_reset(t_ms * MS - 10_000, &app, Some(7)),
-                none(),
-                None,
-            ));
-            evs.push((refusal(t_ms, &app, "10.0.0.1:80", 7), who("app"), None));
+            evs.push(reset(t_ms * MS - 10_000, &app, Some(7)));
+            evs.push(app_refusal(t_ms, &app, "10.0.0.1:80", 7));
         } else {
-            evs.push((refusal(t_ms, &app, "10.96.0.1:80", 7), who("app"), None));
+            evs.push(app_refusal(t_ms, &app, "10.96.0.1:80", 7));
         }
     }
     let out = run(&mut t, evs);
@@ -223,8 +199,8 @@ fn held_failures_keep_the_proof_taken_in_kernel_order() {
     let out = run(
         &mut t,
         vec![
-            (capture_reset(199 * MS, app, Some(7)), none(), None),
-            (refusal(200, app, "10.0.0.1:80", 7), who("app"), None),
+            reset(199 * MS, app, Some(7)),
+            app_refusal(200, app, "10.0.0.1:80", 7),
             (ev(Kind::Exec, 300, 0), who("app"), injected()),
         ],
     );
@@ -254,11 +230,11 @@ fn without_kernel_proof_the_annotations_decide() {
         &mut t,
         vec![
             (ev(Kind::Exec, 100, 0), who("app"), with_rules(rules)),
-            (refusal(200, app, "10.0.0.1:80", 7), who("app"), None),
-            (refusal(210, app, "10.0.5.1:80", 7), who("app"), None),
-            (refusal(220, app, "10.0.0.1:5432", 7), who("app"), None),
-            (refusal(230, app, "10.9.0.1:80", 7), who("app"), None),
-            (refusal(240, app, "10.1.0.5:80", 7), who("app"), None),
+            app_refusal(200, app, "10.0.0.1:80", 7),
+            app_refusal(210, app, "10.0.5.1:80", 7),
+            app_refusal(220, app, "10.0.0.1:5432", 7),
+            app_refusal(230, app, "10.9.0.1:80", 7),
+            app_refusal(240, app, "10.1.0.5:80", 7),
         ],
     );
     assert_eq!(
@@ -279,17 +255,9 @@ fn inferred_capture_never_takes_the_sockets_own_address() {
     let out = run(
         &mut t,
         vec![
-            (ev(Kind::Exec, 100, 0), who("app"), injected()),
-            (
-                refusal(200, "10.1.0.5:40000", "10.0.0.1:80", 7),
-                who("app"),
-                None,
-            ),
-            (
-                refusal(210, "10.1.0.5:40001", "10.1.0.5:80", 7),
-                who("app"),
-                None,
-            ),
+            app_started(),
+            app_refusal(200, "10.1.0.5:40000", "10.0.0.1:80", 7),
+            app_refusal(210, "10.1.0.5:40001", "10.1.0.5:80", 7),
         ],
     );
     assert_eq!(
