@@ -86,6 +86,21 @@ pub enum Capture {
     Inferred,
 }
 
+impl Capture {
+    /// The best evidence there is: the kernel's proof when it gives one
+    /// (`kernel` is Some), else the pod's settings from the API when known,
+    /// else inference.
+    pub(crate) fn of(kernel: Option<bool>, settings_known: bool) -> Capture {
+        if kernel.is_some() {
+            Capture::Kernel
+        } else if settings_known {
+            Capture::Annotations
+        } else {
+            Capture::Inferred
+        }
+    }
+}
+
 /// Tunables (ports are flags).
 #[derive(Debug, Clone)]
 pub struct Config {

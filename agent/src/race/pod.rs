@@ -217,13 +217,7 @@ impl PodState {
     /// proof (`kernel` is Some), else the pod's settings from the API, else
     /// inference.
     pub(super) fn evidence(&self, kernel: Option<bool>) -> Capture {
-        if kernel.is_some() {
-            Capture::Kernel
-        } else if self.capture.is_some() {
-            Capture::Annotations
-        } else {
-            Capture::Inferred
-        }
+        Capture::of(kernel, self.capture.is_some())
     }
 
     /// Whether the failure's connect was redirected to the capture port,

@@ -159,8 +159,6 @@ impl Tracker {
         hints: Option<Hints>,
         out: &mut Vec<Output>,
     ) {
-        // A second handle keeps the pod's uid borrowable while `who` moves on
-        // with the event: the uid is copied only for a new pod, not per event.
         if ev.kind == Kind::CaptureReset {
             self.resets
                 .add(&ev, self.cfg.capture_match_ns, self.cfg.max_capture_resets);
@@ -171,15 +169,13 @@ impl Tracker {
         let kernel = (ev.kind == Kind::ConnectFailure && self.cfg.kernel_capture).then(|| {
             ev.errno == ECONNREFUSED && self.resets.take_match(&ev, self.cfg.capture_match_ns)
         });
+        // A second handle keeps the pod's uid borrowable while `who` moves on
+        // with the event: the uid is copied only for a new pod, not per event.
         let attr = Arc::clone(&who);
         let Some(uid) = attr.pod_uid.as_deref() else {
             let failure = ev.kind == Kind::ConnectFailure;
             let phase = failure.then_some(Phase::NoSidecar);
-            let capture = failure.then_some(if kernel.is_some() {
-                Capture::Kernel
-            } else {
-                Capture::Inferred
-            });
+            let capture = failure.then_some(Capture::of(kernel, false));
             out.push(Output::Event {
                 ev,
                 who,
