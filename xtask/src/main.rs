@@ -1,4 +1,4 @@
-//! Build chores: `cargo xtask setup | test | demo`.
+//! Build chores: `cargo xtask setup | test | demo | bench | soak | vm`.
 //!
 //! `setup` installs what a fresh machine lacks (nightly rust-src, bpf-linker
 //! built against the nightly's own LLVM, Debian packages the tests use); it
@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod matrix;
+mod vm;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -44,15 +46,34 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         minutes: f64,
     },
+    /// Boot Debian's kernels in QEMU guests (needs root) and run COMMAND in
+    /// each, or by default the kernel matrix (`connscope check` and the
+    /// kernel tests; results into KERNELS.md and the README's table).
+    Vm {
+        /// One of 5.10, 6.1, 6.12, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Minutes one guest may run.
+        #[arg(long, default_value_t = 20)]
+        timeout_minutes: u64,
+        /// A command to run in the workspace inside each guest, as root.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
 }
 
-/// Debian packages the tests and demo use.
+/// Debian packages the tests and demo use; the last three boot the kernel
+/// matrix's guests (QEMU, `depmod` for their module trees, and busybox for
+/// virtme-ng's initramfs).
 const PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
     "bpftool",
     "prometheus",
     "prometheus-alertmanager",
+    "qemu-system-x86",
+    "kmod",
+    "busybox-static",
 ];
 /// Debian packages of the tracers the full bench compares against (not
 /// installed for the smoke run in the test suite, which reports them as
@@ -64,6 +85,8 @@ const PYTHON_PACKAGES: &[&str] = &[
     "helm-python-sdk==0.2.2",
     "PyYAML",
 ];
+/// virtme-ng, which boots the kernel matrix's guests (`vng`).
+const VIRTME_NG: &str = "virtme-ng==1.42";
 /// bpf-linker version known to work with the pinned aya.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -96,6 +119,42 @@ fn main() -> Result<()> {
             setup()?;
             run(cargo().args(["build", "--release", "--package", "connscope"]))?;
             bench::soak(&workspace(), minutes)
+        }
+        Cmd::Vm {
+            kernel,
+            timeout_minutes,
+            command,
+        } => {
+            setup()?;
+            let kernels = vm::select(&kernel)?;
+            if command.is_empty() {
+                return matrix::run(&workspace(), &kernels, true);
+            }
+            let mut failed = Vec::new();
+            for series in &kernels {
+                let k = vm::prepare(series)?;
+                let r = vm::run_in_guest(
+                    &workspace(),
+                    &k,
+                    &vm::shell_words(&command),
+                    std::time::Duration::from_secs(timeout_minutes * 60),
+                )?;
+                eprintln!(
+                    "xtask vm: {} ({}, {}): exit {} after {:.0} s",
+                    series.name,
+                    k.release,
+                    r.accel.label(),
+                    r.status,
+                    r.elapsed.as_secs_f64()
+                );
+                if r.status != 0 {
+                    failed.push(series.name);
+                }
+            }
+            if !failed.is_empty() {
+                bail!("the command failed in the guests of {failed:?}");
+            }
+            Ok(())
         }
         Cmd::Demo => {
             setup()?;
@@ -165,6 +224,9 @@ fn setup() -> Result<()> {
         run(Command::new("python3")
             .args(["-m", "pip", "install", "-q"])
             .args(PYTHON_PACKAGES))?;
+    }
+    if !output(Command::new("vng").arg("--version")).is_some_and(|v| v.contains("1.42")) {
+        run(Command::new("python3").args(["-m", "pip", "install", "-q", VIRTME_NG]))?;
     }
     apt_install_missing(PACKAGES)
 }
@@ -295,5 +357,6 @@ fn test(extra: &[String]) -> Result<()> {
     // Smoke runs of every benchmark: short, numbers not recorded.
     run(cargo().args(["test", "--package", "connscope", "--bench", "pipeline"]))?;
     bench::run(&workspace(), true)?;
-    Ok(())
+    // The same kernel tests on the other kernels of the matrix.
+    matrix::run(&workspace(), vm::SERIES, true)
 }

@@ -119,6 +119,11 @@ pub struct Config {
     pub max_held: usize,
     /// Quiet time after the last shutdown refusal before its summary.
     pub shutdown_quiet_ns: u64,
+    /// How long after the capture listener's LISTEN the start-up summary
+    /// waits: a refusal whose SYN went out before the LISTEN may be
+    /// reported after it (on one host, microseconds to milliseconds later;
+    /// under emulation, more), and still belongs to the window.
+    pub startup_settle_ns: u64,
     /// A pod with no event for this long is finalised and forgotten.
     pub idle_ns: u64,
     /// Pods tracked at most (least recently seen finalised beyond it).
@@ -144,6 +149,7 @@ impl Default for Config {
             hold_ns: 5_000_000_000,
             max_held: 10_000,
             shutdown_quiet_ns: 2_000_000_000,
+            startup_settle_ns: 1_000_000_000,
             idle_ns: 120_000_000_000,
             max_pods: 20_000,
             kernel_capture: false,

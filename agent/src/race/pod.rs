@@ -70,6 +70,9 @@ pub(super) struct PodState {
     /// The pod's capture settings from the API, if it answered.
     pub(super) capture: Option<CaptureRules>,
     pub(super) startup: Refusals,
+    /// The sidecar-ready event was emitted.
+    pub(super) ready_emitted: bool,
+    /// The start-up window is closed: its summary (if any) was emitted.
     pub(super) startup_emitted: bool,
     pub(super) shutdown: Refusals,
     pub(super) started_counted: bool,
@@ -111,6 +114,7 @@ impl PodState {
                 self.ready_ns = Some(0);
             }
         }
+        self.ready_emitted = true;
         self.startup_emitted = true;
     }
 
@@ -251,17 +255,34 @@ impl PodState {
             && matches!(ev.family, Family::Inet | Family::Inet6)
             && ev.dst.is_some_and(|d| !d.ip().is_loopback());
         let t = ev.mono_ns;
-        if self.listening_at(t) {
+        // A refusal says the capture listener did not accept the SYN at
+        // some moment of the attempt, from its start to the RST: it was
+        // ready only if it listened over all of it. (Under load, or
+        // emulation, a SYN sent before the LISTEN comes back refused after
+        // it.) Other failures are placed at their end.
+        let start = if refused {
+            ev.start_mono_ns.filter(|&s| s <= t).unwrap_or(t)
+        } else {
+            t
+        };
+        // The kernel's proof that the capture port itself refused outranks
+        // the LISTEN's timestamp, which the kernel takes just before the
+        // listener is hashed and can accept.
+        let proven = refused && kernel == Some(true);
+        if !proven && self.listening_at(start) && self.listening_at(t) {
             return Phase::SidecarReady;
         }
-        let before_ready = self.ready_ns.is_none_or(|r| t < r);
         if !refused {
             return Phase::SidecarNotReady;
         }
         if !self.captured(ev, kernel) {
             return Phase::NotCaptured;
         }
-        if before_ready {
+        // Shutdown: the attempt began while the listener was up and was
+        // refused once it had closed. Everything else is the start-up window.
+        let after_close = self.closed_ns.is_some_and(|c| t >= c)
+            && self.ready_ns.is_some_and(|r| start >= r);
+        if !after_close {
             self.startup.add(ev, who.container.as_deref());
             Phase::StartupRace
         } else {

@@ -261,14 +261,11 @@ impl Tracker {
             }
         }
         if let Some(ready) = p.ready_ns
-            && !p.startup_emitted
+            && !p.ready_emitted
             && p.injected == Some(true)
         {
-            p.startup_emitted = true;
+            p.ready_emitted = true;
             out.push(Output::SidecarReady(SidecarReady::of(p, ready)));
-            if p.startup.count > 0 {
-                out.push(Output::StartupRace(RaceSummary::of(p)));
-            }
         }
     }
 
@@ -304,6 +301,21 @@ impl Tracker {
         let mut expire = Vec::new();
         let mut shutdown = Vec::new();
         let mut idle = Vec::new();
+        let horizon = now_ns.saturating_sub(cfg.reorder_ns);
+        for p in self.pods.values_mut() {
+            // The start-up window closes once every refusal sent before the
+            // LISTEN has surely been applied.
+            if p.ready_emitted
+                && !p.startup_emitted
+                && p.ready_ns
+                    .is_some_and(|r| horizon >= r.saturating_add(cfg.startup_settle_ns))
+            {
+                p.startup_emitted = true;
+                if p.startup.count > 0 {
+                    out.push(Output::StartupRace(RaceSummary::of(p)));
+                }
+            }
+        }
         for (uid, p) in &self.pods {
             if p.held
                 .first()

@@ -86,9 +86,7 @@ fn wait_failures(agent: &Agent, pid: u32, n: usize) -> Vec<Value> {
 /// Starts the pod's sidecar listening at once, waits for the agent's
 /// startup-race summary of the pod, stops the agent: everything it wrote.
 fn sidecar_ready_then_stop(pod: &mut SimPod, agent: Agent) -> Vec<Value> {
-    pod.start_sidecar(0, 0).unwrap();
-    pod.wait_sidecar(15001, "listen", Duration::from_secs(10))
-        .unwrap();
+    crate::fixture::start_sidecar(pod, 0, 0);
     let uid = pod.pod.uid.clone();
     wait_for("startup_race summary", Duration::from_secs(10), || {
         (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
@@ -121,9 +119,7 @@ fn captured_destination_every_refusal_is_the_race() {
     else {
         return;
     };
-    pod.start_sidecar(1200, 0).unwrap();
-    pod.wait_sidecar(15021, "listen", Duration::from_secs(10))
-        .unwrap();
+    crate::fixture::start_sidecar(&mut pod, 1200, 0);
     let attempts = pod.run_app(&App::default()).unwrap();
     let n = refused(&attempts);
     assert!(attempts.last().unwrap().ok && n >= 3, "{attempts:?}");
@@ -134,9 +130,16 @@ fn captured_destination_every_refusal_is_the_race() {
     let events = stop(agent);
     let f = failures_of(&events, attempts[0].pid);
     assert_eq!(f.len(), n, "one event per refusal");
+    // Before 6.10 the kernel gives no proof and there are no annotations
+    // here: the documented degradation is the inferred verdict.
+    let evidence = if crate::fixture::kernel_proves_capture() {
+        "kernel"
+    } else {
+        "inferred"
+    };
     for e in &f {
         assert_eq!(e["phase"], "startup_race", "{e}");
-        assert_eq!(e["capture"], "kernel", "{e}");
+        assert_eq!(e["capture"], evidence, "{e}");
     }
     let s = of_pod(&events, &uid, "startup_race");
     assert_eq!(s.len(), 1);

@@ -102,6 +102,35 @@ fn kernel_reset_just_before_a_refusal_makes_it_the_race() {
     assert_eq!(s[0].destinations, vec!["10.0.0.1:80".to_string()]);
 }
 
+/// The kernel takes the LISTEN's timestamp just before the listener can
+/// accept: a refusal the capture port proves, reported just after it, is
+/// still the start-up race.
+#[test]
+fn proven_refusal_just_after_the_listen_is_still_the_race() {
+    let mut t = Tracker::new(kernel_cfg());
+    let app = "10.1.0.5:40000";
+    let mut late = refusal(1100, app, "10.0.0.1:80", 7);
+    late.mono_ns += 20_000;
+    late.start_mono_ns = Some(1100 * MS + 5_000);
+    let out = run(
+        &mut t,
+        vec![
+            app_started(),
+            (
+                ev(Kind::Listen, 1100, 1337),
+                who(istio::PROXY_CONTAINER),
+                None,
+            ),
+            reset(1100 * MS + 10_000, app, Some(7)),
+            (late, who("app"), None),
+        ],
+    );
+    assert_eq!(
+        captures(&out),
+        vec![(Phase::StartupRace, Some(Capture::Kernel))]
+    );
+}
+
 #[test]
 fn reset_in_another_netns_or_to_another_port_does_not_match() {
     let mut t = Tracker::new(kernel_cfg());

@@ -271,6 +271,67 @@ fn shutdown_race_after_capture_closes() {
     assert!(!out.iter().any(|o| matches!(o, Output::StartupRace(_))));
 }
 
+/// A SYN sent before the LISTEN but refused after it (the RST is reported
+/// later under load) was refused by a capture port that was not listening:
+/// the race, placed by the attempt's start.
+#[test]
+fn refusal_that_began_before_the_listen_is_the_race() {
+    let mut t = Tracker::new(Config::default());
+    let mut late = ev(Kind::ConnectFailure, 1105, 0);
+    late.start_mono_ns = Some(1095 * MS);
+    let mut after = ev(Kind::ConnectFailure, 1205, 0);
+    after.start_mono_ns = Some(1200 * MS);
+    let out = run(
+        &mut t,
+        vec![
+            (ev(Kind::Exec, 100, 0), who("app"), injected()),
+            (ev(Kind::ConnectFailure, 200, 0), who("app"), None),
+            (
+                ev(Kind::Listen, 1100, 1337),
+                who(istio::PROXY_CONTAINER),
+                None,
+            ),
+            (late, who("app"), None),
+            (after, who("app"), None),
+        ],
+    );
+    assert_eq!(
+        phases(&out),
+        vec![Phase::StartupRace, Phase::StartupRace, Phase::SidecarReady]
+    );
+    assert_eq!(startup_races(&out)[0].refused, 2);
+}
+
+/// An attempt that began while the listener was up and was refused after
+/// it closed is the shutdown race, not the start-up one.
+#[test]
+fn refusal_spanning_the_close_is_the_shutdown_race() {
+    let mut t = Tracker::new(Config {
+        shutdown_quiet_ns: 100 * MS,
+        ..Config::default()
+    });
+    let mut spanning = ev(Kind::ConnectFailure, 305, 0);
+    spanning.start_mono_ns = Some(295 * MS);
+    let mut out = run(
+        &mut t,
+        vec![
+            (
+                ev(Kind::Listen, 100, 1337),
+                who(istio::PROXY_CONTAINER),
+                injected(),
+            ),
+            (
+                ev(Kind::ListenClose, 300, 1337),
+                who(istio::PROXY_CONTAINER),
+                None,
+            ),
+            (spanning, who("app"), None),
+        ],
+    );
+    t.advance(20_000 * MS, &mut out);
+    assert_eq!(phases(&out), vec![Phase::ShutdownRace]);
+}
+
 #[test]
 fn loopback_refusals_are_not_the_race() {
     let mut t = Tracker::new(Config::default());

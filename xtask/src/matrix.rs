@@ -1,0 +1,333 @@
+//! The kernel matrix: `connscope check` and the kernel-facing integration
+//! tests in a guest of each Debian kernel (and `check` on this machine's
+//! own), then KERNELS.md and the README's kernel table from what they said.
+//! Nothing in the table is typed by hand.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::vm::{self, Prepared, Series};
+
+/// The kernel-facing tests every guest runs, by full name (`--exact`, so a
+/// renamed test fails the count instead of silently running nothing):
+/// - probes: blocking and non-blocking, IPv4 and IPv6, AF_UNIX, LISTEN up
+///   and down, exec and exit;
+/// - one full race with Istio's iptables rules, from the guest kernel's
+///   own netfilter modules;
+/// - restore (the agent started while the sidecar is up) and shutdown;
+/// - capture: the kernel's proof where the kernel gives it (6.10+), the
+///   documented degradation (inferred) before.
+///
+/// The rest of the suite (the classic-tracepoint fallbacks, exports,
+/// deploy, faults...) is kernel-independent logic or forced fallbacks and
+/// runs on the host: TCG is too slow for all of it in the CI budget.
+pub(crate) const GUEST_TESTS: &[&str] = &[
+    "probes::refusals_before_sidecar_listens_and_none_after",
+    "race::startup_race_sidecar_late",
+    "race::agent_restarted_while_sidecar_is_up",
+    "shutdown::sigterm_mid_flood_exits_fast_and_detaches_everything",
+    "capture::captured_destination_every_refusal_is_the_race",
+];
+
+/// One guest's limit: boot, `check`, the tests, under TCG on two cores.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+/// What one kernel of the matrix said.
+struct Row {
+    kernel: String,
+    release: String,
+    package: String,
+    fleet: String,
+    accel: String,
+    check: String,
+    check_ok: bool,
+    passed: Option<usize>,
+    elapsed: Option<Duration>,
+    error: Option<String>,
+}
+
+/// The agent and kernel-test binaries, built for this run: the same cargo
+/// invocation as the host's test run (so nothing is built twice), whose
+/// kernel tests start `target/debug/connscope`.
+fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["test", "--workspace", "--no-run", "--message-format=json"])
+        .current_dir(workspace)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the kernel tests failed");
+    }
+    let tests = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "kernel")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no kernel test executable")?;
+    Ok((workspace.join("target/debug/connscope"), tests))
+}
+
+/// Runs the matrix on `kernels`; with `report`, writes KERNELS.md and the
+/// README's table. Every kernel is run even when one fails; the error names
+/// each that failed.
+pub(crate) fn run(workspace: &Path, kernels: &[Series], report: bool) -> Result<()> {
+    let (bin, tests) = build(workspace)?;
+    let mut rows = vec![host_row(&bin)?];
+    for series in kernels {
+        rows.push(match vm::prepare(series) {
+            Ok(k) => guest_row(workspace, &k, &bin, &tests),
+            Err(e) => Row {
+                kernel: series.name.to_string(),
+                release: "-".into(),
+                package: "-".into(),
+                fleet: series.fleet.to_string(),
+                accel: "-".into(),
+                check: String::new(),
+                check_ok: false,
+                passed: None,
+                elapsed: None,
+                error: Some(format!("{e:#}")),
+            },
+        });
+    }
+    if report {
+        write_report(workspace, &rows)?;
+    }
+    let failed: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("{} ({}): {e}", r.kernel, r.release))
+        })
+        .collect();
+    for r in &rows {
+        eprintln!(
+            "xtask matrix: {:<6} {:<24} {}",
+            r.kernel,
+            r.release,
+            r.error.as_deref().unwrap_or("passed")
+        );
+    }
+    if !failed.is_empty() {
+        bail!("the kernel matrix failed:\n  {}", failed.join("\n  "));
+    }
+    Ok(())
+}
+
+/// This machine's kernel: `check` here; its tests are the host's test run.
+fn host_row(bin: &Path) -> Result<Row> {
+    let out = Command::new(bin).arg("check").output()?;
+    let check =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+        .trim()
+        .to_string();
+    let ok = out.status.success();
+    Ok(Row {
+        kernel: "host".into(),
+        release,
+        package: "this machine".into(),
+        fleet: "the development sandbox (kprobes compiled out, fentry refused)".into(),
+        accel: "none".into(),
+        check,
+        check_ok: ok,
+        passed: None,
+        elapsed: None,
+        error: (!ok).then(|| "connscope check failed".to_string()),
+    })
+}
+
+fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path) -> Row {
+    let mut words = vec![
+        tests.display().to_string(),
+        "--exact".into(),
+        "--test-threads".into(),
+        "2".into(),
+    ];
+    words.extend(GUEST_TESTS.iter().map(|t| t.to_string()));
+    let command = format!(
+        "{bin} check > \"$VM_RESULTS/check.txt\" 2>&1; echo $? > \"$VM_RESULTS/check.status\"; {tests}",
+        bin = vm::shell_words(&[bin.display().to_string()]),
+        tests = vm::shell_words(&words),
+    );
+    let mut row = Row {
+        kernel: k.series.name.to_string(),
+        release: k.release.clone(),
+        package: k.version.clone(),
+        fleet: k.series.fleet.to_string(),
+        accel: "-".into(),
+        check: String::new(),
+        check_ok: false,
+        passed: None,
+        elapsed: None,
+        error: None,
+    };
+    let run = match vm::run_in_guest(workspace, k, &command, GUEST_TIMEOUT) {
+        Ok(r) => r,
+        Err(e) => {
+            row.error = Some(format!("{e:#}"));
+            return row;
+        }
+    };
+    row.accel = run.accel.label().to_string();
+    row.elapsed = Some(run.elapsed);
+    row.check = std::fs::read_to_string(run.results.join("check.txt")).unwrap_or_default();
+    row.check_ok =
+        std::fs::read_to_string(run.results.join("check.status")).is_ok_and(|s| s.trim() == "0");
+    row.passed = passed(&run.output);
+    let mut errors = Vec::new();
+    if !row.check_ok {
+        errors.push("connscope check failed".to_string());
+    }
+    if run.status != 0 {
+        errors.push(format!("the kernel tests failed (exit {})", run.status));
+    } else if row.passed != Some(GUEST_TESTS.len()) {
+        errors.push(format!(
+            "{:?} kernel tests passed, {} expected",
+            row.passed,
+            GUEST_TESTS.len()
+        ));
+    }
+    if !errors.is_empty() {
+        row.error = Some(errors.join("; "));
+    }
+    row
+}
+
+/// "N passed" from the test harness's result line.
+fn passed(output: &str) -> Option<usize> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("test result: ok. "))
+        .find_map(|l| l.split(" passed").next()?.trim().parse().ok())
+}
+
+/// `[MISS]`/`[FAIL]` items of a `check` output, by name.
+fn degraded(check: &str) -> Vec<String> {
+    check
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("[MISS] ")
+                .or_else(|| l.strip_prefix("[FAIL] "))
+        })
+        .map(|l| l.split(':').next().unwrap_or(l).trim().to_string())
+        .collect()
+}
+
+const BEGIN: &str =
+    "<!-- kernel-matrix:begin (written by `cargo xtask test` / `cargo xtask vm`) -->";
+const END: &str = "<!-- kernel-matrix:end -->";
+
+/// The README's table, between its markers.
+fn table(rows: &[Row]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "{BEGIN}");
+    let _ = writeln!(
+        t,
+        "| Kernel | Release (Debian package) | Where it runs | `connscope check` | Degraded | Kernel tests |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    for r in rows {
+        let degraded = degraded(&r.check);
+        let tests = match (&r.error, r.passed) {
+            (None, Some(n)) => format!("{n} passed ({})", r.accel),
+            (None, None) => "the whole suite (`cargo test`)".to_string(),
+            (Some(e), _) => format!("**failed**: {}", e.lines().next().unwrap_or_default()),
+        };
+        let _ = writeln!(
+            t,
+            "| {} | `{}` ({}) | {} | {} | {} | {} |",
+            r.kernel,
+            r.release,
+            r.package,
+            r.fleet,
+            if r.check_ok {
+                "can run"
+            } else {
+                "**cannot run**"
+            },
+            if degraded.is_empty() {
+                "nothing".to_string()
+            } else {
+                degraded.join(", ")
+            },
+            tests
+        );
+    }
+    let _ = writeln!(t, "{END}");
+    t
+}
+
+fn write_report(workspace: &Path, rows: &[Row]) -> Result<()> {
+    let mut md = String::from(
+        "# Kernels\n\nWritten by the kernel matrix (`cargo xtask test`, or `cargo xtask vm` for \
+         chosen kernels): `connscope check` as each kernel printed it, and the kernel tests \
+         each guest passed. Guests are Debian's own kernel packages booted by virtme-ng with \
+         this machine's filesystem as their root. Under TCG, times say nothing about speed.\n\n",
+    );
+    md.push_str(&table(rows));
+    for r in rows {
+        let _ = write!(
+            md,
+            "\n## {} (`{}`)\n\n- Debian package: {}\n- Where it runs: {}\n- Accelerator: {}\n",
+            r.kernel, r.release, r.package, r.fleet, r.accel
+        );
+        if let Some(e) = r.elapsed {
+            let _ = writeln!(
+                md,
+                "- Guest run (boot, check, tests): {:.0} s",
+                e.as_secs_f64()
+            );
+        }
+        match (&r.error, r.passed) {
+            (Some(e), _) => {
+                let _ = writeln!(md, "- **Failed**: {e}");
+            }
+            (None, Some(n)) => {
+                let _ = writeln!(md, "- Kernel tests passed: {n}: {}", GUEST_TESTS.join(", "));
+            }
+            (None, None) => {
+                let _ = writeln!(md, "- Kernel tests: the whole suite, in `cargo xtask test`");
+            }
+        }
+        let _ = writeln!(md, "\n```\n{}```", r.check);
+    }
+    std::fs::write(workspace.join("KERNELS.md"), md)?;
+
+    let readme_path = workspace.join("README.md");
+    let readme = std::fs::read_to_string(&readme_path)?;
+    let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else {
+        bail!("README.md has no kernel-matrix markers");
+    };
+    let updated = format!(
+        "{}{}{}",
+        &readme[..b],
+        table(rows),
+        &readme[e + END.len() + 1..]
+    );
+    std::fs::write(readme_path, updated)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harness_counts_and_check_misses_are_read() {
+        let out = "running 7 tests\n...\ntest result: ok. 7 passed; 0 failed; 0 ignored";
+        assert_eq!(passed(out), Some(7));
+        assert_eq!(passed("test result: FAILED. 6 passed; 1 failed"), None);
+        let check = "[ ok ] BTF: x\n[MISS] capture proof: no reason field\n[FAIL] tracefs: gone\n";
+        assert_eq!(degraded(check), ["capture proof", "tracefs"]);
+    }
+}
