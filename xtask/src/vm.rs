@@ -14,6 +14,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -77,6 +78,9 @@ const GUEST_MEMORY: &str = "3G";
 /// A KVM guest that has not started our script by then never will (nested
 /// KVM that hangs in early boot): boot it again under TCG.
 const KVM_START_DEADLINE: Duration = Duration::from_secs(90);
+
+/// KVM failed once in this run: the next guests go straight to TCG.
+static KVM_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// A kernel unpacked and ready to boot.
 #[derive(Debug, Clone)]
@@ -360,7 +364,10 @@ pub(crate) fn run_in_guest(
     let results = workspace.join("target/vm").join(&kernel.release);
     let _ = std::fs::remove_dir_all(&results);
     std::fs::create_dir_all(&results)?;
-    let mut accel = if kvm_offered() && std::env::var_os("CONNSCOPE_VM_TCG").is_none() {
+    let mut accel = if kvm_offered()
+        && !KVM_FAILED.load(Ordering::Relaxed)
+        && std::env::var_os("CONNSCOPE_VM_TCG").is_none()
+    {
         Accel::Kvm
     } else {
         Accel::Tcg
@@ -389,6 +396,7 @@ pub(crate) fn run_in_guest(
                     kernel.release
                 );
                 accel = Accel::Tcg;
+                KVM_FAILED.store(true, Ordering::Relaxed);
             }
             Booted::NeverStarted => bail!(
                 "kernel {} ({}) did not boot under {}: see {}",
@@ -494,7 +502,12 @@ fn boot(
         // Its own process group: a timeout ends virtme-ng and its QEMU.
         .process_group(0);
     if accel == Accel::Tcg {
-        vng.arg("--disable-kvm");
+        // One host thread for all vCPUs: with multi-threaded TCG, a vCPU can
+        // run a stale translation of code the kernel is live-patching on
+        // another (a tracepoint's static key flipped by an attach), and the
+        // guest oopses on the patch's int3 (seen on 6.12). Still SMP.
+        vng.arg("--disable-kvm")
+            .args(["--qemu-opts", "-accel tcg,thread=single"]);
     }
     let mut child = vng
         .spawn()

@@ -19,6 +19,23 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
+/// How many times slower than real hardware the test bed runs: 1, except
+/// in the kernel matrix's emulated guests, where `cargo xtask vm` sets
+/// `CONNSCOPE_TEST_TIME_SCALE`. The test bed's own deadlines, and the tests'
+/// deadlines and scenario delays, are multiplied by it; nothing else.
+pub fn time_scale() -> u32 {
+    std::env::var("CONNSCOPE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// `d` on this machine's clock (see [`time_scale`]).
+pub fn slow(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 /// `connscope testbed ...` (hidden).
 #[derive(Debug, Subcommand)]
 pub enum Command {

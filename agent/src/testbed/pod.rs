@@ -278,7 +278,7 @@ impl Pod {
 
 /// Kills every process of a cgroup (bounded wait) and removes it.
 pub fn kill_cgroup(dir: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + super::slow(Duration::from_secs(5));
     loop {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
         let pids: Vec<i32> = procs

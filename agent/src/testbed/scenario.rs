@@ -69,6 +69,7 @@ impl Proc {
 
     /// Waits (bounded) for a stdout line containing `needle`.
     pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let timeout = super::slow(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
@@ -93,6 +94,7 @@ impl Proc {
 
     /// Collects every line until the process exits (bounded).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<Vec<String>> {
+        let timeout = super::slow(timeout);
         let deadline = Instant::now() + timeout;
         let rx = self.lines.take().context("no stdout")?;
         loop {
@@ -113,7 +115,7 @@ impl Proc {
     /// SIGTERM, then SIGKILL after `grace`.
     pub fn terminate(&mut self, grace: Duration) {
         let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
+        let deadline = Instant::now() + super::slow(grace);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
