@@ -7,12 +7,16 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use serde::Serialize;
 
 use crate::{
-    attribute::{Attribution, ErrorCounts},
+    attribute::{Attribution, ErrorCounts, RejectedCounts},
     k8s::{EventQueue, PodEvent},
     kernel::{
         decode::KernelEvent,
@@ -41,7 +45,10 @@ pub(crate) struct SelfStats<'a> {
     pub held_now: usize,
     pub held_total: u64,
     pub state_sizes: [(&'static str, usize); 4],
+    /// Events waiting for runtime metadata.
+    pub waiting: usize,
     pub metadata_errors: &'a ErrorCounts,
+    pub rejected: &'a RejectedCounts,
 }
 
 /// The JSON stream, the `/events` buffer, the metrics and the Kubernetes
@@ -113,6 +120,17 @@ impl Exporter {
             .with_label_values(&["held_failures"])
             .set(s.held_now as i64);
         m.health
+            .state_entries
+            .with_label_values(&["waiting_for_metadata"])
+            .set(s.waiting as i64);
+        for ((source, field), n) in s.rejected {
+            let total = m
+                .health
+                .metadata_rejected
+                .with_label_values(&[source, field]);
+            total.inc_by(n.saturating_sub(total.get()));
+        }
+        m.health
             .events_lost
             .inc_by(self.new_since("lost", s.lost_total));
         m.health
@@ -124,6 +142,18 @@ impl Exporter {
                 .metadata_errors
                 .with_label_values(&[source])
                 .inc_by(d);
+        }
+        if let Some(st) = self.sink.stats() {
+            for (reason, n) in [
+                ("queue_full", st.queue_full.load(Ordering::Relaxed)),
+                ("write_error", st.write_error.load(Ordering::Relaxed)),
+            ] {
+                let d = self.new_since(reason, n);
+                m.health
+                    .json_lines_dropped
+                    .with_label_values(&["stream", reason])
+                    .inc_by(d);
+            }
         }
         let dropped = self.opts.k8s_events.as_ref().map_or(0, EventQueue::dropped);
         let d = self.new_since("k8s_events", dropped);
@@ -143,11 +173,7 @@ impl Exporter {
     /// metrics and `/events` locks once per batch (not per event: during a
     /// refused storm every failure passes here). `counted` holds the batch's
     /// records per type and is reset.
-    pub(crate) fn export(
-        &mut self,
-        out: &mut Vec<Output>,
-        counted: &mut RecordCounts,
-    ) -> std::io::Result<()> {
+    pub(crate) fn export(&mut self, out: &mut Vec<Output>, counted: &mut RecordCounts) {
         let shared = self.shared.clone();
         let now = Instant::now();
         let mut m = shared.metrics.lock().ok();
@@ -162,7 +188,7 @@ impl Exporter {
         }
         drop(m);
         shared.publish_all(self.lines.drain(..));
-        self.sink.flush()
+        self.sink.flush();
     }
 
     /// Exports one output of the tracker: metrics, JSON, Kubernetes Events.
@@ -264,7 +290,7 @@ impl Exporter {
             return Ok(());
         }
         let json = serde_json::to_string(body)?;
-        self.sink.write_line(&json)?;
+        self.sink.write_line(&json);
         // Published with the rest of the batch, in order.
         self.lines.push(EventLine {
             body: LineBody::Json(json),
