@@ -22,6 +22,7 @@ mod exports;
 mod faults;
 mod fixture;
 mod fuzz;
+mod hostile;
 mod kube_api;
 mod probes;
 mod race;
