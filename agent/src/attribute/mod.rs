@@ -423,17 +423,38 @@ impl Attributor {
         &mut self,
         c: crate::kernel::decode::CgroupChange,
     ) -> Option<String> {
+        // A cut path is never taken for the cgroup's: the full one comes
+        // from the cgroup file system (or, for a cgroup already gone, from
+        // what was known of it, else from /proc/<pid>/cgroup at its events).
+        let path = if !c.truncated {
+            Some(c.path)
+        } else if c.created {
+            let n = self.rejected.entry(("kernel", "cgroup_path")).or_default();
+            *n += 1;
+            if *n == 1 {
+                tracing::info!(
+                    prefix = %c.path,
+                    "cgroup path longer than the kernel record holds (nested runtime?): resolved from the cgroup file system (further ones are only counted)"
+                );
+            }
+            self.cgroups.find_cut(c.id, &c.path)
+        } else {
+            self.cgroups.known(c.id).map(str::to_string)
+        };
         if c.created {
+            let path = path?;
             // A container (re)created: what failed before is tried again.
-            if let Some(cid) = kubelet::parse_cgroup(&c.path).and_then(|l| l.container_id) {
+            if let Some(cid) = kubelet::parse_cgroup(&path).and_then(|l| l.container_id) {
                 self.runtime.retry(&cid);
             }
-            self.cgroups.created(c.id, c.path);
+            if !c.truncated {
+                self.cgroups.created(c.id, path);
+            }
             return None;
         }
         self.cgroups.removed(c.id);
         self.cache.remove(&c.id);
-        let l = kubelet::parse_cgroup(&c.path)?;
+        let l = kubelet::parse_cgroup(&path?)?;
         match l.container_id {
             Some(cid) => {
                 self.runtime.forget(&cid);
@@ -798,6 +819,78 @@ mod tests {
         assert_eq!(a.container, None);
         assert_eq!(a.pod.as_deref(), Some("web-0"));
         assert_eq!(a.container_id.as_deref(), Some(cid.as_str()));
+    }
+
+    /// A kubelet-shaped container cgroup under a kind node's prefix (the
+    /// node's own container cgroup, kubelet's `kubelet.slice` root): over
+    /// 255 bytes. Its directory, pod uid and container id.
+    pub(crate) fn kind_cgroup(root: &Path) -> (PathBuf, String, String) {
+        let uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        let cid = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
+        let node = "9".repeat(64);
+        let dir = root.join(format!(
+            "system.slice/docker-{node}.scope/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+            uid.replace('-', "_")
+        ));
+        (dir, uid.into(), cid.into())
+    }
+
+    #[test]
+    fn a_cgroup_path_the_kernel_record_cut_is_resolved_from_the_file_system() {
+        let node = Node::new("cut");
+        let (dir, uid, cid) = kind_cgroup(&node.cgroup);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rel = format!("/{}", dir.strip_prefix(&node.cgroup).unwrap().display());
+        assert!(rel.len() > 255, "{}", rel.len());
+        let cfg = node.roots.containerd.join("k8s.io").join(&cid);
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(
+            cfg.join("config.json"),
+            serde_json::json!({"annotations": {
+                "io.kubernetes.cri.container-name": "app",
+                "io.kubernetes.cri.sandbox-name": "web-0",
+                "io.kubernetes.cri.sandbox-namespace": "shop",
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let ev = event(&dir);
+        let id = ev.cgroup_id.unwrap();
+        let mut who = node.attributor();
+        // What the kernel record holds: the first 255 bytes.
+        let cut = crate::kernel::decode::CgroupChange {
+            created: true,
+            id,
+            path: rel[..255].to_string(),
+            truncated: true,
+        };
+        assert_eq!(who.cgroup_changed(cut.clone()), None);
+        let walks = who.cgroups().walks;
+        let a = who.attribute_wait(&ev, None);
+        assert_eq!(who.cgroups().walks, walks, "found at the record, no walk");
+        assert_eq!(a.pod_uid.as_deref(), Some(uid.as_str()));
+        assert_eq!(a.container_id.as_deref(), Some(cid.as_str()));
+        assert_eq!(a.container.as_deref(), Some("app"));
+        assert_eq!(a.pod.as_deref(), Some("web-0"));
+        assert_eq!(who.rejected.get(&("kernel", "cgroup_path")), Some(&1));
+        // Removed with a cut path: the pod's container is forgotten by its
+        // full path, no pod is taken for gone.
+        let gone = crate::kernel::decode::CgroupChange {
+            created: false,
+            ..cut
+        };
+        assert_eq!(who.cgroup_changed(gone), None);
+        // A cut record of a cgroup already gone never names a path.
+        let mut fresh = node.attributor();
+        std::fs::remove_dir(&dir).unwrap();
+        let stale = crate::kernel::decode::CgroupChange {
+            created: true,
+            id,
+            path: rel[..255].to_string(),
+            truncated: true,
+        };
+        fresh.cgroup_changed(stale);
+        assert_eq!(fresh.cgroups().known(id), None);
     }
 
     #[test]

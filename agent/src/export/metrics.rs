@@ -141,7 +141,7 @@ impl Health {
             )?,
             metadata_rejected: counters(
                 "connscope_metadata_values_rejected_total",
-                "Metadata values left out (the field is absent) for being longer than a Kubernetes name (253 bytes), by source and field",
+                "Metadata values not taken as they came for their length, by source and field: names over 253 bytes (left out) and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
                 &["source", "field"],
             )?,
             build_info,

@@ -347,3 +347,82 @@ fn stalled_stdout_blocks_nothing_counts_its_loss_and_recovers() {
         "stalled stdout: {n} refusals all counted in the metrics, /healthz answered {answered} times while stalled, {dropped} lines dropped (counted), {lines} lines read after the reader came back, SIGTERM exit in {took:?}"
     );
 }
+
+/// Directories made under the cgroup root, removed (deepest first) on drop.
+struct Cgroups(Vec<PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            connscope::testbed::pod::kill_cgroup(d);
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[test]
+fn a_cgroup_path_longer_than_the_kernel_record_is_never_taken_cut() {
+    let Some(node) = Node::shared() else { return };
+    let mut agent = node.agent(&[]);
+    // Made after the agent started: it learns the path from the kernel's
+    // cgroup_mkdir record, which holds 255 bytes of it. kind's layout: the
+    // node's container cgroup, kubelet's own root slice, then kubelet's.
+    let pid = std::process::id();
+    let uid = format!("0a1b2c3d-4e5f-6789-abcd-{pid:012x}");
+    let cid = format!("{pid:016x}").repeat(4);
+    let levels = [
+        "connscope-kind.slice".to_string(),
+        format!("docker-{}.scope", "9".repeat(64)),
+        "kubelet.slice".into(),
+        "kubelet-kubepods.slice".into(),
+        "kubelet-kubepods-burstable.slice".into(),
+        format!(
+            "kubelet-kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ),
+        format!("cri-containerd-{cid}.scope"),
+    ];
+    let mut made = Cgroups(Vec::new());
+    let mut dir = node.cgroup_root.clone();
+    for l in &levels {
+        dir = dir.join(l);
+        std::fs::create_dir(&dir).unwrap();
+        made.0.push(dir.clone());
+    }
+    let rel = dir.strip_prefix(&node.cgroup_root).unwrap();
+    assert!(rel.as_os_str().len() > 255, "{}", rel.display());
+    let cfg = node.roots.containerd.join("k8s.io").join(&cid);
+    std::fs::create_dir_all(&cfg).unwrap();
+    let ann = serde_json::json!({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": "app",
+        "io.kubernetes.cri.sandbox-name": "nested-0",
+        "io.kubernetes.cri.sandbox-namespace": "kind",
+        "io.kubernetes.cri.sandbox-uid": uid,
+    }});
+    std::fs::write(cfg.join("config.json"), ann.to_string()).unwrap();
+    let out = crate::fixture::dial(&closed_target(), Some(&dir), false);
+    let e = agent.failure(out.pid);
+    crate::fixture::assert_fields(
+        &e,
+        &[
+            ("pod_uid", &uid),
+            ("container_id", &cid),
+            ("container", "app"),
+            ("pod", "nested-0"),
+            ("namespace", "kind"),
+        ],
+    );
+    assert!(e.get("cgroup").is_none(), "{e}");
+    agent.wait_stderr(
+        "cgroup path longer than the kernel record holds",
+        Duration::from_secs(5),
+    );
+    wait_for("the cut path counted", Duration::from_secs(5), || {
+        (metric(
+            agent.http_port,
+            "connscope_metadata_values_rejected_total{field=\"cgroup_path\",source=\"kernel\"}",
+        ) >= 1.0)
+            .then_some(())
+    });
+}
