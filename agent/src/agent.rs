@@ -111,6 +111,10 @@ impl Agent {
             ExportOptions {
                 process_events: args.process_events,
                 k8s_events,
+                recent_line_bytes: ExportOptions::line_bytes_for(
+                    args.recent_events_bytes,
+                    args.recent_events,
+                ),
             },
         );
         let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some());

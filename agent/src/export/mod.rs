@@ -28,6 +28,12 @@ use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
 use metrics::Metrics;
 
+/// The `/events` buffer's byte budget by default (`--recent-events-bytes`).
+pub const RECENT_BYTES: usize = 16 * 1024 * 1024;
+/// The smallest per-line allowance (a failure line with every field is
+/// under 1 KiB).
+const MIN_LINE_BYTES: usize = 1024;
+
 /// How the exporter is set up (from the command line).
 #[derive(Debug, Default)]
 pub struct ExportOptions {
@@ -35,6 +41,18 @@ pub struct ExportOptions {
     pub process_events: bool,
     /// Where startup-race summaries go as Kubernetes Events.
     pub k8s_events: Option<EventQueue>,
+    /// The most a line may hold in the `/events` buffer (0: the default,
+    /// [`RECENT_BYTES`] over 10 000 lines). With the buffer's count limit
+    /// this bounds its bytes: a larger line is kept as a short
+    /// `event_too_large` stub (the stream still gets it whole), counted.
+    pub recent_line_bytes: usize,
+}
+
+impl ExportOptions {
+    /// The per-line allowance that keeps `lines` lines within `bytes`.
+    pub fn line_bytes_for(bytes: usize, lines: usize) -> usize {
+        (bytes / lines.max(1)).max(MIN_LINE_BYTES)
+    }
 }
 
 /// The agent's own state, sampled for the self-metrics.
@@ -66,6 +84,8 @@ pub struct Exporter {
     exported: HashMap<&'static str, u64>,
     /// `/events` lines of this batch, published together.
     lines: Vec<EventLine>,
+    /// Lines kept in `/events` as a stub for their size.
+    too_large: u64,
 }
 
 impl Exporter {
@@ -78,7 +98,54 @@ impl Exporter {
             json_skipped: 0,
             exported: HashMap::new(),
             lines: Vec::new(),
+            too_large: 0,
         }
+    }
+
+    /// Keeps a line for `/events`, or its stub when it is over the per-line
+    /// allowance (the buffer's bytes stay within count x allowance).
+    fn keep(&mut self, line: EventLine) {
+        let max = match self.opts.recent_line_bytes {
+            0 => ExportOptions::line_bytes_for(RECENT_BYTES, 10_000),
+            n => n,
+        };
+        let bytes = line_bytes(&line);
+        if bytes <= max {
+            self.lines.push(line);
+            return;
+        }
+        self.too_large += 1;
+        if self.too_large == 1 {
+            tracing::warn!(
+                bytes,
+                max,
+                "event too large for the /events buffer: kept as an event_too_large stub (further ones are only counted)"
+            );
+        }
+        // Only the names `/events` filters on, and only names of a length
+        // Kubernetes allows.
+        let name = |n: &Option<String>| {
+            n.clone()
+                .filter(|n| n.len() <= crate::attribute::runtime::MAX_NAME_BYTES)
+        };
+        let who = Arc::new(Attribution {
+            namespace: name(&line.who.namespace),
+            pod: name(&line.who.pod),
+            ..Default::default()
+        });
+        let stub = serde_json::json!({
+            "type": "event_too_large",
+            "event_type": line.kind,
+            "bytes": bytes,
+            "namespace": who.namespace,
+            "pod": who.pod,
+        });
+        self.lines.push(EventLine {
+            body: LineBody::Json(stub.to_string()),
+            kind: line.kind,
+            who,
+            phase: line.phase,
+        });
     }
 
     /// What `/metrics`, `/events` and the health endpoints read.
@@ -155,6 +222,11 @@ impl Exporter {
                     .inc_by(d);
             }
         }
+        let d = self.new_since("too_large", self.too_large);
+        m.health
+            .json_lines_dropped
+            .with_label_values(&["events_endpoint", "too_large"])
+            .inc_by(d);
         let dropped = self.opts.k8s_events.as_ref().map_or(0, EventQueue::dropped);
         let d = self.new_since("k8s_events", dropped);
         m.health
@@ -256,7 +328,7 @@ impl Exporter {
             return Ok(());
         }
         if !self.sink.is_active() {
-            self.lines.push(EventLine {
+            self.keep(EventLine {
                 kind: ev.kind.record_type().label(),
                 phase: phase.map(|p| p.as_str()),
                 who,
@@ -292,7 +364,7 @@ impl Exporter {
         let json = serde_json::to_string(body)?;
         self.sink.write_line(&json);
         // Published with the rest of the batch, in order.
-        self.lines.push(EventLine {
+        self.keep(EventLine {
             body: LineBody::Json(json),
             kind,
             who: who.clone(),
@@ -322,5 +394,94 @@ impl Exporter {
             reason: "SidecarStartupRace",
             note,
         });
+    }
+}
+
+/// What a `/events` line holds in memory, about: its body and who it is
+/// about (an attribution may be the line's own).
+fn line_bytes(l: &EventLine) -> usize {
+    let w = &l.who;
+    let who = [
+        &w.node,
+        &w.namespace,
+        &w.pod,
+        &w.pod_uid,
+        &w.container,
+        &w.container_id,
+        &w.workload,
+        &w.workload_kind,
+        &w.cgroup,
+    ]
+    .iter()
+    .map(|f| f.as_ref().map_or(0, String::len))
+    .sum::<usize>()
+        + size_of::<Attribution>();
+    who + size_of::<EventLine>()
+        + match &l.body {
+            LineBody::Json(j) => j.len(),
+            LineBody::Kernel { ev, .. } => {
+                size_of::<KernelEvent>() + ev.path.as_ref().map_or(0, String::len)
+            }
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{
+        http::Limits,
+        json::{Sink, Target},
+    };
+
+    #[test]
+    fn events_buffer_lines_are_bounded_in_bytes() {
+        let shared = Shared::new(
+            Metrics::new(false).unwrap(),
+            Limits {
+                recent: 100,
+                ..Limits::default()
+            },
+        );
+        let max = ExportOptions::line_bytes_for(64 * 1024, 100);
+        let mut ex = Exporter::new(
+            Sink::open(&Target::None).unwrap(),
+            shared,
+            ExportOptions {
+                recent_line_bytes: max,
+                ..Default::default()
+            },
+        );
+        let huge = Arc::new(Attribution {
+            namespace: Some("shop".into()),
+            pod: Some("p".repeat(3_000_000)),
+            ..Default::default()
+        });
+        let small = Arc::new(Attribution {
+            namespace: Some("shop".into()),
+            pod: Some("web-0".into()),
+            ..Default::default()
+        });
+        let body = serde_json::json!({"x": 1});
+        for _ in 0..200 {
+            ex.emit("startup_race", &huge, None, &body).unwrap();
+            ex.emit("startup_race", &small, None, &body).unwrap();
+        }
+        assert_eq!(ex.too_large, 200);
+        let kept: usize = ex.lines.iter().map(line_bytes).sum();
+        assert!(kept <= 400 * max, "{kept} bytes for 400 lines");
+        assert!(
+            ex.lines.iter().all(|l| line_bytes(l) <= max),
+            "every line within its allowance"
+        );
+        let stub = ex.lines[0].json();
+        assert!(
+            stub.contains("\"event_too_large\"") && stub.contains("3000"),
+            "{stub}"
+        );
+        assert_eq!(
+            ex.lines[1].json(),
+            body.to_string(),
+            "small lines kept whole"
+        );
     }
 }
