@@ -225,7 +225,7 @@ impl Agent {
             .drain_until(budget, |bytes| pipeline.record(bytes, clock));
         let drain_ms = t0.elapsed().as_millis() - detach_ms;
         self.report_lost()?;
-        let json_skipped = self
+        let (json_skipped, synced) = self
             .pipeline
             .flush_until(Instant::now() + Duration::from_millis(500));
         let flush_ms = t0.elapsed().as_millis() - detach_ms - drain_ms;
@@ -240,7 +240,9 @@ impl Agent {
                 "events_unprocessed_at_exit",
                 &serde_json::json!({ "unprocessed": skipped, "json_skipped": json_skipped }),
             ))?;
-            sink.sync(Instant::now() + Duration::from_millis(200));
+            // A stream that did not catch up gets no more time: exit stays prompt.
+            let wait = if synced { 200 } else { 20 };
+            sink.sync(Instant::now() + Duration::from_millis(wait));
         }
         drop(self.probes);
         tracing::info!(

@@ -256,14 +256,17 @@ impl Pipeline {
     /// only counted, not serialised, so that exit stays prompt however much
     /// the race tracker still holds, and waits (until `deadline` too) for
     /// the event stream to have written what it was given. Returns how many
-    /// failures were not serialised.
-    pub(crate) fn flush_until(&mut self, deadline: std::time::Instant) -> u64 {
+    /// failures were not serialised, and whether the stream caught up.
+    pub(crate) fn flush_until(&mut self, deadline: std::time::Instant) -> (u64, bool) {
         self.exporter.set_json_deadline(deadline);
         self.flush();
-        if !self.exporter.sink().sync(deadline) {
-            tracing::warn!("event stream not written out by the exit deadline (stalled target)");
+        let synced = self.exporter.sink().sync(deadline);
+        if !synced {
+            tracing::warn!(
+                "event stream not written out by the exit deadline (a stalled or slow target): the lines still queued are not written"
+            );
         }
-        self.exporter.json_skipped()
+        (self.exporter.json_skipped(), synced)
     }
 }
 
@@ -349,7 +352,7 @@ mod tests {
             } else {
                 std::time::Instant::now() + Duration::from_secs(60)
             };
-            let skipped = p.flush_until(deadline);
+            let (skipped, _) = p.flush_until(deadline);
             let written = std::fs::read_to_string(&out)
                 .unwrap()
                 .lines()

@@ -285,7 +285,7 @@ fn stalled_stdout_blocks_nothing_counts_its_loss_and_recovers() {
     // Held, not read: the pipe fills after 64 KiB.
     let stdout = agent.child.stdout.take().unwrap();
     let cg = pod.container("app").unwrap().cgroup.clone();
-    let storm = storm_in(&cg, 20_000, 3);
+    let storm = storm_in(&cg, 10_000, 3);
     let during = Instant::now();
     let mut answered = 0;
     while during.elapsed() < Duration::from_secs(2) {
@@ -301,11 +301,16 @@ fn stalled_stdout_blocks_nothing_counts_its_loss_and_recovers() {
             "namespace=\"stalled\"",
         )
     };
-    wait_for(
-        "every failure in the metrics",
-        Duration::from_secs(10),
-        || (failures(port) == n).then_some(()),
-    );
+    // Every refusal is counted: in the failure metrics, or (on a machine
+    // too busy for the reader to keep up with the storm) as kernel loss,
+    // which has nothing to do with the stream.
+    let mut last = (0.0, 0.0);
+    let (counted, lost) = crate::fixture::wait_for_or(Duration::from_secs(10), || {
+        last = (failures(port), metric(port, "connscope_events_lost_total"));
+        (last.0 + last.1 >= n).then_some(last)
+    })
+    .unwrap_or_else(|| panic!("{n} refusals, counted (failures, lost): {last:?}"));
+    assert!(counted > 0.0 && counted <= n, "{counted} of {n}");
     let dropped = wait_for("lines counted as dropped", Duration::from_secs(10), || {
         let d = metric(
             port,
@@ -344,7 +349,7 @@ fn stalled_stdout_blocks_nothing_counts_its_loss_and_recovers() {
     agent.wait_stderr("event stream keeps up again", Duration::from_secs(10));
     let took = stops_promptly(&mut agent);
     eprintln!(
-        "stalled stdout: {n} refusals all counted in the metrics, /healthz answered {answered} times while stalled, {dropped} lines dropped (counted), {lines} lines read after the reader came back, SIGTERM exit in {took:?}"
+        "stalled stdout: {n} refusals, {counted} in the failure metrics ({lost} lost in the kernel ring), /healthz answered {answered} times while stalled, {dropped} lines dropped (counted), {lines} lines read after the reader came back, SIGTERM exit in {took:?}"
     );
 }
 
