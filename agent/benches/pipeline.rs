@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
                     let r = record(ids[i % PODS], ts, 1000 + (i % PODS) as u32);
                     p.record(&r, &clock);
                 }
-                p.advance(ts + 100_000_000).unwrap();
+                p.advance(ts + 100_000_000);
             })
         });
     }

@@ -111,6 +111,10 @@ impl Agent {
             ExportOptions {
                 process_events: args.process_events,
                 k8s_events,
+                recent_line_bytes: ExportOptions::line_bytes_for(
+                    args.recent_events_bytes,
+                    args.recent_events,
+                ),
             },
         );
         let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some());
@@ -156,6 +160,7 @@ impl Agent {
             "probes attached, reading events"
         );
         let mut ticks = 0u64;
+        let metadata = self.pipeline.metadata_waker();
         loop {
             // Signals, then API updates and timers, then the ring: during a
             // flood the ring is always readable, and the others must still
@@ -165,6 +170,8 @@ impl Agent {
                 _ = recv_signal(&mut sigint) => break,
                 _ = recv_signal(&mut sigterm) => break,
                 Some(u) = recv(&mut self.kube_rx) => self.pipeline.pods_changed(u),
+                // Runtime metadata read (off this thread): events waiting for it go on.
+                _ = metadata.notified() => self.pipeline.advance(Clock::mono_now()),
                 _ = tick.tick() => {
                     ticks += 1;
                     self.on_tick(ticks)?;
@@ -175,7 +182,7 @@ impl Agent {
                         // drivers (signals, sockets, timers) before the next batch.
                         tokio::task::yield_now().await;
                     }
-                    self.pipeline.advance(Clock::mono_now())?;
+                    self.pipeline.advance(Clock::mono_now());
                 }
             }
         }
@@ -198,7 +205,7 @@ impl Agent {
         {
             m.expire();
         }
-        self.pipeline.advance(Clock::mono_now())?;
+        self.pipeline.advance(Clock::mono_now());
         Ok(())
     }
 
@@ -218,9 +225,9 @@ impl Agent {
             .drain_until(budget, |bytes| pipeline.record(bytes, clock));
         let drain_ms = t0.elapsed().as_millis() - detach_ms;
         self.report_lost()?;
-        let json_skipped = self
+        let (json_skipped, synced) = self
             .pipeline
-            .flush_until(Instant::now() + Duration::from_millis(500))?;
+            .flush_until(Instant::now() + Duration::from_millis(500));
         let flush_ms = t0.elapsed().as_millis() - detach_ms - drain_ms;
         if skipped > 0 || json_skipped > 0 {
             tracing::warn!(
@@ -233,7 +240,9 @@ impl Agent {
                 "events_unprocessed_at_exit",
                 &serde_json::json!({ "unprocessed": skipped, "json_skipped": json_skipped }),
             ))?;
-            sink.flush()?;
+            // A stream that did not catch up gets no more time: exit stays prompt.
+            let wait = if synced { 200 } else { 20 };
+            sink.sync(Instant::now() + Duration::from_millis(wait));
         }
         drop(self.probes);
         tracing::info!(
@@ -264,7 +273,7 @@ impl Agent {
                     lost_total: total,
                 },
             ))?;
-            sink.flush()?;
+            sink.flush();
             self.lost_seen = total;
         }
         Ok(())

@@ -92,6 +92,11 @@ pub struct RunArgs {
     /// nowhere are then not even serialised).
     #[arg(long, default_value_t = 2048)]
     pub recent_events: usize,
+    /// Bytes the `/events` buffer may hold: each line may take this over
+    /// `--recent-events` (at least 1 KiB); a larger one is kept as a short
+    /// `event_too_large` stub, counted (the stream gets it whole).
+    #[arg(long, default_value_t = crate::export::RECENT_BYTES)]
+    pub recent_events_bytes: usize,
     /// Do not drop capabilities after start-up (debugging only).
     #[arg(long)]
     pub keep_privileges: bool,

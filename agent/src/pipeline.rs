@@ -15,9 +15,26 @@ use crate::{
     race::{self, Hints, Output, Tracker},
 };
 
+/// How long events wait for a container's runtime metadata before they go
+/// on without it (the read is then given up and counted).
+const METADATA_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+/// Events waiting for runtime metadata, at most: beyond, the reads are
+/// given up at once and the events go on without.
+const MAX_WAITING: usize = 65_536;
+
 /// Everything downstream of the ring buffer, in the order data flows.
+///
+/// Runtime metadata (`config.json`) is read by the attributor's thread, never
+/// this one. An event whose container's metadata is being read waits here,
+/// and so does every event after it, in arrival order: the tracker sees the
+/// same order as without the wait, counts stay exact and nothing is
+/// dropped. The wait ends when the read does (normally well under a
+/// millisecond) or after [`METADATA_HOLD`], when the event goes on with what
+/// the cgroup path says and the read is counted as failed.
 pub struct Pipeline {
     who: Attributor,
+    /// Events waiting for runtime metadata, with when they started to.
+    waiting: std::collections::VecDeque<(KernelEvent, std::time::Instant)>,
     /// This node's pods from the API, when it is watched.
     pods: Option<PodStore>,
     tracker: Tracker,
@@ -34,6 +51,7 @@ impl Pipeline {
     pub fn new(who: Attributor, tracker: Tracker, exporter: Exporter, use_api: bool) -> Self {
         Pipeline {
             who,
+            waiting: Default::default(),
             pods: use_api.then(PodStore::default),
             tracker,
             exporter,
@@ -114,6 +132,8 @@ impl Pipeline {
             held_now: self.tracker.held(),
             held_total: self.tracker.stats.held,
             state_sizes: self.who.state_sizes(),
+            waiting: self.waiting.len(),
+            rejected: &self.who.rejected,
             metadata_errors: &self.who.errors,
         });
     }
@@ -123,59 +143,130 @@ impl Pipeline {
         tracing::warn!(error = %e, decode_errors = self.decode_errors, "undecodable ring buffer record");
     }
 
-    /// Attributes one kernel event and hands it to the race tracker.
+    /// Attributes one kernel event and hands it to the race tracker, or
+    /// keeps it waiting (in order) while runtime metadata is read.
     pub(crate) fn event(&mut self, ev: KernelEvent) {
+        if !self.waiting.is_empty() {
+            self.waiting.push_back((ev, std::time::Instant::now()));
+            self.release(false);
+            return;
+        }
+        if let Some(ev) = self.try_push(ev) {
+            self.waiting.push_back((ev, std::time::Instant::now()));
+        }
+    }
+
+    /// Hands an event to the tracker; gives it back when its attribution
+    /// waits for runtime metadata.
+    fn try_push(&mut self, ev: KernelEvent) -> Option<KernelEvent> {
         if ev.kind == decode::Kind::CaptureReset {
             // Runs in softirq: no task to attribute; the tracker matches it
             // to its failure by namespace and address.
             self.tracker.push(ev, Arc::default(), None);
-            return;
+            return None;
         }
-        let who = self.who.attribute(&ev, self.pods.as_ref());
-        let hints = self.hints(&who);
+        let Some(who) = self.who.attribute(&ev, self.pods.as_ref()) else {
+            return Some(ev);
+        };
+        let Some(hints) = self.hints(&who) else {
+            return Some(ev);
+        };
         self.tracker.push(ev, who, hints);
+        None
     }
 
-    fn hints(&mut self, who: &Arc<Attribution>) -> Option<Hints> {
-        let uid = who.pod_uid.as_deref()?;
+    /// Releases waiting events whose metadata is in, in order; the first
+    /// that waited [`METADATA_HOLD`] (or all, with `all`, or when too many
+    /// wait) has its reads given up and goes on without.
+    fn release(&mut self, all: bool) {
+        let now = std::time::Instant::now();
+        while let Some((ev, since)) = self.waiting.pop_front() {
+            let Some(ev) = self.try_push(ev) else {
+                continue;
+            };
+            let late = now.duration_since(since) >= METADATA_HOLD;
+            if !(all || late || self.waiting.len() >= MAX_WAITING) {
+                self.waiting.push_front((ev, since));
+                return;
+            }
+            self.who.expire_metadata(all || !late);
+            let Some(ev) = self.try_push(ev) else {
+                continue;
+            };
+            // Still waiting on a read asked for later than this event came:
+            // give that one up too, the event has waited long enough.
+            self.who.expire_metadata(true);
+            if let Some(ev) = self.try_push(ev) {
+                tracing::error!(
+                    ?ev,
+                    "event still waiting for metadata after every read was given up"
+                );
+                self.waiting.push_front((ev, since));
+                return;
+            }
+        }
+    }
+
+    /// Notified when runtime metadata that events may wait for is read.
+    pub(crate) fn metadata_waker(&self) -> Arc<tokio::sync::Notify> {
+        self.who.metadata_waker()
+    }
+
+    /// The pod hints for the tracker (Some(None): none wanted); None while
+    /// a container's runtime metadata is being read.
+    fn hints(&mut self, who: &Arc<Attribution>) -> Option<Option<Hints>> {
+        let Some(uid) = who.pod_uid.as_deref() else {
+            return Some(None);
+        };
         if !self.tracker.wants_hints(uid, self.pods.is_some()) {
-            return None;
+            return Some(None);
         }
         let mut h = match self.pods.as_ref().and_then(|p| p.get(uid)) {
             Some(p) => race::api_hints(p),
             None => Hints::default(),
         };
         if h.injected != Some(true) {
-            h.container_names.extend(self.who.pod_container_names(uid));
+            h.container_names.extend(self.who.pod_container_names(uid)?);
         }
         tracing::debug!(pod_uid = uid, ?h, "pod hints");
-        Some(h)
+        Some(Some(h))
     }
 
     /// Applies what is due (events past the re-order window, timers) and
     /// exports the results.
-    pub fn advance(&mut self, now_ns: u64) -> std::io::Result<()> {
+    pub fn advance(&mut self, now_ns: u64) {
+        if !self.waiting.is_empty() {
+            self.release(false);
+        }
         let mut out = std::mem::take(&mut self.out);
         self.tracker.advance(now_ns, &mut out);
-        let r = self.exporter.export(&mut out, &mut self.counted);
+        self.exporter.export(&mut out, &mut self.counted);
         self.out = out;
-        r
     }
 
     /// Applies everything and finalises every pod (at shutdown).
-    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+    pub(crate) fn flush(&mut self) {
+        self.release(true);
         let mut out = Vec::new();
         self.tracker.flush(&mut out);
-        self.exporter.export(&mut out, &mut self.counted)
+        self.exporter.export(&mut out, &mut self.counted);
     }
 
     /// Like [`Pipeline::flush`], but failures released after `deadline` are
     /// only counted, not serialised, so that exit stays prompt however much
-    /// the race tracker still holds. Returns how many were not serialised.
-    pub(crate) fn flush_until(&mut self, deadline: std::time::Instant) -> std::io::Result<u64> {
+    /// the race tracker still holds, and waits (until `deadline` too) for
+    /// the event stream to have written what it was given. Returns how many
+    /// failures were not serialised, and whether the stream caught up.
+    pub(crate) fn flush_until(&mut self, deadline: std::time::Instant) -> (u64, bool) {
         self.exporter.set_json_deadline(deadline);
-        self.flush()?;
-        Ok(self.exporter.json_skipped())
+        self.flush();
+        let synced = self.exporter.sink().sync(deadline);
+        if !synced {
+            tracing::warn!(
+                "event stream not written out by the exit deadline (a stalled or slow target): the lines still queued are not written"
+            );
+        }
+        (self.exporter.json_skipped(), synced)
     }
 }
 
@@ -261,7 +352,7 @@ mod tests {
             } else {
                 std::time::Instant::now() + Duration::from_secs(60)
             };
-            let skipped = p.flush_until(deadline).unwrap();
+            let (skipped, _) = p.flush_until(deadline);
             let written = std::fs::read_to_string(&out)
                 .unwrap()
                 .lines()
@@ -296,12 +387,12 @@ mod tests {
             0.0,
             "added at export, not per record"
         );
-        p.advance(1_000_000_000).unwrap();
+        p.advance(1_000_000_000);
         assert_eq!(events_total(&p, "connect_failure"), 7.0);
         assert_eq!(events_total(&p, "unknown"), 1.0, "an undecodable record");
         assert_eq!(events_total(&p, "listener"), 0.0);
         p.record(&refused(2_000_000_000), &clock);
-        p.advance(2_000_000_000).unwrap();
+        p.advance(2_000_000_000);
         assert_eq!(
             events_total(&p, "connect_failure"),
             8.0,

@@ -179,6 +179,52 @@ impl Resolver {
         );
     }
 
+    /// Finds a cgroup whose path the kernel record cut (`prefix`): under
+    /// the deepest directory the prefix names whole, the directory whose
+    /// inode is `id` (cgroup v2 ids are the directories' inode numbers).
+    /// Records and returns its full path; None when it is already gone (its
+    /// events then go by `/proc/<pid>/cgroup`), never the cut path.
+    pub(crate) fn find_cut(&mut self, id: u64, prefix: &str) -> Option<String> {
+        let root = self.root.clone()?;
+        let (whole, partial) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let start = root.join(whole.trim_start_matches('/'));
+        // The first level: only names the cut one starts.
+        let mut stack: Vec<PathBuf> = std::fs::read_dir(&start)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(partial))
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        let mut budget = 100_000usize;
+        while let Some(dir) = stack.pop() {
+            budget = budget.checked_sub(1)?;
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            if meta.ino() == id {
+                let rel = dir.strip_prefix(&root).unwrap_or(Path::new(""));
+                let path = format!("/{}", rel.display());
+                self.created(id, path.clone());
+                return Some(path);
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        None
+    }
+
+    /// The path known for an id, without walking.
+    pub(crate) fn known(&self, id: u64) -> Option<&str> {
+        self.by_id.get(&id).map(|e| e.path.as_str())
+    }
+
     /// Marks a cgroup removed: it still resolves for the grace period.
     /// Entries whose grace ran out are dropped here too (bounded memory
     /// under churn without waiting for a walk).

@@ -16,7 +16,7 @@ pub mod runtime;
 use crate::{k8s::PodStore, kernel::decode::KernelEvent};
 use cgroup::{Miss, Resolver};
 use kubelet::Qos;
-use runtime::Reader;
+use runtime::{Lookup, Problem, Reader};
 
 /// Where the workload name came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -61,6 +61,9 @@ pub struct Attribution {
 
 /// Metadata failures by source, exported as `connscope_metadata_errors_total`.
 pub(crate) type ErrorCounts = HashMap<&'static str, u64>;
+/// Metadata values left out for their length, by (source, field), exported
+/// as `connscope_metadata_values_rejected_total`.
+pub(crate) type RejectedCounts = HashMap<(&'static str, &'static str), u64>;
 
 /// Attributes events; caches complete answers per cgroup id.
 pub struct Attributor {
@@ -75,10 +78,13 @@ pub struct Attributor {
     by_pid: rustc_hash::FxHashMap<u32, (Option<String>, std::time::Instant)>,
     /// Pod cgroup directory (relative) by pod uid, to list its containers.
     pod_dirs: HashMap<String, String>,
-    /// When each pod's containers were last listed.
-    scanned: HashMap<String, std::time::Instant>,
+    /// Each pod's container cgroups (id, runtime), listed at most every
+    /// 250 ms.
+    scanned: HashMap<String, (std::time::Instant, Vec<(String, kubelet::Runtime)>)>,
     /// Failures by source (`cgroup`, `containerd`, `crio`, `kubernetes`).
     pub errors: ErrorCounts,
+    /// Values left out for their length.
+    pub rejected: RejectedCounts,
     /// Each source's first error is logged; the rest only counted.
     logged: HashMap<&'static str, bool>,
 }
@@ -105,7 +111,81 @@ impl Attributor {
             pod_dirs: HashMap::new(),
             scanned: HashMap::new(),
             errors: HashMap::new(),
+            rejected: HashMap::new(),
             logged: HashMap::new(),
+        }
+    }
+
+    /// Takes finished runtime metadata reads in, counting what they met.
+    fn poll_metadata(&mut self) {
+        self.runtime.poll();
+        self.count_problems();
+    }
+
+    fn count_problems(&mut self) {
+        for p in self.runtime.take_problems() {
+            match p {
+                Problem::Error(source, msg) => self.error(source, msg),
+                Problem::TooLong(source, field) => {
+                    let n = self.rejected.entry((source, field)).or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        tracing::warn!(
+                            source,
+                            field,
+                            max = runtime::MAX_NAME_BYTES,
+                            "metadata value longer than Kubernetes allows for a name: left out (further ones are only counted)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up runtime metadata reads that take too long (`all`: every
+    /// one), so events held for them can go on without.
+    pub(crate) fn expire_metadata(&mut self, all: bool) {
+        self.runtime.expire(all);
+        self.count_problems();
+    }
+
+    /// Notified when a runtime metadata read finishes.
+    pub(crate) fn metadata_waker(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.runtime.waker()
+    }
+
+    /// [`Attributor::from_path`], waiting until `deadline` at most for
+    /// runtime metadata, then going on without (start-up only).
+    pub(crate) fn path_wait(
+        &mut self,
+        path: Option<String>,
+        api: Option<&PodStore>,
+        deadline: std::time::Instant,
+    ) -> (Arc<Attribution>, bool) {
+        loop {
+            self.poll_metadata();
+            if let Some(a) = self.from_path(path.clone(), api) {
+                return a;
+            }
+            if !self.runtime.wait(deadline) {
+                self.expire_metadata(true);
+            }
+        }
+    }
+
+    /// [`Attributor::attribute`], waiting for runtime metadata (tests).
+    #[cfg(test)]
+    pub(crate) fn attribute_wait(
+        &mut self,
+        ev: &KernelEvent,
+        api: Option<&PodStore>,
+    ) -> Arc<Attribution> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(a) = self.attribute(ev, api) {
+                return a;
+            }
+            assert!(self.runtime.wait(deadline), "no metadata within 10 s");
         }
     }
 
@@ -163,15 +243,18 @@ impl Attributor {
         p
     }
 
-    /// Attributes one event, with the API's pods if a store is given.
+    /// Attributes one event, with the API's pods if a store is given. None:
+    /// the container's runtime metadata is being read (off this thread);
+    /// ask again once [`Attributor::metadata_waker`] fires.
     pub(crate) fn attribute(
         &mut self,
         ev: &KernelEvent,
         api: Option<&PodStore>,
-    ) -> Arc<Attribution> {
+    ) -> Option<Arc<Attribution>> {
         if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
-            return a.clone();
+            return Some(a.clone());
         }
+        self.poll_metadata();
         // The v2 root is ambiguous on hybrid nodes (v1 kubelet pods and host
         // processes share it): such answers are cached per pid instead.
         let at_root = ev.context_known
@@ -183,16 +266,16 @@ impl Attributor {
             && let Some((a, t)) = self.by_pid_attr.get(&ev.pid)
             && now.duration_since(*t) < std::time::Duration::from_secs(5)
         {
-            return a.clone();
+            return Some(a.clone());
         }
         let path = self.cgroup_path(ev);
-        let (a, complete) = self.from_path(path, api);
+        let (a, complete) = self.from_path(path, api)?;
         if at_root {
             if self.by_pid_attr.len() >= CACHE_MAX {
                 self.by_pid_attr.clear();
             }
             self.by_pid_attr.insert(ev.pid, (a.clone(), now));
-            return a;
+            return Some(a);
         }
         // Cache only answers that will not improve (pod fully known, or not a
         // pod at all); others are retried as runtime files and the API fill in.
@@ -205,16 +288,17 @@ impl Attributor {
             }
             self.cache.insert(id, a.clone());
         }
-        a
+        Some(a)
     }
 
     /// Attributes a cgroup path (relative to the cgroup root). The bool says
-    /// whether the answer is complete (will not improve with time).
+    /// whether the answer is complete (will not improve with time). None:
+    /// the container's runtime metadata is being read.
     pub fn from_path(
         &mut self,
         path: Option<String>,
         api: Option<&PodStore>,
-    ) -> (Arc<Attribution>, bool) {
+    ) -> Option<(Arc<Attribution>, bool)> {
         let mut a = Attribution {
             node: self.node.clone(),
             ..Default::default()
@@ -240,7 +324,8 @@ impl Attributor {
             }
             if let Some(cid) = &l.container_id {
                 match self.runtime.lookup(cid, l.runtime) {
-                    Ok(Some(m)) => {
+                    Lookup::Pending => return None,
+                    Lookup::Known(Some(m)) => {
                         a.container = m.container_name;
                         a.pod = m.pod_name;
                         a.namespace = m.pod_namespace;
@@ -250,8 +335,7 @@ impl Attributor {
                         }
                         complete = true;
                     }
-                    Ok(None) => {}
-                    Err((source, e)) => self.error(source, format!("container {cid}: {e}")),
+                    Lookup::Known(None) => {}
                 }
             }
             if let Some(p) = api.and_then(|s| s.get(&l.pod_uid)) {
@@ -280,25 +364,41 @@ impl Attributor {
             a.workload_kind = w.kind.map(str::to_string);
             a.workload_source = Some(WorkloadSource::Derived);
         }
-        (Arc::new(a), complete)
+        Some((Arc::new(a), complete))
     }
 
     /// Names of a pod's containers present on the node, from the runtime's
     /// files (to learn that an istio-proxy container exists before it does
-    /// anything). Rate-limited per pod.
-    pub(crate) fn pod_container_names(&mut self, pod_uid: &str) -> Vec<String> {
+    /// anything). The pod's cgroup directory is listed at most every 250 ms.
+    /// None: a container's metadata is being read.
+    pub(crate) fn pod_container_names(&mut self, pod_uid: &str) -> Option<Vec<String>> {
         let now = std::time::Instant::now();
-        if self
+        let fresh = self
             .scanned
             .get(pod_uid)
-            .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_millis(250))
-        {
-            return Vec::new();
+            .is_some_and(|(t, _)| now.duration_since(*t) < std::time::Duration::from_millis(250));
+        if !fresh {
+            let children = self.list_containers(pod_uid);
+            if self.scanned.len() >= CACHE_MAX {
+                self.scanned.clear();
+            }
+            self.scanned.insert(pod_uid.to_string(), (now, children));
         }
-        if self.scanned.len() >= CACHE_MAX {
-            self.scanned.clear();
+        let children = self.scanned.get(pod_uid).map(|(_, c)| c.clone())?;
+        let mut names = Vec::new();
+        for (cid, rt) in children {
+            match self.runtime.lookup(&cid, rt) {
+                Lookup::Pending => return None,
+                Lookup::Known(Some(m)) => names.extend(m.container_name),
+                Lookup::Known(None) => {}
+            }
         }
-        self.scanned.insert(pod_uid.to_string(), now);
+        Some(names)
+    }
+
+    /// A pod's container cgroups (container id, runtime), from its cgroup
+    /// directory.
+    fn list_containers(&self, pod_uid: &str) -> Vec<(String, kubelet::Runtime)> {
         let (Some(root), Some(dir)) = (self.cgroups.root(), self.pod_dirs.get(pod_uid)) else {
             return Vec::new();
         };
@@ -306,23 +406,15 @@ impl Attributor {
         let Ok(rd) = std::fs::read_dir(&abs) else {
             return Vec::new();
         };
-        let children: Vec<String> = rd
-            .flatten()
+        rd.flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
             .take(64)
-            .collect();
-        let mut names = Vec::new();
-        for child in children {
-            if let Some(l) = kubelet::parse_cgroup(&child)
-                && let Some(cid) = l.container_id
-                && let Ok(Some(m)) = self.runtime.lookup(&cid, l.runtime)
-                && let Some(n) = m.container_name
-            {
-                names.push(n);
-            }
-        }
-        names
+            .filter_map(|child| {
+                let l = kubelet::parse_cgroup(&child)?;
+                Some((l.container_id?, l.runtime))
+            })
+            .collect()
     }
 
     /// Follows cgroup creation and removal reported by the kernel. Returns
@@ -331,13 +423,38 @@ impl Attributor {
         &mut self,
         c: crate::kernel::decode::CgroupChange,
     ) -> Option<String> {
+        // A cut path is never taken for the cgroup's: the full one comes
+        // from the cgroup file system (or, for a cgroup already gone, from
+        // what was known of it, else from /proc/<pid>/cgroup at its events).
+        let path = if !c.truncated {
+            Some(c.path)
+        } else if c.created {
+            let n = self.rejected.entry(("kernel", "cgroup_path")).or_default();
+            *n += 1;
+            if *n == 1 {
+                tracing::info!(
+                    prefix = %c.path,
+                    "cgroup path longer than the kernel record holds (nested runtime?): resolved from the cgroup file system (further ones are only counted)"
+                );
+            }
+            self.cgroups.find_cut(c.id, &c.path)
+        } else {
+            self.cgroups.known(c.id).map(str::to_string)
+        };
         if c.created {
-            self.cgroups.created(c.id, c.path);
+            let path = path?;
+            // A container (re)created: what failed before is tried again.
+            if let Some(cid) = kubelet::parse_cgroup(&path).and_then(|l| l.container_id) {
+                self.runtime.retry(&cid);
+            }
+            if !c.truncated {
+                self.cgroups.created(c.id, path);
+            }
             return None;
         }
         self.cgroups.removed(c.id);
         self.cache.remove(&c.id);
-        let l = kubelet::parse_cgroup(&c.path)?;
+        let l = kubelet::parse_cgroup(&path?)?;
         match l.container_id {
             Some(cid) => {
                 self.runtime.forget(&cid);
@@ -546,7 +663,7 @@ mod tests {
             ("StatefulSet", "orders"),
             &[("api-app", &cid)],
         );
-        let a = node.attributor().attribute(&app(&pod), Some(&store));
+        let a = node.attributor().attribute_wait(&app(&pod), Some(&store));
         assert_eq!(a.namespace.as_deref(), Some("api-ns"));
         assert_eq!(a.pod.as_deref(), Some("api-7d9f8c6b5-xk2lp"));
         assert_eq!(a.workload.as_deref(), Some("orders"));
@@ -577,7 +694,7 @@ mod tests {
             ("Deployment", "api-workload"),
             &[("api-app", &cid)],
         );
-        let a = node.attributor().attribute(&app(&pod), Some(&store));
+        let a = node.attributor().attribute_wait(&app(&pod), Some(&store));
         assert_eq!(a.container.as_deref(), Some("api-app"));
         assert_eq!(a.namespace.as_deref(), Some("api-ns"));
         assert_eq!(a.pod.as_deref(), Some("api-pod"));
@@ -593,7 +710,7 @@ mod tests {
             ("Deployment", "api-workload"),
             &[("api-app", "ffff0000ffff0000")],
         );
-        let a = node.attributor().attribute(&app(&pod), Some(&other));
+        let a = node.attributor().attribute_wait(&app(&pod), Some(&other));
         assert_eq!(a.container, None);
         assert_eq!(a.pod.as_deref(), Some("api-pod"));
     }
@@ -606,7 +723,7 @@ mod tests {
             // No API at all, and an API that does not know the pod.
             let empty = PodStore::default();
             for store in [None, Some(&empty)] {
-                let a = node.attributor().attribute(&app(&pod), store);
+                let a = node.attributor().attribute_wait(&app(&pod), store);
                 assert_eq!(a.namespace.as_deref(), Some("shop"), "{flavor:?}");
                 assert_eq!(a.pod.as_deref(), Some("checkout-7d9f8c6b5-xk2lp"));
                 assert_eq!(a.container.as_deref(), Some("app"));
@@ -631,7 +748,7 @@ mod tests {
         }});
         pod.corrupt_metadata("app", files.to_string().as_bytes())
             .unwrap();
-        let a = node.attributor().attribute(&app(&pod), None);
+        let a = node.attributor().attribute_wait(&app(&pod), None);
         assert_eq!(a.pod.as_deref(), Some("web-0"), "the files were read");
         assert_from_path(&a, &pod, Qos::Burstable);
     }
@@ -648,7 +765,7 @@ mod tests {
         pod.remove_metadata("app").unwrap();
         let empty = PodStore::default();
         for store in [None, Some(&empty)] {
-            let a = node.attributor().attribute(&app(&pod), store);
+            let a = node.attributor().attribute_wait(&app(&pod), store);
             assert_from_path(&a, &pod, Qos::Burstable);
             assert_eq!(a.namespace, None);
             assert_eq!(a.pod, None);
@@ -659,7 +776,7 @@ mod tests {
             assert!(!a.sandbox);
         }
         // The pod-level cgroup: no container id either.
-        let a = node.attributor().attribute(&event(&pod.cgroup), None);
+        let a = node.attributor().attribute_wait(&event(&pod.cgroup), None);
         assert_eq!(a.pod_uid.as_deref(), Some(pod.uid.as_str()));
         assert_eq!(
             (a.container_id.as_deref(), a.container.as_deref()),
@@ -677,7 +794,7 @@ mod tests {
             ("solo", "solo"),
         ] {
             let pod = node.pod(Flavor::Containerd, Qos::Burstable, "shop", name);
-            let a = node.attributor().attribute(&app(&pod), None);
+            let a = node.attributor().attribute_wait(&app(&pod), None);
             assert_eq!(a.workload.as_deref(), Some(workload), "{name}");
             assert_eq!(a.workload_kind, None, "{name}: kind not guessed");
             assert_eq!(a.workload_source, Some(WorkloadSource::Derived));
@@ -697,11 +814,83 @@ mod tests {
         }});
         pod.corrupt_metadata("app", files.to_string().as_bytes())
             .unwrap();
-        let a = node.attributor().attribute(&app(&pod), None);
+        let a = node.attributor().attribute_wait(&app(&pod), None);
         assert!(a.sandbox);
         assert_eq!(a.container, None);
         assert_eq!(a.pod.as_deref(), Some("web-0"));
         assert_eq!(a.container_id.as_deref(), Some(cid.as_str()));
+    }
+
+    /// A kubelet-shaped container cgroup under a kind node's prefix (the
+    /// node's own container cgroup, kubelet's `kubelet.slice` root): over
+    /// 255 bytes. Its directory, pod uid and container id.
+    pub(crate) fn kind_cgroup(root: &Path) -> (PathBuf, String, String) {
+        let uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
+        let cid = "3f4e5d6c7b8a99887766554433221100ffeeddccbbaa00112233445566778899";
+        let node = "9".repeat(64);
+        let dir = root.join(format!(
+            "system.slice/docker-{node}.scope/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{}.slice/cri-containerd-{cid}.scope",
+            uid.replace('-', "_")
+        ));
+        (dir, uid.into(), cid.into())
+    }
+
+    #[test]
+    fn a_cgroup_path_the_kernel_record_cut_is_resolved_from_the_file_system() {
+        let node = Node::new("cut");
+        let (dir, uid, cid) = kind_cgroup(&node.cgroup);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rel = format!("/{}", dir.strip_prefix(&node.cgroup).unwrap().display());
+        assert!(rel.len() > 255, "{}", rel.len());
+        let cfg = node.roots.containerd.join("k8s.io").join(&cid);
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(
+            cfg.join("config.json"),
+            serde_json::json!({"annotations": {
+                "io.kubernetes.cri.container-name": "app",
+                "io.kubernetes.cri.sandbox-name": "web-0",
+                "io.kubernetes.cri.sandbox-namespace": "shop",
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let ev = event(&dir);
+        let id = ev.cgroup_id.unwrap();
+        let mut who = node.attributor();
+        // What the kernel record holds: the first 255 bytes.
+        let cut = crate::kernel::decode::CgroupChange {
+            created: true,
+            id,
+            path: rel[..255].to_string(),
+            truncated: true,
+        };
+        assert_eq!(who.cgroup_changed(cut.clone()), None);
+        let walks = who.cgroups().walks;
+        let a = who.attribute_wait(&ev, None);
+        assert_eq!(who.cgroups().walks, walks, "found at the record, no walk");
+        assert_eq!(a.pod_uid.as_deref(), Some(uid.as_str()));
+        assert_eq!(a.container_id.as_deref(), Some(cid.as_str()));
+        assert_eq!(a.container.as_deref(), Some("app"));
+        assert_eq!(a.pod.as_deref(), Some("web-0"));
+        assert_eq!(who.rejected.get(&("kernel", "cgroup_path")), Some(&1));
+        // Removed with a cut path: the pod's container is forgotten by its
+        // full path, no pod is taken for gone.
+        let gone = crate::kernel::decode::CgroupChange {
+            created: false,
+            ..cut
+        };
+        assert_eq!(who.cgroup_changed(gone), None);
+        // A cut record of a cgroup already gone never names a path.
+        let mut fresh = node.attributor();
+        std::fs::remove_dir(&dir).unwrap();
+        let stale = crate::kernel::decode::CgroupChange {
+            created: true,
+            id,
+            path: rel[..255].to_string(),
+            truncated: true,
+        };
+        fresh.cgroup_changed(stale);
+        assert_eq!(fresh.cgroups().known(id), None);
     }
 
     #[test]
@@ -710,7 +899,7 @@ mod tests {
         let svc = node.cgroup.join("system.slice/sshd.service");
         std::fs::create_dir_all(&svc).unwrap();
         let ev = event(&svc);
-        let a = node.attributor().attribute(&ev, None);
+        let a = node.attributor().attribute_wait(&ev, None);
         assert_eq!(
             *a,
             Attribution {
@@ -726,7 +915,7 @@ mod tests {
             Reader::new(node.roots.clone()),
             node.dir.join("no-proc"),
         );
-        let a = who.attribute(&ev, None);
+        let a = who.attribute_wait(&ev, None);
         assert_eq!(a.node, None);
         assert_eq!(a.cgroup.as_deref(), Some("/system.slice/sshd.service"));
     }

@@ -50,6 +50,7 @@ pub(crate) fn restore(
     sidecar_ports: &[u16],
     proxy_uid: u32,
 ) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let host_ns = std::fs::metadata(proc_root.join("1/ns/net"))
         .map(|m| m.ino())
         .ok();
@@ -70,7 +71,10 @@ pub(crate) fn restore(
         else {
             continue;
         };
-        let (a, _) = who.from_path(Some(path), api);
+        // Runtime metadata is read by the attributor's reader thread; a bad
+        // or hung config.json costs at most the start-up budget, never the
+        // start (and the capability drop after it).
+        let (a, _) = who.path_wait(Some(path), api, deadline);
         let Some(uid) = a.pod_uid.clone() else {
             continue;
         };

@@ -7,11 +7,24 @@
 //!   (`io.kubernetes.container.name`, `io.kubernetes.pod.*`)
 //!
 //! Roots are flags, so the same code reads a node and a test's directories.
+//!
+//! These files are outside data: a FIFO, a device, a symlink to `/dev/zero`
+//! or a file on a hung filesystem can stand where a `config.json` should be.
+//! So they are opened `O_NONBLOCK | O_NOFOLLOW`, refused unless `fstat`
+//! says regular file, read up to [`MAX_CONFIG_BYTES`], and read by a thread
+//! of their own: [`Reader::lookup`] never touches the file system, it
+//! answers from the cache or says [`Lookup::Pending`] and queues the read
+//! (bounded). A read that takes longer than [`Reader::timeout`] is given up
+//! (counted; the reader thread is replaced so the next reads do not queue
+//! behind it). Failures are cached for [`Reader::error_ttl`] and retried
+//! early when the container's cgroup is created again.
 
 use std::{
     collections::HashMap,
     io::Read as _,
+    os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
 
@@ -22,6 +35,18 @@ use crate::attribute::kubelet::Runtime;
 /// A config.json larger than this is refused (no unbounded allocation).
 pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The longest name taken from metadata: Kubernetes' own limit for object
+/// names (a DNS subdomain). A longer value cannot be a real name; it is left
+/// out (the field is absent, never cut to a name that might be someone
+/// else's) and counted.
+pub const MAX_NAME_BYTES: usize = 253;
+
+/// Reads queued for the reader thread, at most.
+const MAX_PENDING: usize = 256;
+/// Reader threads given up on (stuck in a read) before lookups stop
+/// queueing and answer "unknown" at once.
+const MAX_STUCK_WORKERS: usize = 4;
+
 /// What the runtime says about a container.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerMeta {
@@ -31,6 +56,8 @@ pub struct ContainerMeta {
     pub pod_uid: Option<String>,
     /// The pod's sandbox (pause) container, not an application container.
     pub sandbox: bool,
+    /// Fields whose value was over [`MAX_NAME_BYTES`] and left out.
+    pub too_long: Vec<&'static str>,
 }
 
 /// Why metadata could not be read; counted per source.
@@ -42,6 +69,10 @@ pub enum MetaError {
     Json(String),
     /// Over [`MAX_CONFIG_BYTES`].
     TooLarge(u64),
+    /// Not a regular file (a FIFO, a device, a symlink, a directory...).
+    NotRegular(String),
+    /// The read did not finish within the reader's timeout.
+    Timeout(Duration),
 }
 
 impl std::fmt::Display for MetaError {
@@ -52,6 +83,10 @@ impl std::fmt::Display for MetaError {
             MetaError::TooLarge(n) => {
                 write!(f, "config.json of {n} bytes exceeds {MAX_CONFIG_BYTES}")
             }
+            MetaError::NotRegular(what) => {
+                write!(f, "refused: {what}, not a regular file")
+            }
+            MetaError::Timeout(t) => write!(f, "read not finished after {t:?}: given up"),
         }
     }
 }
@@ -63,50 +98,115 @@ struct OciConfig {
 }
 
 /// Parses an OCI config.json's annotations in either runtime's vocabulary.
+/// Values longer than [`MAX_NAME_BYTES`] are left out and named in
+/// [`ContainerMeta::too_long`].
 pub fn parse_config(json: &[u8]) -> Result<ContainerMeta, MetaError> {
     let cfg: OciConfig =
         serde_json::from_slice(json).map_err(|e| MetaError::Json(e.to_string()))?;
     let a = &cfg.annotations;
-    let get = |keys: &[&str]| {
-        keys.iter()
+    let mut too_long = Vec::new();
+    let mut get = |field: &'static str, keys: &[&str]| {
+        let v = keys
+            .iter()
             .find_map(|k| a.get(*k))
-            .filter(|v| !v.is_empty())
-            .cloned()
+            .filter(|v| !v.is_empty())?;
+        if v.len() > MAX_NAME_BYTES {
+            too_long.push(field);
+            return None;
+        }
+        Some(v.clone())
     };
-    let kind = get(&[
-        "io.kubernetes.cri.container-type",
-        "io.kubernetes.cri-o.ContainerType",
-    ]);
+    let kind = get(
+        "container_type",
+        &[
+            "io.kubernetes.cri.container-type",
+            "io.kubernetes.cri-o.ContainerType",
+        ],
+    );
     let sandbox = kind.as_deref() == Some("sandbox");
-    Ok(ContainerMeta {
-        container_name: if sandbox {
-            None
-        } else {
-            get(&[
-                "io.kubernetes.cri.container-name",
-                "io.kubernetes.container.name",
-            ])
-        },
-        pod_name: get(&["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"]),
-        pod_namespace: get(&[
+    let container_name = get(
+        "container",
+        &[
+            "io.kubernetes.cri.container-name",
+            "io.kubernetes.container.name",
+        ],
+    );
+    let pod_name = get(
+        "pod",
+        &["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"],
+    );
+    let pod_namespace = get(
+        "namespace",
+        &[
             "io.kubernetes.cri.sandbox-namespace",
             "io.kubernetes.pod.namespace",
-        ]),
-        pod_uid: get(&["io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"]),
+        ],
+    );
+    let pod_uid = get(
+        "pod_uid",
+        &["io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"],
+    );
+    Ok(ContainerMeta {
+        container_name: if sandbox { None } else { container_name },
+        pod_name,
+        pod_namespace,
+        pod_uid,
         sandbox,
+        too_long,
     })
 }
 
-/// Reads a file of at most [`MAX_CONFIG_BYTES`]; `Ok(None)` if absent.
-fn read_bounded(p: &Path) -> Result<Option<Vec<u8>>, MetaError> {
-    let f = match std::fs::File::open(p) {
+/// What an `fstat` says a non-regular file is, for the message.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "an unknown file type"
+    }
+}
+
+/// Reads a metadata file of at most [`MAX_CONFIG_BYTES`]; `Ok(None)` if
+/// absent. Opened `O_NONBLOCK | O_NOFOLLOW` (a FIFO does not block the open,
+/// a symlink is refused), and refused unless `fstat` on the open file says
+/// regular file (no FIFO, device or directory is ever read).
+pub(crate) fn read_bounded(p: &Path) -> Result<Option<Vec<u8>>, MetaError> {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(p)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(MetaError::NotRegular(format!(
+                "{} is a symbolic link",
+                p.display()
+            )));
+        }
         Err(e) => return Err(MetaError::Io(format!("{}: {e}", p.display()))),
     };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > MAX_CONFIG_BYTES {
-        return Err(MetaError::TooLarge(len));
+    let meta = f
+        .metadata()
+        .map_err(|e| MetaError::Io(format!("{}: {e}", p.display())))?;
+    if !meta.file_type().is_file() {
+        return Err(MetaError::NotRegular(format!(
+            "{} is {}",
+            p.display(),
+            file_kind(meta.file_type())
+        )));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(MetaError::TooLarge(meta.len()));
     }
     let mut buf = Vec::new();
     f.take(MAX_CONFIG_BYTES + 1)
@@ -136,46 +236,16 @@ impl Default for Roots {
     }
 }
 
-/// Container metadata by id, cached; absent files are retried after a while
-/// (the runtime may not have written the bundle yet).
-#[derive(Debug)]
-pub struct Reader {
-    roots: Roots,
-    cache: HashMap<String, (Option<ContainerMeta>, Instant)>,
-    /// How long a "not found" is remembered.
-    pub negative_ttl: Duration,
-    /// Upper bound on cached containers (oldest dropped first).
-    pub max_entries: usize,
-}
-
-impl Reader {
-    /// A reader over these roots.
-    pub fn new(roots: Roots) -> Self {
-        Reader {
-            roots,
-            cache: HashMap::new(),
-            negative_ttl: Duration::from_secs(2),
-            max_entries: 16384,
-        }
-    }
-
+impl Roots {
     /// Paths to try for a container, in the order the runtime hint suggests.
     fn candidates(&self, id: &str, rt: Runtime) -> Vec<(Runtime, PathBuf)> {
         let containerd = (
             Runtime::Containerd,
-            self.roots
-                .containerd
-                .join("k8s.io")
-                .join(id)
-                .join("config.json"),
+            self.containerd.join("k8s.io").join(id).join("config.json"),
         );
         let crio = (
             Runtime::Crio,
-            self.roots
-                .crio
-                .join(id)
-                .join("userdata")
-                .join("config.json"),
+            self.crio.join(id).join("userdata").join("config.json"),
         );
         match rt {
             Runtime::Crio => vec![crio],
@@ -184,51 +254,303 @@ impl Reader {
         }
     }
 
-    /// Metadata of a container; `Ok(None)` if no runtime has a bundle for it.
-    /// Errors name the runtime (`containerd` / `crio`) for the metric label.
-    pub(crate) fn lookup(
-        &mut self,
-        id: &str,
-        rt: Runtime,
-    ) -> Result<Option<ContainerMeta>, (&'static str, MetaError)> {
-        if !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.is_empty() {
-            return Ok(None);
-        }
-        if let Some((m, at)) = self.cache.get(id)
-            && (m.is_some() || at.elapsed() < self.negative_ttl)
-        {
-            return Ok(m.clone());
-        }
-        let mut found = None;
+    /// Reads a container's metadata from the first runtime that has it.
+    fn read(&self, id: &str, rt: Runtime, read: ReadFn) -> ReadResult {
         for (rt, path) in self.candidates(id, rt) {
             let source = if rt == Runtime::Crio {
                 "crio"
             } else {
                 "containerd"
             };
-            match read_bounded(&path) {
+            match read(&path) {
                 Ok(Some(bytes)) => {
-                    found = Some(parse_config(&bytes).map_err(|e| (source, e))?);
-                    break;
+                    return parse_config(&bytes)
+                        .map(|m| Some((source, m)))
+                        .map_err(|e| (source, e));
                 }
                 Ok(None) => {}
                 Err(e) => return Err((source, e)),
             }
         }
-        if self.cache.len() >= self.max_entries {
-            // Drop the oldest entry; bounded memory under churn.
-            if let Some(k) = self
+        Ok(None)
+    }
+}
+
+/// A read's outcome: the metadata with its source (`containerd` / `crio`),
+/// none (no runtime has a bundle), or the failing source and why.
+type ReadResult = Result<Option<(&'static str, ContainerMeta)>, (&'static str, MetaError)>;
+/// How a file is read ([`read_bounded`]; tests stand in slow files).
+type ReadFn = fn(&Path) -> Result<Option<Vec<u8>>, MetaError>;
+
+/// The answer to a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// What is known: the metadata, or None (no bundle, or it failed).
+    Known(Option<ContainerMeta>),
+    /// Being read: ask again after [`Reader::poll`].
+    Pending,
+}
+
+/// A cached answer.
+#[derive(Debug)]
+struct Cached {
+    meta: Option<ContainerMeta>,
+    at: Instant,
+    /// How long it holds (None: until the container is gone).
+    ttl: Option<Duration>,
+}
+
+struct Request {
+    id: String,
+    rt: Runtime,
+}
+
+struct Reply {
+    id: String,
+    result: ReadResult,
+}
+
+/// A failure or refusal the reader met, for the caller to count and log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Problem {
+    /// A metadata file could not be used (`source`, message).
+    Error(&'static str, String),
+    /// A value over [`MAX_NAME_BYTES`] was left out (`source`, field).
+    TooLong(&'static str, &'static str),
+}
+
+/// Container metadata by id, read off the caller's thread and cached.
+/// Absent files are retried after [`Reader::negative_ttl`] (the runtime may
+/// not have written the bundle yet), failures after [`Reader::error_ttl`].
+pub struct Reader {
+    roots: Arc<Roots>,
+    read: ReadFn,
+    cache: HashMap<String, Cached>,
+    /// Reads requested and not answered, with when.
+    pending: HashMap<String, (Runtime, Instant)>,
+    requests: mpsc::SyncSender<Request>,
+    replies: mpsc::Receiver<Reply>,
+    reply_tx: mpsc::Sender<Reply>,
+    waker: Arc<tokio::sync::Notify>,
+    /// Reader threads abandoned in a read that did not finish.
+    stuck: usize,
+    problems: Vec<Problem>,
+    /// How long a "not found" is remembered.
+    pub negative_ttl: Duration,
+    /// How long a failed read is remembered before it is tried again.
+    pub error_ttl: Duration,
+    /// How long a read may take before it is given up.
+    pub timeout: Duration,
+    /// Upper bound on cached containers (oldest dropped first).
+    pub max_entries: usize,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("roots", &self.roots)
+            .field("cached", &self.cache.len())
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl Reader {
+    /// A reader over these roots, with its reader thread.
+    pub fn new(roots: Roots) -> Self {
+        Self::with_read(roots, read_bounded)
+    }
+
+    /// A reader whose thread reads files with `read`.
+    pub(crate) fn with_read(roots: Roots, read: ReadFn) -> Self {
+        let (reply_tx, replies) = mpsc::channel();
+        let waker = Arc::new(tokio::sync::Notify::new());
+        let roots = Arc::new(roots);
+        let requests = spawn_worker(roots.clone(), read, reply_tx.clone(), waker.clone());
+        Reader {
+            roots,
+            read,
+            cache: HashMap::new(),
+            pending: HashMap::new(),
+            requests,
+            replies,
+            reply_tx,
+            waker,
+            stuck: 0,
+            problems: Vec::new(),
+            negative_ttl: Duration::from_secs(2),
+            error_ttl: Duration::from_secs(30),
+            timeout: Duration::from_millis(250),
+            max_entries: 16384,
+        }
+    }
+
+    /// Notified whenever a read finishes (the agent's loop wakes on it).
+    pub(crate) fn waker(&self) -> Arc<tokio::sync::Notify> {
+        self.waker.clone()
+    }
+
+    /// Metadata of a container, from the cache; a miss queues a read and
+    /// answers [`Lookup::Pending`]. Never touches the file system.
+    pub(crate) fn lookup(&mut self, id: &str, rt: Runtime) -> Lookup {
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.is_empty() {
+            return Lookup::Known(None);
+        }
+        if let Some(c) = self.cache.get(id)
+            && c.ttl.is_none_or(|t| c.at.elapsed() < t)
+        {
+            return Lookup::Known(c.meta.clone());
+        }
+        if self.pending.contains_key(id) {
+            return Lookup::Pending;
+        }
+        if self.stuck >= MAX_STUCK_WORKERS || self.pending.len() >= MAX_PENDING {
+            // Not cached: asked again on the container's next event.
+            return Lookup::Known(None);
+        }
+        let sent = self.requests.try_send(Request {
+            id: id.to_string(),
+            rt,
+        });
+        if sent.is_err() {
+            return Lookup::Known(None);
+        }
+        self.pending.insert(id.to_string(), (rt, Instant::now()));
+        Lookup::Pending
+    }
+
+    /// Takes the reads that finished into the cache.
+    pub(crate) fn poll(&mut self) {
+        while let Ok(r) = self.replies.try_recv() {
+            self.answer(r);
+        }
+    }
+
+    /// Waits until `deadline` at most for one read to finish (start-up
+    /// only, before the agent serves); false when none did.
+    pub(crate) fn wait(&mut self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.replies.recv_timeout(left) {
+            Ok(r) => {
+                self.answer(r);
+                self.poll();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn answer(&mut self, r: Reply) {
+        self.pending.remove(&r.id);
+        let (meta, ttl) = match r.result {
+            Ok(Some((source, m))) => {
+                for field in &m.too_long {
+                    self.problems.push(Problem::TooLong(source, field));
+                }
+                (Some(m), None)
+            }
+            Ok(None) => (None, Some(self.negative_ttl)),
+            Err((source, e)) => {
+                self.problems
+                    .push(Problem::Error(source, format!("container {}: {e}", r.id)));
+                (None, Some(self.error_ttl))
+            }
+        };
+        self.insert(r.id, meta, ttl);
+    }
+
+    fn insert(&mut self, id: String, meta: Option<ContainerMeta>, ttl: Option<Duration>) {
+        if self.cache.len() >= self.max_entries
+            && !self.cache.contains_key(&id)
+            && let Some(k) = self
                 .cache
                 .iter()
-                .min_by_key(|(_, (_, t))| *t)
+                .min_by_key(|(_, c)| c.at)
                 .map(|(k, _)| k.clone())
+        {
+            // Drop the oldest entry; bounded memory under churn.
+            self.cache.remove(&k);
+        }
+        self.cache.insert(
+            id,
+            Cached {
+                meta,
+                at: Instant::now(),
+                ttl,
+            },
+        );
+    }
+
+    /// Gives up the read the reader thread is stuck in (the oldest pending,
+    /// when older than [`Reader::timeout`]; every pending read with `all`):
+    /// each is counted and cached as failed, and the stuck thread is
+    /// replaced; the reads queued behind it are asked of the new one, their
+    /// clocks restarted.
+    pub(crate) fn expire(&mut self, all: bool) {
+        self.poll();
+        let timeout = self.timeout;
+        let late: Vec<String> = if all {
+            self.pending.keys().cloned().collect()
+        } else {
+            self.pending
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .filter(|(_, (_, t))| t.elapsed() >= timeout)
+                .map(|(id, _)| id.clone())
+                .into_iter()
+                .collect()
+        };
+        if late.is_empty() {
+            return;
+        }
+        for id in &late {
+            let Some((rt, since)) = self.pending.remove(id) else {
+                continue;
+            };
+            let since = since.elapsed();
+            self.problems.push(Problem::Error(
+                if rt == Runtime::Crio {
+                    "crio"
+                } else {
+                    "containerd"
+                },
+                format!("container {id}: {}", MetaError::Timeout(since)),
+            ));
+            let ttl = Some(self.error_ttl);
+            self.insert(id.clone(), None, ttl);
+        }
+        self.stuck += 1;
+        tracing::warn!(
+            stuck = self.stuck,
+            "runtime metadata reader stuck in a read; starting another (at most {MAX_STUCK_WORKERS})"
+        );
+        self.requests = spawn_worker(
+            self.roots.clone(),
+            self.read,
+            self.reply_tx.clone(),
+            self.waker.clone(),
+        );
+        let again: Vec<(String, Runtime)> = self
+            .pending
+            .iter()
+            .map(|(id, (rt, _))| (id.clone(), *rt))
+            .collect();
+        for (id, rt) in again {
+            if self
+                .requests
+                .try_send(Request { id: id.clone(), rt })
+                .is_err()
             {
-                self.cache.remove(&k);
+                self.pending.remove(&id);
+            } else {
+                self.pending.insert(id, (rt, Instant::now()));
             }
         }
-        self.cache
-            .insert(id.to_string(), (found.clone(), Instant::now()));
-        Ok(found)
+    }
+
+    /// Failures and refusals met since the last call.
+    pub(crate) fn take_problems(&mut self) -> Vec<Problem> {
+        std::mem::take(&mut self.problems)
     }
 
     /// Cached containers.
@@ -245,6 +567,41 @@ impl Reader {
     pub(crate) fn forget(&mut self, id: &str) {
         self.cache.remove(id);
     }
+
+    /// The container's cgroup was (re)created: a cached failure or absence
+    /// is tried again at its next event rather than after its delay.
+    pub(crate) fn retry(&mut self, id: &str) {
+        if self.cache.get(id).is_some_and(|c| c.meta.is_none()) {
+            self.cache.remove(id);
+        }
+    }
+}
+
+/// Starts a reader thread; its request queue.
+fn spawn_worker(
+    roots: Arc<Roots>,
+    read: ReadFn,
+    replies: mpsc::Sender<Reply>,
+    waker: Arc<tokio::sync::Notify>,
+) -> mpsc::SyncSender<Request> {
+    let (tx, rx) = mpsc::sync_channel::<Request>(MAX_PENDING);
+    let spawned = std::thread::Builder::new()
+        .name("connscope-metadata".into())
+        .spawn(move || {
+            while let Ok(req) = rx.recv() {
+                let result = roots.read(&req.id, req.rt, read);
+                if replies.send(Reply { id: req.id, result }).is_err() {
+                    break;
+                }
+                waker.notify_one();
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver is dropped with the closure: every lookup then
+        // answers "unknown" at once, and the reason is said here.
+        tracing::error!(error = %e, "cannot start the runtime metadata reader thread");
+    }
+    tx
 }
 
 #[cfg(test)]
@@ -296,62 +653,216 @@ mod tests {
         assert_eq!(parse_config(b"{}").unwrap(), ContainerMeta::default());
     }
 
+    /// Looks up and waits (bounded) for the reader thread's answer.
+    fn lookup_wait(r: &mut Reader, id: &str, rt: Runtime) -> Option<ContainerMeta> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            r.poll();
+            match r.lookup(id, rt) {
+                Lookup::Known(m) => return m,
+                Lookup::Pending => assert!(r.wait(deadline), "no answer for {id}"),
+            }
+        }
+    }
+
+    fn errors(r: &mut Reader) -> Vec<String> {
+        r.take_problems()
+            .into_iter()
+            .filter_map(|p| match p {
+                Problem::Error(source, msg) => Some(format!("{source}: {msg}")),
+                Problem::TooLong(..) => None,
+            })
+            .collect()
+    }
+
+    /// Scratch roots in the temp dir, removed on drop.
+    struct Scratch(PathBuf, Roots);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let root =
+                std::env::temp_dir().join(format!("connscope-rt-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            let roots = Roots {
+                containerd: root.join("ctd"),
+                crio: root.join("crio"),
+            };
+            Scratch(root, roots)
+        }
+
+        /// containerd's config.json path of `id`, its directory created.
+        fn containerd(&self, id: &str) -> PathBuf {
+            let d = self.1.containerd.join("k8s.io").join(id);
+            std::fs::create_dir_all(&d).unwrap();
+            d.join("config.json")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn reader_finds_files_caches_and_reports_errors() {
-        let root = std::env::temp_dir().join(format!("connscope-rt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let roots = Roots {
-            containerd: root.join("ctd"),
-            crio: root.join("crio"),
-        };
+        let s = Scratch::new("files");
+        let roots = s.1.clone();
         let (a, b, bad) = ("aa11", "bb22", "cc33");
-        std::fs::create_dir_all(roots.containerd.join("k8s.io").join(a)).unwrap();
-        std::fs::write(
-            roots.containerd.join("k8s.io").join(a).join("config.json"),
-            CONTAINERD,
-        )
-        .unwrap();
+        std::fs::write(s.containerd(a), CONTAINERD).unwrap();
         std::fs::create_dir_all(roots.crio.join(b).join("userdata")).unwrap();
         std::fs::write(roots.crio.join(b).join("userdata/config.json"), CRIO).unwrap();
         std::fs::create_dir_all(roots.crio.join(bad).join("userdata")).unwrap();
         std::fs::write(roots.crio.join(bad).join("userdata/config.json"), "{").unwrap();
         let mut r = Reader::new(roots);
         assert_eq!(
-            r.lookup(a, Runtime::Unknown)
-                .unwrap()
+            lookup_wait(&mut r, a, Runtime::Unknown)
                 .unwrap()
                 .container_name
                 .as_deref(),
             Some("app")
         );
         assert_eq!(
-            r.lookup(b, Runtime::Crio)
-                .unwrap()
+            lookup_wait(&mut r, b, Runtime::Crio)
                 .unwrap()
                 .pod_name
                 .as_deref(),
             Some("web-0")
         );
         assert_eq!(
-            r.lookup(b, Runtime::Containerd)
-                .unwrap()
-                .unwrap()
-                .pod_name
-                .as_deref(),
-            Some("web-0"),
-            "cached"
+            r.lookup(b, Runtime::Containerd),
+            Lookup::Known(Some(parse_config(CRIO.as_bytes()).unwrap())),
+            "cached: answered at once"
         );
-        assert!(matches!(
-            r.lookup(bad, Runtime::Unknown),
-            Err(("crio", MetaError::Json(_)))
-        ));
-        assert_eq!(r.lookup("dd44", Runtime::Unknown), Ok(None));
+        assert_eq!(lookup_wait(&mut r, bad, Runtime::Unknown), None);
+        let e = errors(&mut r);
+        assert!(
+            e.len() == 1 && e[0].starts_with("crio: container cc33: malformed"),
+            "{e:?}"
+        );
+        assert_eq!(lookup_wait(&mut r, "dd44", Runtime::Unknown), None);
         assert_eq!(
             r.lookup("../../etc", Runtime::Unknown),
-            Ok(None),
+            Lookup::Known(None),
             "ids are hex, never paths"
         );
-        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn fifos_devices_and_symlinks_are_refused_at_once() {
+        let s = Scratch::new("special");
+        let fifo = s.containerd("f1f0");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", s.containerd("2e70")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", s.containerd("0011")).unwrap();
+        std::fs::create_dir(s.containerd("d1d1")).unwrap();
+        let mut r = Reader::new(s.1.clone());
+        let t0 = Instant::now();
+        for (id, says) in [
+            ("f1f0", "is a FIFO, not a regular file"),
+            ("2e70", "is a symbolic link, not a regular file"),
+            ("0011", "is a symbolic link, not a regular file"),
+            ("d1d1", "is a directory, not a regular file"),
+        ] {
+            assert_eq!(lookup_wait(&mut r, id, Runtime::Containerd), None, "{id}");
+            let e = errors(&mut r);
+            assert!(
+                e.len() == 1 && e[0].starts_with("containerd: container") && e[0].contains(says),
+                "{id}: {e:?}"
+            );
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(
+            read_bounded(Path::new("/dev/null"))
+                .unwrap_err()
+                .to_string(),
+            "refused: /dev/null is a character device, not a regular file"
+        );
+    }
+
+    static READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counting_read(p: &Path) -> Result<Option<Vec<u8>>, MetaError> {
+        READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        read_bounded(p)
+    }
+
+    #[test]
+    fn failures_are_cached_and_retried_after_a_delay_or_a_new_cgroup() {
+        let s = Scratch::new("negative");
+        std::fs::write(s.containerd("ba0d"), "{broken").unwrap();
+        let mut r = Reader::with_read(s.1.clone(), counting_read);
+        let reads = || READS.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(lookup_wait(&mut r, "ba0d", Runtime::Containerd), None);
+        assert_eq!(errors(&mut r).len(), 1);
+        let after_first = reads();
+        for _ in 0..1000 {
+            assert_eq!(r.lookup("ba0d", Runtime::Containerd), Lookup::Known(None));
+        }
+        assert_eq!(
+            reads(),
+            after_first,
+            "a failure is not read again per event"
+        );
+        assert!(errors(&mut r).is_empty(), "nor counted again");
+        // The container's cgroup is created (again): tried at once.
+        std::fs::write(s.containerd("ba0d"), CONTAINERD).unwrap();
+        r.retry("ba0d");
+        assert!(lookup_wait(&mut r, "ba0d", Runtime::Containerd).is_some());
+        // After the delay, too.
+        std::fs::write(s.containerd("ba0e"), "{broken").unwrap();
+        r.error_ttl = Duration::from_millis(50);
+        assert_eq!(lookup_wait(&mut r, "ba0e", Runtime::Containerd), None);
+        std::fs::write(s.containerd("ba0e"), CONTAINERD).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(lookup_wait(&mut r, "ba0e", Runtime::Containerd).is_some());
+    }
+
+    fn hung_read(p: &Path) -> Result<Option<Vec<u8>>, MetaError> {
+        if p.to_string_lossy().contains("5104") {
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        read_bounded(p)
+    }
+
+    #[test]
+    fn a_read_that_hangs_is_given_up_and_does_not_hold_up_the_others() {
+        let s = Scratch::new("hung");
+        std::fs::write(s.containerd("5104"), CONTAINERD).unwrap();
+        std::fs::write(s.containerd("600d"), CONTAINERD).unwrap();
+        let mut r = Reader::with_read(s.1.clone(), hung_read);
+        r.timeout = Duration::from_millis(100);
+        assert_eq!(r.lookup("5104", Runtime::Containerd), Lookup::Pending);
+        assert_eq!(r.lookup("600d", Runtime::Containerd), Lookup::Pending);
+        std::thread::sleep(Duration::from_millis(150));
+        r.expire(false);
+        let e = errors(&mut r);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("5104") && e.contains("given up")),
+            "{e:?}"
+        );
+        assert_eq!(r.lookup("5104", Runtime::Containerd), Lookup::Known(None));
+        // The other read, queued behind the hung one, is answered by the
+        // reader that replaced it, well before the hung read returns.
+        let t0 = Instant::now();
+        assert!(lookup_wait(&mut r, "600d", Runtime::Containerd).is_some());
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn names_longer_than_kubernetes_allows_are_left_out_and_named() {
+        let long = "n".repeat(MAX_NAME_BYTES + 1);
+        let ok = "o".repeat(MAX_NAME_BYTES);
+        let json = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.container-name": ok,
+            "io.kubernetes.cri.sandbox-name": long,
+            "io.kubernetes.cri.sandbox-namespace": "x".repeat(3_000_000),
+        }});
+        let m = parse_config(json.to_string().as_bytes()).unwrap();
+        assert_eq!(m.container_name.as_deref(), Some(ok.as_str()));
+        assert_eq!((m.pod_name, m.pod_namespace), (None, None));
+        assert_eq!(m.too_long, ["pod", "namespace"]);
     }
 
     proptest! {

@@ -4,11 +4,17 @@
 //! absent, never zero-filled guesses.
 
 use std::{
-    fs::OpenOptions,
-    io::{self, BufWriter, Write},
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    os::fd::AsFd as _,
     path::PathBuf,
     str::FromStr,
-    time::SystemTime,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
@@ -184,29 +190,108 @@ impl<'a> KernelJson<'a> {
     }
 }
 
-/// Writes JSON lines to the chosen target.
+/// Lines waiting for the writer thread, at most (a batch is one message).
+const QUEUE_BATCHES: usize = 1024;
+/// Bytes waiting for the writer thread, at most: beyond, batches are dropped
+/// and counted rather than held in memory.
+pub(crate) const QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// A batch is handed to the writer once it holds this much.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// JSON lines the stream could not deliver, by reason (exported as
+/// `connscope_json_lines_dropped_total{sink="stream",reason}`).
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// The writer was behind (a stalled pipe, a slow disk): its queue was full.
+    pub queue_full: AtomicU64,
+    /// The write failed (a full disk, a closed pipe).
+    pub write_error: AtomicU64,
+    /// Lines written.
+    pub written: AtomicU64,
+}
+
+/// What the pipeline hands the writer thread.
+enum Msg {
+    /// Whole lines, each ended by a newline.
+    Lines { bytes: Vec<u8>, lines: u64 },
+    /// Answered once everything sent before it was handled.
+    Sync(mpsc::SyncSender<()>),
+}
+
+/// Writes JSON lines to the chosen target. The pipeline only serialises
+/// into a batch and hands full batches to a writer thread through a bounded
+/// queue (`try_send`, never a blocking write): a stalled stdout pipe or a
+/// full disk costs lines, counted in [`SinkStats`] and logged once per
+/// episode, never the pipeline's progress. The writer recovers by itself
+/// when the target does.
 pub struct Sink {
-    out: Option<Box<dyn Write + Send>>,
+    out: Option<Queue>,
+}
+
+struct Queue {
+    tx: mpsc::SyncSender<Msg>,
+    batch: Vec<u8>,
+    batch_lines: u64,
+    /// Bytes sent and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
+    stats: Arc<SinkStats>,
+    /// Lines dropped in the current queue-full episode (None: not dropping).
+    episode: Option<u64>,
 }
 
 impl Sink {
-    /// Opens the target (a file is appended to, so restarts keep history).
+    /// Opens the target (a file is appended to, so restarts keep history)
+    /// and starts its writer thread.
     pub fn open(target: &Target) -> io::Result<Self> {
-        let out: Option<Box<dyn Write + Send>> = match target {
-            Target::Stdout => Some(Box::new(BufWriter::new(io::stdout()))),
-            Target::None => None,
-            Target::File(p) => Some(Box::new(BufWriter::new(
+        let (file, name) = match target {
+            Target::None => return Ok(Sink { out: None }),
+            Target::Stdout => (
+                File::from(io::stdout().as_fd().try_clone_to_owned()?),
+                "stdout".to_string(),
+            ),
+            Target::File(p) => (
                 OpenOptions::new().create(true).append(true).open(p)?,
-            ))),
+                p.display().to_string(),
+            ),
         };
-        Ok(Sink { out })
+        let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
+        let (tx, rx) = mpsc::sync_channel(QUEUE_BATCHES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(SinkStats::default());
+        let writer = Writer {
+            file,
+            regular,
+            partial: false,
+            name,
+            queued: queued.clone(),
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("connscope-events".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Sink {
+            out: Some(Queue {
+                tx,
+                batch: Vec::with_capacity(BATCH_BYTES),
+                batch_lines: 0,
+                queued,
+                stats,
+                episode: None,
+            }),
+        })
     }
 
     /// Writes one serialisable value as a line.
     pub(crate) fn write<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
-        if let Some(out) = self.out.as_mut() {
-            serde_json::to_writer(&mut *out, value)?;
-            out.write_all(b"\n")?;
+        if let Some(q) = self.out.as_mut() {
+            let mark = q.batch.len();
+            if let Err(e) = serde_json::to_writer(&mut q.batch, value) {
+                q.batch.truncate(mark);
+                return Err(e.into());
+            }
+            q.batch.push(b'\n');
+            q.batch_lines += 1;
+            q.send_if_full();
         }
         Ok(())
     }
@@ -217,20 +302,187 @@ impl Sink {
     }
 
     /// Writes an already serialised line.
-    pub(crate) fn write_line(&mut self, line: &str) -> io::Result<()> {
-        if let Some(out) = self.out.as_mut() {
-            out.write_all(line.as_bytes())?;
-            out.write_all(b"\n")?;
+    pub(crate) fn write_line(&mut self, line: &str) {
+        if let Some(q) = self.out.as_mut() {
+            q.batch.extend_from_slice(line.as_bytes());
+            q.batch.push(b'\n');
+            q.batch_lines += 1;
+            q.send_if_full();
         }
-        Ok(())
     }
 
-    /// Flushes buffered lines; called after each batch from the kernel.
-    pub(crate) fn flush(&mut self) -> io::Result<()> {
-        match self.out.as_mut() {
-            Some(o) => o.flush(),
-            None => Ok(()),
+    /// Hands the lines of this batch to the writer thread; never blocks.
+    pub(crate) fn flush(&mut self) {
+        if let Some(q) = self.out.as_mut() {
+            q.send();
         }
+    }
+
+    /// What the stream could not deliver (None: no stream).
+    pub(crate) fn stats(&self) -> Option<&SinkStats> {
+        self.out.as_ref().map(|q| &*q.stats)
+    }
+
+    /// Hands over the batch and waits, until `deadline` at most, for the
+    /// writer to have handled every line sent so far. False if it did not
+    /// (a stalled target): exit must stay prompt, so nobody waits longer.
+    pub(crate) fn sync(&mut self, deadline: Instant) -> bool {
+        let Some(q) = self.out.as_mut() else {
+            return true;
+        };
+        q.send();
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let mut msg = Msg::Sync(ack_tx);
+        loop {
+            match q.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(m)) if Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
+        ack_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    }
+}
+
+impl Queue {
+    fn send_if_full(&mut self) {
+        if self.batch.len() >= BATCH_BYTES {
+            self.send();
+        }
+    }
+
+    /// Sends the batch, or drops and counts it when the writer is behind.
+    fn send(&mut self) {
+        if self.batch_lines == 0 {
+            return;
+        }
+        let lines = std::mem::take(&mut self.batch_lines);
+        let bytes = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES));
+        let len = bytes.len();
+        let room = self.queued.load(Ordering::Relaxed) + len <= QUEUE_BYTES;
+        let sent = room && {
+            self.queued.fetch_add(len, Ordering::Relaxed);
+            match self.tx.try_send(Msg::Lines { bytes, lines }) {
+                Ok(()) => true,
+                Err(_) => {
+                    self.queued.fetch_sub(len, Ordering::Relaxed);
+                    false
+                }
+            }
+        };
+        if sent {
+            if let Some(dropped) = self.episode.take() {
+                tracing::info!(
+                    dropped,
+                    "event stream keeps up again; the lines it dropped meanwhile are counted in connscope_json_lines_dropped_total"
+                );
+            }
+            return;
+        }
+        self.stats.queue_full.fetch_add(lines, Ordering::Relaxed);
+        match self.episode.as_mut() {
+            Some(n) => *n += lines,
+            None => {
+                tracing::warn!(
+                    queued_bytes = self.queued.load(Ordering::Relaxed),
+                    "event stream cannot keep up (its reader stalls or its target is slow): lines are dropped and counted in connscope_json_lines_dropped_total{{reason=\"queue_full\"}} until it recovers"
+                );
+                self.episode = Some(lines);
+            }
+        }
+    }
+}
+
+/// The writer thread's end: the target, and what it tells the pipeline.
+struct Writer {
+    file: File,
+    /// A regular file: a failed batch is cut off again (no half line).
+    regular: bool,
+    /// A failed write left half a line in a pipe: end it before the next.
+    partial: bool,
+    name: String,
+    queued: Arc<AtomicUsize>,
+    stats: Arc<SinkStats>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        // Lines dropped since the target failed (None: it works).
+        let mut failing: Option<u64> = None;
+        while let Ok(msg) = rx.recv() {
+            let (bytes, lines) = match msg {
+                Msg::Sync(ack) => {
+                    let _ = ack.send(());
+                    continue;
+                }
+                Msg::Lines { bytes, lines } => (bytes, lines),
+            };
+            self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+            match self.write_batch(&bytes) {
+                Ok(()) => {
+                    self.stats.written.fetch_add(lines, Ordering::Relaxed);
+                    if let Some(dropped) = failing.take() {
+                        tracing::info!(
+                            target = %self.name,
+                            dropped,
+                            "event stream writable again; the lines it could not write are counted in connscope_json_lines_dropped_total"
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.stats.write_error.fetch_add(lines, Ordering::Relaxed);
+                    match failing.as_mut() {
+                        Some(n) => *n += lines,
+                        None => {
+                            tracing::warn!(
+                                target = %self.name,
+                                error = %e,
+                                "cannot write the event stream: lines are dropped and counted in connscope_json_lines_dropped_total{{reason=\"write_error\"}} until it is writable again"
+                            );
+                            failing = Some(lines);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes whole lines. On a failure, a regular file is cut back to its
+    /// length before the batch (no half line stays); a pipe gets a newline
+    /// first next time, so every later line is whole.
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        let before = if self.regular {
+            Some(self.file.metadata()?.len())
+        } else {
+            None
+        };
+        if self.partial {
+            self.file.write_all(b"\n")?;
+            self.partial = false;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.write(&buf[done..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if done > 0 {
+                        match before {
+                            Some(len) if self.file.set_len(len).is_ok() => {}
+                            _ => self.partial = true,
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

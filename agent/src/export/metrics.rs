@@ -72,6 +72,11 @@ pub struct Health {
     pub build_info: GaugeVec,
     /// Failures held because the pod's injection was not yet known.
     pub held_failures: IntCounter,
+    /// JSON lines a sink could not take, by sink (`stream`: `--events`;
+    /// `events_endpoint`: the `/events` buffer) and reason.
+    pub json_lines_dropped: IntCounterVec,
+    /// Metadata values left out for being longer than a Kubernetes name.
+    pub metadata_rejected: IntCounterVec,
 }
 
 impl Health {
@@ -128,6 +133,16 @@ impl Health {
                     "connscope_held_failures_total",
                     "Failures held until their pod's sidecar injection was known",
                 ),
+            )?,
+            json_lines_dropped: counters(
+                "connscope_json_lines_dropped_total",
+                "JSON lines a sink could not take (metrics are unaffected), by sink and reason",
+                &["sink", "reason"],
+            )?,
+            metadata_rejected: counters(
+                "connscope_metadata_values_rejected_total",
+                "Metadata values not taken as they came for their length, by source and field: names over 253 bytes (left out) and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
+                &["source", "field"],
             )?,
             build_info,
         })

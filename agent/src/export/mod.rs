@@ -7,12 +7,16 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use serde::Serialize;
 
 use crate::{
-    attribute::{Attribution, ErrorCounts},
+    attribute::{Attribution, ErrorCounts, RejectedCounts},
     k8s::{EventQueue, PodEvent},
     kernel::{
         decode::KernelEvent,
@@ -24,6 +28,12 @@ use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
 use metrics::Metrics;
 
+/// The `/events` buffer's byte budget by default (`--recent-events-bytes`).
+pub const RECENT_BYTES: usize = 16 * 1024 * 1024;
+/// The smallest per-line allowance (a failure line with every field is
+/// under 1 KiB).
+const MIN_LINE_BYTES: usize = 1024;
+
 /// How the exporter is set up (from the command line).
 #[derive(Debug, Default)]
 pub struct ExportOptions {
@@ -31,6 +41,18 @@ pub struct ExportOptions {
     pub process_events: bool,
     /// Where startup-race summaries go as Kubernetes Events.
     pub k8s_events: Option<EventQueue>,
+    /// The most a line may hold in the `/events` buffer (0: the default,
+    /// [`RECENT_BYTES`] over 10 000 lines). With the buffer's count limit
+    /// this bounds its bytes: a larger line is kept as a short
+    /// `event_too_large` stub (the stream still gets it whole), counted.
+    pub recent_line_bytes: usize,
+}
+
+impl ExportOptions {
+    /// The per-line allowance that keeps `lines` lines within `bytes`.
+    pub fn line_bytes_for(bytes: usize, lines: usize) -> usize {
+        (bytes / lines.max(1)).max(MIN_LINE_BYTES)
+    }
 }
 
 /// The agent's own state, sampled for the self-metrics.
@@ -41,7 +63,10 @@ pub(crate) struct SelfStats<'a> {
     pub held_now: usize,
     pub held_total: u64,
     pub state_sizes: [(&'static str, usize); 4],
+    /// Events waiting for runtime metadata.
+    pub waiting: usize,
     pub metadata_errors: &'a ErrorCounts,
+    pub rejected: &'a RejectedCounts,
 }
 
 /// The JSON stream, the `/events` buffer, the metrics and the Kubernetes
@@ -59,6 +84,8 @@ pub struct Exporter {
     exported: HashMap<&'static str, u64>,
     /// `/events` lines of this batch, published together.
     lines: Vec<EventLine>,
+    /// Lines kept in `/events` as a stub for their size.
+    too_large: u64,
 }
 
 impl Exporter {
@@ -71,7 +98,54 @@ impl Exporter {
             json_skipped: 0,
             exported: HashMap::new(),
             lines: Vec::new(),
+            too_large: 0,
         }
+    }
+
+    /// Keeps a line for `/events`, or its stub when it is over the per-line
+    /// allowance (the buffer's bytes stay within count x allowance).
+    fn keep(&mut self, line: EventLine) {
+        let max = match self.opts.recent_line_bytes {
+            0 => ExportOptions::line_bytes_for(RECENT_BYTES, 10_000),
+            n => n,
+        };
+        let bytes = line_bytes(&line);
+        if bytes <= max {
+            self.lines.push(line);
+            return;
+        }
+        self.too_large += 1;
+        if self.too_large == 1 {
+            tracing::warn!(
+                bytes,
+                max,
+                "event too large for the /events buffer: kept as an event_too_large stub (further ones are only counted)"
+            );
+        }
+        // Only the names `/events` filters on, and only names of a length
+        // Kubernetes allows.
+        let name = |n: &Option<String>| {
+            n.clone()
+                .filter(|n| n.len() <= crate::attribute::runtime::MAX_NAME_BYTES)
+        };
+        let who = Arc::new(Attribution {
+            namespace: name(&line.who.namespace),
+            pod: name(&line.who.pod),
+            ..Default::default()
+        });
+        let stub = serde_json::json!({
+            "type": "event_too_large",
+            "event_type": line.kind,
+            "bytes": bytes,
+            "namespace": who.namespace,
+            "pod": who.pod,
+        });
+        self.lines.push(EventLine {
+            body: LineBody::Json(stub.to_string()),
+            kind: line.kind,
+            who,
+            phase: line.phase,
+        });
     }
 
     /// What `/metrics`, `/events` and the health endpoints read.
@@ -113,6 +187,17 @@ impl Exporter {
             .with_label_values(&["held_failures"])
             .set(s.held_now as i64);
         m.health
+            .state_entries
+            .with_label_values(&["waiting_for_metadata"])
+            .set(s.waiting as i64);
+        for ((source, field), n) in s.rejected {
+            let total = m
+                .health
+                .metadata_rejected
+                .with_label_values(&[source, field]);
+            total.inc_by(n.saturating_sub(total.get()));
+        }
+        m.health
             .events_lost
             .inc_by(self.new_since("lost", s.lost_total));
         m.health
@@ -125,6 +210,23 @@ impl Exporter {
                 .with_label_values(&[source])
                 .inc_by(d);
         }
+        if let Some(st) = self.sink.stats() {
+            for (reason, n) in [
+                ("queue_full", st.queue_full.load(Ordering::Relaxed)),
+                ("write_error", st.write_error.load(Ordering::Relaxed)),
+            ] {
+                let d = self.new_since(reason, n);
+                m.health
+                    .json_lines_dropped
+                    .with_label_values(&["stream", reason])
+                    .inc_by(d);
+            }
+        }
+        let d = self.new_since("too_large", self.too_large);
+        m.health
+            .json_lines_dropped
+            .with_label_values(&["events_endpoint", "too_large"])
+            .inc_by(d);
         let dropped = self.opts.k8s_events.as_ref().map_or(0, EventQueue::dropped);
         let d = self.new_since("k8s_events", dropped);
         m.health
@@ -143,11 +245,7 @@ impl Exporter {
     /// metrics and `/events` locks once per batch (not per event: during a
     /// refused storm every failure passes here). `counted` holds the batch's
     /// records per type and is reset.
-    pub(crate) fn export(
-        &mut self,
-        out: &mut Vec<Output>,
-        counted: &mut RecordCounts,
-    ) -> std::io::Result<()> {
+    pub(crate) fn export(&mut self, out: &mut Vec<Output>, counted: &mut RecordCounts) {
         let shared = self.shared.clone();
         let now = Instant::now();
         let mut m = shared.metrics.lock().ok();
@@ -162,7 +260,7 @@ impl Exporter {
         }
         drop(m);
         shared.publish_all(self.lines.drain(..));
-        self.sink.flush()
+        self.sink.flush();
     }
 
     /// Exports one output of the tracker: metrics, JSON, Kubernetes Events.
@@ -230,7 +328,7 @@ impl Exporter {
             return Ok(());
         }
         if !self.sink.is_active() {
-            self.lines.push(EventLine {
+            self.keep(EventLine {
                 kind: ev.kind.record_type().label(),
                 phase: phase.map(|p| p.as_str()),
                 who,
@@ -264,9 +362,9 @@ impl Exporter {
             return Ok(());
         }
         let json = serde_json::to_string(body)?;
-        self.sink.write_line(&json)?;
+        self.sink.write_line(&json);
         // Published with the rest of the batch, in order.
-        self.lines.push(EventLine {
+        self.keep(EventLine {
             body: LineBody::Json(json),
             kind,
             who: who.clone(),
@@ -296,5 +394,94 @@ impl Exporter {
             reason: "SidecarStartupRace",
             note,
         });
+    }
+}
+
+/// What a `/events` line holds in memory, about: its body and who it is
+/// about (an attribution may be the line's own).
+fn line_bytes(l: &EventLine) -> usize {
+    let w = &l.who;
+    let who = [
+        &w.node,
+        &w.namespace,
+        &w.pod,
+        &w.pod_uid,
+        &w.container,
+        &w.container_id,
+        &w.workload,
+        &w.workload_kind,
+        &w.cgroup,
+    ]
+    .iter()
+    .map(|f| f.as_ref().map_or(0, String::len))
+    .sum::<usize>()
+        + size_of::<Attribution>();
+    who + size_of::<EventLine>()
+        + match &l.body {
+            LineBody::Json(j) => j.len(),
+            LineBody::Kernel { ev, .. } => {
+                size_of::<KernelEvent>() + ev.path.as_ref().map_or(0, String::len)
+            }
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{
+        http::Limits,
+        json::{Sink, Target},
+    };
+
+    #[test]
+    fn events_buffer_lines_are_bounded_in_bytes() {
+        let shared = Shared::new(
+            Metrics::new(false).unwrap(),
+            Limits {
+                recent: 100,
+                ..Limits::default()
+            },
+        );
+        let max = ExportOptions::line_bytes_for(64 * 1024, 100);
+        let mut ex = Exporter::new(
+            Sink::open(&Target::None).unwrap(),
+            shared,
+            ExportOptions {
+                recent_line_bytes: max,
+                ..Default::default()
+            },
+        );
+        let huge = Arc::new(Attribution {
+            namespace: Some("shop".into()),
+            pod: Some("p".repeat(3_000_000)),
+            ..Default::default()
+        });
+        let small = Arc::new(Attribution {
+            namespace: Some("shop".into()),
+            pod: Some("web-0".into()),
+            ..Default::default()
+        });
+        let body = serde_json::json!({"x": 1});
+        for _ in 0..200 {
+            ex.emit("startup_race", &huge, None, &body).unwrap();
+            ex.emit("startup_race", &small, None, &body).unwrap();
+        }
+        assert_eq!(ex.too_large, 200);
+        let kept: usize = ex.lines.iter().map(line_bytes).sum();
+        assert!(kept <= 400 * max, "{kept} bytes for 400 lines");
+        assert!(
+            ex.lines.iter().all(|l| line_bytes(l) <= max),
+            "every line within its allowance"
+        );
+        let stub = ex.lines[0].json();
+        assert!(
+            stub.contains("\"event_too_large\"") && stub.contains("3000"),
+            "{stub}"
+        );
+        assert_eq!(
+            ex.lines[1].json(),
+            body.to_string(),
+            "small lines kept whole"
+        );
     }
 }

@@ -223,6 +223,37 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
     })
 }
 
+/// Why a pod from the API is not taken: a name longer than Kubernetes
+/// allows (253 bytes, [`crate::attribute::runtime::MAX_NAME_BYTES`]). A real
+/// API server never serves one; a stand-in or a proxy might, and such names
+/// would be copied into every event and metric label of the pod.
+pub(crate) fn oversized(p: &PodInfo) -> Option<String> {
+    let max = crate::attribute::runtime::MAX_NAME_BYTES;
+    let names = [
+        ("uid", &p.uid),
+        ("namespace", &p.namespace),
+        ("name", &p.name),
+        ("workload kind", &p.workload.kind),
+        ("workload", &p.workload.name),
+    ];
+    let containers = p.containers.iter().flat_map(|c| {
+        [("container", &c.name)]
+            .into_iter()
+            .chain(c.container_id.as_ref().map(|id| ("container id", id)))
+    });
+    names
+        .into_iter()
+        .chain(containers)
+        .find(|(_, v)| v.len() > max)
+        .map(|(field, v)| {
+            format!(
+                "pod {:.64}: {field} of {} bytes is longer than Kubernetes allows ({max}); the pod is not taken from the API",
+                p.uid,
+                v.len()
+            )
+        })
+}
+
 /// The pod's addresses from its status (`podIPs`, else `podIP`).
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(st) = pod.status.as_ref() else {
@@ -245,6 +276,25 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_longer_than_kubernetes_allows_refuse_the_pod() {
+        let w = Workload {
+            kind: "Deployment".into(),
+            name: "checkout".into(),
+        };
+        let mut p = pod_info(&sample(), w).unwrap();
+        assert_eq!(oversized(&p), None);
+        p.containers[0].name = "c".repeat(300);
+        assert!(oversized(&p).unwrap().contains("container of 300 bytes"));
+        p.containers.clear();
+        p.name = "n".repeat(3_000_000);
+        let why = oversized(&p).unwrap();
+        assert!(
+            why.contains("name of 3000000 bytes") && why.len() < 300,
+            "{why}"
+        );
+    }
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()

@@ -12,7 +12,9 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::pod::{PodInfo, Update, Workload, controller_owner, owner_to_walk, pod_info, workload};
+use super::pod::{
+    PodInfo, Update, Workload, controller_owner, oversized, owner_to_walk, pod_info, workload,
+};
 
 /// Owner lookups through the API, cached per (kind, namespace, name).
 struct Owners {
@@ -131,13 +133,22 @@ pub(crate) async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>
             }
             watcher::Event::InitApply(p) => {
                 let w = owners.workload(&p).await;
-                buffer.extend(pod_info(&p, w));
-                None
+                match pod_info(&p, w).map(|p| (oversized(&p), p)) {
+                    Some((Some(why), _)) => Some(Update::Error(why)),
+                    Some((None, p)) => {
+                        buffer.push(p);
+                        None
+                    }
+                    None => None,
+                }
             }
             watcher::Event::InitDone => Some(Update::Replace(std::mem::take(&mut buffer))),
             watcher::Event::Apply(p) => {
                 let w = owners.workload(&p).await;
-                pod_info(&p, w).map(|p| Update::Apply(Box::new(p)))
+                pod_info(&p, w).map(|p| match oversized(&p) {
+                    Some(why) => Update::Error(why),
+                    None => Update::Apply(Box::new(p)),
+                })
             }
             watcher::Event::Delete(p) => p.metadata.uid.clone().map(Update::Delete),
         };

@@ -68,21 +68,7 @@ pub fn run(btf: &Path) -> Report {
         .unwrap_or(0);
     let mut items = capability_items(caps);
     let has_bpf = caps & (1 << 39) != 0 || caps & (1 << 21) != 0;
-    items.push(Item {
-        name: "BTF".into(),
-        ok: btf.exists(),
-        detail: if btf.exists() {
-            format!(
-                "{} (struct offsets for errno and network namespace)",
-                btf.display()
-            )
-        } else {
-            format!(
-                "{} missing: no errno for non-blocking failures except RST, no netns",
-                btf.display()
-            )
-        },
-    });
+    items.push(btf_item(btf));
     let tracefs = offsets::tracefs_root();
     items.push(Item {
         name: "tracefs".into(),
@@ -100,6 +86,35 @@ pub fn run(btf: &Path) -> Report {
         kernel,
         usable: has_bpf && any_core,
         items,
+    }
+}
+
+/// The BTF line: ok only when the file parses as BTF and describes
+/// `struct sock` (a file that merely exists proves nothing).
+fn btf_item(btf: &Path) -> Item {
+    let why = "no errno for non-blocking failures except RST, no netns";
+    let (ok, detail) = match btf_rs::Btf::from_file(btf) {
+        Ok(b) if b.resolve_types_by_name("sock").is_ok() => (
+            true,
+            format!(
+                "{} (struct offsets for errno and network namespace)",
+                btf.display()
+            ),
+        ),
+        Ok(_) => (
+            false,
+            format!("{} is BTF without struct sock: {why}", btf.display()),
+        ),
+        Err(e) if !btf.exists() => (false, format!("{} missing ({e}): {why}", btf.display())),
+        Err(e) => (
+            false,
+            format!("{} is not valid BTF ({e:#}): {why}", btf.display()),
+        ),
+    };
+    Item {
+        name: "BTF".into(),
+        ok,
+        detail,
     }
 }
 
@@ -210,6 +225,28 @@ impl std::fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn btf_that_does_not_parse_is_not_ok() {
+        let dir = std::env::temp_dir().join(format!("connscope-btf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("vmlinux");
+        std::fs::write(&garbage, b"this is not BTF, just some bytes\n".repeat(100)).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        for (file, says) in [
+            (&garbage, "not valid BTF"),
+            (&empty, "not valid BTF"),
+            (&dir.join("absent"), "missing"),
+        ] {
+            let r = run(file);
+            let btf = r.items.iter().find(|i| i.name == "BTF").unwrap();
+            assert!(!btf.ok, "{}: {}", file.display(), btf.detail);
+            assert!(btf.detail.contains(says), "{}", btf.detail);
+            assert!(r.to_string().contains("[MISS] BTF"), "{r}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parses_capeff() {

@@ -223,7 +223,12 @@ pub enum Raw {
 pub struct CgroupChange {
     pub created: bool,
     pub id: u64,
+    /// As the kernel record holds it: cut after `CGROUP_PATH_LEN - 1` bytes
+    /// (nested runtimes, kind or sysbox, go past that).
     pub path: String,
+    /// The path filled the record: it may have been cut, and must not be
+    /// taken for the cgroup's path.
+    pub truncated: bool,
 }
 
 /// Reads a record out of the ring buffer.
@@ -255,8 +260,12 @@ pub fn decode_cgroup(c: &CgroupEvent) -> Result<CgroupChange, DecodeError> {
         k => return Err(DecodeError::Kind(k)),
     };
     let path = cstr(&c.path);
+    // bpf_probe_read_kernel_str keeps the last byte for the NUL: a path of
+    // CGROUP_PATH_LEN - 1 bytes or more may be a prefix of a longer one.
+    let truncated = !c.path[..c.path.len() - 1].contains(&0);
     Ok(CgroupChange {
         created,
+        truncated,
         id: c.cgroup_id,
         path: if path.starts_with('/') {
             path
@@ -528,9 +537,16 @@ mod tests {
             CgroupChange {
                 created: true,
                 id: 77,
-                path: "/kubepods".into()
+                path: "/kubepods".into(),
+                truncated: false,
             }
         );
+        // A path that fills the record may have been cut.
+        c.path[..connscope_ebpf::CGROUP_PATH_LEN - 1].fill(b'a');
+        c.path[connscope_ebpf::CGROUP_PATH_LEN - 1] = 0;
+        assert!(decode_cgroup(&c).unwrap().truncated);
+        c.path[connscope_ebpf::CGROUP_PATH_LEN - 2] = 0;
+        assert!(!decode_cgroup(&c).unwrap().truncated, "254 bytes: whole");
         assert!(matches!(
             parse_record(&records::bytes(&raw(kind::EXIT))),
             Ok(Raw::Event(_, None))
