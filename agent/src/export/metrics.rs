@@ -72,6 +72,10 @@ pub struct Health {
     pub build_info: GaugeVec,
     /// Failures held because the pod's injection was not yet known.
     pub held_failures: IntCounter,
+    /// Requests to `/metrics` and `/events` by auth result.
+    pub http_auth: IntCounterVec,
+    /// HTTP connections closed by the connection cap, by reason.
+    pub http_connections_dropped: IntCounterVec,
 }
 
 impl Health {
@@ -128,6 +132,16 @@ impl Health {
                     "connscope_held_failures_total",
                     "Failures held until their pod's sidecar injection was known",
                 ),
+            )?,
+            http_auth: counters(
+                "connscope_http_auth_total",
+                "Requests to /metrics and /events by auth result (allowed, unauthenticated, forbidden, unavailable: the API could not review the token)",
+                &["result"],
+            )?,
+            http_connections_dropped: counters(
+                "connscope_http_connections_dropped_total",
+                "HTTP connections closed at the connection cap (evicted: the oldest one without a whole request; over_limit: every connection busy)",
+                &["reason"],
             )?,
             build_info,
         })
