@@ -249,19 +249,27 @@ impl Drop for FollowerSlot {
 /// task, so that other requests on the HTTP thread are served in between.
 const LINES_PER_CHUNK: usize = 256;
 
-/// NDJSON of `lines`, serialised a chunk at a time as the body is sent.
+/// NDJSON of `lines`, serialised a chunk at a time as the body is sent,
+/// yielding to the HTTP thread's other tasks between chunks (without that, a
+/// client reading fast would have its whole answer serialised in one poll,
+/// and the other requests, `/healthz` too, would wait for it).
 fn ndjson(
     lines: Vec<Arc<EventLine>>,
 ) -> impl Stream<Item = Result<String, std::convert::Infallible>> + Send {
-    let mut lines = lines.into_iter();
-    futures::stream::iter(std::iter::from_fn(move || {
-        let mut chunk = String::new();
-        for e in lines.by_ref().take(LINES_PER_CHUNK) {
-            chunk.push_str(&e.json());
-            chunk.push('\n');
-        }
-        (!chunk.is_empty()).then_some(Ok(chunk))
-    }))
+    futures::stream::unfold(
+        (lines.into_iter(), false),
+        |(mut lines, started)| async move {
+            if started {
+                tokio::task::yield_now().await;
+            }
+            let mut chunk = String::new();
+            for e in lines.by_ref().take(LINES_PER_CHUNK) {
+                chunk.push_str(&e.json());
+                chunk.push('\n');
+            }
+            (!chunk.is_empty()).then_some((Ok(chunk), (lines, true)))
+        },
+    )
 }
 
 async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Response {
