@@ -46,6 +46,12 @@ def validate(doc, where):
         check(False, f"{where}: {kind}: {e}")
 
 
+def find(docs, kind, name=None):
+    """The first object of `kind` (and `name`) among docs; {} when none, so a
+    missing object fails its check instead of stopping the script."""
+    return next((d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])), {})
+
+
 def key(doc):
     return (doc["kind"], doc["metadata"]["name"])
 
@@ -93,11 +99,11 @@ wider = chart.render({"networkPolicy": {"monitoringNamespaces": ["monitoring", "
 wider_docs = [d for t in wider.values() for d in yaml.safe_load_all(t) if d]
 for d in wider_docs:
     validate(d, "chart (wider values)")
-np_from = next(d for d in wider_docs if d["kind"] == "NetworkPolicy")["spec"]["ingress"][0]["from"]
-check(np_from[0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring", "observability"]
+np_from = (find(wider_docs, "NetworkPolicy").get("spec", {}).get("ingress") or [{}])[0].get("from", [])
+check(len(np_from) == 2 and np_from[0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring", "observability"]
       and np_from[1] == {"ipBlock": {"cidr": "10.0.0.0/16"}}, "chart values: networkPolicy namespaces and CIDRs")
-check(next(d for d in wider_docs if d["kind"] == "ClusterRoleBinding" and d["metadata"]["name"] == "connscope-metrics-reader")
-      ["subjects"] == [{"kind": "ServiceAccount", "name": "prom", "namespace": "observability"}],
+check(find(wider_docs, "ClusterRoleBinding", "connscope-metrics-reader").get("subjects")
+      == [{"kind": "ServiceAccount", "name": "prom", "namespace": "observability"}],
       "chart values: auth.metricsReaders")
 
 rules = yaml.safe_load(open(os.path.join(DEPLOY, "prometheus", "connscope-rules.yaml")))
@@ -145,12 +151,12 @@ check(any(r.get("apiGroups") == ["authentication.k8s.io"] and r["resources"] == 
       and any(r.get("apiGroups") == ["authorization.k8s.io"] and r["resources"] == ["subjectaccessreviews"]
               and r["verbs"] == ["create"] for r in rules),
       "ClusterRole connscope: tokenreviews and subjectaccessreviews create")
-check(static[("ClusterRole", "connscope-metrics-reader")]["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}],
+check(static.get(("ClusterRole", "connscope-metrics-reader"), {}).get("rules") == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}],
       "ClusterRole connscope-metrics-reader: get /metrics only")
-check(static[("ClusterRole", "connscope-events-reader")]["rules"] == [{"nonResourceURLs": ["/metrics", "/events"], "verbs": ["get"]}],
+check(static.get(("ClusterRole", "connscope-events-reader"), {}).get("rules") == [{"nonResourceURLs": ["/metrics", "/events"], "verbs": ["get"]}],
       "ClusterRole connscope-events-reader: get /metrics and /events")
-b = static[("ClusterRoleBinding", "connscope-metrics-reader")]
-check(b["roleRef"]["name"] == "connscope-metrics-reader" and b["subjects"]
+b = static.get(("ClusterRoleBinding", "connscope-metrics-reader"), {"roleRef": {}})
+check(b["roleRef"].get("name") == "connscope-metrics-reader" and b.get("subjects")
       and all(s["kind"] == "ServiceAccount" for s in b["subjects"]), "the scraper's service account can get /metrics")
 eps = static[("ServiceMonitor", "connscope")]["spec"]["endpoints"]
 check(all(e.get("bearerTokenFile") == "/var/run/secrets/kubernetes.io/serviceaccount/token" for e in eps),
@@ -184,13 +190,13 @@ def host_path(p):
 
 
 for where, d in [("deploy/kubernetes", ds)] + [(f"chart {n}", x) for n, x in (("defaults", rendered[("DaemonSet", "connscope")]),
-                                                                             ("non-default", next(x for x in custom_docs if x["kind"] == "DaemonSet")))]:
+                                                                             ("non-default", find(custom_docs, "DaemonSet")))]:
     paths = [host_path(v["hostPath"]["path"]) for v in d["spec"]["template"]["spec"].get("volumes", []) if "hostPath" in v]
     near = [(p, s) for p in paths for s in SOCKETS if s == p or s.startswith(p.rstrip("/") + "/")]
     check(paths and not near, f"{where}: no runtime socket reachable through a hostPath ({near or paths})")
 mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
 roots = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
-check(mounts["containerd"] == roots["--containerd-root"] + "/k8s.io" and mounts["crio"] == roots["--crio-root"],
+check(mounts.get("containerd") == roots.get("--containerd-root", "?") + "/k8s.io" and mounts.get("crio") == roots.get("--crio-root"),
       "DaemonSet: the runtime mounts are exactly what --containerd-root/k8s.io and --crio-root read")
 check("SETPCAP" in sc["capabilities"]["add"], "DaemonSet: SETPCAP to empty the bounding set and lock securebits")
 
