@@ -19,12 +19,14 @@ use crate::{
         cgroup::Resolver,
         runtime::{Reader, Roots},
     },
-    cli::{KubeMode, RunArgs},
+    cli::{AuthMode, KubeMode, RunArgs},
     export::{
         ExportOptions, Exporter,
-        http::{Limits, Shared},
+        auth::{Auth, CachePolicy, KubeReviewer},
+        http::{self, Limits, Shared},
         json::{Sink, Summary},
         metrics::Metrics,
+        server::{self, ServerLimits},
     },
     k8s::{self, Update},
     kernel::{
@@ -69,6 +71,7 @@ impl Agent {
     /// Loads and attaches the probes, opens the exports, rebuilds the pods
     /// already running and drops the privileges no longer needed.
     pub(crate) async fn start(args: &RunArgs) -> Result<Agent> {
+        let nofile = raise_nofile();
         let (probes, kernel_capture) = load_probes(args)?;
         let sink = Sink::open(&args.events)
             .with_context(|| format!("opening --events {:?}", args.events))?;
@@ -85,10 +88,14 @@ impl Agent {
             metrics,
             Limits {
                 recent: args.recent_events,
+                follower_idle: Duration::from_secs(args.follow_idle_seconds.max(1)),
                 ..Limits::default()
             },
         );
-        crate::export::http::serve(args.metrics_addr, shared.clone()).await?;
+        // Bound now (a bad address stops the agent before anything else);
+        // served from a thread started after the privileges are dropped,
+        // so that it inherits none of them.
+        let listener = server::bind(args.metrics_addr)?;
         let tracker = Tracker::new(race::Config {
             capture_port: args.capture_port,
             sidecar_ports: args.sidecar_ports.clone(),
@@ -123,10 +130,23 @@ impl Agent {
         if args.keep_privileges {
             tracing::warn!("--keep-privileges: capabilities are not dropped after start-up");
         } else {
-            let kept = privileges::drop_after_load()?;
-            tracing::info!(?kept, "dropped all other capabilities");
+            let d = privileges::drop_after_load()?;
+            if !d.missing.is_empty() {
+                tracing::warn!(
+                    missing = ?d.missing,
+                    "capabilities dropped, but not locked: without CAP_SETPCAP (the DaemonSet adds it) the bounding set and securebits stay as they were"
+                );
+            }
+            tracing::info!(
+                kept = ?d.kept,
+                bounding = ?d.bounding,
+                securebits = %format!("{:#x}", d.securebits),
+                no_new_privs = d.no_new_privs,
+                "dropped all other capabilities"
+            );
         }
         release_startup_memory();
+        start_http(listener, shared.clone(), args, nofile)?;
         Ok(Agent {
             probes,
             pipeline,
@@ -326,6 +346,97 @@ fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
     Ok((probes, kernel_capture))
 }
 
+/// Raises the soft open-file limit to the hard one (every connection,
+/// metadata file and BPF object is a descriptor; a low soft limit is a
+/// default, not a decision). Returns the limit in effect.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = hard,
+                "open-file limit raised to its hard limit"
+            );
+            hard
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "could not raise the open-file limit");
+            soft
+        }
+    }
+}
+
+/// Whether the agent runs in a Kubernetes pod.
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+/// Serves the endpoints from their own thread: with `--http-auth`
+/// kubernetes (or auto in a cluster), `/metrics` and `/events` need a token.
+fn start_http(
+    listener: std::net::TcpListener,
+    shared: std::sync::Arc<Shared>,
+    args: &RunArgs,
+    nofile: u64,
+) -> Result<()> {
+    let (dropped, results) = {
+        let m = shared
+            .metrics
+            .lock()
+            .map_err(|_| anyhow::anyhow!("metrics lock poisoned"))?;
+        (
+            m.health.http_connections_dropped.clone(),
+            m.health.http_auth.clone(),
+        )
+    };
+    let auth = match args.http_auth {
+        AuthMode::Kubernetes => true,
+        AuthMode::Auto => in_cluster(),
+        AuthMode::None => false,
+    };
+    let addr = listener.local_addr()?;
+    // Half the descriptors at most: the rest is the agent's own.
+    let budget = usize::try_from(nofile / 2).unwrap_or(usize::MAX).max(16);
+    let limits = ServerLimits {
+        max_connections: args.http_max_connections.clamp(1, budget),
+        header_timeout: Duration::from_secs(args.http_header_timeout_seconds.max(1)),
+        ..ServerLimits::default()
+    };
+    if !auth && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "--http-auth none on a non-loopback address: anyone who can connect reads /metrics and /events");
+    }
+    let access = access(args);
+    server::spawn(listener, limits, dropped, move || async move {
+        let auth = if auth {
+            let client = k8s::client(&access)
+                .await
+                .context("building the Kubernetes client for --http-auth")?;
+            Some(Auth::new(
+                Box::new(KubeReviewer(client)),
+                CachePolicy::default(),
+                results,
+            ))
+        } else {
+            None
+        };
+        Ok(http::router(shared, auth))
+    })?;
+    tracing::info!(
+        %addr,
+        auth = if auth { "kubernetes" } else { "none" },
+        max_connections = limits.max_connections,
+        "serving /metrics /healthz /readyz /events"
+    );
+    Ok(())
+}
+
 /// Start-up (parsing the kernel's BTF, loading programs) allocates and frees
 /// tens of MiB; glibc keeps freed heap mapped, so the agent would carry it in
 /// its RSS for its whole life. Hand it back once.
@@ -369,11 +480,10 @@ fn access(args: &RunArgs) -> k8s::Access {
 
 /// Starts the pod watcher when the API is wanted; `None` when it is off.
 async fn start_kube(args: &RunArgs) -> Result<Option<mpsc::Receiver<Update>>> {
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let wanted = match args.kubernetes {
         KubeMode::Off => false,
         KubeMode::On => true,
-        KubeMode::Auto => in_cluster || args.kube_api_url.is_some(),
+        KubeMode::Auto => in_cluster() || args.kube_api_url.is_some(),
     };
     if !wanted {
         tracing::info!("Kubernetes API off: attributing from runtime metadata and cgroups");

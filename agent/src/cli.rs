@@ -82,6 +82,25 @@ pub struct RunArgs {
     /// Address of /metrics, /healthz, /readyz and /events.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Who may read /metrics and /events: `kubernetes` = a bearer token the
+    /// API server accepts (TokenReview) for a user allowed to `get` the path
+    /// (SubjectAccessReview on the non-resource URL); `none` = anyone who
+    /// can connect; `auto` = `kubernetes` when running in a cluster.
+    /// /healthz and /readyz are always open.
+    #[arg(long, value_enum, default_value_t = AuthMode::Auto)]
+    pub http_auth: AuthMode,
+    /// Open HTTP connections at most (further ones take the place of the
+    /// oldest connection that has not sent a whole request).
+    #[arg(long, default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// Seconds a client has to send a request's head (also the keep-alive
+    /// idle limit).
+    #[arg(long, default_value_t = 10)]
+    pub http_header_timeout_seconds: u64,
+    /// Seconds an `/events?follow=1` stream may go without a line before it
+    /// is ended (the client reconnects).
+    #[arg(long, default_value_t = 300)]
+    pub follow_idle_seconds: u64,
     /// Add a `pod` label to per-workload metrics (higher cardinality).
     #[arg(long)]
     pub pod_labels: bool,
@@ -124,6 +143,14 @@ pub struct RunArgs {
     /// starts a pod's containers within moments of each other).
     #[arg(long, default_value_t = 5.0)]
     pub hold_seconds: f64,
+}
+
+/// `--http-auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    Auto,
+    Kubernetes,
+    None,
 }
 
 /// `--kubernetes`.

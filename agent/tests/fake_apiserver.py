@@ -7,7 +7,10 @@ Speaks the parts connscope uses, with real Kubernetes JSON:
   GET  /apis/apps/v1/namespaces/NS/replicasets/NAME          owner lookups
   GET  /apis/batch/v1/namespaces/NS/jobs/NAME
   POST /api/v1/namespaces/NS/events                          recorded
-Objects come from a JSON file {"pods": [...], "owners": {"ReplicaSet/ns/name": {...ownerReference...}}},
+  POST /apis/authentication.k8s.io/v1/tokenreviews           from "tokens"
+  POST /apis/authorization.k8s.io/v1/subjectaccessreviews    from "grants" (non-resource URLs)
+Objects come from a JSON file {"pods": [...], "owners": {"ReplicaSet/ns/name": {...ownerReference...}},
+"tokens": {"TOKEN": {"username": ..., "uid": ..., "groups": [...]}}, "grants": {"USERNAME": ["/metrics", ...]}},
 re-read on every request. Requests are logged, one JSON line each, to --log.
 Usage: fake_apiserver.py --port P --state FILE --log FILE
 """
@@ -30,6 +33,28 @@ def state():
 def log(entry):
     with LOCK, open(ARGS.log, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def token_review(review):
+    """A TokenReview answered as the API server does: the token's user, or
+    authenticated false."""
+    user = state().get("tokens", {}).get(review.get("spec", {}).get("token", ""))
+    status = {"authenticated": True, "user": user} if user else {"authenticated": False}
+    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {"creationTimestamp": None}, "spec": review.get("spec", {}), "status": status}
+
+
+def access_review(review):
+    """A SubjectAccessReview of a non-resource URL: allowed when "grants"
+    lists the path for the user and the verb is get."""
+    spec = review.get("spec", {})
+    nra = spec.get("nonResourceAttributes") or {}
+    allowed = nra.get("verb") == "get" and nra.get("path") in state().get("grants", {}).get(spec.get("user"), [])
+    status = {"allowed": allowed}
+    if not allowed:
+        status["reason"] = "no grant"
+    return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -101,6 +126,10 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(n) or b"{}")
         log({"method": "POST", "path": url.path, "body": body})
+        if url.path == "/apis/authentication.k8s.io/v1/tokenreviews":
+            return self.send_json(201, token_review(body))
+        if url.path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            return self.send_json(201, access_review(body))
         body.setdefault("metadata", {}).setdefault("resourceVersion", "1")
         self.send_json(201, body)
 

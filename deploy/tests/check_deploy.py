@@ -3,7 +3,9 @@
 strict, against a supported API version); the Helm chart, rendered by Helm's
 own engine (helm-python-sdk), produces exactly the static manifests; the
 PrometheusRule and the chart carry exactly deploy/prometheus's rules; the
-Grafana dashboard is well formed. Prints one line per check; exits 1 on any
+Grafana dashboard is well formed; the agent's endpoints are private (token
+auth, RBAC for the reviews and the scraper, a NetworkPolicy, the
+ServiceMonitor's token) and no runtime socket is within its reach. Prints one line per check; exits 1 on any
 failure."""
 import glob
 import json
@@ -44,6 +46,12 @@ def validate(doc, where):
         check(False, f"{where}: {kind}: {e}")
 
 
+def find(docs, kind, name=None):
+    """The first object of `kind` (and `name`) among docs; {} when none, so a
+    missing object fails its check instead of stopping the script."""
+    return next((d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])), {})
+
+
 def key(doc):
     return (doc["kind"], doc["metadata"]["name"])
 
@@ -67,13 +75,36 @@ for k in sorted(set(rendered) & set(static)):
     check(rendered[k] == static[k], f"chart renders {k[0]}/{k[1]} exactly as deploy/kubernetes")
 
 # Non-default values render too, and change what they should.
-custom = chart.render({"extraArgs": ["--pod-labels"], "k8sEvents": False, "serviceMonitor": {"enabled": False}},
+custom = chart.render({"extraArgs": ["--pod-labels"], "k8sEvents": False, "serviceMonitor": {"enabled": False},
+                       "auth": {"enabled": False}, "networkPolicy": {"enabled": False}},
                       name="connscope", namespace="connscope-system")
+custom_docs = [d for t in custom.values() for d in yaml.safe_load_all(t) if d]
+for d in custom_docs:
+    validate(d, "chart (non-default values)")
 ds = next(d for t in custom.values() for d in yaml.safe_load_all(t) if d and d["kind"] == "DaemonSet")
 args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
 check("--pod-labels" in args and "--k8s-events" not in args, "chart values: extraArgs and k8sEvents")
 check(not any(d and d["kind"] == "ServiceMonitor" for t in custom.values() for d in yaml.safe_load_all(t)),
       "chart values: serviceMonitor.enabled=false")
+check("--http-auth=none" in args and not any(d["metadata"]["name"].startswith("connscope-") and d["kind"] == "ClusterRole"
+                                             for d in custom_docs)
+      and not any("tokenreviews" in r.get("resources", []) for d in custom_docs if d["kind"] == "ClusterRole"
+                  for r in d["rules"]),
+      "chart values: auth.enabled=false serves without auth, no reader roles, no review rights")
+check(not any(d["kind"] == "NetworkPolicy" for d in custom_docs), "chart values: networkPolicy.enabled=false")
+wider = chart.render({"networkPolicy": {"monitoringNamespaces": ["monitoring", "observability"],
+                                        "extraIngressCIDRs": ["10.0.0.0/16"]},
+                      "auth": {"metricsReaders": [{"name": "prom", "namespace": "observability"}]}},
+                     name="connscope", namespace="connscope-system")
+wider_docs = [d for t in wider.values() for d in yaml.safe_load_all(t) if d]
+for d in wider_docs:
+    validate(d, "chart (wider values)")
+np_from = (find(wider_docs, "NetworkPolicy").get("spec", {}).get("ingress") or [{}])[0].get("from", [])
+check(len(np_from) == 2 and np_from[0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring", "observability"]
+      and np_from[1] == {"ipBlock": {"cidr": "10.0.0.0/16"}}, "chart values: networkPolicy namespaces and CIDRs")
+check(find(wider_docs, "ClusterRoleBinding", "connscope-metrics-reader").get("subjects")
+      == [{"kind": "ServiceAccount", "name": "prom", "namespace": "observability"}],
+      "chart values: auth.metricsReaders")
 
 rules = yaml.safe_load(open(os.path.join(DEPLOY, "prometheus", "connscope-rules.yaml")))
 check(static[("PrometheusRule", "connscope")]["spec"] == rules, "PrometheusRule spec == deploy/prometheus rules")
@@ -106,6 +137,68 @@ check(not sc.get("privileged") and sc["capabilities"]["drop"] == ["ALL"]
 check(all(m.get("readOnly") for m in c["volumeMounts"]), "DaemonSet: host mounts read-only")
 check(any(e["name"] == "NODE_NAME" and e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" for e in c["env"]),
       "DaemonSet: NODE_NAME from the downward API")
+
+# Private endpoints: token auth on, probes on the open paths, the reviews
+# allowed, a scraper role bound, the ServiceMonitor scraping with its token,
+# ingress only from the monitoring namespace.
+args = c["args"]
+check("--http-auth=kubernetes" in args, "DaemonSet: /metrics and /events need a token (--http-auth=kubernetes)")
+check(c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz",
+      "DaemonSet: probes on the open paths")
+rules = static[("ClusterRole", "connscope")]["rules"]
+check(any(r.get("apiGroups") == ["authentication.k8s.io"] and r["resources"] == ["tokenreviews"] and r["verbs"] == ["create"]
+          for r in rules)
+      and any(r.get("apiGroups") == ["authorization.k8s.io"] and r["resources"] == ["subjectaccessreviews"]
+              and r["verbs"] == ["create"] for r in rules),
+      "ClusterRole connscope: tokenreviews and subjectaccessreviews create")
+check(static.get(("ClusterRole", "connscope-metrics-reader"), {}).get("rules") == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}],
+      "ClusterRole connscope-metrics-reader: get /metrics only")
+check(static.get(("ClusterRole", "connscope-events-reader"), {}).get("rules") == [{"nonResourceURLs": ["/metrics", "/events"], "verbs": ["get"]}],
+      "ClusterRole connscope-events-reader: get /metrics and /events")
+b = static.get(("ClusterRoleBinding", "connscope-metrics-reader"), {"roleRef": {}})
+check(b["roleRef"].get("name") == "connscope-metrics-reader" and b.get("subjects")
+      and all(s["kind"] == "ServiceAccount" for s in b["subjects"]), "the scraper's service account can get /metrics")
+eps = static[("ServiceMonitor", "connscope")]["spec"]["endpoints"]
+check(all(e.get("bearerTokenFile") == "/var/run/secrets/kubernetes.io/serviceaccount/token" for e in eps),
+      "ServiceMonitor: scrapes with its service-account token")
+np = static.get(("NetworkPolicy", "connscope"), {}).get("spec", {})
+pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+check(np.get("policyTypes") == ["Ingress"]
+      and all(pod_labels.get(k) == v for k, v in np.get("podSelector", {}).get("matchLabels", {"-": "-"}).items())
+      and len(np.get("ingress", [])) == 1
+      and all(set(f) == {"namespaceSelector"} for f in np["ingress"][0]["from"])
+      and np["ingress"][0]["from"][0]["namespaceSelector"]["matchExpressions"] ==
+      [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}]
+      and np["ingress"][0]["ports"] == [{"port": 9464, "protocol": "TCP"}],
+      "NetworkPolicy: the agent's pods take ingress on 9464 from the monitoring namespace only")
+
+# No runtime socket within reach: a read-only mount does not stop connect()
+# on a Unix socket, so no hostPath may be a runtime socket or a directory
+# above one (/var/run is /run).
+SOCKETS = [
+    "/run/containerd/containerd.sock", "/run/containerd/containerd.sock.ttrpc",
+    "/run/containerd/s/0",  # shims' sockets
+    "/run/k3s/containerd/containerd.sock", "/run/crio/crio.sock", "/run/crio/0/attach",
+    "/run/docker.sock", "/run/dockershim.sock", "/run/cri-dockerd.sock", "/run/podman/podman.sock",
+    "/run/buildkit/buildkitd.sock", "/run/containerd/containerd-debug.sock",
+]
+
+
+def host_path(p):
+    p = os.path.normpath(p)
+    return "/run" + p[len("/var/run"):] if p == "/var/run" or p.startswith("/var/run/") else p
+
+
+for where, d in [("deploy/kubernetes", ds)] + [(f"chart {n}", x) for n, x in (("defaults", rendered[("DaemonSet", "connscope")]),
+                                                                             ("non-default", find(custom_docs, "DaemonSet")))]:
+    paths = [host_path(v["hostPath"]["path"]) for v in d["spec"]["template"]["spec"].get("volumes", []) if "hostPath" in v]
+    near = [(p, s) for p in paths for s in SOCKETS if s == p or s.startswith(p.rstrip("/") + "/")]
+    check(paths and not near, f"{where}: no runtime socket reachable through a hostPath ({near or paths})")
+mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+roots = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+check(mounts.get("containerd") == roots.get("--containerd-root", "?") + "/k8s.io" and mounts.get("crio") == roots.get("--crio-root"),
+      "DaemonSet: the runtime mounts are exactly what --containerd-root/k8s.io and --crio-root read")
+check("SETPCAP" in sc["capabilities"]["add"], "DaemonSet: SETPCAP to empty the bounding set and lock securebits")
 
 dash = json.load(open(os.path.join(DEPLOY, "grafana", "connscope.json")))
 names = {v["name"] for v in dash["templating"]["list"]}

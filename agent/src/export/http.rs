@@ -1,15 +1,19 @@
 //! The HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and `/events`
 //! (recent events as NDJSON, filtered by `namespace`, `pod`, `phase`,
 //! `type`; `?follow=1` streams live ones). Memory is bounded: a fixed ring
-//! of recent events, a bounded channel per follower, a cap on followers.
+//! of recent events, a bounded channel per follower, a cap on followers, and
+//! a follower that was sent nothing for `follower_idle` is ended. Events are
+//! serialised in the request's own task, a chunk at a time, on the HTTP
+//! thread ([`super::server`]), never on the pipeline's. `/metrics` and
+//! `/events` may require a token ([`super::auth`]).
 
 use std::{
     collections::VecDeque,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use axum::{
@@ -20,6 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use futures::Stream;
 use futures::StreamExt as _;
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -27,6 +32,7 @@ use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 
 use crate::{
     attribute::Attribution,
+    export::auth::{self, Auth},
     export::json::KernelJson,
     export::metrics::Metrics,
     kernel::decode::KernelEvent,
@@ -81,6 +87,9 @@ pub struct Limits {
     pub followers: usize,
     /// Lines buffered per follower before it is told it lagged.
     pub follower_buffer: usize,
+    /// A follower sent nothing for this long is ended (with a
+    /// `follow_idle` line), giving its slot back.
+    pub follower_idle: Duration,
 }
 
 impl Default for Limits {
@@ -89,6 +98,7 @@ impl Default for Limits {
             recent: 10_000,
             followers: 16,
             follower_buffer: 4096,
+            follower_idle: Duration::from_secs(300),
         }
     }
 }
@@ -185,29 +195,21 @@ impl Filter {
     }
 }
 
-/// The router.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// The router; with `auth`, `/metrics` and `/events` need an authorised
+/// bearer token.
+pub(crate) fn router(shared: Arc<Shared>, auth: Option<Arc<Auth>>) -> Router {
+    let private = Router::new()
         .route("/metrics", get(metrics))
+        .route("/events", get(events));
+    let private = match auth {
+        Some(a) => private.route_layer(axum::middleware::from_fn_with_state(a, auth::require)),
+        None => private,
+    };
+    Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/events", get(events))
+        .merge(private)
         .with_state(shared)
-}
-
-/// Serves until the process exits.
-pub(crate) async fn serve(addr: SocketAddr, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding --metrics-addr {addr}: {e}"))?;
-    let addr = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%addr, "serving /metrics /healthz /readyz /events");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(shared)).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
-    Ok(())
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -243,19 +245,46 @@ impl Drop for FollowerSlot {
     }
 }
 
+/// Lines serialised per body chunk: the work of one poll of the request's
+/// task, so that other requests on the HTTP thread are served in between.
+const LINES_PER_CHUNK: usize = 256;
+
+/// NDJSON of `lines`, serialised a chunk at a time as the body is sent,
+/// yielding to the HTTP thread's other tasks between chunks (without that, a
+/// client reading fast would have its whole answer serialised in one poll,
+/// and the other requests, `/healthz` too, would wait for it).
+fn ndjson(
+    lines: Vec<Arc<EventLine>>,
+) -> impl Stream<Item = Result<String, std::convert::Infallible>> + Send {
+    futures::stream::unfold(
+        (lines.into_iter(), false),
+        |(mut lines, started)| async move {
+            if started {
+                tokio::task::yield_now().await;
+            }
+            let mut chunk = String::new();
+            for e in lines.by_ref().take(LINES_PER_CHUNK) {
+                chunk.push_str(&e.json());
+                chunk.push('\n');
+            }
+            (!chunk.is_empty()).then_some((Ok(chunk), (lines, true)))
+        },
+    )
+}
+
 async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Response {
+    let follow = f.follow();
+    // Only Arcs are taken under the lock; filtering and JSON happen later,
+    // in the body's stream.
     let recent: Vec<Arc<EventLine>> = match s.recent.lock() {
-        Ok(r) => r.iter().filter(|e| f.matches(e)).cloned().collect(),
+        Ok(r) => r.iter().cloned().collect(),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     };
-    let ndjson = [(header::CONTENT_TYPE, "application/x-ndjson")];
-    if !f.follow() {
-        let mut body = String::new();
-        for e in recent {
-            body.push_str(&e.json());
-            body.push('\n');
-        }
-        return (ndjson, body).into_response();
+    let f = Arc::new(f);
+    let recent: Vec<Arc<EventLine>> = recent.into_iter().filter(|e| f.matches(e)).collect();
+    let headers = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    if !follow {
+        return (headers, Body::from_stream(ndjson(recent))).into_response();
     }
     if s.followers.fetch_add(1, Ordering::Relaxed) >= s.limits.followers {
         s.followers.fetch_sub(1, Ordering::Relaxed);
@@ -263,23 +292,33 @@ async fn events(State(s): State<Arc<Shared>>, Query(f): Query<Filter>) -> Respon
     }
     let slot = FollowerSlot(s.clone());
     let rx = s.live.subscribe();
-    let head = futures::stream::iter(
-        recent
-            .into_iter()
-            .map(|e| Ok::<_, std::convert::Infallible>(format!("{}\n", e.json()))),
-    );
+    let idle = s.limits.follower_idle;
     let live = BroadcastStream::new(rx).filter_map(move |r| {
-        let _keep = &slot;
         let out = match r {
-            Ok(e) if f.matches(&e) => Some(Ok(format!("{}\n", e.json()))),
+            Ok(e) if f.matches(&e) => Some(format!("{}\n", e.json())),
             Ok(_) => None,
-            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(format!(
-                "{{\"type\":\"follow_lagged\",\"skipped\":{n}}}\n"
-            ))),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                Some(format!("{{\"type\":\"follow_lagged\",\"skipped\":{n}}}\n"))
+            }
         };
         futures::future::ready(out)
     });
-    (ndjson, Body::from_stream(head.chain(live))).into_response()
+    // Ends after `idle` without a line; the slot goes with the stream.
+    let live = futures::stream::unfold(Some((Box::pin(live), slot)), move |state| async move {
+        let (mut live, slot) = state?;
+        match tokio::time::timeout(idle, live.next()).await {
+            Ok(Some(line)) => Some((Ok(line), Some((live, slot)))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Ok(format!(
+                    "{{\"type\":\"follow_idle\",\"idle_seconds\":{}}}\n",
+                    idle.as_secs_f64()
+                )),
+                None,
+            )),
+        }
+    });
+    (headers, Body::from_stream(ndjson(recent).chain(live))).into_response()
 }
 
 #[cfg(test)]
@@ -510,5 +549,54 @@ mod tests {
         assert_eq!(third.status(), StatusCode::OK, "the slot was given back");
         // Without follow, no slot is needed.
         assert_eq!(get_events(&s, "").await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn an_idle_follower_is_ended_and_gives_its_slot_back() {
+        let s = shared(Limits {
+            followers: 1,
+            follower_idle: Duration::from_millis(100),
+            ..Limits::default()
+        });
+        let r = get_events(&s, "follow=1").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            get_events(&s, "follow=1").await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // A line resets the idle time; then nothing comes, and the stream ends.
+        let body = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            s.publish_all([line("late", Some("shop"), None, None, "exec")]);
+            axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap()
+        })
+        .await
+        .expect("the idle follower ends");
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(tag_of(lines[0].as_bytes()), "late");
+        assert!(lines[1].contains("\"type\":\"follow_idle\""), "{text}");
+        assert_eq!(s.followers.load(Ordering::Relaxed), 0);
+        assert_eq!(get_events(&s, "follow=1").await.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn large_answers_are_serialised_in_chunks_as_they_are_sent() {
+        let s = shared(Limits::default());
+        let many: Vec<EventLine> = (0..LINES_PER_CHUNK * 3 + 1)
+            .map(|_| line("x", Some("shop"), None, None, "exec"))
+            .collect();
+        s.publish_all(many);
+        let mut body = get_events(&s, "").await.into_body().into_data_stream();
+        let mut chunks = 0;
+        let mut lines = 0;
+        while let Some(c) = body.next().await {
+            chunks += 1;
+            lines += c.unwrap().iter().filter(|b| **b == b'\n').count();
+        }
+        assert_eq!((chunks, lines), (4, LINES_PER_CHUNK * 3 + 1));
     }
 }

@@ -77,6 +77,10 @@ pub struct Health {
     pub json_lines_dropped: IntCounterVec,
     /// Metadata values left out for being longer than a Kubernetes name.
     pub metadata_rejected: IntCounterVec,
+    /// Requests to `/metrics` and `/events` by auth result.
+    pub http_auth: IntCounterVec,
+    /// HTTP connections closed by the connection cap, by reason.
+    pub http_connections_dropped: IntCounterVec,
 }
 
 impl Health {
@@ -143,6 +147,16 @@ impl Health {
                 "connscope_metadata_values_rejected_total",
                 "Metadata values not taken as they came for their length, by source and field: names over 253 bytes (left out) and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
                 &["source", "field"],
+            )?,
+            http_auth: counters(
+                "connscope_http_auth_total",
+                "Requests to /metrics and /events by auth result (allowed, unauthenticated, forbidden, unavailable: the API could not review the token)",
+                &["result"],
+            )?,
+            http_connections_dropped: counters(
+                "connscope_http_connections_dropped_total",
+                "HTTP connections closed at the connection cap (evicted: the oldest one without a whole request; over_limit: every connection busy)",
+                &["reason"],
             )?,
             build_info,
         })

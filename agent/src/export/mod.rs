@@ -1,11 +1,14 @@
 //! Exports, with one owner: JSON lines (`json`), Prometheus metrics
-//! (`metrics`), the HTTP endpoints that serve both (`http`), and Kubernetes
+//! (`metrics`), the HTTP endpoints that serve both (`http`, served by
+//! `server` on its own thread, guarded by `auth` in a cluster), and Kubernetes
 //! Events (through [`crate::k8s::EventQueue`]). [`Exporter`] turns the race
 //! tracker's outputs into all of them, one batch at a time.
 
+pub mod auth;
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod server;
 
 use std::{
     collections::HashMap,

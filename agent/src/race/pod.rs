@@ -280,8 +280,8 @@ impl PodState {
         }
         // Shutdown: the attempt began while the listener was up and was
         // refused once it had closed. Everything else is the start-up window.
-        let after_close = self.closed_ns.is_some_and(|c| t >= c)
-            && self.ready_ns.is_some_and(|r| start >= r);
+        let after_close =
+            self.closed_ns.is_some_and(|c| t >= c) && self.ready_ns.is_some_and(|r| start >= r);
         if !after_close {
             self.startup.add(ev, who.container.as_deref());
             Phase::StartupRace

@@ -1,5 +1,6 @@
 //! What an SRE installs and what on-call sees: rules (promtool), manifests and
-//! the rendered chart (kubernetes-validate), and end to end: agent + real
+//! the rendered chart (kubernetes-validate; private endpoints, no runtime
+//! socket mounted), and end to end: agent + real
 //! Prometheus with the shipped rules + real Alertmanager, where a race pages
 //! and a pod without a race does not, and every dashboard query runs.
 //!
@@ -63,9 +64,27 @@ fn manifests_and_chart_validate_and_match() {
     let out = run_ok(Command::new("python3").arg(deploy().join("tests/check_deploy.py")));
     assert!(out.contains("0 failed"), "{out}");
     assert!(
-        out.matches("\nok ").count() + usize::from(out.starts_with("ok ")) >= 20,
+        out.matches("\nok ").count() + usize::from(out.starts_with("ok ")) >= 100,
         "{out}"
     );
+    // The hardening checks ran and passed, for the static manifests and the
+    // chart (issue 15): private endpoints, no runtime socket in reach.
+    for line in [
+        "ok   DaemonSet: /metrics and /events need a token (--http-auth=kubernetes)",
+        "ok   ClusterRole connscope: tokenreviews and subjectaccessreviews create",
+        "ok   ClusterRole connscope-metrics-reader: get /metrics only",
+        "ok   the scraper's service account can get /metrics",
+        "ok   ServiceMonitor: scrapes with its service-account token",
+        "ok   NetworkPolicy: the agent's pods take ingress on 9464 from the monitoring namespace only",
+        "ok   chart renders NetworkPolicy/connscope exactly as deploy/kubernetes",
+        "ok   chart values: auth.enabled=false serves without auth, no reader roles, no review rights",
+        "ok   deploy/kubernetes: no runtime socket reachable through a hostPath",
+        "ok   chart defaults: no runtime socket reachable through a hostPath",
+        "ok   DaemonSet: the runtime mounts are exactly what --containerd-root/k8s.io and --crio-root read",
+        "ok   DaemonSet: SETPCAP to empty the bounding set and lock securebits",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
 }
 
 fn alertmanager(dir: &Path) -> (Bg, u16) {

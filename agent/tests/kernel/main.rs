@@ -1,6 +1,7 @@
 //! connscope's integration tests, one binary: the real agent against the real
 //! kernel (probes, attribution, the startup race and its capture proof, the Kubernetes API path,
-//! exports, faults, hostile input and failing sinks, churn, shutdown, the demo), the shipped deploy files, and
+//! exports, faults, hostile input and failing sinks, churn, shutdown, the demo,
+//! hardening against outside clients), the shipped deploy files, and
 //! short fuzzing of every parser of outside data. Most need root; without it
 //! they say why and skip, under `CI=true` they fail.
 //!
@@ -22,6 +23,7 @@ mod exports;
 mod faults;
 mod fixture;
 mod fuzz;
+mod hardening;
 mod hostile;
 mod kube_api;
 mod probes;
