@@ -71,6 +71,9 @@ impl Agent {
     /// Loads and attaches the probes, opens the exports, rebuilds the pods
     /// already running and drops the privileges no longer needed.
     pub(crate) async fn start(args: &RunArgs) -> Result<Agent> {
+        // Before any thread starts: the threads started before the drop
+        // drop their own privileges unless they are kept.
+        privileges::keep(args.keep_privileges);
         let nofile = raise_nofile();
         let (probes, kernel_capture) = load_probes(args)?;
         let sink = Sink::open(&args.events)

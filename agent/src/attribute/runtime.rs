@@ -588,6 +588,7 @@ fn spawn_worker(
     let spawned = std::thread::Builder::new()
         .name("connscope-metadata".into())
         .spawn(move || {
+            crate::kernel::privileges::drop_in_thread("connscope-metadata");
             while let Ok(req) = rx.recv() {
                 let result = roots.read(&req.id, req.rt, read);
                 if replies.send(Reply { id: req.id, result }).is_err() {

@@ -268,7 +268,10 @@ impl Sink {
         };
         std::thread::Builder::new()
             .name("connscope-events".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || {
+                crate::kernel::privileges::drop_in_thread("connscope-events");
+                writer.run(rx)
+            })?;
         Ok(Sink {
             out: Some(Queue {
                 tx,

@@ -10,6 +10,8 @@
 //! All of these are per thread and inherited by threads started later: call
 //! [`drop_after_load`] before any other thread is started.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{Context as _, Result};
 use caps::{CapSet, Capability, CapsHashSet};
 use serde::Serialize;
@@ -37,6 +39,28 @@ pub struct Dropped {
     /// What could not be done (without CAP_SETPCAP: the bounding set and
     /// the securebits); empty when everything was.
     pub missing: Vec<String>,
+}
+
+/// `--keep-privileges`: threads started before the drop keep theirs too.
+static KEEP: AtomicBool = AtomicBool::new(false);
+
+/// Says, before any thread is started, whether privileges are kept.
+pub(crate) fn keep(yes: bool) {
+    KEEP.store(yes, Ordering::Relaxed);
+}
+
+/// For a thread the agent starts before its own drop (the metadata reader,
+/// the event writer): capabilities, the bounding set, the securebits and
+/// `no_new_privs` belong to each thread, so the main thread's later drop
+/// would never reach it. It drops to the same final set at once; it needs
+/// none of the rest (it reads root-owned files and writes an open file).
+pub(crate) fn drop_in_thread(thread: &str) {
+    if KEEP.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = drop_after_load() {
+        tracing::warn!(thread, error = %format!("{e:#}"), "could not drop this thread's capabilities");
+    }
 }
 
 /// Drops every capability but the one BPF map access needs, in all sets of
