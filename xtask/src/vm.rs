@@ -507,7 +507,8 @@ fn boot(
         // another (a tracepoint's static key flipped by an attach), and the
         // guest oopses on the patch's int3 (seen on 6.12). Still SMP.
         vng.arg("--disable-kvm")
-            .args(["--qemu-opts", "-accel tcg,thread=single"]);
+            // `=`: a separate value starting with `-` is taken for an option.
+            .arg("--qemu-opts=-accel tcg,thread=single");
     }
     let mut child = vng
         .spawn()
