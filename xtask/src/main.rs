@@ -357,6 +357,7 @@ fn test(extra: &[String]) -> Result<()> {
     // Smoke runs of every benchmark: short, numbers not recorded.
     run(cargo().args(["test", "--package", "connscope", "--bench", "pipeline"]))?;
     bench::run(&workspace(), true)?;
-    // The same kernel tests on the other kernels of the matrix.
-    matrix::run(&workspace(), vm::SERIES, true)
+    // The kernel matrix (`cargo xtask vm`) is not part of this run yet: under
+    // TCG on two cores it does not fit the CI budget alongside the rest.
+    Ok(())
 }
