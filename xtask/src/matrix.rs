@@ -60,6 +60,24 @@ struct Row {
     error: Option<String>,
 }
 
+impl Row {
+    /// A guest kernel that could not be had or booted.
+    fn failed(series: &Series, error: String) -> Self {
+        Row {
+            kernel: series.name.to_string(),
+            release: "-".into(),
+            package: "-".into(),
+            fleet: series.fleet.to_string(),
+            accel: "-".into(),
+            check: String::new(),
+            check_ok: false,
+            passed: None,
+            elapsed: None,
+            error: Some(error),
+        }
+    }
+}
+
 /// The agent and kernel-test binaries, built for this run: the same cargo
 /// invocation as the host's test run (so nothing is built twice), whose
 /// kernel tests start `target/debug/connscope`.
@@ -82,11 +100,55 @@ fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((workspace.join("target/debug/connscope"), tests))
 }
 
-/// Runs the matrix on `kernels`; with `report`, writes KERNELS.md and the
-/// README's table. Every kernel is run even when one fails; the error names
-/// each that failed.
-pub(crate) fn run(workspace: &Path, kernels: &[Series], report: bool) -> Result<()> {
+/// A binary the guests run, and the copy they load: without its debug
+/// info (a fifth of the size), since the guest reads it over 9p, without
+/// a page cache, under emulation. Symbols stay, for backtraces.
+struct Staged {
+    path: PathBuf,
+    copy: PathBuf,
+}
+
+fn stage(workspace: &Path, binaries: &[&Path]) -> Result<Vec<Staged>> {
+    let dir = workspace.join("target/vm/stage");
+    std::fs::create_dir_all(&dir)?;
+    binaries
+        .iter()
+        .map(|path| {
+            let name = path.file_name().context("a binary has a file name")?;
+            let copy = dir.join(name);
+            let st = Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(path)
+                .arg(&copy)
+                .status()
+                .context("running objcopy (binutils)")?;
+            if !st.success() {
+                bail!("objcopy --strip-debug {} failed", path.display());
+            }
+            Ok(Staged {
+                path: path.to_path_buf(),
+                copy,
+            })
+        })
+        .collect()
+}
+
+/// Where the matrix writes what it found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Report {
+    /// KERNELS.md and the README's table, in the workspace (`cargo xtask
+    /// vm`: a maintainer commits what a run found).
+    Workspace,
+    /// `target/vm/KERNELS.md` only (`cargo xtask test`: CI leaves the
+    /// checkout as it found it).
+    Target,
+}
+
+/// Runs the matrix on `kernels` and writes what it found (`report`). Every
+/// kernel is run even when one fails; the error names each that failed.
+pub(crate) fn run(workspace: &Path, kernels: &[Series], report: Report) -> Result<()> {
     let (bin, tests) = build(workspace)?;
+    let staged = stage(workspace, &[&bin, &tests])?;
     let mut rows = vec![host_row(&bin)?];
     // Fetched one after the other (one apt state), then booted
     // `GUESTS_AT_ONCE` at a time: a single-threaded TCG guest uses one host
@@ -104,19 +166,8 @@ pub(crate) fn run(workspace: &Path, kernels: &[Series], report: bool) -> Result<
                         break;
                     };
                     let row = match k {
-                        Ok(k) => guest_row(workspace, k, &bin, &tests),
-                        Err(e) => Row {
-                            kernel: series.name.to_string(),
-                            release: "-".into(),
-                            package: "-".into(),
-                            fleet: series.fleet.to_string(),
-                            accel: "-".into(),
-                            check: String::new(),
-                            check_ok: false,
-                            passed: None,
-                            elapsed: None,
-                            error: Some(format!("{e:#}")),
-                        },
+                        Ok(k) => guest_row(workspace, k, &bin, &tests, &staged),
+                        Err(e) => Row::failed(series, format!("{e:#}")),
                     };
                     done.lock().expect("no panic while held")[i] = Some(row);
                 }
@@ -129,9 +180,7 @@ pub(crate) fn run(workspace: &Path, kernels: &[Series], report: bool) -> Result<
             .into_iter()
             .flatten(),
     );
-    if report {
-        write_report(workspace, &rows)?;
-    }
+    write_report(workspace, &rows, report)?;
     let failed: Vec<String> = rows
         .iter()
         .filter_map(|r| {
@@ -177,7 +226,7 @@ fn host_row(bin: &Path) -> Result<Row> {
     })
 }
 
-fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path) -> Row {
+fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path, staged: &[Staged]) -> Row {
     let mut words = vec![
         tests.display().to_string(),
         "--exact".into(),
@@ -188,15 +237,17 @@ fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path) -> Row {
     ];
     words.extend(GUEST_TESTS.iter().map(|t| t.to_string()));
     // The guest's root is the host's filesystem over 9p without a page
-    // cache: every page fault of a 190 MB debug binary is a round trip to
-    // QEMU. The two binaries are copied into the guest's RAM once and
-    // bind-mounted over their paths (the tests start the agent by path).
-    let stage = [bin, tests]
+    // cache: every page fault of a large debug binary is a round trip to
+    // QEMU. The stripped copies are read into the guest's RAM once and
+    // bind-mounted over the binaries' paths (the tests start the agent by
+    // path).
+    let stage = staged
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            let p = vm::shell_words(&[p.display().to_string()]);
-            format!("cp {p} /run/stage{i} && mount --bind /run/stage{i} {p} || exit 98; ")
+        .map(|(i, s)| {
+            let copy = vm::shell_words(&[s.copy.display().to_string()]);
+            let path = vm::shell_words(&[s.path.display().to_string()]);
+            format!("cp {copy} /run/stage{i} && mount --bind /run/stage{i} {path} || exit 98; ")
         })
         .collect::<String>();
     let command = format!(
@@ -311,7 +362,7 @@ fn table(rows: &[Row]) -> String {
     t
 }
 
-fn write_report(workspace: &Path, rows: &[Row]) -> Result<()> {
+fn write_report(workspace: &Path, rows: &[Row], report: Report) -> Result<()> {
     let mut md = String::from(
         "# Kernels\n\nWritten by the kernel matrix (`cargo xtask vm`): `connscope check` as each kernel printed it, and the kernel tests \
          each guest passed. Guests are Debian's own kernel packages booted by virtme-ng with \
@@ -343,6 +394,12 @@ fn write_report(workspace: &Path, rows: &[Row]) -> Result<()> {
             }
         }
         let _ = writeln!(md, "\n```\n{}```", r.check);
+    }
+    if report == Report::Target {
+        let path = workspace.join("target/vm/KERNELS.md");
+        std::fs::write(&path, md)?;
+        eprintln!("xtask matrix: wrote {}", path.display());
+        return Ok(());
     }
     std::fs::write(workspace.join("KERNELS.md"), md)?;
 
