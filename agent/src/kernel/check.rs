@@ -5,7 +5,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::{kernel::offsets, kernel::probes::HOOKS};
+use connscope_ebpf::Config;
+
+use crate::kernel::{
+    offsets,
+    probes::{self, HOOKS},
+};
 
 /// Linux capability numbers the agent cares about.
 const CAPS: &[(u32, &str, &str)] = &[
@@ -78,13 +83,25 @@ pub fn run(btf: &Path) -> Report {
             Err(e) => format!("{e:#}"),
         },
     });
-    let any_core = match tracefs {
-        Ok(root) => hook_items(root, btf, &mut items),
+    let usable = match tracefs {
+        Ok(root) => {
+            let (any_core, cfg) = hook_items(root, btf, &mut items);
+            if has_bpf {
+                verifier_items(&cfg, &mut items) && any_core
+            } else {
+                items.push(Item {
+                    name: "verifier".into(),
+                    ok: false,
+                    detail: "not tried: loading programs needs CAP_BPF (or CAP_SYS_ADMIN)".into(),
+                });
+                false
+            }
+        }
         Err(_) => false,
     };
     Report {
         kernel,
-        usable: has_bpf && any_core,
+        usable,
         items,
     }
 }
@@ -137,8 +154,9 @@ fn capability_items(caps: u64) -> Vec<Item> {
 }
 
 /// One item per hook, raw-tracepoint variant and missing BTF offset; returns
-/// whether a core hook (one a failure can be seen without) is available.
-fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> bool {
+/// whether a core hook (one a failure can be seen without) is available, and
+/// the configuration the programs would be loaded with.
+fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> (bool, Config) {
     let (cfg, disc) = offsets::discover(root, btf);
     // Hooks that run as raw tracepoints where BTF gives the offsets they read.
     for (hook, usable, found, missing) in [
@@ -195,7 +213,38 @@ fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> bool {
             detail: m,
         });
     }
-    any_core
+    (any_core, cfg)
+}
+
+/// One item per program, as this kernel's verifier judged it (loaded, not
+/// attached); returns whether a core program passed. A hook that exists is
+/// not enough: an older verifier may reject the program that would run there.
+fn verifier_items(cfg: &Config, items: &mut Vec<Item>) -> bool {
+    let verdicts = match probes::verify(cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            items.push(Item {
+                name: "verifier".into(),
+                ok: false,
+                detail: format!("{e:#}"),
+            });
+            return false;
+        }
+    };
+    let mut core = false;
+    for (program, verdict) in verdicts {
+        let ok = verdict.is_ok();
+        core |= ok && (program == "inet_sock_set_state" || program == "sys_exit_connect");
+        items.push(Item {
+            name: format!("verifier {program}"),
+            ok,
+            detail: match verdict {
+                Ok(()) => "accepted".into(),
+                Err(why) => format!("rejected: {why}"),
+            },
+        });
+    }
+    core
 }
 
 impl std::fmt::Display for Report {
@@ -216,7 +265,7 @@ impl std::fmt::Display for Report {
             if self.usable {
                 "connscope can run here"
             } else {
-                "connscope cannot run here: it needs CAP_BPF (or CAP_SYS_ADMIN) and sock:inet_sock_set_state or syscalls:sys_exit_connect"
+                "connscope cannot run here: it needs CAP_BPF (or CAP_SYS_ADMIN) and sock:inet_sock_set_state or syscalls:sys_exit_connect, with a program the verifier accepts"
             }
         )
     }
@@ -246,6 +295,16 @@ mod tests {
             assert!(r.to_string().contains("[MISS] BTF"), "{r}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn verifier_reason_is_the_line_before_the_statistics() {
+        let e = "verifier: the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). \
+                 Verifier output: arg#0 type is not a struct\n112: (85) call unknown#160\n\
+                 invalid func unknown#160\nverification time 15020 usec\nstack depth 32\n\
+                 processed 108 insns (limit 1000000)\n";
+        assert_eq!(probes::verifier_reason(e), "invalid func unknown#160");
+        assert_eq!(probes::verifier_reason("plain"), "plain");
     }
 
     #[test]

@@ -316,6 +316,46 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     Ok(())
 }
 
+/// What this kernel's verifier says of each program the agent would load
+/// with `config`: the classic programs and the raw-tracepoint variants the
+/// offsets allow. Nothing is attached. `connscope check` reports it, so a
+/// program an old kernel rejects (a helper it lacks, a bound its verifier
+/// cannot prove) shows before a deploy, not as a crash-looping pod.
+pub(crate) fn verify(config: &Config) -> Result<Vec<(&'static str, Result<(), String>)>> {
+    raise_memlock();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::CONFIG, config, true)
+        .map_max_entries(names::EVENTS, 4096)
+        .load(OBJECT)
+        .context("loading the eBPF object (needs CAP_BPF and CAP_PERFMON, or root)")?;
+    let raw = HOOKS.iter().filter_map(|h| raw_variant(h, config));
+    let programs: Vec<&'static str> = HOOKS.iter().map(|h| h.program).chain(raw).collect();
+    Ok(programs
+        .into_iter()
+        .map(|name| {
+            let r = match ebpf.program_mut(name) {
+                Some(Program::TracePoint(p)) => p.load(),
+                Some(Program::RawTracePoint(p)) => p.load(),
+                Some(_) => Ok(()),
+                None => return (name, Err("missing from the object".to_string())),
+            };
+            (name, r.map_err(|e| verifier_reason(&format!("{e:#}"))))
+        })
+        .collect())
+}
+
+/// The line of a verifier log that says why: the last one before the
+/// statistics the verifier prints at the end.
+pub(crate) fn verifier_reason(error: &str) -> String {
+    let stats = ["verification time", "stack depth", "processed "];
+    error
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
+        .map(|l| l.trim_start_matches(": ").to_string())
+        .unwrap_or_else(|| error.to_string())
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock() {
     let rlim = libc::rlimit {

@@ -211,6 +211,11 @@ fn check_names_missing_capabilities() {
     );
     assert_eq!(item("CAP_PERFMON")["ok"], false);
     assert_eq!(item("CAP_SYS_PTRACE")["ok"], true);
+    assert_eq!(
+        item("verifier")["ok"],
+        false,
+        "no programs loaded without CAP_BPF"
+    );
     // With everything, it can run.
     let ok = Command::new(BIN)
         .args(["check", "--json"])
@@ -227,4 +232,16 @@ fn check_names_missing_capabilities() {
         .cloned()
         .unwrap();
     assert_eq!(raw["ok"], true, "{raw}");
+    // Each program, the raw variants included, went through the verifier.
+    let verified: Vec<&serde_json::Value> = r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["name"].as_str().unwrap().starts_with("verifier "))
+        .collect();
+    assert!(verified.len() >= 11, "{verified:?}");
+    for v in verified {
+        assert_eq!(v["ok"], true, "{v}");
+        assert_eq!(v["detail"], "accepted", "{v}");
+    }
 }
