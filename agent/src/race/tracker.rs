@@ -302,7 +302,9 @@ impl Tracker {
         let mut shutdown = Vec::new();
         let mut idle = Vec::new();
         let horizon = now_ns.saturating_sub(cfg.reorder_ns);
-        for p in self.pods.values_mut() {
+        // One walk. Held events are released before shutdown summaries (a
+        // released refusal may belong to the episode), and idle pods go last.
+        for (uid, p) in &mut self.pods {
             // The start-up window closes once every refusal sent before the
             // LISTEN has surely been applied.
             if p.ready_emitted
@@ -315,18 +317,16 @@ impl Tracker {
                     out.push(Output::StartupRace(RaceSummary::of(p)));
                 }
             }
-        }
-        for (uid, p) in &self.pods {
+            if p.shutdown.count > 0
+                && now_ns.saturating_sub(p.shutdown.last_ns) > cfg.shutdown_quiet_ns
+            {
+                shutdown.push(uid.clone());
+            }
             if p.held
                 .first()
                 .is_some_and(|(e, ..)| now_ns.saturating_sub(e.mono_ns) > cfg.hold_ns)
             {
                 expire.push(uid.clone());
-            }
-            if p.shutdown.count > 0
-                && now_ns.saturating_sub(p.shutdown.last_ns) > cfg.shutdown_quiet_ns
-            {
-                shutdown.push(uid.clone());
             }
             if now_ns.saturating_sub(p.last_seen_ns) > cfg.idle_ns {
                 idle.push(uid.clone());
