@@ -26,6 +26,10 @@ pub enum Command {
         #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
         btf: PathBuf,
     },
+    /// Draw each affected pod's timeline from a running agent's /events:
+    /// pod and container starts, the sidecar's listeners, refused connects,
+    /// the verdict, the fix, and what changed since the previous revision.
+    Explain(crate::explain::Args),
     /// Show the agent catching a real sidecar startup race on this machine (root).
     #[cfg(feature = "testbed")]
     Demo {

@@ -2,7 +2,8 @@
 //! namespace with Istio's capture rules, kubelet-shaped cgroups, runtime
 //! metadata files), an application that dials out at start-up while its
 //! sidecar waits for its outbound listener, and the agent telling what
-//! happened. Everything is removed afterwards.
+//! happened, ending with `connscope explain`'s view of the pod (read from
+//! the demo agent's `/events`, in process). Everything is removed afterwards.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -52,7 +53,9 @@ fn demo(exe: &std::path::Path, dir: &std::path::Path, delay_ms: u64) -> Result<(
     };
     let events = dir.join("events.json");
     println!("connscope demo: a simulated Istio pod on this machine\n");
-    let mut agent = start_agent(exe, &roots, &events)?;
+    // A port of its own: another agent may hold the default one.
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut agent = start_agent(exe, &roots, &events, http)?;
     println!("  agent        probes attached (connect failures, listeners, processes, cgroups)");
 
     let mut pod = SimPod::create(
@@ -92,9 +95,24 @@ fn demo(exe: &std::path::Path, dir: &std::path::Path, delay_ms: u64) -> Result<(
     {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // What on-call would run against this node's agent.
+    let (namespace, name) = (pod.pod.namespace.clone(), pod.pod.name.clone());
+    let mut view = Vec::new();
+    let explained = crate::explain::run(
+        &crate::explain::Args::for_pod(&format!("http://{http}"), &namespace, &name),
+        &mut view,
+    );
     agent.stop();
     drop(pod);
-    verdict(&read(&events), &uid, refused)
+    verdict(&read(&events), &uid, refused)?;
+    println!("\n$ connscope explain --namespace {namespace} --pod {name}\n");
+    match explained {
+        Ok(()) => {
+            print!("{}", String::from_utf8_lossy(&view));
+            Ok(())
+        }
+        Err(f) => bail!("connscope explain failed: {f}"),
+    }
 }
 
 /// Starts the agent writing events to `events`, and waits for its probes.
@@ -102,6 +120,7 @@ fn start_agent(
     exe: &std::path::Path,
     roots: &Roots,
     events: &std::path::Path,
+    http: std::net::SocketAddr,
 ) -> Result<AgentProc> {
     let mut agent = Command::new(exe);
     agent
@@ -111,6 +130,10 @@ fn start_agent(
             "off",
             "--hold-seconds",
             "1",
+            "--http-auth",
+            "none",
+            "--metrics-addr",
+            &http.to_string(),
             "--events",
         ])
         .arg(events)
@@ -186,14 +209,10 @@ fn verdict(evs: &[Value], uid: &str, refused: usize) -> Result<()> {
         phases.len()
     );
     let m = &s["mitigation"];
+    let m: crate::race::Mitigation = serde_json::from_value(m.clone()).unwrap_or_default();
     println!(
         "  mitigation in effect: {}",
-        match (m["hold"].as_bool(), m["native_sidecar"].as_bool()) {
-            (Some(true), _) => "holdApplicationUntilProxyStarts",
-            (_, Some(true)) => "native sidecar",
-            (Some(false), Some(false)) => "none",
-            _ => "unknown (no Kubernetes API in the demo; the pod's annotations would tell)",
-        }
+        crate::race::istio::mitigation_label(&m)
     );
     println!(
         "  recommendation: {}",

@@ -7,13 +7,15 @@
 //! workload) -> `race` (per-pod timelines, a phase per failure, summaries)
 //! -> `export` (JSON lines, metrics, HTTP, Kubernetes Events). `pipeline`
 //! joins the stages; `agent` starts, serves and stops them. `k8s` is the
-//! API side (pod watcher, Events writer).
+//! API side (pod watcher, Events writer). `explain` is the on-call client
+//! of a running agent's `/events`.
 
 pub mod agent;
 pub mod attribute;
 pub mod cli;
 #[cfg(feature = "testbed")]
 pub mod demo;
+pub mod explain;
 pub mod export;
 pub mod k8s;
 pub mod kernel;

@@ -38,6 +38,7 @@ fn main() -> Result<()> {
                 std::process::exit(1)
             }
         }
+        Command::Explain(args) => std::process::exit(connscope::explain::main(&args)),
         #[cfg(feature = "testbed")]
         Command::Demo { sidecar_delay_ms } => connscope::demo::run(sidecar_delay_ms),
         #[cfg(feature = "testbed")]

@@ -110,11 +110,24 @@ rules = yaml.safe_load(open(os.path.join(DEPLOY, "prometheus", "connscope-rules.
 check(static[("PrometheusRule", "connscope")]["spec"] == rules, "PrometheusRule spec == deploy/prometheus rules")
 check(yaml.safe_load(open(os.path.join(DEPLOY, "helm", "connscope", "files", "connscope-rules.yaml"))) == rules,
       "chart's rules == deploy/prometheus rules")
+# Every alert's runbook_url is its own section of deploy/RUNBOOK.md (GitHub's
+# heading anchors: lower case, spaces to '-', other punctuation dropped).
+RUNBOOK_URL = "https://github.com/connscope/connscope/blob/main/deploy/RUNBOOK.md#"
+runbook = open(os.path.join(DEPLOY, "RUNBOOK.md")).read()
+anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+           for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
 for g in rules["groups"]:
     for r in g["rules"]:
         if "alert" in r:
             a = r.get("annotations", {})
-            check(all(a.get(k) for k in ("summary", "description", "runbook")), f"alert {r['alert']}: summary, description, runbook")
+            check(all(a.get(k) for k in ("summary", "description", "runbook_url")),
+                  f"alert {r['alert']}: summary, description, runbook_url")
+            url = a.get("runbook_url", "")
+            check(url == RUNBOOK_URL + r["alert"].lower() and r["alert"].lower() in anchors,
+                  f"alert {r['alert']}: runbook_url is its section of deploy/RUNBOOK.md ({url})")
+            section = runbook.split(f"## {r['alert']}\n", 1)[-1].split("\n## ", 1)[0] if r["alert"].lower() in anchors else ""
+            check("connscope explain" in section and "PromQL" in section,
+                  f"RUNBOOK.md section {r['alert']}: a connscope explain command and PromQL")
 
 # A rule reading a recorded series must follow its recording rule in the same group: groups are
 # evaluated independently, so across groups it may read the previous evaluation's sample, or none.

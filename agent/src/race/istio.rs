@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Hints;
 use crate::k8s::PodInfo;
@@ -22,8 +22,27 @@ pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 1
 /// Process names of the sidecar (pilot-agent starts envoy).
 pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
 
+/// What each sidecar port says when it starts listening, for the timelines
+/// of `connscope explain`; the ports drawn there, in this order of interest.
+pub(crate) const PORT_ROLES: [(u16, &str); 3] = [
+    (15021, "health: what holdApplicationUntilProxyStarts and probes wait for"),
+    (15001, "outbound capture: the sidecar is ready"),
+    (15006, "inbound capture"),
+];
+
+/// The mitigation states a runbook and `connscope explain` tell apart, with
+/// the label each is printed under.
+pub(crate) fn mitigation_label(m: &Mitigation) -> &'static str {
+    match (m.hold, m.native_sidecar) {
+        (Some(true), _) => "holdApplicationUntilProxyStarts",
+        (_, Some(true)) => "native sidecar",
+        (Some(false), Some(false)) | (Some(false), None) | (None, Some(false)) => "none",
+        (None, None) => "unknown (no Kubernetes API: the pod's annotations would tell)",
+    }
+}
+
 /// Mitigations in effect for a pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mitigation {
     /// `holdApplicationUntilProxyStarts` (from the API; None if unknown).
     #[serde(skip_serializing_if = "Option::is_none")]

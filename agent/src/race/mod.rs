@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
 pub use istio::config_flag;
 pub use istio::{CaptureRules, Mitigation, api_hints};
-pub use summary::{RaceSummary, ShutdownSummary, SidecarReady};
+pub use summary::{RaceSummary, ShutdownSummary, SidecarReady, StartTimes};
 pub use tracker::{Stats, Tracker};
 
 /// Where a connect failure stands relative to the pod's sidecar.

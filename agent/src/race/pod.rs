@@ -2,7 +2,7 @@
 //! phase of each of its connect failures.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     sync::Arc,
 };
@@ -17,6 +17,8 @@ use crate::{
 };
 
 pub(super) const ECONNREFUSED: i32 = 111;
+/// Containers whose start a pod's timeline keeps (a pod has a handful).
+const MAX_CONTAINERS: usize = 16;
 
 /// Refusals of one episode (start-up or shutdown), bounded.
 #[derive(Debug, Default)]
@@ -59,6 +61,10 @@ pub(super) struct PodState {
     who_from: Option<Arc<Attribution>>,
     pub(super) first_process_ns: Option<u64>,
     pub(super) sidecar_start_ns: Option<u64>,
+    /// Each container's first exec (bounded), for `connscope explain`.
+    pub(super) container_start_ns: BTreeMap<String, u64>,
+    /// Each sidecar port's first LISTEN by the proxy, for `connscope explain`.
+    pub(super) listen_ns: BTreeMap<u16, u64>,
     /// Open LISTEN sockets by port.
     open: HashMap<u16, u32>,
     /// First time the capture port listened; `Some(0)`: before the agent.
@@ -175,6 +181,13 @@ impl PodState {
                 .map_or(ev.mono_ns, |f| f.min(ev.mono_ns)),
         );
         self.live.insert(ev.pid);
+        if let Some(c) = who.container.as_deref()
+            && (self.container_start_ns.len() < MAX_CONTAINERS
+                || self.container_start_ns.contains_key(c))
+        {
+            let t = self.container_start_ns.entry(c.to_string()).or_insert(ev.mono_ns);
+            *t = (*t).min(ev.mono_ns);
+        }
         let sidecar_comm = cfg.sidecar_comms.iter().any(|c| ev.comm.is(c));
         if sidecar_comm || who.container.as_deref() == Some(istio::PROXY_CONTAINER) {
             self.sidecar_start_ns = Some(
@@ -203,6 +216,8 @@ impl PodState {
         let n = self.open.entry(port).or_default();
         if ev.kind == Kind::Listen {
             *n += 1;
+            let first = self.listen_ns.entry(port).or_insert(ev.mono_ns);
+            *first = (*first).min(ev.mono_ns);
             if port == cfg.capture_port {
                 if self.ready_ns.is_none() {
                     self.ready_ns = Some(ev.mono_ns);

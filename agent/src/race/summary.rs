@@ -1,7 +1,7 @@
 //! What the tracker reports once per pod and episode: the sidecar became
 //! ready, a startup race, a shutdown race.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde::Serialize;
 
@@ -11,11 +11,44 @@ use super::{
 };
 use crate::attribute::Attribution;
 
+/// Kernel times of a pod's start-up that no other event carries, so that
+/// `connscope explain` can draw the pod's timeline from its summaries alone
+/// (process events are off by default, and `/events` keeps few lines). Each
+/// field is absent when unknown (e.g. the pod started before the agent).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StartTimes {
+    /// The pod's first process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_start_mono_ns: Option<u64>,
+    /// The sidecar's first process (pilot-agent or envoy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar_start_mono_ns: Option<u64>,
+    /// Each container's first exec, by container name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub container_start_mono_ns: BTreeMap<String, u64>,
+    /// Each sidecar port's first LISTEN by the proxy (15021, 15001...).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sidecar_listen_mono_ns: BTreeMap<u16, u64>,
+}
+
+impl StartTimes {
+    fn of(p: &PodState) -> Self {
+        StartTimes {
+            pod_start_mono_ns: p.first_process_ns,
+            sidecar_start_mono_ns: p.sidecar_start_ns,
+            container_start_mono_ns: p.container_start_ns.clone(),
+            sidecar_listen_mono_ns: p.listen_ns.clone(),
+        }
+    }
+}
+
 /// One pod's `sidecar_ready` event.
 #[derive(Debug, Clone, Serialize)]
 pub struct SidecarReady {
     #[serde(flatten)]
     pub who: Arc<Attribution>,
+    #[serde(flatten)]
+    pub starts: StartTimes,
     pub ready_mono_ns: u64,
     /// Pod's first process -> 15001 listening.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -31,6 +64,8 @@ pub struct SidecarReady {
 pub struct RaceSummary {
     #[serde(flatten)]
     pub who: Arc<Attribution>,
+    #[serde(flatten)]
+    pub starts: StartTimes,
     pub refused: u64,
     pub first_refusal_mono_ns: u64,
     /// None: the sidecar never became ready while we watched.
@@ -52,6 +87,8 @@ pub struct RaceSummary {
 pub struct ShutdownSummary {
     #[serde(flatten)]
     pub who: Arc<Attribution>,
+    #[serde(flatten)]
+    pub starts: StartTimes,
     pub refused: u64,
     pub capture_closed_mono_ns: u64,
     pub first_refusal_mono_ns: u64,
@@ -65,6 +102,7 @@ impl SidecarReady {
     pub(super) fn of(p: &PodState, ready: u64) -> Self {
         SidecarReady {
             who: p.who.clone(),
+            starts: StartTimes::of(p),
             ready_mono_ns: ready,
             pod_start_to_ready_seconds: p
                 .first_process_ns
@@ -85,6 +123,7 @@ impl RaceSummary {
         let ready = p.ready_ns.filter(|&r| r > 0);
         RaceSummary {
             who: p.who.clone(),
+            starts: StartTimes::of(p),
             refused: p.startup.count,
             first_refusal_mono_ns: p.startup.first_ns,
             ready_mono_ns: ready,
@@ -108,6 +147,7 @@ impl ShutdownSummary {
     pub(super) fn of(p: &PodState) -> Self {
         ShutdownSummary {
             who: p.who.clone(),
+            starts: StartTimes::of(p),
             refused: p.shutdown.count,
             capture_closed_mono_ns: p.closed_ns.unwrap_or(0),
             first_refusal_mono_ns: p.shutdown.first_ns,

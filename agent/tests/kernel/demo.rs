@@ -31,6 +31,19 @@ fn demo_catches_the_race_and_cleans_up() {
         stdout.contains("\"type\": \"startup_race\""),
         "summary event printed: {stdout}"
     );
+    // It ends with what on-call would run: explain's view of the pod.
+    let view = stdout
+        .split("$ connscope explain --namespace shop --pod checkout-7d9f8c6b5-x2k4p\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no explain view: {stdout}"));
+    for want in [
+        "POD        shop/checkout-7d9f8c6b5-x2k4p (Deployment checkout",
+        "istio-proxy listens on 15001 (outbound capture: the sidecar is ready)",
+        "refused (startup_race: before the sidecar listened)",
+        "VERDICT    startup race:",
+    ] {
+        assert!(view.contains(want), "missing {want:?} in the explain view:\n{view}");
+    }
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(
         !String::from_utf8_lossy(&netns.stdout).contains("cs200-"),

@@ -82,6 +82,8 @@ fn manifests_and_chart_validate_and_match() {
         "ok   chart defaults: no runtime socket reachable through a hostPath",
         "ok   DaemonSet: the runtime mounts are exactly what --containerd-root/k8s.io and --crio-root read",
         "ok   DaemonSet: SETPCAP to empty the bounding set and lock securebits",
+        "ok   alert ConnscopeStartupRace: runbook_url is its section of deploy/RUNBOOK.md (https://github.com/connscope/connscope/blob/main/deploy/RUNBOOK.md#connscopestartuprace)",
+        "ok   RUNBOOK.md section ConnscopeStartupRaceRegression: a connscope explain command and PromQL",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
@@ -145,11 +147,10 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
     );
     assert_eq!(fired["labels"]["workload"], "payments");
     assert_eq!(fired["labels"]["namespace"], "shop");
+    let runbook = fired["annotations"]["runbook_url"].as_str().unwrap();
     assert!(
-        fired["annotations"]["runbook"]
-            .as_str()
-            .unwrap()
-            .contains("holdApplicationUntilProxyStarts")
+        runbook.ends_with("/deploy/RUNBOOK.md#connscopestartuprace"),
+        "{runbook}"
     );
     // The calm workload is known to Prometheus, and never alerts.
     assert_eq!(

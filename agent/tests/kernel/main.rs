@@ -1,6 +1,7 @@
 //! connscope's integration tests, one binary: the real agent against the real
 //! kernel (probes, attribution, the startup race and its capture proof, the Kubernetes API path,
-//! exports, faults, hostile input and failing sinks, churn, shutdown, the demo,
+//! exports, `connscope explain` against a live agent, faults, hostile input
+//! and failing sinks, churn, shutdown, the demo,
 //! hardening against outside clients), the shipped deploy files, and
 //! short fuzzing of every parser of outside data. Most need root; without it
 //! they say why and skip, under `CI=true` they fail.
@@ -19,6 +20,7 @@ mod capture;
 mod churn;
 mod demo;
 mod deploy;
+mod explain;
 mod exports;
 mod faults;
 mod fixture;

@@ -394,6 +394,49 @@ fn api_hints_and_proxy_config() {
     assert!(!config_flag("", "holdApplicationUntilProxyStarts"));
 }
 
+#[test]
+fn summaries_carry_the_start_times_explain_draws() {
+    let mut t = Tracker::new(Config::default());
+    let out = run(
+        &mut t,
+        vec![
+            (ev(Kind::Exec, 100, 1337), who(istio::PROXY_CONTAINER), injected()),
+            (ev(Kind::Exec, 150, 0), who("app"), None),
+            (ev(Kind::Exec, 160, 0), who("app"), None),
+            (
+                ev(Kind::Listen, 300, 1337).with_port(15021),
+                who(istio::PROXY_CONTAINER),
+                None,
+            ),
+            (ev(Kind::ConnectFailure, 400, 0), who("app"), None),
+            (
+                ev(Kind::Listen, 1100, 1337).with_port(15001),
+                who(istio::PROXY_CONTAINER),
+                None,
+            ),
+        ],
+    );
+    let s = startup_races(&out)[0];
+    let v = serde_json::to_value(s).unwrap();
+    assert_eq!(v["pod_start_mono_ns"], 100 * MS);
+    assert_eq!(v["sidecar_start_mono_ns"], 100 * MS);
+    assert_eq!(
+        v["container_start_mono_ns"],
+        serde_json::json!({"app": 150 * MS, "istio-proxy": 100 * MS})
+    );
+    assert_eq!(
+        v["sidecar_listen_mono_ns"],
+        serde_json::json!({"15001": 1100 * MS, "15021": 300 * MS})
+    );
+    let ready = out.iter().find_map(|o| match o {
+        Output::SidecarReady(r) => Some(r),
+        _ => None,
+    });
+    assert_eq!(ready.unwrap().starts.sidecar_listen_mono_ns.len(), 2);
+    let none = serde_json::to_value(StartTimes::default()).unwrap();
+    assert_eq!(none, serde_json::json!({}), "unknown times are absent");
+}
+
 impl KernelEvent {
     fn with_port(mut self, port: u16) -> Self {
         self.src = Some(std::net::SocketAddr::new("0.0.0.0".parse().unwrap(), port));

@@ -1,0 +1,564 @@
+//! One pod's timeline, built from its `/events` lines: the kernel times of
+//! its start (from the summaries' `*_mono_ns` fields, and from process and
+//! listener lines when the answer has them), its refused connects grouped
+//! by phase, and the verdict. Times are the node's kernel clock, so the
+//! intervals are exact; t = 0 is the pod's first process when it is known.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use super::{
+    change::Change,
+    events::{Line, Revision},
+};
+use crate::race::{Mitigation, istio};
+
+/// A moment of the pod's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum MarkKind {
+    PodStart,
+    ContainerStart,
+    SidecarStart,
+    SidecarListen,
+    AppListen,
+    CaptureClosed,
+}
+
+/// One moment, `at_s` seconds after t = 0.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Mark {
+    pub kind: MarkKind,
+    pub at_s: f64,
+    pub mono_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub label: String,
+}
+
+/// Failed connects of one phase, from the first to the last (for the
+/// startup race: to the sidecar's readiness, the race's window).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Span {
+    /// `startup_race`, `shutdown_race`, or the phase of failures that are
+    /// not the race (`not_captured`, `sidecar_ready`, `no_sidecar`...).
+    pub phase: String,
+    pub from_s: f64,
+    pub to_s: f64,
+    pub from_mono_ns: u64,
+    pub to_mono_ns: u64,
+    /// Failures in all (a summary's count when there is one).
+    pub count: u64,
+    pub destinations: Vec<String>,
+    pub label: String,
+    /// Kernel times of the failures whose lines the answer holds.
+    #[serde(skip)]
+    pub seen_ns: Vec<u64>,
+}
+
+impl Span {
+    /// Refusals of a race (drawn `x`), not other failures (`o`).
+    pub(crate) fn is_race(&self) -> bool {
+        matches!(self.phase.as_str(), "startup_race" | "shutdown_race")
+    }
+}
+
+/// What happened to the pod, in one phrase per race (or one for none).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Verdict {
+    /// `startup_race`, `shutdown_race`, `no_race`, `no_sidecar`, `unknown`.
+    pub phase: &'static str,
+    pub text: String,
+}
+
+/// One pod's story, as `explain` draws it and `--json` gives it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PodTimeline {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub pod: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What t = 0 is: `pod_start` (its first process) or `first_event`
+    /// (the start was not seen).
+    pub origin: &'static str,
+    pub origin_mono_ns: u64,
+    /// Wall-clock time of t = 0 (RFC 3339), when a kernel line gives the
+    /// node's clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_time: Option<String>,
+    pub marks: Vec<Mark>,
+    pub spans: Vec<Span>,
+    pub verdicts: Vec<Verdict>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mitigation: Option<Mitigation>,
+    pub recommendations: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Revision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed: Option<Change>,
+    /// When the pod was first seen (to order revisions).
+    #[serde(skip)]
+    pub first_seen: Option<SystemTime>,
+}
+
+impl PodTimeline {
+    /// Whether the pod hit a race (startup or shutdown).
+    pub(crate) fn raced(&self) -> bool {
+        self.verdicts
+            .iter()
+            .any(|v| matches!(v.phase, "startup_race" | "shutdown_race"))
+    }
+
+    /// `namespace/pod`.
+    pub(crate) fn name(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ns}/{}", self.pod),
+            None => self.pod.clone(),
+        }
+    }
+}
+
+/// Every pod the lines name, each with its timeline, in the order they
+/// were first seen. `boot_ns`: the wall-clock time of kernel time 0.
+pub(crate) fn build(lines: &[Line], boot_ns: Option<i128>) -> Vec<PodTimeline> {
+    // Grouped by (namespace, pod, uid); a line without a uid joins the one
+    // pod of that name with a uid, if there is exactly one.
+    type Key = (Option<String>, String);
+    let mut groups: BTreeMap<Key, BTreeMap<Option<String>, Vec<&Line>>> = BTreeMap::new();
+    for l in lines {
+        let Some(pod) = l.pod.clone() else { continue };
+        groups
+            .entry((l.namespace.clone(), pod))
+            .or_default()
+            .entry(l.pod_uid.clone())
+            .or_default()
+            .push(l);
+    }
+    let mut pods = Vec::new();
+    for (_, mut by_uid) in groups {
+        if by_uid.len() == 2
+            && let Some(anon) = by_uid.remove(&None)
+        {
+            let (_, lines) = by_uid.iter_mut().next().expect("one uid left");
+            lines.extend(anon);
+        }
+        pods.extend(by_uid.into_values().map(|lines| pod(&lines, boot_ns)));
+    }
+    pods.sort_by_key(|p| (p.first_seen, p.origin_mono_ns));
+    pods
+}
+
+/// Minimum of two optional times.
+fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Failed connects of one phase, as the lines show them.
+#[derive(Default)]
+struct Failures {
+    seen_ns: Vec<u64>,
+    dests: BTreeSet<String>,
+}
+
+fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
+    let last = |kind: &str| lines.iter().rev().find(|l| l.kind == kind).copied();
+    let ready_summary = last("sidecar_ready");
+    let race = last("startup_race");
+    let downs: Vec<&Line> = lines
+        .iter()
+        .filter(|l| l.kind == "shutdown_race")
+        .copied()
+        .collect();
+
+    // The start: summaries first, then what kernel lines add.
+    let mut pod_start = None;
+    let mut sidecar_start = None;
+    let mut containers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut listens: BTreeMap<u16, u64> = BTreeMap::new();
+    let mut app_listens: BTreeMap<(String, u16), u64> = BTreeMap::new();
+    let mut closed: Option<u64> = None;
+    let mut restored = false;
+    let mut failures: BTreeMap<String, Failures> = BTreeMap::new();
+    let keep_min = |m: &mut Option<u64>, t: u64| *m = min(*m, Some(t));
+    for l in lines {
+        pod_start = min(pod_start, l.pod_start_mono_ns);
+        sidecar_start = min(sidecar_start, l.sidecar_start_mono_ns);
+        for (c, &t) in &l.container_start_mono_ns {
+            let e = containers.entry(c.clone()).or_insert(t);
+            *e = (*e).min(t);
+        }
+        for (&p, &t) in &l.sidecar_listen_mono_ns {
+            let e = listens.entry(p).or_insert(t);
+            *e = (*e).min(t);
+        }
+        if l.is_summary() {
+            match l.ready_mono_ns {
+                Some(0) => restored = true,
+                Some(r) => {
+                    listens.entry(istio::CAPTURE_PORT).or_insert(r);
+                }
+                None => {}
+            }
+            if let Some(c) = l.capture_closed_mono_ns.filter(|&c| c > 0) {
+                closed = Some(closed.map_or(c, |x: u64| x.max(c)));
+            }
+        }
+        let Some(t) = l.mono_ns else { continue };
+        let proxy = l.uid == Some(istio::PROXY_UID)
+            || l.container.as_deref() == Some(istio::PROXY_CONTAINER);
+        match (l.kind.as_str(), l.state.as_deref()) {
+            ("process", Some("exec")) => {
+                keep_min(&mut pod_start, t);
+                if let Some(c) = &l.container {
+                    let e = containers.entry(c.clone()).or_insert(t);
+                    *e = (*e).min(t);
+                }
+            }
+            ("listener", Some("listen")) => {
+                let Some(port) = l.port else { continue };
+                if proxy {
+                    let e = listens.entry(port).or_insert(t);
+                    *e = (*e).min(t);
+                } else {
+                    let c = l.container.clone().unwrap_or_else(|| "?".into());
+                    let e = app_listens.entry((c, port)).or_insert(t);
+                    *e = (*e).min(t);
+                }
+            }
+            ("listener", Some("closed")) if proxy && l.port == Some(istio::CAPTURE_PORT) => {
+                closed = Some(closed.map_or(t, |x| x.max(t)));
+            }
+            ("connect_failure", _) => {
+                let phase = l.phase.clone().unwrap_or_else(|| "unclassified".into());
+                let f = failures.entry(phase).or_default();
+                f.seen_ns.push(t);
+                if let Some(d) = &l.dst {
+                    f.dests.insert(d.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    let ready = listens.get(&istio::CAPTURE_PORT).copied();
+    // A close before the readiness is an earlier sidecar's (or the order
+    // is unknown): only a close after it ends the capture.
+    let closed = closed.filter(|&c| ready.is_none_or(|r| c >= r));
+
+    let mut marks = Vec::new();
+    let mut mark = |kind, t: u64, container: Option<String>, port: Option<u16>, label: String| {
+        marks.push((kind, t, container, port, label));
+    };
+    if let Some(t) = pod_start {
+        mark(MarkKind::PodStart, t, None, None, "pod start (first process)".into());
+    }
+    for (c, &t) in &containers {
+        mark(MarkKind::ContainerStart, t, Some(c.clone()), None, format!("container {c} starts"));
+    }
+    if let Some(t) = sidecar_start {
+        mark(
+            MarkKind::SidecarStart,
+            t,
+            None,
+            None,
+            format!("sidecar starts ({})", istio::SIDECAR_COMMS.join("/")),
+        );
+    }
+    for (port, role) in istio::PORT_ROLES {
+        if let Some(&t) = listens.get(&port) {
+            mark(
+                MarkKind::SidecarListen,
+                t,
+                Some(istio::PROXY_CONTAINER.into()),
+                Some(port),
+                format!("{} listens on {port} ({role})", istio::PROXY_CONTAINER),
+            );
+        }
+    }
+    for ((c, port), &t) in &app_listens {
+        mark(MarkKind::AppListen, t, Some(c.clone()), Some(*port), format!("{c} listens on :{port}"));
+    }
+    if let Some(t) = closed {
+        mark(
+            MarkKind::CaptureClosed,
+            t,
+            Some(istio::PROXY_CONTAINER.into()),
+            Some(istio::CAPTURE_PORT),
+            format!(
+                "{} stops listening on {} (outbound capture ends)",
+                istio::PROXY_CONTAINER,
+                istio::CAPTURE_PORT
+            ),
+        );
+    }
+
+    // Spans: the startup race (first refusal -> ready), the shutdown race
+    // (first -> last refusal), then failures that are not the race.
+    let mut spans: Vec<(String, u64, u64, u64, Vec<String>, Vec<u64>)> = Vec::new();
+    let mut take = |phase: &str| failures.remove(phase).unwrap_or_default();
+    let startup = take("startup_race");
+    let startup_count = race.and_then(|r| r.refused).unwrap_or(startup.seen_ns.len() as u64);
+    if startup_count > 0 {
+        let first = race
+            .and_then(|r| r.first_refusal_mono_ns)
+            .or_else(|| startup.seen_ns.iter().min().copied())
+            .unwrap_or(0);
+        let end = ready
+            .filter(|&r| r >= first)
+            .or_else(|| startup.seen_ns.iter().max().copied())
+            .unwrap_or(first);
+        let dests = match race {
+            Some(r) if !r.destinations.is_empty() => r.destinations.clone(),
+            _ => startup.dests.into_iter().collect(),
+        };
+        spans.push(("startup_race".into(), first, end, startup_count, dests, startup.seen_ns));
+    }
+    let shutdown = take("shutdown_race");
+    let down_count = if downs.is_empty() {
+        shutdown.seen_ns.len() as u64
+    } else {
+        downs.iter().filter_map(|d| d.refused).sum()
+    };
+    if down_count > 0 {
+        let first = downs
+            .iter()
+            .filter_map(|d| d.first_refusal_mono_ns)
+            .chain(shutdown.seen_ns.iter().copied())
+            .min()
+            .unwrap_or(0);
+        let end = downs
+            .iter()
+            .filter_map(|d| d.last_refusal_mono_ns)
+            .chain(shutdown.seen_ns.iter().copied())
+            .max()
+            .unwrap_or(first);
+        let mut dests: BTreeSet<String> = downs
+            .iter()
+            .flat_map(|d| d.destinations.iter().cloned())
+            .collect();
+        dests.extend(shutdown.dests);
+        spans.push((
+            "shutdown_race".into(),
+            first,
+            end,
+            down_count,
+            dests.into_iter().collect(),
+            shutdown.seen_ns,
+        ));
+    }
+    for (phase, f) in failures {
+        let (Some(&first), Some(&end)) = (f.seen_ns.iter().min(), f.seen_ns.iter().max()) else {
+            continue;
+        };
+        let n = f.seen_ns.len() as u64;
+        spans.push((phase, first, end, n, f.dests.into_iter().collect(), f.seen_ns));
+    }
+
+    // t = 0: the pod's first process, else the earliest moment known.
+    let (origin, origin_ns) = match pod_start {
+        Some(t) => ("pod_start", t),
+        None => (
+            "first_event",
+            marks
+                .iter()
+                .map(|m| m.1)
+                .chain(spans.iter().map(|s| s.1))
+                .min()
+                .unwrap_or(0),
+        ),
+    };
+    let at = |t: u64| (t as i128 - origin_ns as i128) as f64 / 1e9;
+    let mut marks: Vec<Mark> = marks
+        .into_iter()
+        .map(|(kind, t, container, port, label)| Mark {
+            kind,
+            at_s: at(t),
+            mono_ns: t,
+            container,
+            port,
+            label,
+        })
+        .collect();
+    marks.sort_by_key(|m| (m.mono_ns, m.kind));
+    let spans: Vec<Span> = spans
+        .into_iter()
+        .map(|(phase, from, to, count, destinations, seen_ns)| Span {
+            label: span_label(&phase, count, &destinations),
+            from_s: at(from),
+            to_s: at(to),
+            from_mono_ns: from,
+            to_mono_ns: to,
+            phase,
+            count,
+            destinations,
+            seen_ns,
+        })
+        .collect();
+
+    let verdicts = verdicts(
+        &spans,
+        race,
+        ready_summary.or(race),
+        ready.is_some() || restored,
+        restored,
+    );
+    let mut recommendations: Vec<String> = Vec::new();
+    for r in race
+        .iter()
+        .chain(downs.last())
+        .filter_map(|l| l.recommendation.clone())
+    {
+        if !recommendations.contains(&r) {
+            recommendations.push(r);
+        }
+    }
+    let first = lines[0];
+    let who = |f: fn(&Line) -> &Option<String>| lines.iter().rev().find_map(|l| f(l).clone());
+    let origin_time = boot_ns.map(|b| {
+        let ns = b + origin_ns as i128;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+        humantime::format_rfc3339_millis(t).to_string()
+    });
+    let first_seen = boot_ns
+        .map(|b| SystemTime::UNIX_EPOCH + Duration::from_nanos((b + origin_ns as i128).max(0) as u64))
+        .or_else(|| lines.iter().filter_map(|l| l.wall()).min());
+    PodTimeline {
+        namespace: first.namespace.clone(),
+        pod: first.pod.clone().unwrap_or_default(),
+        pod_uid: who(|l| &l.pod_uid),
+        workload: who(|l| &l.workload),
+        workload_kind: who(|l| &l.workload_kind),
+        node: who(|l| &l.node),
+        origin,
+        origin_mono_ns: origin_ns,
+        origin_time,
+        marks,
+        spans,
+        verdicts,
+        mitigation: lines.iter().rev().find_map(|l| l.mitigation.clone()),
+        recommendations,
+        revision: lines.iter().rev().find_map(|l| l.revision.clone()),
+        changed: None,
+        first_seen,
+    }
+}
+
+/// What a phase's failures mean, in a few words.
+fn phase_meaning(phase: &str) -> &str {
+    match phase {
+        "startup_race" => "before the sidecar listened",
+        "shutdown_race" => "after the sidecar stopped listening",
+        "not_captured" => "not captured: the destination itself refused",
+        "sidecar_ready" => "sidecar ready: not the race",
+        "sidecar_not_ready" => "sidecar not ready, traffic it does not carry",
+        "no_sidecar" => "no sidecar",
+        "proxy" => "the proxy's own connects",
+        other => other,
+    }
+}
+
+/// `8 refused (startup_race: before the sidecar listened) -> 10.0.0.1:80`.
+fn span_label(phase: &str, count: u64, dests: &[String]) -> String {
+    let what = match phase {
+        "startup_race" | "shutdown_race" => "refused",
+        _ => "failed",
+    };
+    let mut s = format!("{count} {what} ({phase}: {})", phase_meaning(phase));
+    if !dests.is_empty() {
+        s.push_str(" -> ");
+        s.push_str(&dests.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
+        if dests.len() > 3 {
+            s.push_str(&format!(" +{} more", dests.len() - 3));
+        }
+    }
+    s
+}
+
+fn verdicts(
+    spans: &[Span],
+    race: Option<&Line>,
+    ready_summary: Option<&Line>,
+    ready: bool,
+    restored: bool,
+) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    let port = istio::CAPTURE_PORT;
+    let proxy = istio::PROXY_CONTAINER;
+    for s in spans.iter().filter(|s| s.is_race()) {
+        let text = if s.phase == "startup_race" {
+            match (race, race.and_then(|r| r.window_seconds)) {
+                (Some(_), Some(w)) => format!(
+                    "startup race: {} outbound connect()s refused over {w:.3} s before {proxy} listened on {port}",
+                    s.count
+                ),
+                (Some(_), None) => format!(
+                    "startup race: {} outbound connect()s refused, and {proxy} never listened on {port} while the agent watched",
+                    s.count
+                ),
+                (None, _) => format!(
+                    "startup race: {} outbound connect()s refused before {proxy} listened on {port} (the agent's summary follows 1 s after the sidecar is ready)",
+                    s.count
+                ),
+            }
+        } else {
+            format!(
+                "shutdown race: {} outbound connect()s refused after {proxy} stopped listening on {port} while the app still ran",
+                s.count
+            )
+        };
+        out.push(Verdict {
+            phase: if s.phase == "startup_race" {
+                "startup_race"
+            } else {
+                "shutdown_race"
+            },
+            text,
+        });
+    }
+    if !out.is_empty() {
+        return out;
+    }
+    let verdict = if restored {
+        Verdict {
+            phase: "no_race",
+            text: format!("no race: {proxy} was already listening on {port} when the agent started"),
+        }
+    } else if ready {
+        let after = ready_summary
+            .and_then(|r| r.pod_start_to_ready_seconds)
+            .map(|s| format!(" {s:.3} s after the pod started"))
+            .unwrap_or_default();
+        Verdict {
+            phase: "no_race",
+            text: format!(
+                "no race: {proxy} listened on {port}{after}, and no outbound connect() was refused before"
+            ),
+        }
+    } else if spans.iter().any(|s| s.phase == "no_sidecar") {
+        Verdict {
+            phase: "no_sidecar",
+            text: "no sidecar: not an injected pod; its failed connects are the destinations' own".into(),
+        }
+    } else {
+        Verdict {
+            phase: "unknown",
+            text: "no verdict: the agent saw neither a race nor the sidecar's readiness for this pod".into(),
+        }
+    };
+    vec![verdict]
+}
