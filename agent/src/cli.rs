@@ -29,6 +29,7 @@ pub enum Command {
     /// Draw each affected pod's timeline from a running agent's /events:
     /// pod and container starts, the sidecar's listeners, refused connects,
     /// the verdict, the fix, and what changed since the previous revision.
+    #[command(after_help = crate::explain::EXIT_CODES)]
     Explain(crate::explain::Args),
     /// Show the agent catching a real sidecar startup race on this machine (root).
     #[cfg(feature = "testbed")]

@@ -42,7 +42,6 @@ Example:
 
 /// `connscope explain` options.
 #[derive(Debug, Clone, clap::Args)]
-#[command(after_help = EXIT_CODES)]
 pub struct Args {
     /// Only pods of this namespace.
     #[arg(long, short = 'n')]

@@ -16,6 +16,15 @@ const KEY: usize = 10;
 /// Text is wrapped to this width.
 const WIDTH: usize = 100;
 
+/// One row of the picture: a moment, or a span of failed connects (its
+/// end, the failures' kernel times, and their symbol).
+struct Row<'a> {
+    from: f64,
+    span: Option<(f64, &'a [u64], char)>,
+    time: String,
+    label: &'a str,
+}
+
 /// The axis: `ticks` ticks of `step` seconds.
 struct Axis {
     step: f64,
@@ -131,10 +140,14 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
     );
     out.push('\n');
 
-    // Rows: (start, end or None, time text, label, symbol of a span).
-    let mut rows: Vec<(f64, Option<(f64, &[u64], char)>, String, &str)> = Vec::new();
+    let mut rows: Vec<Row<'_>> = Vec::new();
     for m in &t.marks {
-        rows.push((m.at_s, None, format!("{:.3}", m.at_s), &m.label));
+        rows.push(Row {
+            from: m.at_s,
+            span: None,
+            time: format!("{:.3}", m.at_s),
+            label: &m.label,
+        });
     }
     for s in &t.spans {
         let sym = if s.is_race() { 'x' } else { 'o' };
@@ -143,36 +156,41 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
         } else {
             format!("{:.3}", s.from_s)
         };
-        rows.push((s.from_s, Some((s.to_s, &s.seen_ns, sym)), time, &s.label));
+        rows.push(Row {
+            from: s.from_s,
+            span: Some((s.to_s, s.seen_ns.as_slice(), sym)),
+            time,
+            label: &s.label,
+        });
     }
     // Stable: marks of one moment keep their order, and come before spans.
-    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    rows.sort_by(|a, b| a.from.total_cmp(&b.from));
     let end = rows
         .iter()
-        .map(|r| r.1.map_or(r.0, |s| s.0))
+        .map(|r| r.span.map_or(r.from, |s| s.0))
         .fold(0.0, f64::max);
     let axis = Axis::covering(end);
     let gutter = " ".repeat(KEY + 1);
     let (labels, line) = axis.head();
-    let time_w = rows.iter().map(|r| r.2.len()).max().unwrap_or(0);
+    let time_w = rows.iter().map(|r| r.time.len()).max().unwrap_or(0);
     let _ = writeln!(out, "{gutter}{labels}");
     let _ = writeln!(out, "{gutter}{line}");
     let origin = t.origin_mono_ns as i128;
     let mut used = (false, false);
-    for (from, span, time, label) in &rows {
+    for row in &rows {
         let mut bar = vec![' '; axis.cols()];
-        match span {
-            None => bar[axis.col(*from)] = '*',
+        match row.span {
+            None => bar[axis.col(row.from)] = '*',
             Some((to, seen, sym)) => {
-                let (a, b) = (axis.col(*from), axis.col(*to));
+                let (a, b) = (axis.col(row.from), axis.col(to));
                 bar[a..=b].fill('-');
-                for &ns in seen.iter() {
-                    bar[axis.col((ns as i128 - origin) as f64 / 1e9)] = *sym;
+                for &ns in seen {
+                    bar[axis.col((ns as i128 - origin) as f64 / 1e9)] = sym;
                 }
                 if seen.is_empty() {
-                    bar[a] = *sym;
+                    bar[a] = sym;
                 }
-                if *sym == 'x' {
+                if sym == 'x' {
                     used.0 = true;
                 } else {
                     used.1 = true;
@@ -180,6 +198,7 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
             }
         }
         let bar: String = bar.into_iter().collect();
+        let (time, label) = (&row.time, row.label);
         let _ = writeln!(out, "{gutter}{bar}  {time:>time_w$}  {label}");
     }
     let mut legend = vec!["* moment"];

@@ -169,6 +169,16 @@ fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
+/// A span before its times are made relative to t = 0.
+struct Raw {
+    phase: String,
+    from: u64,
+    to: u64,
+    count: u64,
+    dests: Vec<String>,
+    seen_ns: Vec<u64>,
+}
+
 /// Failed connects of one phase, as the lines show them.
 #[derive(Default)]
 struct Failures {
@@ -309,7 +319,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
 
     // Spans: the startup race (first refusal -> ready), the shutdown race
     // (first -> last refusal), then failures that are not the race.
-    let mut spans: Vec<(String, u64, u64, u64, Vec<String>, Vec<u64>)> = Vec::new();
+    let mut spans: Vec<Raw> = Vec::new();
     let mut take = |phase: &str| failures.remove(phase).unwrap_or_default();
     let startup = take("startup_race");
     let startup_count = race.and_then(|r| r.refused).unwrap_or(startup.seen_ns.len() as u64);
@@ -326,7 +336,14 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             Some(r) if !r.destinations.is_empty() => r.destinations.clone(),
             _ => startup.dests.into_iter().collect(),
         };
-        spans.push(("startup_race".into(), first, end, startup_count, dests, startup.seen_ns));
+        spans.push(Raw {
+            phase: "startup_race".into(),
+            from: first,
+            to: end,
+            count: startup_count,
+            dests,
+            seen_ns: startup.seen_ns,
+        });
     }
     let shutdown = take("shutdown_race");
     let down_count = if downs.is_empty() {
@@ -352,21 +369,27 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             .flat_map(|d| d.destinations.iter().cloned())
             .collect();
         dests.extend(shutdown.dests);
-        spans.push((
-            "shutdown_race".into(),
-            first,
-            end,
-            down_count,
-            dests.into_iter().collect(),
-            shutdown.seen_ns,
-        ));
+        spans.push(Raw {
+            phase: "shutdown_race".into(),
+            from: first,
+            to: end,
+            count: down_count,
+            dests: dests.into_iter().collect(),
+            seen_ns: shutdown.seen_ns,
+        });
     }
     for (phase, f) in failures {
         let (Some(&first), Some(&end)) = (f.seen_ns.iter().min(), f.seen_ns.iter().max()) else {
             continue;
         };
-        let n = f.seen_ns.len() as u64;
-        spans.push((phase, first, end, n, f.dests.into_iter().collect(), f.seen_ns));
+        spans.push(Raw {
+            phase,
+            from: first,
+            to: end,
+            count: f.seen_ns.len() as u64,
+            dests: f.dests.into_iter().collect(),
+            seen_ns: f.seen_ns,
+        });
     }
 
     // t = 0: the pod's first process, else the earliest moment known.
@@ -377,7 +400,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             marks
                 .iter()
                 .map(|m| m.1)
-                .chain(spans.iter().map(|s| s.1))
+                .chain(spans.iter().map(|s| s.from))
                 .min()
                 .unwrap_or(0),
         ),
@@ -397,16 +420,16 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     marks.sort_by_key(|m| (m.mono_ns, m.kind));
     let spans: Vec<Span> = spans
         .into_iter()
-        .map(|(phase, from, to, count, destinations, seen_ns)| Span {
-            label: span_label(&phase, count, &destinations),
-            from_s: at(from),
-            to_s: at(to),
-            from_mono_ns: from,
-            to_mono_ns: to,
-            phase,
-            count,
-            destinations,
-            seen_ns,
+        .map(|r| Span {
+            label: span_label(&r.phase, r.count, &r.dests),
+            from_s: at(r.from),
+            to_s: at(r.to),
+            from_mono_ns: r.from,
+            to_mono_ns: r.to,
+            phase: r.phase,
+            count: r.count,
+            destinations: r.dests,
+            seen_ns: r.seen_ns,
         })
         .collect();
 
