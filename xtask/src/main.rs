@@ -289,8 +289,9 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
 }
 
 /// The production build (the Dockerfile's: no `testbed` feature) passes
-/// clippy, and its binary has no test bed: no `testbed` or `demo` command,
-/// no storm generator or stand-in sidecar linked in.
+/// clippy, has `connscope explain`, and its binary has no test bed: no
+/// `testbed` or `demo` command, no storm generator or stand-in sidecar
+/// linked in.
 fn production_build() -> Result<()> {
     let no_feature = ["--package", "connscope", "--no-default-features"];
     run(cargo()
@@ -310,6 +311,14 @@ fn production_build() -> Result<()> {
         if st.status.success() {
             bail!("the production binary still has `connscope {cmd}`");
         }
+    }
+    // On-call runs explain from the image's binary.
+    let st = Command::new(&bin)
+        .args(["explain", "--help"])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !st.status.success() {
+        bail!("the production binary lacks `connscope explain`");
     }
     let image = std::fs::read(&bin)?;
     for needle in ["testbed::storm", "testbed::sidecar", "connscope::demo"] {

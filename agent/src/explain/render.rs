@@ -187,9 +187,6 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
                 for &ns in seen {
                     bar[axis.col((ns as i128 - origin) as f64 / 1e9)] = sym;
                 }
-                if seen.is_empty() {
-                    bar[a] = sym;
-                }
                 if sym == 'x' {
                     used.0 = true;
                 } else {

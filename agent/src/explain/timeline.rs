@@ -57,7 +57,8 @@ pub(crate) struct Span {
     pub count: u64,
     pub destinations: Vec<String>,
     pub label: String,
-    /// Kernel times of the failures whose lines the answer holds.
+    /// Kernel times of the failures whose lines the answer holds (without
+    /// any: the first and last refusal the summary gives).
     #[serde(skip)]
     pub seen_ns: Vec<u64>,
 }
@@ -336,13 +337,18 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             Some(r) if !r.destinations.is_empty() => r.destinations.clone(),
             _ => startup.dests.into_iter().collect(),
         };
+        let seen_ns = if startup.seen_ns.is_empty() {
+            vec![first]
+        } else {
+            startup.seen_ns
+        };
         spans.push(Raw {
             phase: "startup_race".into(),
             from: first,
             to: end,
             count: startup_count,
             dests,
-            seen_ns: startup.seen_ns,
+            seen_ns,
         });
     }
     let shutdown = take("shutdown_race");
@@ -369,13 +375,18 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             .flat_map(|d| d.destinations.iter().cloned())
             .collect();
         dests.extend(shutdown.dests);
+        let seen_ns = if shutdown.seen_ns.is_empty() {
+            vec![first, end]
+        } else {
+            shutdown.seen_ns
+        };
         spans.push(Raw {
             phase: "shutdown_race".into(),
             from: first,
             to: end,
             count: down_count,
             dests: dests.into_iter().collect(),
-            seen_ns: shutdown.seen_ns,
+            seen_ns,
         });
     }
     for (phase, f) in failures {
