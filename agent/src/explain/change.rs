@@ -71,7 +71,12 @@ impl Change {
 }
 
 /// Images and mesh: what "another revision" means without a hash.
-fn content(r: &Revision) -> (&std::collections::BTreeMap<String, String>, [&Option<String>; 3]) {
+fn content(
+    r: &Revision,
+) -> (
+    &std::collections::BTreeMap<String, String>,
+    [&Option<String>; 3],
+) {
     (
         &r.app_images,
         [&r.proxy_image, &r.proxy_version, &r.istio_revision],
@@ -91,7 +96,8 @@ pub(crate) fn what_changed(me: &PodTimeline, pods: &[PodTimeline]) -> Change {
     let Some(mine) = &me.revision else {
         return Change::plain(
             ChangeKind::Unknown,
-            "unknown: the events carry no revision for this pod (an agent without revision fields)".into(),
+            "unknown: the events carry no revision for this pod (an agent without revision fields)"
+                .into(),
         );
     };
     let Some(workload) = &me.workload else {
@@ -133,8 +139,11 @@ pub(crate) fn what_changed(me: &PodTimeline, pods: &[PodTimeline]) -> Change {
 /// `mine` against the previous revision `theirs` (of pod `their_pod`).
 fn diff(mine: &Revision, theirs: &Revision, their_pod: &str) -> Change {
     let mut app = Vec::new();
-    let containers: std::collections::BTreeSet<&String> =
-        mine.app_images.keys().chain(theirs.app_images.keys()).collect();
+    let containers: std::collections::BTreeSet<&String> = mine
+        .app_images
+        .keys()
+        .chain(theirs.app_images.keys())
+        .collect();
     for c in containers {
         let (from, to) = (theirs.app_images.get(c), mine.app_images.get(c));
         if from != to {
@@ -319,12 +328,22 @@ mod tests {
         let old = pod(
             "checkout-6b8d9f7c4-aaaaa",
             10,
-            Some(rev(Some("6b8d9f7c4"), "reg.example/shop/checkout:1.4.1", "1.22.3", "1-22-3")),
+            Some(rev(
+                Some("6b8d9f7c4"),
+                "reg.example/shop/checkout:1.4.1",
+                "1.22.3",
+                "1-22-3",
+            )),
         );
         let new = pod(
             "checkout-7d9f8c6b5-bbbbb",
             20,
-            Some(rev(Some("7d9f8c6b5"), "reg.example/shop/checkout:1.4.2", "1.22.3", "1-22-3")),
+            Some(rev(
+                Some("7d9f8c6b5"),
+                "reg.example/shop/checkout:1.4.2",
+                "1.22.3",
+                "1-22-3",
+            )),
         );
         let c = what_changed(&new, &[old.clone(), new.clone()]);
         assert_eq!(c.kind, ChangeKind::App);
@@ -336,15 +355,34 @@ mod tests {
         // The older pod has nothing before it.
         let c = what_changed(&old, &[old.clone(), new]);
         assert_eq!(c.kind, ChangeKind::NoPrevious);
-        assert_eq!(c.text, "no earlier revision of checkout in this agent's events");
+        assert_eq!(
+            c.text,
+            "no earlier revision of checkout in this agent's events"
+        );
     }
 
     #[test]
     fn a_mesh_upgrade_and_the_latest_previous_revision() {
-        let oldest = pod("checkout-5a-1", 5, Some(rev(Some("5a"), "checkout:1.4.0", "1.20.1", "1-20-1")));
-        let old = pod("checkout-6b-1", 10, Some(rev(Some("6b"), "checkout:1.4.2", "1.21.2", "1-21")));
-        let same = pod("checkout-7d-0", 15, Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-22")));
-        let new = pod("checkout-7d-1", 20, Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-22")));
+        let oldest = pod(
+            "checkout-5a-1",
+            5,
+            Some(rev(Some("5a"), "checkout:1.4.0", "1.20.1", "1-20-1")),
+        );
+        let old = pod(
+            "checkout-6b-1",
+            10,
+            Some(rev(Some("6b"), "checkout:1.4.2", "1.21.2", "1-21")),
+        );
+        let same = pod(
+            "checkout-7d-0",
+            15,
+            Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-22")),
+        );
+        let new = pod(
+            "checkout-7d-1",
+            20,
+            Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-22")),
+        );
         let all = [oldest, old, same, new.clone()];
         let c = what_changed(&new, &all);
         assert_eq!(c.kind, ChangeKind::Mesh);
@@ -357,30 +395,58 @@ mod tests {
 
     #[test]
     fn both_other_and_unknown() {
-        let old = pod("checkout-6b-1", 10, Some(rev(Some("6b"), "checkout:1.4.1", "1.21.2", "1-21")));
-        let new = pod("checkout-7d-1", 20, Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-21")));
+        let old = pod(
+            "checkout-6b-1",
+            10,
+            Some(rev(Some("6b"), "checkout:1.4.1", "1.21.2", "1-21")),
+        );
+        let new = pod(
+            "checkout-7d-1",
+            20,
+            Some(rev(Some("7d"), "checkout:1.4.2", "1.22.3", "1-21")),
+        );
         let c = what_changed(&new, &[old, new.clone()]);
         assert_eq!(c.kind, ChangeKind::AppAndMesh);
         assert_eq!(
             c.text,
             "app and mesh changed since revision 6b: proxy 1.21.2 -> 1.22.3; app image checkout:1.4.1 -> 1.4.2"
         );
-        let old = pod("checkout-6b-1", 10, Some(rev(Some("6b"), "checkout:1.4.1", "1.21.2", "1-21")));
-        let new = pod("checkout-7d-1", 20, Some(rev(Some("7d"), "checkout:1.4.1", "1.21.2", "1-21")));
-        assert_eq!(what_changed(&new, &[old, new.clone()]).kind, ChangeKind::Other);
+        let old = pod(
+            "checkout-6b-1",
+            10,
+            Some(rev(Some("6b"), "checkout:1.4.1", "1.21.2", "1-21")),
+        );
+        let new = pod(
+            "checkout-7d-1",
+            20,
+            Some(rev(Some("7d"), "checkout:1.4.1", "1.21.2", "1-21")),
+        );
+        assert_eq!(
+            what_changed(&new, &[old, new.clone()]).kind,
+            ChangeKind::Other
+        );
         // Without hashes (a StatefulSet), content decides; without a
         // revision, nothing is guessed.
         let old = pod("db-0", 10, Some(rev(None, "db:15.1", "1.22.3", "1-22")));
         let new = pod("db-1", 20, Some(rev(None, "db:15.2", "1.22.3", "1-22")));
         let c = what_changed(&new, &[old, new.clone()]);
-        assert_eq!(c.text, "changed since pod db-0: app image db:15.1 -> 15.2; proxy unchanged (1.22.3)");
+        assert_eq!(
+            c.text,
+            "changed since pod db-0: app image db:15.1 -> 15.2; proxy unchanged (1.22.3)"
+        );
         let bare = pod("checkout-x", 30, None);
-        assert_eq!(what_changed(&bare, &[bare.clone()]).kind, ChangeKind::Unknown);
+        assert_eq!(
+            what_changed(&bare, &[bare.clone()]).kind,
+            ChangeKind::Unknown
+        );
     }
 
     #[test]
     fn image_names() {
-        assert_eq!(short("reg.example:5000/shop/checkout:1.4.1"), "checkout:1.4.1");
+        assert_eq!(
+            short("reg.example:5000/shop/checkout:1.4.1"),
+            "checkout:1.4.1"
+        );
         assert_eq!(
             short("checkout@sha256:0123456789abcdef0123"),
             "checkout@0123456789ab"
@@ -390,6 +456,9 @@ mod tests {
             from: None,
             to: Some("redis:7".into()),
         };
-        assert_eq!(image_change(&d, false), "app image sidecar-cache redis:7 added");
+        assert_eq!(
+            image_change(&d, false),
+            "app image sidecar-cache redis:7 added"
+        );
     }
 }

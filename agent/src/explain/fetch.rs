@@ -50,7 +50,7 @@ impl fmt::Display for FetchError {
 /// `host:port`, or a proxy path such as the API server's
 /// `.../pods/<agent>:9464/proxy`), without a trailing slash.
 pub(crate) fn base_url(addr: &str) -> Result<String, FetchError> {
-    let addr = addr.trim().trim_end_matches('/');
+    let addr = addr.trim();
     let url = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -81,7 +81,7 @@ pub(crate) fn base_url(addr: &str) -> Result<String, FetchError> {
             "--addr {addr}: a base URL takes no query"
         )));
     }
-    Ok(url)
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 /// GETs `{base}/events?{query}` (with `token` as a bearer token) and returns
@@ -175,10 +175,7 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(
-            base_url("127.0.0.1:9464").unwrap(),
-            "http://127.0.0.1:9464"
-        );
+        assert_eq!(base_url("127.0.0.1:9464").unwrap(), "http://127.0.0.1:9464");
         assert_eq!(
             base_url("http://localhost:9464/").unwrap(),
             "http://localhost:9464"
@@ -240,7 +237,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_status_is_refused_with_its_body() {
-        let (url, _) = agent(StatusCode::FORBIDDEN, "forbidden: user x may not get /events\n").await;
+        let (url, _) = agent(
+            StatusCode::FORBIDDEN,
+            "forbidden: user x may not get /events\n",
+        )
+        .await;
         match events(&url, "", Some("t")).await {
             Err(FetchError::Refused { status, body }) => {
                 assert_eq!(status, StatusCode::FORBIDDEN);

@@ -174,7 +174,9 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
         .map_err(|e| failure(e, &base, token.is_some()))?;
     let (lines, unreadable) = events::parse(&text);
     if unreadable > 0 {
-        eprintln!("connscope explain: {unreadable} line(s) of the answer could not be read and were skipped");
+        eprintln!(
+            "connscope explain: {unreadable} line(s) of the answer could not be read and were skipped"
+        );
     }
     if lines.is_empty() && unreadable > 0 && !text.trim_start().starts_with('{') {
         return Err(Failure::new(
@@ -206,10 +208,18 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
     if lines.is_empty() {
         return Err(Failure::new(
             6,
-            format!("{on} has no events{within} in the last {since} ({total} older ones; try a longer --since)"),
+            format!(
+                "{on} has no events{within} in the last {since} ({total} older ones; try a longer --since)"
+            ),
         ));
     }
     let mut pods = timeline::build(&lines, boot);
+    if pods.is_empty() {
+        return Err(Failure::new(
+            6,
+            format!("{on} has events{within} in the last {since}, but none about a pod"),
+        ));
+    }
     let all = pods.clone();
     for p in &mut pods {
         p.changed = Some(change::what_changed(p, &all));
@@ -274,18 +284,19 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
             out,
             "No pod hit a sidecar race{within} in the last {since} on {on}. Pods seen: {}{}",
             seen.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         )
     } else {
-        chosen
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, p)| {
-                if i > 0 {
-                    writeln!(out)?;
-                }
-                out.write_all(render::pod(p).as_bytes())
-            })
+        chosen.iter().enumerate().try_for_each(|(i, p)| {
+            if i > 0 {
+                writeln!(out)?;
+            }
+            out.write_all(render::pod(p).as_bytes())
+        })
     };
     written.map_err(|e| Failure::new(1, format!("writing the answer: {e}")))
 }
@@ -294,8 +305,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
 fn check_name(flag: &str, v: &str) -> Result<(), Failure> {
     let ok = !v.is_empty()
         && v.len() <= 253
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
     if ok {
         Ok(())
@@ -357,7 +367,11 @@ mod tests {
         let mut args = Args::for_pod("http://127.0.0.1:1", "shop", "Checkout_1");
         let e = run(&args, &mut Vec::new()).unwrap_err();
         assert_eq!(e.code, 2);
-        assert!(e.message.contains("--pod \"Checkout_1\" is not a Kubernetes name"), "{e}");
+        assert!(
+            e.message
+                .contains("--pod \"Checkout_1\" is not a Kubernetes name"),
+            "{e}"
+        );
         args.pod = Some("checkout".into());
         args.addr = "https://agent:9464".into();
         let e = run(&args, &mut Vec::new()).unwrap_err();
@@ -366,7 +380,11 @@ mod tests {
         args.token_file = Some("/nonexistent/token".into());
         let e = run(&args, &mut Vec::new()).unwrap_err();
         assert_eq!(e.code, 1);
-        assert!(e.message.contains("cannot read --token-file /nonexistent/token"), "{e}");
+        assert!(
+            e.message
+                .contains("cannot read --token-file /nonexistent/token"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -378,8 +396,16 @@ mod tests {
         let f = failure(refused(401), "http://a", false);
         assert_eq!(f.code, 4);
         assert!(f.message.contains("--token-file"), "{f}");
-        assert!(failure(refused(401), "http://a", true).message.contains("did not accept"));
-        assert!(failure(refused(403), "http://a", true).message.contains("connscope-events-reader"));
+        assert!(
+            failure(refused(401), "http://a", true)
+                .message
+                .contains("did not accept")
+        );
+        assert!(
+            failure(refused(403), "http://a", true)
+                .message
+                .contains("connscope-events-reader")
+        );
         let f = failure(FetchError::Unreachable("refused".into()), "http://a", false);
         assert_eq!(f.code, 3);
         assert!(f.message.contains("port-forward"), "{f}");
@@ -409,7 +435,9 @@ mod tests {
     fn two_pods(age: Duration) -> String {
         let time = humantime::format_rfc3339_nanos(SystemTime::now() - age);
         let who = |pod: &str, w: &str| {
-            format!(r#""time":"{time}","node":"node-a","namespace":"shop","pod":"{pod}","pod_uid":"u-{pod}","workload":"{w}""#)
+            format!(
+                r#""time":"{time}","node":"node-a","namespace":"shop","pod":"{pod}","pod_uid":"u-{pod}","workload":"{w}""#
+            )
         };
         [
             format!(r#"{{"type":"connect_failure","phase":"startup_race","mono_ns":2000,"dst":"10.0.0.1:80",{}}}"#, who("cart-1", "cart")),
@@ -431,11 +459,17 @@ mod tests {
         let mut args = Args::for_pod(&url, "shop", "api-1");
         args.pod = None;
         let out = explain(&args).unwrap();
-        assert!(out.starts_with("POD        shop/cart-1 (workload cart, node node-a)\n"), "{out}");
+        assert!(
+            out.starts_with("POD        shop/cart-1 (workload cart, node node-a)\n"),
+            "{out}"
+        );
         assert!(!out.contains("api-1"), "{out}");
         args.workload = Some("api".into());
         let out = explain(&args).unwrap();
-        assert!(out.starts_with("POD        shop/api-1 (workload api, node node-a)\n"), "{out}");
+        assert!(
+            out.starts_with("POD        shop/api-1 (workload api, node node-a)\n"),
+            "{out}"
+        );
         assert!(out.contains("VERDICT    no race"), "{out}");
         args.json = true;
         let v: serde_json::Value = serde_json::from_str(&explain(&args).unwrap()).unwrap();
@@ -445,7 +479,12 @@ mod tests {
         args.workload = Some("nope".into());
         let e = explain(&args).unwrap_err();
         assert_eq!(e.code, 5, "{e}");
-        assert!(e.message.contains("no event of the agent on node node-a names workload nope in namespace shop"), "{e}");
+        assert!(
+            e.message.contains(
+                "no event of the agent on node node-a names workload nope in namespace shop"
+            ),
+            "{e}"
+        );
         args.workload = None;
         args.pod = Some("nope-1".into());
         assert_eq!(explain(&args).unwrap_err().code, 5);
@@ -453,7 +492,13 @@ mod tests {
 
     #[test]
     fn no_race_no_events_and_old_events() {
-        let calm = agent(two_pods(Duration::from_secs(60)).lines().last().unwrap().to_string());
+        let calm = agent(
+            two_pods(Duration::from_secs(60))
+                .lines()
+                .last()
+                .unwrap()
+                .to_string(),
+        );
         let mut args = Args::for_pod(&calm, "shop", "x");
         args.pod = None;
         assert_eq!(
@@ -467,7 +512,11 @@ mod tests {
         let old = agent(two_pods(Duration::from_secs(7200)));
         let e = explain(&Args::for_pod(&old, "shop", "cart-1")).unwrap_err();
         assert_eq!(e.code, 6);
-        assert!(e.message.contains("in the last 1h (3 older ones; try a longer --since)"), "{e}");
+        assert!(
+            e.message
+                .contains("in the last 1h (3 older ones; try a longer --since)"),
+            "{e}"
+        );
         let not_events = agent("<html>hello</html>\n".into());
         let e = explain(&Args::for_pod(&not_events, "shop", "x")).unwrap_err();
         assert_eq!(e.code, 1);

@@ -255,7 +255,10 @@ mod tests {
                 "|---------|---------|---------|".to_string()
             )
         );
-        assert_eq!((a.col(0.0), a.col(1.2), a.col(9.0), a.col(-1.0)), (0, 24, 30, 0));
+        assert_eq!(
+            (a.col(0.0), a.col(1.2), a.col(9.0), a.col(-1.0)),
+            (0, 24, 30, 0)
+        );
     }
 
     const MS: u64 = 1_000_000;
@@ -325,14 +328,14 @@ T=0        the pod's first process, 2026-11-29T20:00:00.000Z; times in seconds (
 
            0.0s      0.5s      1.0s      1.5s
            |---------|---------|---------|
-           *                                     0.000  pod start (first process)
-           *                                     0.001  container istio-proxy starts
-           *                                     0.002  sidecar starts (pilot-agent/envoy)
-           *                                     0.010  istio-proxy listens on 15021 (health: what holdApplicationUntilProxyStarts and probes wait for)
-              *                                  0.150  container app starts
-               x-----x-----x-----x---      0.200-1.200  4 refused (startup_race: before the sidecar listened) -> 10.0.0.1:8080
-                     o                           0.500  1 failed (not_captured: not captured: the destination itself refused) -> 10.0.0.9:5432
-                         *                       1.200  istio-proxy listens on 15001 (outbound capture: the sidecar is ready)
+           *                                      0.000  pod start (first process)
+           *                                      0.001  container istio-proxy starts
+           *                                      0.002  sidecar starts (pilot-agent/envoy)
+           *                                      0.010  istio-proxy listens on 15021 (health: what holdApplicationUntilProxyStarts and probes wait for)
+              *                                   0.150  container app starts
+               x-----x-----x-----x--        0.200-1.200  4 refused (startup_race: before the sidecar listened) -> 10.0.0.1:8080
+                     o                            0.500  1 failed (not_captured: not captured: the destination itself refused) -> 10.0.0.9:5432
+                                   *              1.200  istio-proxy listens on 15001 (outbound capture: the sidecar is ready)
            * moment   x refused connect (race)   o failed connect (not the race)
 
 VERDICT    startup race: 4 outbound connect()s refused over 1.000 s before istio-proxy listened on 15001
@@ -363,7 +366,10 @@ CHANGED    no earlier revision of checkout in this agent's events
             "{out}"
         );
         assert!(out.contains("MITIGATION unknown"), "{out}");
-        assert!(out.contains("T=0        the pod's first process; times"), "{out}");
+        assert!(
+            out.contains("T=0        the pod's first process; times"),
+            "{out}"
+        );
 
         let down = format!(
             "{}\n",
@@ -379,8 +385,9 @@ CHANGED    no earlier revision of checkout in this agent's events
         assert!(p.raced());
         let out = pod(p);
         for want in [
-            "           *                                  1.500  istio-proxy stops listening on 15001 (outbound capture ends)\n",
-            "                                x--------x  1.600-1.800  3 refused (shutdown_race: after the sidecar stopped listening) -> 10.0.0.1:8080\n",
+            "           |---------|---------|---------|---------|\n",
+            "                                         *                  1.500  istio-proxy stops listening on 15001 (outbound capture ends)\n",
+            "                                           x---x      1.600-1.800  3 refused (shutdown_race: after the sidecar stopped listening) -> 10.0.0.1:8080\n",
             "VERDICT    shutdown race: 3 outbound connect()s refused after istio-proxy stopped listening on 15001 while the app still ran\n",
             "FIX        drain\n",
         ] {

@@ -276,10 +276,22 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         marks.push((kind, t, container, port, label));
     };
     if let Some(t) = pod_start {
-        mark(MarkKind::PodStart, t, None, None, "pod start (first process)".into());
+        mark(
+            MarkKind::PodStart,
+            t,
+            None,
+            None,
+            "pod start (first process)".into(),
+        );
     }
     for (c, &t) in &containers {
-        mark(MarkKind::ContainerStart, t, Some(c.clone()), None, format!("container {c} starts"));
+        mark(
+            MarkKind::ContainerStart,
+            t,
+            Some(c.clone()),
+            None,
+            format!("container {c} starts"),
+        );
     }
     if let Some(t) = sidecar_start {
         mark(
@@ -302,7 +314,13 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         }
     }
     for ((c, port), &t) in &app_listens {
-        mark(MarkKind::AppListen, t, Some(c.clone()), Some(*port), format!("{c} listens on :{port}"));
+        mark(
+            MarkKind::AppListen,
+            t,
+            Some(c.clone()),
+            Some(*port),
+            format!("{c} listens on :{port}"),
+        );
     }
     if let Some(t) = closed {
         mark(
@@ -323,7 +341,9 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     let mut spans: Vec<Raw> = Vec::new();
     let mut take = |phase: &str| failures.remove(phase).unwrap_or_default();
     let startup = take("startup_race");
-    let startup_count = race.and_then(|r| r.refused).unwrap_or(startup.seen_ns.len() as u64);
+    let startup_count = race
+        .and_then(|r| r.refused)
+        .unwrap_or(startup.seen_ns.len() as u64);
     if startup_count > 0 {
         let first = race
             .and_then(|r| r.first_refusal_mono_ns)
@@ -469,7 +489,9 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         humantime::format_rfc3339_millis(t).to_string()
     });
     let first_seen = boot_ns
-        .map(|b| SystemTime::UNIX_EPOCH + Duration::from_nanos((b + origin_ns as i128).max(0) as u64))
+        .map(|b| {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos((b + origin_ns as i128).max(0) as u64)
+        })
         .or_else(|| lines.iter().filter_map(|l| l.wall()).min());
     PodTimeline {
         namespace: first.namespace.clone(),
@@ -570,7 +592,9 @@ fn verdicts(
     let verdict = if restored {
         Verdict {
             phase: "no_race",
-            text: format!("no race: {proxy} was already listening on {port} when the agent started"),
+            text: format!(
+                "no race: {proxy} was already listening on {port} when the agent started"
+            ),
         }
     } else if ready {
         let after = ready_summary
@@ -586,12 +610,15 @@ fn verdicts(
     } else if spans.iter().any(|s| s.phase == "no_sidecar") {
         Verdict {
             phase: "no_sidecar",
-            text: "no sidecar: not an injected pod; its failed connects are the destinations' own".into(),
+            text: "no sidecar: not an injected pod; its failed connects are the destinations' own"
+                .into(),
         }
     } else {
         Verdict {
             phase: "unknown",
-            text: "no verdict: the agent saw neither a race nor the sidecar's readiness for this pod".into(),
+            text:
+                "no verdict: the agent saw neither a race nor the sidecar's readiness for this pod"
+                    .into(),
         }
     };
     vec![verdict]

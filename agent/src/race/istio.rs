@@ -25,7 +25,10 @@ pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
 /// What each sidecar port says when it starts listening, for the timelines
 /// of `connscope explain`; the ports drawn there, in this order of interest.
 pub(crate) const PORT_ROLES: [(u16, &str); 3] = [
-    (15021, "health: what holdApplicationUntilProxyStarts and probes wait for"),
+    (
+        15021,
+        "health: what holdApplicationUntilProxyStarts and probes wait for",
+    ),
     (15001, "outbound capture: the sidecar is ready"),
     (15006, "inbound capture"),
 ];

@@ -185,7 +185,10 @@ impl PodState {
             && (self.container_start_ns.len() < MAX_CONTAINERS
                 || self.container_start_ns.contains_key(c))
         {
-            let t = self.container_start_ns.entry(c.to_string()).or_insert(ev.mono_ns);
+            let t = self
+                .container_start_ns
+                .entry(c.to_string())
+                .or_insert(ev.mono_ns);
             *t = (*t).min(ev.mono_ns);
         }
         let sidecar_comm = cfg.sidecar_comms.iter().any(|c| ev.comm.is(c));

@@ -42,7 +42,10 @@ fn demo_catches_the_race_and_cleans_up() {
         "refused (startup_race: before the sidecar listened)",
         "VERDICT    startup race:",
     ] {
-        assert!(view.contains(want), "missing {want:?} in the explain view:\n{view}");
+        assert!(
+            view.contains(want),
+            "missing {want:?} in the explain view:\n{view}"
+        );
     }
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(

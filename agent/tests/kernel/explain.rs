@@ -16,6 +16,13 @@ use serde_json::{Value, json};
 
 use crate::fixture::{Agent, BIN, Node, free_port, start_sidecar, wait_for};
 
+/// The agent of these tests: failures of a pod whose injection is not known
+/// yet are held for a second, and `/events` keeps more lines than by
+/// default (other tests' pods share the machine).
+fn agent(node: &Node) -> Agent {
+    node.agent(&["--hold-seconds", "1", "--recent-events", "20000"])
+}
+
 /// `connscope explain --addr <agent> args...`: (exit status, stdout, stderr).
 fn explain(port: u16, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
@@ -77,7 +84,7 @@ fn assert_has(text: &str, wanted: &[&str]) {
 #[test]
 fn explain_draws_a_startup_race() {
     let Some(node) = Node::shared() else { return };
-    let agent = node.agent(&["--hold-seconds", "1"]);
+    let agent = agent(&node);
     let mut pod = node.sim_pod("invoice-7d9f8c6b5-w4z2m", true);
     start_sidecar(&mut pod, 1200, 0);
     let attempts = pod.run_app(&App::default()).unwrap();
@@ -129,7 +136,11 @@ fn explain_draws_a_startup_race() {
         start == 0.0 && start <= sidecar && sidecar <= health && health < first && first < ready,
         "{p}"
     );
-    assert_eq!(race["to_s"].as_f64().unwrap(), ready, "window ends at 15001");
+    assert_eq!(
+        race["to_s"].as_f64().unwrap(),
+        ready,
+        "window ends at 15001"
+    );
     let window = s["window_seconds"].as_f64().unwrap();
     assert!((ready - first - window).abs() < 1e-6, "{window} vs {p}");
     // The refusals are where the app saw them (the app's clock is the kernel's).
@@ -141,7 +152,7 @@ fn explain_draws_a_startup_race() {
 #[test]
 fn explain_says_no_race_when_the_sidecar_was_first() {
     let Some(node) = Node::shared() else { return };
-    let agent = node.agent(&["--hold-seconds", "1"]);
+    let agent = agent(&node);
     let mut pod = node.sim_pod("quote-7d9f8c6b5-t6v8n", true);
     start_sidecar(&mut pod, 0, 0);
     let attempts = pod.run_app(&App::default()).unwrap();
@@ -179,7 +190,7 @@ fn explain_says_no_race_when_the_sidecar_was_first() {
 #[test]
 fn explain_draws_a_shutdown_race() {
     let Some(node) = Node::shared() else { return };
-    let agent = node.agent(&["--hold-seconds", "1"]);
+    let agent = agent(&node);
     let mut pod = node.sim_pod("mailer-7d9f8c6b5-r5s7k", true);
     start_sidecar(&mut pod, 0, 1500);
     let mut app = pod
@@ -219,7 +230,10 @@ fn explain_draws_a_shutdown_race() {
     let down = &p["spans"][0];
     assert_eq!(down["phase"], "shutdown_race");
     assert_eq!(down["count"], refused);
-    let (from, to) = (down["from_s"].as_f64().unwrap(), down["to_s"].as_f64().unwrap());
+    let (from, to) = (
+        down["from_s"].as_f64().unwrap(),
+        down["to_s"].as_f64().unwrap(),
+    );
     assert!(ready < closed && closed <= from && from < to, "{p}");
 }
 
@@ -231,7 +245,7 @@ fn explain_errors_say_what_to_do() {
     assert_eq!(code, 3, "{err}");
     assert_has(&err, &["cannot reach the agent", "port-forward"]);
 
-    let agent = node.agent(&["--hold-seconds", "1"]);
+    let agent = agent(&node);
     let port = agent.http_port;
     // A pod without a sidecar, whose app is refused: the agent has events.
     let pod = node.sim_pod("ledgerbatch-x7k2p", false);
@@ -299,10 +313,22 @@ fn explain_passes_the_token_an_agent_asks_for() {
     assert_eq!(code, 4, "{err}");
     assert_has(&err, &["wants a bearer token", "--token-file", "401"]);
     let nobody = node.write("nobody", "nobody-token\n");
-    let (code, _, err) = explain(port, &[&ns[..], &["--token-file", nobody.to_str().unwrap()]].concat());
+    let (code, _, err) = explain(
+        port,
+        &[&ns[..], &["--token-file", nobody.to_str().unwrap()]].concat(),
+    );
     assert_eq!(code, 4, "{err}");
-    assert_has(&err, &["may not get /events", "connscope-events-reader", "403"]);
+    assert_has(
+        &err,
+        &["may not get /events", "connscope-events-reader", "403"],
+    );
     let oncall = node.write("oncall", "oncall-token\n");
-    let (code, _, err) = explain(port, &[&ns[..], &["--token-file", oncall.to_str().unwrap()]].concat());
-    assert_eq!(code, 6, "the token was taken; the namespace has no events: {err}");
+    let (code, _, err) = explain(
+        port,
+        &[&ns[..], &["--token-file", oncall.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(
+        code, 6,
+        "the token was taken; the namespace has no events: {err}"
+    );
 }

@@ -400,7 +400,11 @@ fn summaries_carry_the_start_times_explain_draws() {
     let out = run(
         &mut t,
         vec![
-            (ev(Kind::Exec, 100, 1337), who(istio::PROXY_CONTAINER), injected()),
+            (
+                ev(Kind::Exec, 100, 1337),
+                who(istio::PROXY_CONTAINER),
+                injected(),
+            ),
             (ev(Kind::Exec, 150, 0), who("app"), None),
             (ev(Kind::Exec, 160, 0), who("app"), None),
             (
