@@ -436,7 +436,7 @@ mod tests {
         );
         let bare = pod("checkout-x", 30, None);
         assert_eq!(
-            what_changed(&bare, &[bare.clone()]).kind,
+            what_changed(&bare, std::slice::from_ref(&bare)).kind,
             ChangeKind::Unknown
         );
     }
