@@ -184,6 +184,12 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
             format!("{base}/events did not answer JSON lines: is --addr the agent's HTTP port?"),
         ));
     }
+    let stubs = lines.iter().filter(|l| l.kind == "event_too_large").count();
+    if stubs > 0 {
+        eprintln!(
+            "connscope explain: the agent kept {stubs} event(s) only as event_too_large stubs (its --recent-events-bytes share per line was too small): timelines may miss them"
+        );
+    }
     let node = lines.iter().find_map(|l| l.node.clone());
     let on = match &node {
         Some(n) => format!("the agent on node {n}"),

@@ -17,10 +17,9 @@ use serde_json::{Value, json};
 use crate::fixture::{Agent, BIN, Node, free_port, start_sidecar, wait_for};
 
 /// The agent of these tests: failures of a pod whose injection is not known
-/// yet are held for a second, and `/events` keeps more lines than by
-/// default (other tests' pods share the machine).
+/// yet are held for a second.
 fn agent(node: &Node) -> Agent {
-    node.agent(&["--hold-seconds", "1", "--recent-events", "20000"])
+    node.agent(&["--hold-seconds", "1"])
 }
 
 /// `connscope explain --addr <agent> args...`: (exit status, stdout, stderr).
