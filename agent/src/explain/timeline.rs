@@ -623,3 +623,62 @@ fn verdicts(
     };
     vec![verdict]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::explain::events;
+
+    const MS: u64 = 1_000_000;
+
+    /// Kernel lines only (an agent run with --process-events whose
+    /// summaries are gone from `/events`): the timeline still stands.
+    #[test]
+    fn kernel_lines_alone_give_starts_listeners_and_failures() {
+        let who = r#""namespace":"shop","pod":"web-0","workload":"web""#;
+        let uid = r#","pod_uid":"u1""#;
+        let text = [
+            format!(r#"{{"type":"process","state":"exec","mono_ns":{},"container":"istio-proxy",{who}{uid}}}"#, 100 * MS),
+            format!(r#"{{"type":"process","state":"exec","mono_ns":{},"container":"app",{who}{uid}}}"#, 300 * MS),
+            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":1337,"port":15021,{who}{uid}}}"#, 150 * MS),
+            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":0,"container":"app","port":8080,{who}{uid}}}"#, 400 * MS),
+            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":1337,"port":15001,{who}{uid}}}"#, 900 * MS),
+            // A line without the pod's uid joins the one pod of that name.
+            format!(r#"{{"type":"connect_failure","phase":"not_captured","mono_ns":{},"dst":"10.0.0.9:5432",{who}}}"#, 500 * MS),
+            format!(r#"{{"type":"listener","state":"closed","mono_ns":{},"uid":1337,"port":15001,{who}{uid}}}"#, 5000 * MS),
+        ]
+        .join("\n");
+        let (lines, bad) = events::parse(&text);
+        assert_eq!(bad, 0);
+        let pods = build(&lines, None);
+        assert_eq!(pods.len(), 1, "{pods:?}");
+        let p = &pods[0];
+        let marks: Vec<(f64, &str)> = p.marks.iter().map(|m| (m.at_s, m.label.as_str())).collect();
+        assert_eq!(
+            marks,
+            [
+                (0.0, "pod start (first process)"),
+                (0.0, "container istio-proxy starts"),
+                (
+                    0.05,
+                    "istio-proxy listens on 15021 (health: what holdApplicationUntilProxyStarts and probes wait for)"
+                ),
+                (0.2, "container app starts"),
+                (0.3, "app listens on :8080"),
+                (
+                    0.8,
+                    "istio-proxy listens on 15001 (outbound capture: the sidecar is ready)"
+                ),
+                (
+                    4.9,
+                    "istio-proxy stops listening on 15001 (outbound capture ends)"
+                ),
+            ]
+        );
+        assert_eq!(p.spans.len(), 1);
+        assert_eq!(p.spans[0].phase, "not_captured");
+        assert_eq!(p.spans[0].destinations, ["10.0.0.9:5432"]);
+        assert_eq!(p.verdicts[0].phase, "no_race");
+        assert_eq!(p.pod_uid.as_deref(), Some("u1"));
+    }
+}
