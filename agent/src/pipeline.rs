@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use crate::{
-    attribute::{Attribution, Attributor},
+    attribute::{
+        Attribution, Attributor,
+        revision::{Revision, Revisions},
+    },
     export::{Exporter, SelfStats},
     k8s::PodStore,
     kernel::{
@@ -21,6 +24,9 @@ const METADATA_HOLD: std::time::Duration = std::time::Duration::from_millis(250)
 /// Events waiting for runtime metadata, at most: beyond, the reads are
 /// given up at once and the events go on without.
 const MAX_WAITING: usize = 65_536;
+/// Injected pods whose runtime revision is looked at per self-metrics tick
+/// (about a second), at most: a node runs a few hundred pods at most.
+const MAX_REVISION_REFRESH: usize = 512;
 
 /// Everything downstream of the ring buffer, in the order data flows.
 ///
@@ -43,6 +49,8 @@ pub struct Pipeline {
     out: Vec<Output>,
     /// Records per type since the last export (added to the metrics once per batch).
     counted: RecordCounts,
+    /// What each pod of the node runs (summaries' `revision`, the info metric).
+    revisions: Revisions,
 }
 
 impl Pipeline {
@@ -58,6 +66,7 @@ impl Pipeline {
             decode_errors: 0,
             out: Vec::new(),
             counted: RecordCounts::default(),
+            revisions: Revisions::default(),
         }
     }
 
@@ -93,8 +102,69 @@ impl Pipeline {
             crate::k8s::Update::Recovered => tracing::info!("Kubernetes API reachable again"),
             _ => self.who.invalidate(),
         }
+        if self.pods.is_none() {
+            return;
+        }
+        match &u {
+            crate::k8s::Update::Apply(p) => self.api_revision(p),
+            crate::k8s::Update::Replace(all) => {
+                let listed: std::collections::HashSet<&str> =
+                    all.iter().map(|p| p.uid.as_str()).collect();
+                self.revisions.api_gone_except(&listed);
+                for p in all {
+                    self.api_revision(p);
+                }
+            }
+            crate::k8s::Update::Delete(uid) => self.revisions.gone(uid),
+            _ => {}
+        }
         if let Some(p) = &mut self.pods {
             p.apply(u);
+        }
+    }
+
+    /// Takes a pod's revision from the API; what it had to leave out is
+    /// counted once per change, not per update of the pod.
+    fn api_revision(&mut self, p: &crate::k8s::PodInfo) {
+        let mut rejected = Vec::new();
+        let rev = Revision::from_api(p, &mut rejected);
+        let ns = Some(p.namespace.as_str());
+        if self
+            .revisions
+            .set(&p.uid, ns, Some(p.workload.name.as_str()), rev)
+        {
+            for field in rejected {
+                self.who.reject("kubernetes", field);
+            }
+        }
+    }
+
+    /// Brings a pod's revision up to date from its runtime files, unless the
+    /// API described the pod.
+    fn refresh_revision(&mut self, uid: &str, who: &Attribution) {
+        if self.revisions.from_api(uid) {
+            return;
+        }
+        if let Some(rev) = self.who.runtime_revision(uid) {
+            let (ns, wl) = (who.namespace.as_deref(), who.workload.as_deref());
+            self.revisions.set(uid, ns, wl, rev);
+        }
+    }
+
+    /// Fills in the summaries' `revision`.
+    fn attach_revisions(&mut self, out: &mut [Output]) {
+        for o in out.iter_mut() {
+            let (who, slot) = match o {
+                Output::SidecarReady(s) => (&s.who, &mut s.revision),
+                Output::StartupRace(s) => (&s.who, &mut s.revision),
+                Output::ShutdownRace(s) => (&s.who, &mut s.revision),
+                _ => continue,
+            };
+            let Some(uid) = who.pod_uid.as_deref() else {
+                continue;
+            };
+            self.refresh_revision(uid, who);
+            *slot = self.revisions.get(uid);
         }
     }
 
@@ -115,6 +185,7 @@ impl Pipeline {
             Ok(Raw::Cgroup(c)) => match decode::decode_cgroup(&c) {
                 Ok(change) => {
                     if let Some(uid) = self.who.cgroup_changed(change) {
+                        self.revisions.gone(&uid);
                         self.tracker.pod_gone(uid, c.ts_ns);
                     }
                 }
@@ -126,7 +197,20 @@ impl Pipeline {
 
     /// Brings the self-metrics up to date (called about once a second).
     pub(crate) fn update_self_metrics(&mut self, lost_total: u64) {
+        let injected: Vec<(String, Arc<Attribution>)> = self
+            .tracker
+            .injected_pods()
+            .filter(|(uid, _)| !self.revisions.from_api(uid))
+            .take(MAX_REVISION_REFRESH)
+            .map(|(uid, who)| (uid.to_string(), who.clone()))
+            .collect();
+        for (uid, who) in injected {
+            self.refresh_revision(&uid, &who);
+        }
+        self.revisions.prune();
         self.exporter.self_metrics(&SelfStats {
+            revisions: self.revisions.len(),
+            revision_series: self.revisions.series(),
             lost_total,
             pods_tracked: self.tracker.pods_tracked(),
             held_now: self.tracker.held(),
@@ -240,6 +324,7 @@ impl Pipeline {
         }
         let mut out = std::mem::take(&mut self.out);
         self.tracker.advance(now_ns, &mut out);
+        self.attach_revisions(&mut out);
         self.exporter.export(&mut out, &mut self.counted);
         self.out = out;
     }
@@ -249,6 +334,7 @@ impl Pipeline {
         self.release(true);
         let mut out = Vec::new();
         self.tracker.flush(&mut out);
+        self.attach_revisions(&mut out);
         self.exporter.export(&mut out, &mut self.counted);
     }
 

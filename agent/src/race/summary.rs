@@ -9,7 +9,7 @@ use super::{
     istio::{self, Mitigation},
     pod::PodState,
 };
-use crate::attribute::Attribution;
+use crate::attribute::{Attribution, revision::Revision};
 
 /// One pod's `sidecar_ready` event.
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +24,10 @@ pub struct SidecarReady {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_start_to_ready_seconds: Option<f64>,
     pub mitigation: Mitigation,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 /// One pod's startup-race summary.
@@ -45,6 +49,10 @@ pub struct RaceSummary {
     pub containers: Vec<String>,
     pub mitigation: Mitigation,
     pub recommendation: String,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 /// One pod's shutdown-race summary.
@@ -58,6 +66,10 @@ pub struct ShutdownSummary {
     pub last_refusal_mono_ns: u64,
     pub destinations: Vec<String>,
     pub recommendation: String,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 impl SidecarReady {
@@ -75,6 +87,7 @@ impl SidecarReady {
                 .filter(|&s| s <= ready)
                 .map(|s| secs(ready - s)),
             mitigation: p.mitigation.clone(),
+            revision: None,
         }
     }
 }
@@ -99,6 +112,7 @@ impl RaceSummary {
             containers: p.startup.containers.iter().cloned().collect(),
             mitigation: p.mitigation.clone(),
             recommendation: istio::startup_recommendation(&p.mitigation, ready.is_some()),
+            revision: None,
         }
     }
 }
@@ -114,6 +128,7 @@ impl ShutdownSummary {
             last_refusal_mono_ns: p.shutdown.last_ns,
             destinations: p.shutdown.dests.iter().map(|d| d.to_string()).collect(),
             recommendation: istio::SHUTDOWN_RECOMMENDATION.to_string(),
+            revision: None,
         }
     }
 }
