@@ -152,12 +152,18 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
             .contains("holdApplicationUntilProxyStarts")
     );
     // The page says what runs: no API here, so no template hash, and the
-    // proxy's version from the runtime's files.
-    let description = fired["annotations"]["description"].as_str().unwrap();
-    assert!(
-        description.ends_with("Running now: revision unknown / proxy 1.22.3."),
-        "{description}"
-    );
+    // proxy's version from the runtime's files (rendered at each evaluation,
+    // once the revision is scraped).
+    let says = "Running now: revision unknown / proxy 1.22.3.";
+    wait_for("the alert naming the revision", Duration::from_secs(30), || {
+        prom.alerts().into_iter().find(|a| {
+            a["labels"]["alertname"] == "ConnscopeStartupRace"
+                && a["labels"]["workload"] == "payments"
+                && a["annotations"]["description"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with(says))
+        })
+    });
     // The calm workload is known to Prometheus, and never alerts.
     assert_eq!(
         prom.value("sum(connscope_pods_started_total{workload=\"catalog\"})"),
