@@ -386,6 +386,10 @@ mod tests {
     }
 
     fn pipeline(out: &std::path::Path) -> Pipeline {
+        pipeline_api(out, false)
+    }
+
+    fn pipeline_api(out: &std::path::Path, use_api: bool) -> Pipeline {
         let none = out.with_extension("none");
         let who = Attributor::new(
             None,
@@ -404,7 +408,7 @@ mod tests {
                 Shared::new(Metrics::new(false).unwrap(), Limits::default()),
                 ExportOptions::default(),
             ),
-            false,
+            use_api,
         )
     }
 
@@ -453,6 +457,58 @@ mod tests {
             assert_eq!(skipped > 0, deadline_passed, "{file}: skipped {skipped}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn api_pods_give_revisions_and_what_they_leave_out_is_counted_once_per_change() {
+        use crate::k8s::{
+            PodInfo, Update,
+            pod::{IstioAnnotations, SpecContainer, Workload},
+        };
+        let out = std::env::temp_dir().join(format!("connscope-rev-{}.json", std::process::id()));
+        let mut p = pipeline_api(&out, true);
+        let container = |name: &str, image: &str| SpecContainer {
+            name: name.into(),
+            image: Some(image.into()),
+            init: false,
+        };
+        let pod = PodInfo {
+            uid: "u1".into(),
+            namespace: "shop".into(),
+            name: "checkout-7d9f8c6b5-xk2lp".into(),
+            node: Some("node-a".into()),
+            workload: Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            },
+            containers: Vec::new(),
+            istio: IstioAnnotations::default(),
+            pod_ips: Vec::new(),
+            spec_containers: vec![
+                container("app", "registry.example/shop/checkout:1.4.2"),
+                container("sidecar", "bad image"),
+                container("istio-proxy", "docker.io/istio/proxyv2:1.22.3"),
+            ],
+            template_hash: Some("7d9f8c6b5".into()),
+        };
+        // Status updates of the same pod: one change, counted once.
+        for _ in 0..3 {
+            p.pods_changed(Update::Apply(Box::new(pod.clone())));
+        }
+        assert_eq!(p.who.rejected.get(&("kubernetes", "image")), Some(&1));
+        let r = p.revisions.get("u1").unwrap();
+        assert_eq!(r.proxy_version.as_deref(), Some("1.22.3"));
+        assert_eq!(r.app_images.len(), 1, "{r:?}");
+        let series: Vec<_> = p.revisions.series().unwrap().into_iter().collect();
+        assert_eq!(
+            series,
+            [["shop", "checkout", "7d9f8c6b5", "1.22.3"].map(str::to_string)]
+        );
+        // A relist without the pod: it left.
+        p.pods_changed(Update::Replace(Vec::new()));
+        assert_eq!(p.revisions.series().unwrap().len(), 0);
+        assert!(p.revisions.get("u1").is_some(), "kept for late summaries");
+        let _ = std::fs::remove_file(&out);
     }
 
     fn events_total(p: &Pipeline, kind: &str) -> f64 {

@@ -246,7 +246,7 @@ impl Revisions {
                 }
                 _ => {}
             }
-            if *o.as_ref() == rev
+            if **o == rev
                 && old.namespace.as_deref() == namespace
                 && old.workload.as_deref() == workload
             {
