@@ -393,8 +393,15 @@ impl Exporter {
         else {
             return;
         };
+        // What the pod runs comes before the destinations, which may be long
+        // (the note is cut at 1000 characters).
+        let runs = s.revision.as_deref().map_or(String::new(), |r| {
+            let hash = r.pod_template_hash.as_deref().unwrap_or("unknown");
+            let proxy = r.proxy_version.as_deref().unwrap_or("unknown");
+            format!(" Pod revision {hash}, proxy {proxy}.")
+        });
         let note = format!(
-            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port (destinations: {}). {}",
+            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port.{runs} Destinations: {}. {}",
             s.refused,
             s.window_seconds
                 .map_or("an unknown time".into(), |w| format!("{w:.3}s")),
