@@ -124,7 +124,8 @@ impl Pipeline {
     }
 
     /// Takes a pod's revision from the API; what it had to leave out is
-    /// counted once per change, not per update of the pod.
+    /// counted once per change, not per update of the pod. A finished pod
+    /// (Succeeded, Failed) no longer runs its revision.
     fn api_revision(&mut self, p: &crate::k8s::PodInfo) {
         let mut rejected = Vec::new();
         let rev = Revision::from_api(p, &mut rejected);
@@ -136,6 +137,9 @@ impl Pipeline {
             for field in rejected {
                 self.who.reject("kubernetes", field);
             }
+        }
+        if p.finished {
+            self.revisions.gone(&p.uid);
         }
     }
 
@@ -490,6 +494,7 @@ mod tests {
                 container("istio-proxy", "docker.io/istio/proxyv2:1.22.3"),
             ],
             template_hash: Some("7d9f8c6b5".into()),
+            finished: false,
         };
         // Status updates of the same pod: one change, counted once.
         for _ in 0..3 {

@@ -669,6 +669,7 @@ mod tests {
             pod_ips: Vec::new(),
             spec_containers: Vec::new(),
             template_hash: None,
+            finished: false,
         }]));
         s
     }

@@ -372,6 +372,7 @@ mod tests {
             pod_ips: Vec::new(),
             spec_containers: containers,
             template_hash: Some("7d9f8c6b5".into()),
+            finished: false,
         }
     }
 

@@ -72,6 +72,8 @@ pub struct PodInfo {
     /// `pod-template-hash` (ReplicaSet), else `controller-revision-hash`
     /// (StatefulSet, DaemonSet). Kept raw; checked when used.
     pub template_hash: Option<String>,
+    /// Phase `Succeeded` or `Failed`: its containers will not run again.
+    pub finished: bool,
 }
 
 impl PodInfo {
@@ -260,6 +262,11 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
         template_hash: TEMPLATE_HASH_LABELS
             .iter()
             .find_map(|k| m.labels.as_ref()?.get(*k).cloned()),
+        finished: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed"),
     })
 }
 
