@@ -97,8 +97,7 @@ pub fn image_tag(image: &str) -> Option<&str> {
     let ok = !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
     ok.then_some(tag)
 }
@@ -434,7 +433,11 @@ mod tests {
     fn hostile_values_are_left_out_and_named() {
         let mut p = pod(vec![
             spec("app", "evil:1\n# HELP forged", false),
-            spec("side", &format!("r/{}:1", "a".repeat(MAX_IMAGE_BYTES)), false),
+            spec(
+                "side",
+                &format!("r/{}:1", "a".repeat(MAX_IMAGE_BYTES)),
+                false,
+            ),
             spec("istio-proxy", "istio/proxyv2:1.22.3 ", false),
             spec("ok", "ok:1", false),
         ]);
@@ -444,7 +447,13 @@ mod tests {
         let r = Revision::from_api(&p, &mut rejected);
         assert_eq!(
             rejected,
-            ["image", "image", "image", "istio_revision", "pod_template_hash"]
+            [
+                "image",
+                "image",
+                "image",
+                "istio_revision",
+                "pod_template_hash"
+            ]
         );
         assert_eq!(r.app_images.keys().collect::<Vec<_>>(), ["ok"]);
         assert_eq!((r.proxy_image, r.proxy_version), (None, None));
@@ -474,7 +483,10 @@ mod tests {
         let r = Revision::from_runtime(
             [
                 ("app", Some("registry.example/shop/checkout:1.4.2")),
-                ("istio-proxy", Some("docker.io/istio/proxyv2:1.22.3-distroless")),
+                (
+                    "istio-proxy",
+                    Some("docker.io/istio/proxyv2:1.22.3-distroless"),
+                ),
                 ("nameless", None),
             ],
             Some("node-a".into()),
@@ -525,7 +537,12 @@ mod tests {
         assert_eq!(*b.get("u1").unwrap(), api, "the API outranks the files");
         // A second pod of the same revision, and a pod without a proxy.
         b.set("u2", Some("shop"), Some("checkout"), api.clone());
-        b.set("u3", Some("shop"), Some("plain"), runtime(Some("p:1"), None));
+        b.set(
+            "u3",
+            Some("shop"),
+            Some("plain"),
+            runtime(Some("p:1"), None),
+        );
         let want = |v: &[[&str; 4]]| -> BTreeSet<Series> {
             v.iter().map(|s| s.map(str::to_string)).collect()
         };
@@ -566,7 +583,12 @@ mod tests {
         let r = b.get("u1").unwrap();
         assert_eq!(r.app_images.get("app").map(String::as_str), Some("a:1"));
         // A new app image replaces the old one.
-        b.set("u1", Some("shop"), Some("checkout"), runtime(Some("a:2"), None));
+        b.set(
+            "u1",
+            Some("shop"),
+            Some("checkout"),
+            runtime(Some("a:2"), None),
+        );
         let r = b.get("u1").unwrap();
         assert_eq!(r.app_images.get("app").map(String::as_str), Some("a:2"));
         assert_eq!(r.proxy_version.as_deref(), Some("1.22.3"));

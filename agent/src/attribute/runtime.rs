@@ -694,7 +694,10 @@ mod tests {
             "io.kubernetes.cri.container-type": "sandbox",
             "io.kubernetes.cri.image-name": "registry.k8s.io/pause:3.9",
         }});
-        assert_eq!(parse_config(pause.to_string().as_bytes()).unwrap().image, None);
+        assert_eq!(
+            parse_config(pause.to_string().as_bytes()).unwrap().image,
+            None
+        );
         // Longer than any registry takes: left out and named, the rest kept.
         let long = serde_json::json!({"annotations": {
             "io.kubernetes.cri.container-name": "app",

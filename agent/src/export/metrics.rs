@@ -369,9 +369,7 @@ impl Metrics {
     /// 1, those whose last pod left are removed.
     pub(crate) fn set_revisions(&mut self, now: &std::collections::BTreeSet<Series>) {
         for gone in self.revision_series.difference(now) {
-            let _ = self
-                .workload_revision_info
-                .remove_label_values(&strs(gone));
+            let _ = self.workload_revision_info.remove_label_values(&strs(gone));
         }
         for new in now.difference(&self.revision_series) {
             self.workload_revision_info

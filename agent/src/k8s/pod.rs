@@ -474,7 +474,11 @@ mod tests {
     fn a_statefulset_s_revision_is_its_controller_revision_hash() {
         let mut p = sample();
         p.metadata.labels = Some(
-            [("controller-revision-hash".to_string(), "web-6c5d9f".to_string())].into(),
+            [(
+                "controller-revision-hash".to_string(),
+                "web-6c5d9f".to_string(),
+            )]
+            .into(),
         );
         let w = Workload {
             kind: "StatefulSet".into(),

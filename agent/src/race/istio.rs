@@ -243,9 +243,15 @@ mod tests {
     fn the_proxy_version_is_its_image_tag_without_the_variant() {
         for (image, version) in [
             ("docker.io/istio/proxyv2:1.22.3", Some("1.22.3")),
-            ("gcr.io/istio-release/proxyv2:1.24.1-distroless", Some("1.24.1")),
+            (
+                "gcr.io/istio-release/proxyv2:1.24.1-distroless",
+                Some("1.24.1"),
+            ),
             ("istio/proxyv2:1.23.0-debug", Some("1.23.0")),
-            ("registry:5000/istio/proxyv2:1.22.3@sha256:0123", Some("1.22.3")),
+            (
+                "registry:5000/istio/proxyv2:1.22.3@sha256:0123",
+                Some("1.22.3"),
+            ),
             ("docker.io/istio/proxyv2@sha256:0123abcd", None),
             ("registry:5000/istio/proxyv2", None),
             ("istio/proxyv2:-distroless", None),

@@ -155,15 +155,19 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
     // proxy's version from the runtime's files (rendered at each evaluation,
     // once the revision is scraped).
     let says = "Running now: revision unknown / proxy 1.22.3.";
-    wait_for("the alert naming the revision", Duration::from_secs(30), || {
-        prom.alerts().into_iter().find(|a| {
-            a["labels"]["alertname"] == "ConnscopeStartupRace"
-                && a["labels"]["workload"] == "payments"
-                && a["annotations"]["description"]
-                    .as_str()
-                    .is_some_and(|d| d.ends_with(says))
-        })
-    });
+    wait_for(
+        "the alert naming the revision",
+        Duration::from_secs(30),
+        || {
+            prom.alerts().into_iter().find(|a| {
+                a["labels"]["alertname"] == "ConnscopeStartupRace"
+                    && a["labels"]["workload"] == "payments"
+                    && a["annotations"]["description"]
+                        .as_str()
+                        .is_some_and(|d| d.ends_with(says))
+            })
+        },
+    );
     // The calm workload is known to Prometheus, and never alerts.
     assert_eq!(
         prom.value("sum(connscope_pods_started_total{workload=\"catalog\"})"),

@@ -175,6 +175,9 @@ fn prometheus_events_endpoint_and_kubernetes_events() {
         "{note}"
     );
     // What changed starts with what runs.
-    assert!(note.contains("Pod revision 7d9f8c6b5, proxy 1.22.3."), "{note}");
+    assert!(
+        note.contains("Pod revision 7d9f8c6b5, proxy 1.22.3."),
+        "{note}"
+    );
     assert!(agent.stop().success());
 }

@@ -56,7 +56,10 @@ fn revision_from_runtime_files_without_the_api() {
     let lines = app.wait_exit(Duration::from_secs(20 * scale)).unwrap();
     let attempts = outcomes(&lines).unwrap();
     assert!(attempts.iter().any(|o| o.ok), "{attempts:?}");
-    assert!(!attempts[0].ok && !attempts.last().unwrap().ok, "{attempts:?}");
+    assert!(
+        !attempts[0].ok && !attempts.last().unwrap().ok,
+        "{attempts:?}"
+    );
     let uid = pod.pod.uid.clone();
     wait_for("the startup_race summary", Duration::from_secs(10), || {
         (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
