@@ -151,7 +151,7 @@ impl Health {
             )?,
             metadata_rejected: counters(
                 "connscope_metadata_values_rejected_total",
-                "Metadata values not taken as they came for their length, by source and field: names over 253 bytes (left out) and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
+                "Metadata values not taken as they came, by source and field: names over 253 bytes, images over 640 bytes or not of the reference grammar, label values (istio_revision, pod_template_hash) that are not Kubernetes label values (all left out), and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
                 &["source", "field"],
             )?,
             http_auth: counters(
