@@ -506,6 +506,21 @@ mod tests {
         assert!(Revision::from_runtime([("app", None)], None, &mut Vec::new()).is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn image_parsing_never_panics_and_takes_only_what_is_there(image in ".{0,200}") {
+            if let Some(tag) = image_tag(&image) {
+                let with_colon = format!(":{}", tag);
+                proptest::prop_assert!(image.contains(&with_colon));
+                proptest::prop_assert!(tag.len() <= 128);
+            }
+            if let Some(v) = proxy_version(&image) {
+                proptest::prop_assert!(!v.is_empty() && image.contains(v));
+            }
+            let _ = image_ok(&image);
+        }
+    }
+
     fn runtime(app: Option<&str>, proxy: Option<&str>) -> Revision {
         Revision::from_runtime(
             app.map(|a| ("app", Some(a)))
