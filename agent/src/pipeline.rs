@@ -149,9 +149,14 @@ impl Pipeline {
         if self.revisions.from_api(uid) {
             return;
         }
-        if let Some(rev) = self.who.runtime_revision(uid) {
+        let mut rejected = Vec::new();
+        if let Some(rev) = self.who.runtime_revision(uid, &mut rejected) {
             let (ns, wl) = (who.namespace.as_deref(), who.workload.as_deref());
-            self.revisions.set(uid, ns, wl, rev);
+            if self.revisions.set(uid, ns, wl, rev) {
+                for field in rejected {
+                    self.who.reject("runtime", field);
+                }
+            }
         }
     }
 

@@ -394,8 +394,12 @@ impl Attributor {
     /// What a pod runs according to its running containers' runtime files
     /// (the pod's cgroup directory listed at most every 250 ms). A file
     /// still being read is left for the next call. None: no file names an
-    /// image.
-    pub(crate) fn runtime_revision(&mut self, pod_uid: &str) -> Option<revision::Revision> {
+    /// image. What had to be left out is named in `rejected`.
+    pub(crate) fn runtime_revision(
+        &mut self,
+        pod_uid: &str,
+        rejected: &mut Vec<&'static str>,
+    ) -> Option<revision::Revision> {
         // A pod whose cgroup is not (or no longer) known has no containers
         // to list: nothing is cached for it.
         if !self.pod_dirs.contains_key(pod_uid) {
@@ -413,8 +417,7 @@ impl Attributor {
         let containers = metas
             .iter()
             .filter_map(|m| Some((m.container_name.as_deref()?, m.image.as_deref())));
-        // Images were checked when read: nothing is left to reject here.
-        revision::Revision::from_runtime(containers, self.node.clone(), &mut Vec::new())
+        revision::Revision::from_runtime(containers, self.node.clone(), rejected)
     }
 
     /// Lists a pod's container cgroups unless they were listed in the last
@@ -791,11 +794,16 @@ mod tests {
             )
             .unwrap();
             let mut who = node.attributor();
-            assert_eq!(who.runtime_revision(&pod.uid), None, "pod not seen yet");
+            let mut rejected = Vec::new();
+            assert_eq!(
+                who.runtime_revision(&pod.uid, &mut rejected),
+                None,
+                "pod not seen yet"
+            );
             who.attribute_wait(&app(&pod), None);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             let rev = loop {
-                if let Some(r) = who.runtime_revision(&pod.uid)
+                if let Some(r) = who.runtime_revision(&pod.uid, &mut rejected)
                     && r.proxy_image.is_some()
                 {
                     break r;
@@ -813,6 +821,7 @@ mod tests {
                 }),
                 "{flavor:?}"
             );
+            assert!(rejected.is_empty(), "{rejected:?}");
         }
     }
 

@@ -60,6 +60,9 @@ pub struct Revision {
 
 /// The longest label value Kubernetes accepts.
 const MAX_LABEL_VALUE_BYTES: usize = 63;
+/// App images kept per pod, at most (a summary stays a few KiB); the
+/// others are left out and counted (field `app_images`).
+const MAX_APP_IMAGES: usize = 16;
 
 /// Whether `v` is a Kubernetes label value (`istio.io/rev` and the template
 /// hashes are): at most 63 bytes, alphanumerics with `-`, `_`, `.` inside.
@@ -127,8 +130,10 @@ impl Revision {
         if name == PROXY_CONTAINER {
             self.proxy_version = proxy_version(image).map(str::to_string);
             self.proxy_image = Some(image.to_string());
-        } else {
+        } else if self.app_images.len() < MAX_APP_IMAGES || self.app_images.contains_key(name) {
             self.app_images.insert(name.to_string(), image.to_string());
+        } else {
+            rejected.push("app_images");
         }
     }
 
@@ -504,6 +509,20 @@ mod tests {
             })
         );
         assert!(Revision::from_runtime([("app", None)], None, &mut Vec::new()).is_none());
+    }
+
+    #[test]
+    fn app_images_are_bounded_and_what_is_left_out_is_named() {
+        let names: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();
+        let mut rejected = Vec::new();
+        let r = Revision::from_runtime(
+            names.iter().map(|n| (n.as_str(), Some("app:1"))),
+            None,
+            &mut rejected,
+        )
+        .unwrap();
+        assert_eq!(r.app_images.len(), MAX_APP_IMAGES);
+        assert_eq!(rejected, ["app_images"; 4]);
     }
 
     proptest::proptest! {
