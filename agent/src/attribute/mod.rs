@@ -392,9 +392,10 @@ impl Attributor {
     }
 
     /// What a pod runs according to its running containers' runtime files
-    /// (the pod's cgroup directory listed at most every 250 ms). A file
-    /// still being read is left for the next call. None: no file names an
-    /// image. What had to be left out is named in `rejected`.
+    /// (the pod's cgroup directory listed at most every 250 ms), as far as
+    /// they were read for the containers' own events: no read is queued
+    /// here. None: no file names an image. What had to be left out is named
+    /// in `rejected`.
     pub(crate) fn runtime_revision(
         &mut self,
         pod_uid: &str,
@@ -407,15 +408,11 @@ impl Attributor {
         }
         self.scan(pod_uid);
         let children = self.scanned.get(pod_uid).map(|(_, c)| c.clone())?;
-        let metas: Vec<runtime::ContainerMeta> = children
+        let runtime = &self.runtime;
+        let containers = children
             .iter()
-            .filter_map(|(cid, rt)| match self.runtime.lookup(cid, *rt) {
-                Lookup::Known(Some(m)) if !m.sandbox => Some(m),
-                _ => None,
-            })
-            .collect();
-        let containers = metas
-            .iter()
+            .filter_map(|(cid, _)| runtime.peek(cid))
+            .filter(|m| !m.sandbox)
             .filter_map(|m| Some((m.container_name.as_deref()?, m.image.as_deref())));
         revision::Revision::from_runtime(containers, self.node.clone(), rejected)
     }
@@ -801,15 +798,13 @@ mod tests {
                 "pod not seen yet"
             );
             who.attribute_wait(&app(&pod), None);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            let rev = loop {
-                if let Some(r) = who.runtime_revision(&pod.uid, &mut rejected)
-                    && r.proxy_image.is_some()
-                {
-                    break r;
-                }
-                assert!(who.runtime.wait(deadline), "{flavor:?}: no proxy image");
-            };
+            // Only what the containers' own events had read: the proxy did
+            // nothing yet.
+            let r = who.runtime_revision(&pod.uid, &mut rejected).unwrap();
+            assert_eq!((r.app_images.len(), r.proxy_image), (1, None));
+            let proxy = event(&pod.container("istio-proxy").unwrap().cgroup);
+            who.attribute_wait(&proxy, None);
+            let rev = who.runtime_revision(&pod.uid, &mut rejected).unwrap();
             assert_eq!(
                 serde_json::to_value(&rev).unwrap(),
                 serde_json::json!({

@@ -446,6 +446,16 @@ impl Reader {
         Lookup::Pending
     }
 
+    /// Metadata of a container if it is cached; never queues a read (a
+    /// container that did nothing yet is not read on its behalf: its files
+    /// may still be being written).
+    pub(crate) fn peek(&self, id: &str) -> Option<&ContainerMeta> {
+        self.cache
+            .get(id)
+            .filter(|c| c.ttl.is_none_or(|t| c.at.elapsed() < t))
+            .and_then(|c| c.meta.as_ref())
+    }
+
     /// Takes the reads that finished into the cache.
     pub(crate) fn poll(&mut self) {
         while let Ok(r) = self.replies.try_recv() {
