@@ -75,6 +75,7 @@ pub struct Health {
     /// Entries in the agent's caches, by kind: returns to baseline after churn.
     pub state_entries: IntGaugeVec,
     pub probe_attached: IntGaugeVec,
+    pub connect_path: IntGaugeVec,
     pub build_info: GaugeVec,
     /// Failures held because the pod's injection was not yet known.
     pub held_failures: IntCounter,
@@ -136,6 +137,11 @@ impl Health {
                 "connscope_probe_attached",
                 "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
                 &["probe"],
+            )?,
+            connect_path: gauges(
+                "connscope_connect_path",
+                "1 for the path connect() is seen by: fentry (fentry/fexit on __sys_connect) or tracepoint (syscalls:sys_{enter,exit}_connect)",
+                &["path"],
             )?,
             held_failures: register(
                 r,
