@@ -2,11 +2,13 @@
 //! the BPF target only: on the host this binary is empty, and what the agent
 //! uses of the crate is its library, the ABI types.
 //!
-//! Hooks (tracepoints only: they are stable, and kprobes may be compiled out),
-//! one module of `programs` per family:
+//! Hooks (tracepoints, which are stable, and BTF-typed programs where the
+//! kernel allows them; kprobes may be compiled out), one module of
+//! `programs` per family:
 //! - `connect`: `syscalls:sys_enter_connect` / `sys_exit_connect`, the
 //!   address the application dialed, and the error a blocking `connect()`
-//!   returned.
+//!   returned; `connect_btf`: the same from `fentry`/`fexit` on
+//!   `__sys_connect`, far cheaper, used where the kernel allows it.
 //! - `sock_state`: `sock:inet_sock_set_state`, SYN_SENT start (task
 //!   context), SYN_SENT -> CLOSE (a failed connect, also non-blocking ones),
 //!   LISTEN up/down.

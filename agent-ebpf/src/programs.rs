@@ -15,6 +15,7 @@ mod maps;
 // One per hook family.
 mod cgroup;
 mod connect;
+mod connect_btf;
 mod reset;
 mod sched;
 mod sock_state;

@@ -87,6 +87,11 @@ impl Agent {
                 .with_label_values(&[s.hook.name])
                 .set(i64::from(s.error.is_none()));
         }
+        metrics
+            .health
+            .connect_path
+            .with_label_values(&[probes.connect_path.label()])
+            .set(1);
         let shared = Shared::new(
             metrics,
             Limits {
@@ -328,6 +333,8 @@ fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
         },
         ring_bytes: args.ring_buffer_bytes,
         disabled: args.disable_probe.clone(),
+        connect_path: args.connect_path,
+        btf: args.btf.clone(),
     })?;
     let hook = probes
         .status

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{export::json, race::istio};
+use crate::{export::json, kernel::probes::ConnectPathChoice, race::istio};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// Do not attach this hook (tracepoint name, e.g. tcp_receive_reset). Repeatable.
     #[arg(long = "disable-probe")]
     pub disable_probe: Vec<String>,
+    /// How connect() is seen: fentry/fexit on __sys_connect where the kernel
+    /// allows it (auto), or the syscall tracepoints.
+    #[arg(long, value_enum, default_value_t = ConnectPathChoice::Auto)]
+    pub connect_path: ConnectPathChoice,
     /// Attach every hook but make each program return at once: what the
     /// hooks cost by themselves (`cargo xtask bench`). Reports nothing.
     #[arg(long, hide = true)]

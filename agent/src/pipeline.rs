@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use crate::{
-    attribute::{Attribution, Attributor},
+    attribute::{
+        Attribution, Attributor,
+        revision::{Revision, Revisions},
+    },
     export::{Exporter, SelfStats},
     k8s::PodStore,
     kernel::{
@@ -21,6 +24,9 @@ const METADATA_HOLD: std::time::Duration = std::time::Duration::from_millis(250)
 /// Events waiting for runtime metadata, at most: beyond, the reads are
 /// given up at once and the events go on without.
 const MAX_WAITING: usize = 65_536;
+/// Injected pods whose runtime revision is looked at per self-metrics tick
+/// (about a second), at most: a node runs a few hundred pods at most.
+const MAX_REVISION_REFRESH: usize = 512;
 
 /// Everything downstream of the ring buffer, in the order data flows.
 ///
@@ -43,6 +49,8 @@ pub struct Pipeline {
     out: Vec<Output>,
     /// Records per type since the last export (added to the metrics once per batch).
     counted: RecordCounts,
+    /// What each pod of the node runs (summaries' `revision`, the info metric).
+    revisions: Revisions,
 }
 
 impl Pipeline {
@@ -58,6 +66,7 @@ impl Pipeline {
             decode_errors: 0,
             out: Vec::new(),
             counted: RecordCounts::default(),
+            revisions: Revisions::default(),
         }
     }
 
@@ -93,8 +102,78 @@ impl Pipeline {
             crate::k8s::Update::Recovered => tracing::info!("Kubernetes API reachable again"),
             _ => self.who.invalidate(),
         }
+        if self.pods.is_none() {
+            return;
+        }
+        match &u {
+            crate::k8s::Update::Apply(p) => self.api_revision(p),
+            crate::k8s::Update::Replace(all) => {
+                let listed: std::collections::HashSet<&str> =
+                    all.iter().map(|p| p.uid.as_str()).collect();
+                self.revisions.api_gone_except(&listed);
+                for p in all {
+                    self.api_revision(p);
+                }
+            }
+            crate::k8s::Update::Delete(uid) => self.revisions.gone(uid),
+            _ => {}
+        }
         if let Some(p) = &mut self.pods {
             p.apply(u);
+        }
+    }
+
+    /// Takes a pod's revision from the API; what it had to leave out is
+    /// counted once per change, not per update of the pod. A finished pod
+    /// (Succeeded, Failed) no longer runs its revision.
+    fn api_revision(&mut self, p: &crate::k8s::PodInfo) {
+        let mut rejected = Vec::new();
+        let rev = Revision::from_api(p, &mut rejected);
+        let ns = Some(p.namespace.as_str());
+        if self
+            .revisions
+            .set(&p.uid, ns, Some(p.workload.name.as_str()), rev)
+        {
+            for field in rejected {
+                self.who.reject("kubernetes", field);
+            }
+        }
+        if p.finished {
+            self.revisions.gone(&p.uid);
+        }
+    }
+
+    /// Brings a pod's revision up to date from its runtime files, unless the
+    /// API described the pod.
+    fn refresh_revision(&mut self, uid: &str, who: &Attribution) {
+        if self.revisions.from_api(uid) {
+            return;
+        }
+        let mut rejected = Vec::new();
+        if let Some(rev) = self.who.runtime_revision(uid, &mut rejected) {
+            let (ns, wl) = (who.namespace.as_deref(), who.workload.as_deref());
+            if self.revisions.set(uid, ns, wl, rev) {
+                for field in rejected {
+                    self.who.reject("runtime", field);
+                }
+            }
+        }
+    }
+
+    /// Fills in the summaries' `revision`.
+    fn attach_revisions(&mut self, out: &mut [Output]) {
+        for o in out.iter_mut() {
+            let (who, slot) = match o {
+                Output::SidecarReady(s) => (&s.who, &mut s.revision),
+                Output::StartupRace(s) => (&s.who, &mut s.revision),
+                Output::ShutdownRace(s) => (&s.who, &mut s.revision),
+                _ => continue,
+            };
+            let Some(uid) = who.pod_uid.as_deref() else {
+                continue;
+            };
+            self.refresh_revision(uid, who);
+            *slot = self.revisions.get(uid);
         }
     }
 
@@ -115,6 +194,7 @@ impl Pipeline {
             Ok(Raw::Cgroup(c)) => match decode::decode_cgroup(&c) {
                 Ok(change) => {
                     if let Some(uid) = self.who.cgroup_changed(change) {
+                        self.revisions.gone(&uid);
                         self.tracker.pod_gone(uid, c.ts_ns);
                     }
                 }
@@ -126,7 +206,20 @@ impl Pipeline {
 
     /// Brings the self-metrics up to date (called about once a second).
     pub(crate) fn update_self_metrics(&mut self, lost_total: u64) {
+        let injected: Vec<(String, Arc<Attribution>)> = self
+            .tracker
+            .injected_pods()
+            .filter(|(uid, _)| !self.revisions.from_api(uid))
+            .take(MAX_REVISION_REFRESH)
+            .map(|(uid, who)| (uid.to_string(), who.clone()))
+            .collect();
+        for (uid, who) in injected {
+            self.refresh_revision(&uid, &who);
+        }
+        self.revisions.prune();
         self.exporter.self_metrics(&SelfStats {
+            revisions: self.revisions.len(),
+            revision_series: self.revisions.series(),
             lost_total,
             pods_tracked: self.tracker.pods_tracked(),
             held_now: self.tracker.held(),
@@ -240,6 +333,7 @@ impl Pipeline {
         }
         let mut out = std::mem::take(&mut self.out);
         self.tracker.advance(now_ns, &mut out);
+        self.attach_revisions(&mut out);
         self.exporter.export(&mut out, &mut self.counted);
         self.out = out;
     }
@@ -249,6 +343,7 @@ impl Pipeline {
         self.release(true);
         let mut out = Vec::new();
         self.tracker.flush(&mut out);
+        self.attach_revisions(&mut out);
         self.exporter.export(&mut out, &mut self.counted);
     }
 
@@ -300,6 +395,10 @@ mod tests {
     }
 
     fn pipeline(out: &std::path::Path) -> Pipeline {
+        pipeline_api(out, false)
+    }
+
+    fn pipeline_api(out: &std::path::Path, use_api: bool) -> Pipeline {
         let none = out.with_extension("none");
         let who = Attributor::new(
             None,
@@ -318,7 +417,7 @@ mod tests {
                 Shared::new(Metrics::new(false).unwrap(), Limits::default()),
                 ExportOptions::default(),
             ),
-            false,
+            use_api,
         )
     }
 
@@ -367,6 +466,59 @@ mod tests {
             assert_eq!(skipped > 0, deadline_passed, "{file}: skipped {skipped}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn api_pods_give_revisions_and_what_they_leave_out_is_counted_once_per_change() {
+        use crate::k8s::{
+            PodInfo, Update,
+            pod::{IstioAnnotations, SpecContainer, Workload},
+        };
+        let out = std::env::temp_dir().join(format!("connscope-rev-{}.json", std::process::id()));
+        let mut p = pipeline_api(&out, true);
+        let container = |name: &str, image: &str| SpecContainer {
+            name: name.into(),
+            image: Some(image.into()),
+            init: false,
+        };
+        let pod = PodInfo {
+            uid: "u1".into(),
+            namespace: "shop".into(),
+            name: "checkout-7d9f8c6b5-xk2lp".into(),
+            node: Some("node-a".into()),
+            workload: Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            },
+            containers: Vec::new(),
+            istio: IstioAnnotations::default(),
+            pod_ips: Vec::new(),
+            spec_containers: vec![
+                container("app", "registry.example/shop/checkout:1.4.2"),
+                container("sidecar", "bad image"),
+                container("istio-proxy", "docker.io/istio/proxyv2:1.22.3"),
+            ],
+            template_hash: Some("7d9f8c6b5".into()),
+            finished: false,
+        };
+        // Status updates of the same pod: one change, counted once.
+        for _ in 0..3 {
+            p.pods_changed(Update::Apply(Box::new(pod.clone())));
+        }
+        assert_eq!(p.who.rejected.get(&("kubernetes", "image")), Some(&1));
+        let r = p.revisions.get("u1").unwrap();
+        assert_eq!(r.proxy_version.as_deref(), Some("1.22.3"));
+        assert_eq!(r.app_images.len(), 1, "{r:?}");
+        let series: Vec<_> = p.revisions.series().unwrap().into_iter().collect();
+        assert_eq!(
+            series,
+            [["shop", "checkout", "7d9f8c6b5", "1.22.3"].map(str::to_string)]
+        );
+        // A relist without the pod: it left.
+        p.pods_changed(Update::Replace(Vec::new()));
+        assert_eq!(p.revisions.series().unwrap().len(), 0);
+        assert!(p.revisions.get("u1").is_some(), "kept for late summaries");
+        let _ = std::fs::remove_file(&out);
     }
 
     fn events_total(p: &Pipeline, kind: &str) -> f64 {

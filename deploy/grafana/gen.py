@@ -54,6 +54,19 @@ panels = [
     panel(11, "Agent: events read and pods tracked", "timeseries",
           [("sum by (instance) (rate(connscope_events_total[$__rate_interval]))", "events/s {{instance}}"),
            ("sum by (instance) (connscope_pods_tracked)", "pods {{instance}}")], 16, 32, w=8),
+    panel(12, "Workload revisions running (pod-template-hash / proxy version)", "table",
+          [f"count by (namespace, workload, revision, proxy_version) (connscope_workload_revision_info{{{SEL}}})"],
+          0, 40, w=24, fmt="table"),
+]
+
+# A rollout: a workload revision (template hash, proxy version) that did not
+# run 5 minutes before. Marks the panels' time axis with what changed.
+REVISION = "count by (namespace, workload, revision, proxy_version) (connscope_workload_revision_info{%s}%s)"
+annotations = [
+    {"name": "Rollouts (revision / proxy version)", "datasource": DS, "enable": True, "iconColor": "#8AB8FF",
+     "expr": f"{REVISION % (SEL, '')} unless {REVISION % (SEL, ' offset 5m')}",
+     "step": "1m", "titleFormat": "{{namespace}}/{{workload}} rolled out",
+     "textFormat": "revision {{revision}} / proxy {{proxy_version}}", "tagKeys": "namespace,workload"},
 ]
 
 var = lambda name, q: {
@@ -74,6 +87,7 @@ dash = {
         var("namespace", "label_values(connscope_pods_started_total, namespace)"),
         var("workload", 'label_values(connscope_pods_started_total{namespace=~"$namespace"}, workload)'),
     ]},
+    "annotations": {"list": annotations},
     "panels": panels,
 }
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "connscope.json"), "w") as f:

@@ -25,16 +25,23 @@ use crate::vm::{self, Prepared, Series};
 ///   and down, exec and exit;
 /// - one full race with Istio's iptables rules, from the guest kernel's
 ///   own netfilter modules;
+/// - both again on the syscall-tracepoint connect path (the guests allow
+///   fentry, which the default runs: `CONNSCOPE_EXPECT_CONNECT_PATH`);
 /// - restore (the agent started while the sidecar is up) and shutdown;
 /// - capture: the kernel's proof where the kernel gives it (6.10+), the
 ///   documented degradation (inferred) before.
+///
+/// Every guest kernel (x86-64, 5.5+, with BTF) allows fentry: the tests
+/// there must see the agent use it (`CONNSCOPE_EXPECT_CONNECT_PATH`).
 ///
 /// The rest of the suite (the classic-tracepoint fallbacks, exports,
 /// deploy, faults...) is kernel-independent logic or forced fallbacks and
 /// runs on the host: TCG is too slow for all of it in the CI budget.
 pub(crate) const GUEST_TESTS: &[&str] = &[
     "probes::refusals_before_sidecar_listens_and_none_after",
+    "probes::syscall_tracepoints_see_the_same",
     "race::startup_race_sidecar_late",
+    "race::startup_race_on_syscall_tracepoints",
     "race::agent_restarted_while_sidecar_is_up",
     "shutdown::sigterm_mid_flood_exits_fast_and_detaches_everything",
     "capture::captured_destination_every_refusal_is_the_race",
@@ -80,7 +87,7 @@ impl Row {
 
 /// The agent and kernel-test binaries, built for this run: the same cargo
 /// invocation as the host's test run (so nothing is built twice), whose
-/// kernel tests start `target/debug/connscope`.
+/// kernel tests start the agent binary by its path.
 fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
@@ -91,13 +98,27 @@ fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
     if !out.status.success() {
         bail!("building the kernel tests failed");
     }
-    let tests = String::from_utf8_lossy(&out.stdout)
+    let messages: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["target"]["name"] == "kernel")
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo named no kernel test executable")?;
-    Ok((workspace.join("target/debug/connscope"), tests))
+        .collect();
+    // By cargo's word, not by path: CARGO_TARGET_DIR may put them anywhere.
+    let executable = |name: &str, kind: &str| {
+        messages
+            .iter()
+            .filter(|m| m["target"]["name"] == name)
+            .filter(|m| {
+                m["target"]["kind"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k == kind))
+            })
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .with_context(|| format!("cargo named no {kind} executable {name}"))
+    };
+    Ok((
+        executable("connscope", "bin")?,
+        executable("kernel", "test")?,
+    ))
 }
 
 /// A binary the guests run, and the copy they load: without its debug
@@ -251,7 +272,7 @@ fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path, staged: &
         })
         .collect::<String>();
     let command = format!(
-        "{stage}{bin} check > \"$VM_RESULTS/check.txt\" 2>&1; echo $? > \"$VM_RESULTS/check.status\"; {tests}",
+        "{stage}{bin} check > \"$VM_RESULTS/check.txt\" 2>&1; echo $? > \"$VM_RESULTS/check.status\"; CONNSCOPE_EXPECT_CONNECT_PATH=fentry {tests}",
         bin = vm::shell_words(&[bin.display().to_string()]),
         tests = vm::shell_words(&words),
     );

@@ -1,7 +1,8 @@
 //! `syscalls:sys_enter_connect` / `sys_exit_connect`: the address the
 //! application dialed, and the error a blocking `connect()` returned. The
 //! two ends of the syscall meet in `PENDING`, which the socket state hook
-//! also writes into while the syscall runs.
+//! also writes into while the syscall runs. [`on_enter`] and [`on_exit`]
+//! are shared with the BTF-typed entry points in `connect_btf`.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user_buf},
@@ -29,9 +30,25 @@ fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
-    let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) else {
+    if let Some(uaddr) = read::<u64>(&ctx, cfg_field!(enter_uservaddr)) {
+        on_enter(uaddr);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    if cfg_field!(noop) != 0 {
         return 0;
-    };
+    }
+    on_exit(read::<i64>(&ctx, cfg_field!(exit_ret)).unwrap_or(0));
+    0
+}
+
+/// A thread enters `connect()` to dial the `struct sockaddr` at `uaddr`
+/// (user memory, read only if the connect fails).
+#[inline(always)]
+pub(super) fn on_enter(uaddr: u64) {
     let p = Pending {
         start_ns: now(),
         sk: 0,
@@ -53,28 +70,24 @@ fn sys_enter_connect(ctx: TracePointContext) -> u32 {
             let _ = PENDING.insert(tid, p, 0);
         }
     }
-    0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
-fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    if cfg_field!(noop) != 0 {
-        return 0;
-    }
-    let cfg = config();
+/// The thread's `connect()` returns `ret` (0 or a negative errno).
+#[inline(always)]
+pub(super) fn on_exit(ret: i64) {
     let tid = bpf_get_current_pid_tgid() as u32;
     let Some(pp) = active_pending(tid) else {
-        return 0;
+        return;
     };
     // SAFETY: this thread's own slot: copied, then marked ended (kept for
     // the thread's next connect).
     let p = unsafe { *pp };
     // SAFETY: as above.
     unsafe { (*pp).active = 0 };
-    let ret = read::<i64>(&ctx, cfg.exit_ret).unwrap_or(0);
     if ret == 0 {
-        return 0;
+        return;
     }
+    let cfg = config();
     let err = (-ret) as i32;
     let goes_on = err == EINPROGRESS || err == EINTR || err >= ERESTART_MIN;
     if goes_on && p.failed == 0 {
@@ -92,10 +105,10 @@ fn sys_exit_connect(ctx: TracePointContext) -> u32 {
             // SAFETY: as above.
             unsafe { *c = full };
         }
-        return 0;
+        return;
     }
     if err == EALREADY || err == EISCONN {
-        return 0;
+        return;
     }
     let ts = now();
     let c = current_ctx(&cfg, p.start_ns);
@@ -142,5 +155,4 @@ fn sys_exit_connect(ctx: TracePointContext) -> u32 {
             }
         });
     }
-    0
 }

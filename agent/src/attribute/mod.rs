@@ -11,6 +11,7 @@ use serde::Serialize;
 pub mod cgroup;
 pub mod kubelet;
 pub mod restore;
+pub mod revision;
 pub mod runtime;
 
 use crate::{k8s::PodStore, kernel::decode::KernelEvent};
@@ -126,19 +127,24 @@ impl Attributor {
         for p in self.runtime.take_problems() {
             match p {
                 Problem::Error(source, msg) => self.error(source, msg),
-                Problem::TooLong(source, field) => {
-                    let n = self.rejected.entry((source, field)).or_default();
-                    *n += 1;
-                    if *n == 1 {
-                        tracing::warn!(
-                            source,
-                            field,
-                            max = runtime::MAX_NAME_BYTES,
-                            "metadata value longer than Kubernetes allows for a name: left out (further ones are only counted)"
-                        );
-                    }
-                }
+                Problem::TooLong(source, field) => self.reject(source, field),
             }
+        }
+    }
+
+    /// Counts a metadata value left out (over its bound, or not of its
+    /// syntax); logs only the first of each source and field.
+    pub(crate) fn reject(&mut self, source: &'static str, field: &'static str) {
+        let n = self.rejected.entry((source, field)).or_default();
+        *n += 1;
+        if *n == 1 {
+            tracing::warn!(
+                source,
+                field,
+                max_name = runtime::MAX_NAME_BYTES,
+                max_image = runtime::MAX_IMAGE_BYTES,
+                "metadata value over its bound or not of its syntax (a Kubernetes name or label value, an image reference): left out (further ones are only counted)"
+            );
         }
     }
 
@@ -372,6 +378,48 @@ impl Attributor {
     /// anything). The pod's cgroup directory is listed at most every 250 ms.
     /// None: a container's metadata is being read.
     pub(crate) fn pod_container_names(&mut self, pod_uid: &str) -> Option<Vec<String>> {
+        self.scan(pod_uid);
+        let children = self.scanned.get(pod_uid).map(|(_, c)| c.clone())?;
+        let mut names = Vec::new();
+        for (cid, rt) in children {
+            match self.runtime.lookup(&cid, rt) {
+                Lookup::Pending => return None,
+                Lookup::Known(Some(m)) => names.extend(m.container_name),
+                Lookup::Known(None) => {}
+            }
+        }
+        Some(names)
+    }
+
+    /// What a pod runs according to its running containers' runtime files
+    /// (the pod's cgroup directory listed at most every 250 ms), as far as
+    /// they were read for the containers' own events: no read is queued
+    /// here. None: no file names an image. What had to be left out is named
+    /// in `rejected`.
+    pub(crate) fn runtime_revision(
+        &mut self,
+        pod_uid: &str,
+        rejected: &mut Vec<&'static str>,
+    ) -> Option<revision::Revision> {
+        // A pod whose cgroup is not (or no longer) known has no containers
+        // to list: nothing is cached for it.
+        if !self.pod_dirs.contains_key(pod_uid) {
+            return None;
+        }
+        self.scan(pod_uid);
+        let children = self.scanned.get(pod_uid).map(|(_, c)| c.clone())?;
+        let runtime = &self.runtime;
+        let containers = children
+            .iter()
+            .filter_map(|(cid, _)| runtime.peek(cid))
+            .filter(|m| !m.sandbox)
+            .filter_map(|m| Some((m.container_name.as_deref()?, m.image.as_deref())));
+        revision::Revision::from_runtime(containers, self.node.clone(), rejected)
+    }
+
+    /// Lists a pod's container cgroups unless they were listed in the last
+    /// 250 ms.
+    fn scan(&mut self, pod_uid: &str) {
         let now = std::time::Instant::now();
         let fresh = self
             .scanned
@@ -384,16 +432,6 @@ impl Attributor {
             }
             self.scanned.insert(pod_uid.to_string(), (now, children));
         }
-        let children = self.scanned.get(pod_uid).map(|(_, c)| c.clone())?;
-        let mut names = Vec::new();
-        for (cid, rt) in children {
-            match self.runtime.lookup(&cid, rt) {
-                Lookup::Pending => return None,
-                Lookup::Known(Some(m)) => names.extend(m.container_name),
-                Lookup::Known(None) => {}
-            }
-        }
-        Some(names)
     }
 
     /// A pod's container cgroups (container id, runtime), from its cgroup
@@ -629,6 +667,9 @@ mod tests {
                 .collect(),
             istio: IstioAnnotations::default(),
             pod_ips: Vec::new(),
+            spec_containers: Vec::new(),
+            template_hash: None,
+            finished: false,
         }]));
         s
     }
@@ -732,6 +773,50 @@ mod tests {
                 assert_eq!(a.workload_source, Some(WorkloadSource::Derived));
                 assert_from_path(&a, &pod, Qos::BestEffort);
             }
+        }
+    }
+
+    #[test]
+    fn runtime_files_give_the_pod_s_images_and_proxy_version() {
+        let node = Node::new("revision");
+        for flavor in [Flavor::Containerd, Flavor::Crio] {
+            let pod = Pod::create(
+                &node.cgroup,
+                &node.roots,
+                flavor,
+                Qos::Burstable,
+                "shop",
+                "checkout-7d9f8c6b5-xk2lp",
+                &["app", "istio-proxy"],
+            )
+            .unwrap();
+            let mut who = node.attributor();
+            let mut rejected = Vec::new();
+            assert_eq!(
+                who.runtime_revision(&pod.uid, &mut rejected),
+                None,
+                "pod not seen yet"
+            );
+            who.attribute_wait(&app(&pod), None);
+            // Only what the containers' own events had read: the proxy did
+            // nothing yet.
+            let r = who.runtime_revision(&pod.uid, &mut rejected).unwrap();
+            assert_eq!((r.app_images.len(), r.proxy_image), (1, None));
+            let proxy = event(&pod.container("istio-proxy").unwrap().cgroup);
+            who.attribute_wait(&proxy, None);
+            let rev = who.runtime_revision(&pod.uid, &mut rejected).unwrap();
+            assert_eq!(
+                serde_json::to_value(&rev).unwrap(),
+                serde_json::json!({
+                    "app_images": {"app": crate::testbed::pod::image("shop", "app")},
+                    "proxy_image": crate::testbed::pod::PROXY_IMAGE,
+                    "proxy_version": "1.22.3",
+                    "node": "node-1",
+                    "source": "runtime"
+                }),
+                "{flavor:?}"
+            );
+            assert!(rejected.is_empty(), "{rejected:?}");
         }
     }
 

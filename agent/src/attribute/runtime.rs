@@ -6,6 +6,10 @@
 //! - CRI-O: `<crio-root>/<id>/userdata/config.json`
 //!   (`io.kubernetes.container.name`, `io.kubernetes.pod.*`)
 //!
+//! Both also name the container's image as the pod spec gave it:
+//! containerd `io.kubernetes.cri.image-name`, CRI-O
+//! `io.kubernetes.cri-o.ImageName` (the summaries' `revision`).
+//!
 //! Roots are flags, so the same code reads a node and a test's directories.
 //!
 //! These files are outside data: a FIFO, a device, a symlink to `/dev/zero`
@@ -30,7 +34,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::attribute::kubelet::Runtime;
+use crate::attribute::{kubelet::Runtime, revision::image_ok};
 
 /// A config.json larger than this is refused (no unbounded allocation).
 pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
@@ -40,6 +44,11 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 /// out (the field is absent, never cut to a name that might be someone
 /// else's) and counted.
 pub const MAX_NAME_BYTES: usize = 253;
+
+/// The longest image reference taken from metadata: a repository name is
+/// under 256 bytes, a tag at most 128, a digest (sha512) 135; with their
+/// separators, under 520. A longer value is left out and counted.
+pub const MAX_IMAGE_BYTES: usize = 640;
 
 /// Reads queued for the reader thread, at most.
 const MAX_PENDING: usize = 256;
@@ -54,9 +63,12 @@ pub struct ContainerMeta {
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
     pub pod_uid: Option<String>,
+    /// The image as the pod spec named it (`registry/repo:tag`).
+    pub image: Option<String>,
     /// The pod's sandbox (pause) container, not an application container.
     pub sandbox: bool,
-    /// Fields whose value was over [`MAX_NAME_BYTES`] and left out.
+    /// Fields whose value was over its bound ([`MAX_NAME_BYTES`],
+    /// [`MAX_IMAGE_BYTES`]) and left out.
     pub too_long: Vec<&'static str>,
 }
 
@@ -105,17 +117,28 @@ pub fn parse_config(json: &[u8]) -> Result<ContainerMeta, MetaError> {
         serde_json::from_slice(json).map_err(|e| MetaError::Json(e.to_string()))?;
     let a = &cfg.annotations;
     let mut too_long = Vec::new();
-    let mut get = |field: &'static str, keys: &[&str]| {
+    let mut get_max = |field: &'static str, keys: &[&str], max: usize| {
         let v = keys
             .iter()
             .find_map(|k| a.get(*k))
             .filter(|v| !v.is_empty())?;
-        if v.len() > MAX_NAME_BYTES {
+        if v.len() > max {
             too_long.push(field);
             return None;
         }
         Some(v.clone())
     };
+    let image = get_max(
+        "image",
+        &[
+            "io.kubernetes.cri.image-name",
+            "io.kubernetes.cri-o.ImageName",
+        ],
+        MAX_IMAGE_BYTES,
+    );
+    // Not a reference at all (whitespace, control characters): left out too.
+    let image_refused = image.as_deref().is_some_and(|i| !image_ok(i));
+    let mut get = |field: &'static str, keys: &[&str]| get_max(field, keys, MAX_NAME_BYTES);
     let kind = get(
         "container_type",
         &[
@@ -146,11 +169,15 @@ pub fn parse_config(json: &[u8]) -> Result<ContainerMeta, MetaError> {
         "pod_uid",
         &["io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"],
     );
+    if image_refused {
+        too_long.push("image");
+    }
     Ok(ContainerMeta {
         container_name: if sandbox { None } else { container_name },
         pod_name,
         pod_namespace,
         pod_uid,
+        image: image.filter(|_| !sandbox && !image_refused),
         sandbox,
         too_long,
     })
@@ -419,6 +446,16 @@ impl Reader {
         Lookup::Pending
     }
 
+    /// Metadata of a container if it is cached; never queues a read (a
+    /// container that did nothing yet is not read on its behalf: its files
+    /// may still be being written).
+    pub(crate) fn peek(&self, id: &str) -> Option<&ContainerMeta> {
+        self.cache
+            .get(id)
+            .filter(|c| c.ttl.is_none_or(|t| c.at.elapsed() < t))
+            .and_then(|c| c.meta.as_ref())
+    }
+
     /// Takes the reads that finished into the cache.
     pub(crate) fn poll(&mut self) {
         while let Ok(r) = self.replies.try_recv() {
@@ -642,6 +679,48 @@ mod tests {
         );
         let s = parse_config(br#"{"annotations":{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.container-name":"POD"}}"#).unwrap();
         assert!(s.sandbox && s.container_name.is_none());
+    }
+
+    #[test]
+    fn images_in_either_runtime_vocabulary_and_never_the_sandbox_s() {
+        let ctd = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.container-name": "app",
+            "io.kubernetes.cri.image-name": "registry.example/shop/checkout:1.4.2",
+        }});
+        let m = parse_config(ctd.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            m.image.as_deref(),
+            Some("registry.example/shop/checkout:1.4.2")
+        );
+        let crio = serde_json::json!({"annotations": {
+            "io.kubernetes.cri-o.ContainerType": "container",
+            "io.kubernetes.container.name": "istio-proxy",
+            "io.kubernetes.cri-o.ImageName": "docker.io/istio/proxyv2:1.22.3",
+        }});
+        let m = parse_config(crio.to_string().as_bytes()).unwrap();
+        assert_eq!(m.image.as_deref(), Some("docker.io/istio/proxyv2:1.22.3"));
+        let pause = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.container-type": "sandbox",
+            "io.kubernetes.cri.image-name": "registry.k8s.io/pause:3.9",
+        }});
+        assert_eq!(
+            parse_config(pause.to_string().as_bytes()).unwrap().image,
+            None
+        );
+        // Longer than any registry takes: left out and named, the rest kept.
+        let long = serde_json::json!({"annotations": {
+            "io.kubernetes.cri.container-name": "app",
+            "io.kubernetes.cri.image-name": format!("r.example/{}:1", "a".repeat(MAX_IMAGE_BYTES)),
+        }});
+        let m = parse_config(long.to_string().as_bytes()).unwrap();
+        assert_eq!((m.image, m.container_name.as_deref()), (None, Some("app")));
+        assert_eq!(m.too_long, ["image"]);
+        let forged = serde_json::json!({"annotations": {
+            "io.kubernetes.cri-o.ImageName": "app:1\n# forged line",
+        }});
+        let m = parse_config(forged.to_string().as_bytes()).unwrap();
+        assert_eq!((m.image, m.too_long), (None, vec!["image"]));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use prometheus::{
 };
 
 use crate::{
-    attribute::Attribution,
+    attribute::{Attribution, revision::Series},
     kernel::kind::{RecordCounts, RecordType},
     race::Phase,
 };
@@ -45,6 +45,12 @@ pub struct Metrics {
     pub sidecar_ready_seconds: HistogramVec,
     pub startup_race_window_seconds: HistogramVec,
     pub shutdown_race_pods: IntCounterVec,
+    /// 1 per workload revision (template hash, proxy version) of the
+    /// injected pods running on this node.
+    pub workload_revision_info: IntGaugeVec,
+    /// The series `workload_revision_info` has, to remove the ones whose
+    /// last pod left.
+    revision_series: std::collections::BTreeSet<Series>,
     pub events: IntCounterVec,
     /// `connscope_events_total` children by type, resolved once.
     /// The `connscope_events_total` child of each [`RecordType`], by index.
@@ -69,6 +75,7 @@ pub struct Health {
     /// Entries in the agent's caches, by kind: returns to baseline after churn.
     pub state_entries: IntGaugeVec,
     pub probe_attached: IntGaugeVec,
+    pub connect_path: IntGaugeVec,
     pub build_info: GaugeVec,
     /// Failures held because the pod's injection was not yet known.
     pub held_failures: IntCounter,
@@ -131,6 +138,11 @@ impl Health {
                 "1 if the kernel hook is attached, 0 if this kernel lacks it or it failed",
                 &["probe"],
             )?,
+            connect_path: gauges(
+                "connscope_connect_path",
+                "1 for the path connect() is seen by: fentry (fentry/fexit on __sys_connect) or tracepoint (syscalls:sys_{enter,exit}_connect)",
+                &["path"],
+            )?,
             held_failures: register(
                 r,
                 IntCounter::new(
@@ -145,7 +157,7 @@ impl Health {
             )?,
             metadata_rejected: counters(
                 "connscope_metadata_values_rejected_total",
-                "Metadata values not taken as they came for their length, by source and field: names over 253 bytes (left out) and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
+                "Metadata values not taken as they came, by source and field: names over 253 bytes, images over 640 bytes or not of the reference grammar, label values (istio_revision, pod_template_hash) that are not Kubernetes label values (all left out), and cgroup paths cut by the kernel record (source kernel; resolved from the cgroup file system)",
                 &["source", "field"],
             )?,
             http_auth: counters(
@@ -234,6 +246,17 @@ impl Metrics {
                 "Pods whose application was refused after the sidecar's capture listener closed",
                 &wl,
             )?,
+            workload_revision_info: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "connscope_workload_revision_info",
+                        "1 for each workload revision with an injected pod running on this node: revision is the pod-template-hash (or controller-revision-hash; empty without the API), proxy_version the proxy image's tag (empty when it has none)",
+                    ),
+                    &["namespace", "workload", "revision", "proxy_version"],
+                ),
+            )?,
+            revision_series: Default::default(),
             event_kinds: RecordType::ALL
                 .into_iter()
                 .map(|t| events.with_label_values(&[t.label()]))
@@ -346,6 +369,20 @@ impl Metrics {
     pub(crate) fn shutdown_race(&mut self, who: &Attribution) {
         let l = self.labels("shutdown", who, &[]);
         self.shutdown_race_pods.with_label_values(&strs(&l)).inc();
+    }
+
+    /// Sets the workload revisions running on the node: new ones appear at
+    /// 1, those whose last pod left are removed.
+    pub(crate) fn set_revisions(&mut self, now: &std::collections::BTreeSet<Series>) {
+        for gone in self.revision_series.difference(now) {
+            let _ = self.workload_revision_info.remove_label_values(&strs(gone));
+        }
+        for new in now.difference(&self.revision_series) {
+            self.workload_revision_info
+                .with_label_values(&strs(new))
+                .set(1);
+        }
+        self.revision_series = now.clone();
     }
 
     /// Drops series of workloads not seen for `series_ttl`.
@@ -469,6 +506,30 @@ mod tests {
             !t.contains("checkout-abc"),
             "no pod names without --pod-labels"
         );
+    }
+
+    #[test]
+    fn revision_info_follows_the_running_revisions() {
+        let mut m = Metrics::new(false).unwrap();
+        let series = |v: &[[&str; 4]]| -> std::collections::BTreeSet<Series> {
+            v.iter().map(|s| s.map(str::to_string)).collect()
+        };
+        let old = ["shop", "checkout", "7d9f8c6b5", "1.22.3"];
+        let new = ["shop", "checkout", "5f6d7c8b9", "1.23.0"];
+        m.set_revisions(&series(&[old]));
+        m.set_revisions(&series(&[old, new]));
+        let t = m.render();
+        for line in [
+            r#"connscope_workload_revision_info{namespace="shop",proxy_version="1.22.3",revision="7d9f8c6b5",workload="checkout"} 1"#,
+            r#"connscope_workload_revision_info{namespace="shop",proxy_version="1.23.0",revision="5f6d7c8b9",workload="checkout"} 1"#,
+        ] {
+            assert!(t.contains(line), "{line} in {t}");
+        }
+        // The old revision's last pod left.
+        m.set_revisions(&series(&[new]));
+        let t = m.render();
+        assert!(!t.contains("7d9f8c6b5"), "{t}");
+        assert!(t.contains(r#"revision="5f6d7c8b9""#));
     }
 
     #[test]

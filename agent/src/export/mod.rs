@@ -68,6 +68,10 @@ pub(crate) struct SelfStats<'a> {
     pub state_sizes: [(&'static str, usize); 4],
     /// Events waiting for runtime metadata.
     pub waiting: usize,
+    /// Pods whose revision is kept.
+    pub revisions: usize,
+    /// The workload revisions running on the node, when they changed.
+    pub revision_series: Option<std::collections::BTreeSet<crate::attribute::revision::Series>>,
     pub metadata_errors: &'a ErrorCounts,
     pub rejected: &'a RejectedCounts,
 }
@@ -175,9 +179,16 @@ impl Exporter {
     /// Brings the self-metrics up to date (called about once a second).
     pub(crate) fn self_metrics(&mut self, s: &SelfStats<'_>) {
         let shared = self.shared.clone();
-        let Ok(m) = shared.metrics.lock() else {
+        let Ok(mut m) = shared.metrics.lock() else {
             return;
         };
+        if let Some(series) = &s.revision_series {
+            m.set_revisions(series);
+        }
+        m.health
+            .state_entries
+            .with_label_values(&["revisions"])
+            .set(s.revisions as i64);
         m.health.pods_tracked.set(s.pods_tracked as i64);
         for (kind, n) in s.state_sizes {
             m.health
@@ -382,8 +393,15 @@ impl Exporter {
         else {
             return;
         };
+        // What the pod runs comes before the destinations, which may be long
+        // (the note is cut at 1000 characters).
+        let runs = s.revision.as_deref().map_or(String::new(), |r| {
+            let hash = r.pod_template_hash.as_deref().unwrap_or("unknown");
+            let proxy = r.proxy_version.as_deref().unwrap_or("unknown");
+            format!(" Pod revision {hash}, proxy {proxy}.")
+        });
         let note = format!(
-            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port (destinations: {}). {}",
+            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port.{runs} Destinations: {}. {}",
             s.refused,
             s.window_seconds
                 .map_or("an unknown time".into(), |w| format!("{w:.3}s")),

@@ -28,6 +28,17 @@ pub struct ContainerInfo {
     pub restart_always: bool,
 }
 
+/// A container as the pod's spec declares it (statuses come later, or not
+/// at all for a pending pod): what it runs, for the summaries' `revision`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecContainer {
+    pub name: String,
+    /// The image as written in the spec (kept raw; bounded when used).
+    pub image: Option<String>,
+    /// Declared in `initContainers` (native sidecars included).
+    pub init: bool,
+}
+
 /// Istio's annotations on a pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IstioAnnotations {
@@ -55,6 +66,14 @@ pub struct PodInfo {
     pub istio: IstioAnnotations,
     /// `status.podIPs` (and `status.podIP`): never captured.
     pub pod_ips: Vec<IpAddr>,
+    /// `spec.initContainers` then `spec.containers`.
+    pub spec_containers: Vec<SpecContainer>,
+    /// The controller's revision of the pod's template: label
+    /// `pod-template-hash` (ReplicaSet), else `controller-revision-hash`
+    /// (StatefulSet, DaemonSet). Kept raw; checked when used.
+    pub template_hash: Option<String>,
+    /// Phase `Succeeded` or `Failed`: its containers will not run again.
+    pub finished: bool,
 }
 
 impl PodInfo {
@@ -194,6 +213,25 @@ fn container_infos(pod: &Pod) -> Vec<ContainerInfo> {
     out
 }
 
+/// The labels a controller stamps on its pods with the revision of their
+/// template, in order of preference (Kubernetes' own, not a mesh's).
+const TEMPLATE_HASH_LABELS: [&str; 2] = ["pod-template-hash", "controller-revision-hash"];
+
+fn spec_containers(pod: &Pod) -> Vec<SpecContainer> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Vec::new();
+    };
+    let init = spec.init_containers.iter().flatten().map(|c| (c, true));
+    let main = spec.containers.iter().map(|c| (c, false));
+    init.chain(main)
+        .map(|(c, init)| SpecContainer {
+            name: c.name.clone(),
+            image: c.image.clone(),
+            init,
+        })
+        .collect()
+}
+
 /// Builds a [`PodInfo`] from an API object and its resolved workload.
 pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
     let m = &pod.metadata;
@@ -220,6 +258,15 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
             exclude_outbound_ports: ann("traffic.sidecar.istio.io/excludeOutboundPorts"),
         },
         pod_ips: pod_ips(pod),
+        spec_containers: spec_containers(pod),
+        template_hash: TEMPLATE_HASH_LABELS
+            .iter()
+            .find_map(|k| m.labels.as_ref()?.get(*k).cloned()),
+        finished: pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Succeeded" || p == "Failed"),
     })
 }
 
@@ -310,13 +357,14 @@ mod tests {
                                 "proxy.istio.io/config": "{\"holdApplicationUntilProxyStarts\":true}",
                                 "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.0/12",
                                 "traffic.sidecar.istio.io/excludeOutboundPorts": "5432"},
-                "labels": {"istio.io/rev": "1-27"},
+                "labels": {"istio.io/rev": "1-27", "pod-template-hash": "7d9f8c6b5"},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "checkout-7d9f8c6b5",
                                      "uid": "x", "controller": true}]
             },
             "spec": {"nodeName": "node-1",
-                     "containers": [{"name": "app"}],
-                     "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always"}]},
+                     "containers": [{"name": "app", "image": "registry.example/shop/checkout:1.4.2"}],
+                     "initContainers": [{"name": "istio-proxy", "restartPolicy": "Always",
+                                         "image": "docker.io/istio/proxyv2:1.22.3"}]},
             "status": {
                 "podIP": "10.1.2.3",
                 "podIPs": [{"ip": "10.1.2.3"}, {"ip": "fd00::3"}],
@@ -404,6 +452,44 @@ mod tests {
         );
         assert_eq!(p.istio.exclude_outbound_ports.as_deref(), Some("5432"));
         assert_eq!(p.istio.include_outbound_ip_ranges, None);
+        assert_eq!(p.template_hash.as_deref(), Some("7d9f8c6b5"));
+        assert_eq!(
+            p.spec_containers,
+            [
+                SpecContainer {
+                    name: "istio-proxy".into(),
+                    image: Some("docker.io/istio/proxyv2:1.22.3".into()),
+                    init: true,
+                },
+                SpecContainer {
+                    name: "app".into(),
+                    image: Some("registry.example/shop/checkout:1.4.2".into()),
+                    init: false,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_statefulset_s_revision_is_its_controller_revision_hash() {
+        let mut p = sample();
+        p.metadata.labels = Some(
+            [(
+                "controller-revision-hash".to_string(),
+                "web-6c5d9f".to_string(),
+            )]
+            .into(),
+        );
+        let w = Workload {
+            kind: "StatefulSet".into(),
+            name: "web".into(),
+        };
+        assert_eq!(
+            pod_info(&p, w.clone()).unwrap().template_hash.as_deref(),
+            Some("web-6c5d9f")
+        );
+        p.metadata.labels = None;
+        assert_eq!(pod_info(&p, w).unwrap().template_hash, None);
     }
 
     #[test]

@@ -87,7 +87,9 @@ pub fn run(btf: &Path) -> Report {
         Ok(root) => {
             let (any_core, cfg) = hook_items(root, btf, &mut items);
             if has_bpf {
-                verifier_items(&cfg, &mut items) && any_core
+                let usable = verifier_items(&cfg, &mut items) && any_core;
+                items.push(connect_path_item(&cfg, btf));
+                usable
             } else {
                 items.push(Item {
                     name: "verifier".into(),
@@ -214,6 +216,30 @@ fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> (bool, Config) 
         });
     }
     (any_core, cfg)
+}
+
+/// The connect path the agent would use here (`--connect-path auto`).
+fn connect_path_item(cfg: &Config, btf: &Path) -> Item {
+    let (ok, detail) = match probes::try_btf_connect(cfg, btf) {
+        Ok(()) => (
+            true,
+            format!(
+                "fentry/fexit on {}: only connects pay (in use)",
+                probes::CONNECT_FN
+            ),
+        ),
+        Err(why) => (
+            false,
+            format!(
+                "refused ({why}): the syscall tracepoints are used, which put every syscall of every task on the slow path while attached"
+            ),
+        ),
+    };
+    Item {
+        name: "fentry connect path".into(),
+        ok,
+        detail,
+    }
 }
 
 /// One item per program, as this kernel's verifier judged it (loaded, not

@@ -4,9 +4,9 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{Program, RawTracePoint, TracePoint},
+    programs::{FEntry, FExit, Program, RawTracePoint, TracePoint},
 };
 use connscope_ebpf::{Config, names};
 use tokio::io::unix::AsyncFd;
@@ -93,11 +93,50 @@ pub(crate) struct HookStatus {
     pub error: Option<String>,
 }
 
+/// How the two ends of `connect()` are seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectPath {
+    /// `fentry`/`fexit` on `__sys_connect`: only connects pay.
+    Fentry,
+    /// `syscalls:sys_{enter,exit}_connect`: every syscall of every task
+    /// takes the kernel's slow syscall path while they are attached.
+    Tracepoint,
+}
+
+impl ConnectPath {
+    /// The `path` label and log value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectPath::Fentry => "fentry",
+            ConnectPath::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// Which connect path to use (`--connect-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConnectPathChoice {
+    /// fentry/fexit where the kernel allows them, else the tracepoints.
+    Auto,
+    /// fentry/fexit or fail.
+    Fentry,
+    /// The syscall tracepoints, even where fentry is allowed.
+    Tracepoint,
+}
+
+/// The kernel function whose two ends the BTF-typed connect programs see.
+pub(crate) const CONNECT_FN: &str = "__sys_connect";
+/// Program names of the BTF-typed connect path.
+pub(crate) const CONNECT_FENTRY: &str = "connect_fentry";
+pub(crate) const CONNECT_FEXIT: &str = "connect_fexit";
+
 /// Loaded and attached programs. Dropping it detaches everything.
 pub(crate) struct Probes {
     /// Owns the programs and their links: dropped last, detaching all.
     ebpf: Ebpf,
     pub status: Vec<HookStatus>,
+    /// The connect path in use.
+    pub connect_path: ConnectPath,
     ring: AsyncFd<RingBuf<MapData>>,
     lost: PerCpuArray<MapData, u64>,
 }
@@ -111,6 +150,9 @@ pub(crate) struct LoadOptions {
     /// Hooks not to attach (by tracepoint or program name): to run lighter,
     /// or to test the degraded paths.
     pub disabled: Vec<String>,
+    pub connect_path: ConnectPathChoice,
+    /// The kernel's BTF, which fentry/fexit programs are typed against.
+    pub btf: std::path::PathBuf,
 }
 
 impl Probes {
@@ -133,6 +175,7 @@ impl Probes {
             .map_max_entries(names::EVENTS, opts.ring_bytes)
             .load(OBJECT)
             .context("loading the eBPF object (needs CAP_BPF and CAP_PERFMON, or root)")?;
+        let connect_path = choose_connect_path(&mut ebpf, opts)?;
         let mut status = Vec::new();
         for hook in HOOKS {
             let full = format!("{}:{}", hook.category, hook.name);
@@ -142,6 +185,9 @@ impl Probes {
                 .any(|d| d == hook.name || d == hook.program || *d == full)
             {
                 Some("disabled by --disable-probe".to_string())
+            } else if connect_path == ConnectPath::Fentry && is_connect_tracepoint(hook) {
+                // Seen from fentry/fexit on __sys_connect instead.
+                None
             } else if let Some(raw) = raw_variant(hook, &config)
                 && !opts.disabled.iter().any(|d| d == raw)
             {
@@ -181,6 +227,7 @@ impl Probes {
         Ok(Probes {
             ebpf,
             status,
+            connect_path,
             ring,
             lost,
         })
@@ -230,6 +277,8 @@ impl Probes {
                     let r = match prog {
                         Program::TracePoint(p) => p.unload(),
                         Program::RawTracePoint(p) => p.unload(),
+                        Program::FEntry(p) => p.unload(),
+                        Program::FExit(p) => p.unload(),
                         _ => Ok(()),
                     };
                     // Programs never loaded (the variant not chosen) are fine.
@@ -280,10 +329,91 @@ pub(crate) const RAW_RESET: &str = "reset_raw";
 /// Every program the agent may load: each hook's classic program and the
 /// raw-tracepoint variants (to find ours among the kernel's programs).
 pub fn program_names() -> impl Iterator<Item = &'static str> {
-    HOOKS
+    HOOKS.iter().map(|h| h.program).chain([
+        RAW_SOCK_STATE,
+        RAW_RESET,
+        CONNECT_FENTRY,
+        CONNECT_FEXIT,
+    ])
+}
+
+/// `syscalls:sys_{enter,exit}_connect`, which the fentry path replaces.
+fn is_connect_tracepoint(hook: &Hook) -> bool {
+    hook.category == "syscalls" && hook.name.ends_with("_connect")
+}
+
+/// Attaches fentry/fexit on `__sys_connect` where the choice and the kernel
+/// allow; both or neither (a connect must be seen from both ends by the
+/// same path). Errors only when fentry was required.
+fn choose_connect_path(ebpf: &mut Ebpf, opts: &LoadOptions) -> Result<ConnectPath> {
+    let disabled = opts
+        .disabled
         .iter()
-        .map(|h| h.program)
-        .chain([RAW_SOCK_STATE, RAW_RESET])
+        .any(|d| d.ends_with("_connect") || d == CONNECT_FENTRY || d == CONNECT_FEXIT);
+    if opts.connect_path == ConnectPathChoice::Tracepoint || disabled {
+        tracing::info!(
+            connect_path = "tracepoint",
+            "connect path: syscalls:sys_{{enter,exit}}_connect (chosen)"
+        );
+        return Ok(ConnectPath::Tracepoint);
+    }
+    match attach_btf_connect(ebpf, &opts.btf) {
+        Ok(()) => {
+            tracing::info!(
+                connect_path = "fentry",
+                "connect path: fentry/fexit on {CONNECT_FN} (only connects pay)"
+            );
+            Ok(ConnectPath::Fentry)
+        }
+        Err(e) if opts.connect_path == ConnectPathChoice::Fentry => {
+            Err(e.context("--connect-path fentry"))
+        }
+        Err(e) => {
+            // Unload what may have loaded, so the tracepoints see alone.
+            for name in [CONNECT_FENTRY, CONNECT_FEXIT] {
+                if let Some(Program::FEntry(p)) = ebpf.program_mut(name) {
+                    let _ = p.unload();
+                } else if let Some(Program::FExit(p)) = ebpf.program_mut(name) {
+                    let _ = p.unload();
+                }
+            }
+            tracing::warn!(
+                connect_path = "tracepoint",
+                reason = %verifier_reason(&format!("{e:#}")),
+                "connect path: fentry/fexit refused by this kernel; using syscalls:sys_{{enter,exit}}_connect (every syscall on the slow path)"
+            );
+            Ok(ConnectPath::Tracepoint)
+        }
+    }
+}
+
+fn attach_btf_connect(ebpf: &mut Ebpf, btf_path: &std::path::Path) -> Result<()> {
+    let btf = Btf::parse_file(btf_path, Endianness::default())
+        .with_context(|| format!("kernel BTF {}", btf_path.display()))?;
+    let entry: &mut FEntry = ebpf
+        .program_mut(CONNECT_FENTRY)
+        .context("connect_fentry missing from the object")?
+        .try_into()?;
+    entry.load(CONNECT_FN, &btf).context("loading fentry")?;
+    entry.attach().context("attaching fentry")?;
+    let exit: &mut FExit = ebpf
+        .program_mut(CONNECT_FEXIT)
+        .context("connect_fexit missing from the object")?
+        .try_into()?;
+    exit.load(CONNECT_FN, &btf).context("loading fexit")?;
+    exit.attach().context("attaching fexit")?;
+    Ok(())
+}
+
+/// Whether this kernel loads and attaches the fentry connect path (for
+/// `connscope check`): attached for a moment, then detached.
+pub(crate) fn try_btf_connect(config: &Config, btf: &std::path::Path) -> Result<(), String> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::CONFIG, config, true)
+        .map_max_entries(names::EVENTS, 4096)
+        .load(OBJECT)
+        .map_err(|e| format!("loading the eBPF object: {e}"))?;
+    attach_btf_connect(&mut ebpf, btf).map_err(|e| verifier_reason(&format!("{e:#}")))
 }
 
 /// The raw-tracepoint program that replaces a classic hook, when this

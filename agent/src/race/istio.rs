@@ -21,6 +21,22 @@ pub(crate) const CAPTURE_PORT: u16 = 15001;
 pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
 /// Process names of the sidecar (pilot-agent starts envoy).
 pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
+/// Variants Istio publishes of its proxy image, as suffixes of the release
+/// tag (`proxyv2:1.22.3-distroless`): the proxy's version is the tag
+/// without them.
+const PROXY_IMAGE_VARIANTS: [&str; 2] = ["-distroless", "-debug"];
+
+/// The proxy's version from its image (`docker.io/istio/proxyv2:1.22.3`
+/// -> `1.22.3`); None when the image names no tag (digest only, or
+/// untagged: which release that is cannot be read off the reference).
+pub(crate) fn proxy_version(image: &str) -> Option<&str> {
+    let tag = crate::attribute::revision::image_tag(image)?;
+    let version = PROXY_IMAGE_VARIANTS
+        .iter()
+        .find_map(|v| tag.strip_suffix(v))
+        .unwrap_or(tag);
+    (!version.is_empty()).then_some(version)
+}
 
 /// What each sidecar port says when it starts listening, for the timelines
 /// of `connscope explain`; the ports drawn there, in this order of interest.
@@ -240,3 +256,29 @@ pub(super) fn startup_recommendation(m: &Mitigation, ready: bool) -> String {
 
 /// What to do about a shutdown race.
 pub(super) const SHUTDOWN_RECOMMENDATION: &str = "the sidecar stopped listening before the app finished: set EXIT_ON_ZERO_ACTIVE_CONNECTIONS / terminationDrainDuration, use native sidecars (they stop after the app), or have the app stop dialing on SIGTERM";
+
+#[cfg(test)]
+mod tests {
+    use super::proxy_version;
+
+    #[test]
+    fn the_proxy_version_is_its_image_tag_without_the_variant() {
+        for (image, version) in [
+            ("docker.io/istio/proxyv2:1.22.3", Some("1.22.3")),
+            (
+                "gcr.io/istio-release/proxyv2:1.24.1-distroless",
+                Some("1.24.1"),
+            ),
+            ("istio/proxyv2:1.23.0-debug", Some("1.23.0")),
+            (
+                "registry:5000/istio/proxyv2:1.22.3@sha256:0123",
+                Some("1.22.3"),
+            ),
+            ("docker.io/istio/proxyv2@sha256:0123abcd", None),
+            ("registry:5000/istio/proxyv2", None),
+            ("istio/proxyv2:-distroless", None),
+        ] {
+            assert_eq!(proxy_version(image), version, "{image}");
+        }
+    }
+}

@@ -9,7 +9,7 @@ use super::{
     istio::{self, Mitigation},
     pod::PodState,
 };
-use crate::attribute::Attribution;
+use crate::attribute::{Attribution, revision::Revision};
 
 /// Kernel times of a pod's start-up that no other event carries, so that
 /// `connscope explain` can draw the pod's timeline from its summaries alone
@@ -57,6 +57,10 @@ pub struct SidecarReady {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sidecar_start_to_ready_seconds: Option<f64>,
     pub mitigation: Mitigation,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 /// One pod's startup-race summary.
@@ -80,6 +84,10 @@ pub struct RaceSummary {
     pub containers: Vec<String>,
     pub mitigation: Mitigation,
     pub recommendation: String,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 /// One pod's shutdown-race summary.
@@ -95,6 +103,10 @@ pub struct ShutdownSummary {
     pub last_refusal_mono_ns: u64,
     pub destinations: Vec<String>,
     pub recommendation: String,
+    /// What the pod runs (images, proxy version, revisions, node), filled
+    /// in by the pipeline from the API or the runtime's files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
 }
 
 impl SidecarReady {
@@ -113,6 +125,7 @@ impl SidecarReady {
                 .filter(|&s| s <= ready)
                 .map(|s| secs(ready - s)),
             mitigation: p.mitigation.clone(),
+            revision: None,
         }
     }
 }
@@ -138,6 +151,7 @@ impl RaceSummary {
             containers: p.startup.containers.iter().cloned().collect(),
             mitigation: p.mitigation.clone(),
             recommendation: istio::startup_recommendation(&p.mitigation, ready.is_some()),
+            revision: None,
         }
     }
 }
@@ -154,6 +168,7 @@ impl ShutdownSummary {
             last_refusal_mono_ns: p.shutdown.last_ns,
             destinations: p.shutdown.dests.iter().map(|d| d.to_string()).collect(),
             recommendation: istio::SHUTDOWN_RECOMMENDATION.to_string(),
+            revision: None,
         }
     }
 }

@@ -67,6 +67,14 @@ impl Tracker {
         self.pods.len()
     }
 
+    /// The pods known to be injected, by their pod-level attribution.
+    pub(crate) fn injected_pods(&self) -> impl Iterator<Item = (&str, &Arc<Attribution>)> {
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.injected == Some(true))
+            .map(|(uid, p)| (uid.as_str(), &p.who))
+    }
+
     /// Failures held for their pod's injection to be known.
     pub(crate) fn held(&self) -> usize {
         self.held_total

@@ -17,6 +17,19 @@ use nix::{
 
 use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
+/// The image the test bed's istio-proxy containers run.
+pub const PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.22.3";
+
+/// The image a test-bed container runs, as the runtimes' files name it:
+/// Istio's proxy image for the proxy, else one per namespace and container.
+pub fn image(namespace: &str, container: &str) -> String {
+    if container == crate::race::istio::PROXY_CONTAINER {
+        PROXY_IMAGE.to_string()
+    } else {
+        format!("registry.example/{namespace}/{container}:1.4.2")
+    }
+}
+
 /// Which runtime's files to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
@@ -211,7 +224,7 @@ impl Pod {
                 "io.kubernetes.cri.sandbox-name": self.name,
                 "io.kubernetes.cri.sandbox-namespace": self.namespace,
                 "io.kubernetes.cri.sandbox-uid": self.uid,
-                "io.kubernetes.cri.image-name": "registry.example/app:1",
+                "io.kubernetes.cri.image-name": image(&self.namespace, name),
             }),
             Flavor::Crio => serde_json::json!({
                 "io.kubernetes.cri-o.ContainerType": "container",
@@ -219,6 +232,7 @@ impl Pod {
                 "io.kubernetes.pod.name": self.name,
                 "io.kubernetes.pod.namespace": self.namespace,
                 "io.kubernetes.pod.uid": self.uid,
+                "io.kubernetes.cri-o.ImageName": image(&self.namespace, name),
             }),
         };
         let cfg = serde_json::json!({

@@ -16,7 +16,7 @@ use std::{
 };
 
 use connscope::testbed::scenario::App;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::fixture::{
     Bg, Node, Prometheus, Turn, free_port, http_get, start_sidecar, wait_for, wait_ready,
@@ -152,6 +152,23 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
         runbook.ends_with("/deploy/RUNBOOK.md#connscopestartuprace"),
         "{runbook}"
     );
+    // The page says what runs: no API here, so no template hash, and the
+    // proxy's version from the runtime's files (rendered at each evaluation,
+    // once the revision is scraped).
+    let says = "Running now: revision unknown / proxy 1.22.3.";
+    wait_for(
+        "the alert naming the revision",
+        Duration::from_secs(30),
+        || {
+            prom.alerts().into_iter().find(|a| {
+                a["labels"]["alertname"] == "ConnscopeStartupRace"
+                    && a["labels"]["workload"] == "payments"
+                    && a["annotations"]["description"]
+                        .as_str()
+                        .is_some_and(|d| d.ends_with(says))
+            })
+        },
+    );
     // The calm workload is known to Prometheus, and never alerts.
     assert_eq!(
         prom.value("sum(connscope_pods_started_total{workload=\"catalog\"})"),
@@ -188,6 +205,7 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
         "Agent: kernel events lost",
         "Agent: probes attached",
         "Agent: events read and pods tracked",
+        "Workload revisions running (pod-template-hash / proxy version)",
     ];
     // The race window histogram and shutdown panels need more than one race.
     wait_for(
@@ -200,19 +218,32 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
                 .then_some(())
         },
     );
+    let expand = |q: &str| {
+        q.replace("$__rate_interval", "1m")
+            .replace("$namespace", ".*")
+            .replace("$workload", ".*")
+    };
     for p in dash["panels"].as_array().unwrap() {
         let title = p["title"].as_str().unwrap();
         for t in p["targets"].as_array().unwrap() {
-            let q = t["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m")
-                .replace("$namespace", ".*")
-                .replace("$workload", ".*");
+            let q = expand(t["expr"].as_str().unwrap());
             let r = prom.query(&q);
             if with_data.contains(&title) {
                 assert!(!r.is_empty(), "panel {title:?} has no data: {q}");
             }
         }
+    }
+    // The rollout annotation marks both workloads' revisions, new minutes ago.
+    let annotations = dash["annotations"]["list"].as_array().unwrap();
+    assert!(!annotations.is_empty());
+    for a in annotations {
+        let q = expand(a["expr"].as_str().unwrap());
+        let r = prom.query(&q);
+        let marked: Vec<&Value> = r.iter().map(|s| &s["metric"]["workload"]).collect();
+        assert!(
+            marked.contains(&&json!("payments")) && marked.contains(&&json!("catalog")),
+            "annotation {}: {r:?}",
+            a["name"]
+        );
     }
 }

@@ -58,9 +58,11 @@ fn prometheus_events_endpoint_and_kubernetes_events() {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.pod.name, "namespace": "shop", "uid": pod.pod.uid,
             "annotations": {"sidecar.istio.io/status": "{}"},
+            "labels": {"pod-template-hash": "7d9f8c6b5"},
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "orders-7d9f8c6b5",
                 "uid": "r", "controller": true}]},
-        "spec": {"nodeName": "test-node", "containers": [{"name": "app"}, {"name": "istio-proxy"}]}}],
+        "spec": {"nodeName": "test-node", "containers": [{"name": "app", "image": "registry.example/shop/orders:3"},
+            {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.22.3"}]}}],
         "owners": {"ReplicaSet/shop/orders-7d9f8c6b5": {"apiVersion": "apps/v1", "kind": "Deployment",
             "name": "orders", "uid": "d", "controller": true}}}));
     let mut agent = node.kube_agent(&url, &["--k8s-events", "--hold-seconds", "1"]);
@@ -167,11 +169,15 @@ fn prometheus_events_endpoint_and_kubernetes_events() {
     assert_eq!(ev["type"], "Warning");
     assert_eq!(ev["regarding"]["kind"], "Pod");
     assert_eq!(ev["regarding"]["name"], pod.pod.name.as_str());
+    let note = ev["note"].as_str().unwrap();
     assert!(
-        ev["note"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("{refused} outbound connect()s refused"))
+        note.contains(&format!("{refused} outbound connect()s refused")),
+        "{note}"
+    );
+    // What changed starts with what runs.
+    assert!(
+        note.contains("Pod revision 7d9f8c6b5, proxy 1.22.3."),
+        "{note}"
     );
     assert!(agent.stop().success());
 }

@@ -30,4 +30,5 @@ mod hostile;
 mod kube_api;
 mod probes;
 mod race;
+mod revision;
 mod shutdown;

@@ -10,7 +10,9 @@ use std::{process::Command, time::Duration};
 use connscope::testbed::{dial::Outcome, net::Topology};
 use serde_json::Value;
 
-use crate::fixture::{BIN, Bg, Node, failures_of, net_tag, run_dialer, terminate, wait_for};
+use crate::fixture::{
+    Agent, BIN, Bg, Node, failures_of, metric, net_tag, run_dialer, terminate, wait_for,
+};
 
 const UPSTREAM_PORT: u16 = 8080;
 
@@ -41,11 +43,20 @@ fn classic_socket_tracepoint_sees_the_same() {
     ]);
 }
 
+/// The same through `syscalls:sys_{enter,exit}_connect`, the connect path
+/// where fentry is refused (and the default before fentry existed): on a
+/// kernel that allows fentry, the default test above runs the other path.
+#[test]
+fn syscall_tracepoints_see_the_same() {
+    refusals_and_listeners(&["--connect-path", "tracepoint"]);
+}
+
 fn refusals_and_listeners(extra: &[&str]) {
     let Some(node) = Node::shared() else { return };
     let mut args = vec!["--process-events"];
     args.extend_from_slice(extra);
     let mut agent = node.agent(&args);
+    assert_connect_path(&agent, extra);
     let topo = Topology::create(net_tag(), true).expect("topology");
     let pod_netns = topo.pod.inode().unwrap();
 
@@ -215,4 +226,37 @@ fn refusals_and_listeners(extra: &[&str]) {
     drop(upstream);
     drop(topo);
     let _ = Command::new("true").status();
+}
+
+/// The agent saw connects by the path expected here: the one forced, else
+/// `CONNSCOPE_EXPECT_CONNECT_PATH` (the kernel matrix sets it for its
+/// guests, which allow fentry), else the one `connscope check` says this
+/// kernel allows: the agent and `check` must agree.
+fn assert_connect_path(agent: &Agent, extra: &[&str]) {
+    let expected = if extra
+        .windows(2)
+        .any(|w| w == ["--connect-path", "tracepoint"])
+    {
+        "tracepoint".to_string()
+    } else if let Ok(e) = std::env::var("CONNSCOPE_EXPECT_CONNECT_PATH") {
+        e
+    } else {
+        let out = Command::new(BIN)
+            .args(["check", "--json"])
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let fentry = r["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "fentry connect path" && i["ok"] == true);
+        if fentry { "fentry" } else { "tracepoint" }.to_string()
+    };
+    let name = format!("connscope_connect_path{{path=\"{expected}\"}}");
+    assert_eq!(
+        metric(agent.http_port, &name),
+        1.0,
+        "connect path {expected}"
+    );
 }

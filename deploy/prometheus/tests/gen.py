@@ -16,11 +16,34 @@ rules = yaml.safe_load(open(os.path.join(HERE, "..", "connscope-rules.yaml")))
 alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"] if "alert" in r}
 
 
-def exp(name, labels):
-    ann = {
-        k: re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), v)
-        for k, v in alerts[name]["annotations"].items()
-    }
+def revisions(revs):
+    """The workload revisions an annotation's query names: (revision, proxy_version)."""
+    return ", ".join(f"revision {r or 'unknown'} / proxy {p or 'unknown'}" for r, p in revs)
+
+
+def running(revs):
+    """ConnscopeStartupRace: the revisions running now."""
+    return f"Running now: {revisions(revs)}." if revs else "No running revision of it is known."
+
+
+def began(revs):
+    """ConnscopeStartupRaceRegression: the revisions new since a week ago."""
+    if revs:
+        return (f"It began with {revisions(revs)}, new since a week ago: the app's rollout if the revision is new,"
+                " the mesh if the proxy is.")
+    return ("No revision or proxy version of it is new since a week ago: look at the mesh config (hold mode)"
+            " and istiod latency.")
+
+
+def exp(name, labels, query=None):
+    """An alert as expected: its templates expanded for `labels`; a trailing
+    `{{ with query ... }}` block is expected to read `query`."""
+    ann = {}
+    for k, v in alerts[name]["annotations"].items():
+        if "{{ with query" in v:
+            assert query is not None, f"{name}.{k}: say what its query block reads"
+            v = v[:v.index("{{ with query")] + query
+        ann[k] = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), v)
     return {"exp_labels": {**labels, "severity": alerts[name]["labels"]["severity"]}, "exp_annotations": ann}
 
 
@@ -35,11 +58,20 @@ quick = [
         s("connscope_startup_race_pods_total", {**SHOP, "workload": "checkout"}, "0 0 1 1 1"),
         # A workload's first race: its series appears already at 1.
         s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart"}, "_ _ 1 1 1"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "orders"}, "0 0 1 1 1"),
+        # What runs: checkout's revision (two nodes), cart's proxy (no API: no
+        # template hash), nothing known of orders.
+        s("connscope_workload_revision_info",
+          {**SHOP, "workload": "checkout", "revision": "7d9f8c6b5", "proxy_version": "1.22.3"}, "1x4"),
+        {"series": 'connscope_workload_revision_info{namespace="shop",workload="checkout",revision="7d9f8c6b5",'
+                   'proxy_version="1.22.3",instance="n2",job="connscope"}', "values": "1x4"},
+        s("connscope_workload_revision_info", {**SHOP, "workload": "cart", "proxy_version": "1.23.0"}, "1x4"),
     ], "alert_rule_test": [
         {"eval_time": "1m", "alertname": "ConnscopeStartupRace", "exp_alerts": []},
         {"eval_time": "4m", "alertname": "ConnscopeStartupRace", "exp_alerts": [
-            exp("ConnscopeStartupRace", {**SHOP, "workload": "cart"}),
-            exp("ConnscopeStartupRace", {**SHOP, "workload": "checkout"})]},
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "cart"}, running([("", "1.23.0")])),
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "checkout"}, running([("7d9f8c6b5", "1.22.3")])),
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "orders"}, running([]))]},
         {"eval_time": "40m", "alertname": "ConnscopeStartupRace", "exp_alerts": []},
     ]},
     {"interval": "1m", "input_series": [
@@ -80,10 +112,22 @@ weekly = [
         s("connscope_startup_race_pods_total", {**SHOP, "workload": "steady"}, f"0+1x{W + 40}"),
         s("connscope_pods_started_total", {**SHOP, "workload": "few", "injected": "true"}, f"0x{W + 4} 1+1x35"),
         s("connscope_startup_race_pods_total", {**SHOP, "workload": "few"}, f"0x{W + 4} 1+1x35"),
+        # "mesh" races now as cart does, with the same revision as a week ago.
+        s("connscope_pods_started_total", {**SHOP, "workload": "mesh", "injected": "true"}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "mesh"}, f"0x{W + 4} 1+1x35"),
+        # What ran: cart rolled out a new revision with a new proxy when its
+        # races began; mesh's revision did not change.
+        s("connscope_workload_revision_info",
+          {**SHOP, "workload": "cart", "revision": "4a5b6c7d8", "proxy_version": "1.22.3"}, f"1x{W + 4}"),
+        s("connscope_workload_revision_info",
+          {**SHOP, "workload": "cart", "revision": "5f6d7c8b9", "proxy_version": "1.23.0"}, f"_x{W + 4} 1x35"),
+        s("connscope_workload_revision_info",
+          {**SHOP, "workload": "mesh", "revision": "6b7c8d9e0", "proxy_version": "1.22.3"}, f"1x{W + 40}"),
     ], "alert_rule_test": [
         {"eval_time": "167h", "alertname": "ConnscopeStartupRaceRegression", "exp_alerts": []},
         {"eval_time": "172h", "alertname": "ConnscopeStartupRaceRegression", "exp_alerts": [
-            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "cart"})]},
+            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "cart"}, began([("5f6d7c8b9", "1.23.0")])),
+            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "mesh"}, began([]))]},
     ]},
     # Sidecar readiness: every observation <= 0.5 s a week ago, ~5 s now.
     {"interval": "15m", "input_series": [
