@@ -331,3 +331,76 @@ fn explain_passes_the_token_an_agent_asks_for() {
         "the token was taken; the namespace has no events: {err}"
     );
 }
+
+/// The API's view of a simulated pod of Deployment `billing`, from
+/// ReplicaSet `billing-<hash>`, whose app runs `app_image`.
+fn billing_pod(pod: &connscope::testbed::scenario::SimPod, hash: &str, app_image: &str) -> Value {
+    let proxy = "docker.io/istio/proxyv2:1.22.3";
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod.pod.name, "namespace": pod.pod.namespace, "uid": pod.pod.uid,
+            "resourceVersion": "7",
+            "labels": {"pod-template-hash": hash, "istio.io/rev": "1-22-3"},
+            "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": format!("billing-{hash}"), "uid": format!("rs-{hash}"), "controller": true}]},
+        "spec": {"nodeName": "test-node",
+            "containers": [{"name": "app", "image": app_image},
+                           {"name": "istio-proxy", "image": proxy}]},
+        "status": {"phase": "Running"}
+    })
+}
+
+#[test]
+fn explain_says_what_changed_since_the_previous_revision() {
+    let Some(node) = Node::shared() else { return };
+    let mut old = node.sim_pod("billing-6b8d9f7c4-b2c4d", true);
+    let mut new = node.sim_pod("billing-7d9f8c6b5-f5g6h", true);
+    let owner = |hash: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "billing",
+            "uid": format!("d-{hash}"), "controller": true})
+    };
+    let (_api, url) = node.api(&json!({
+        "pods": [
+            billing_pod(&old, "6b8d9f7c4", "registry.example/shop/billing:1.4.1"),
+            billing_pod(&new, "7d9f8c6b5", "registry.example/shop/billing:1.4.2"),
+        ],
+        "owners": {
+            "ReplicaSet/shop/billing-6b8d9f7c4": owner("6b8d9f7c4"),
+            "ReplicaSet/shop/billing-7d9f8c6b5": owner("7d9f8c6b5"),
+        }
+    }));
+    let agent = node.kube_agent(&url, &["--hold-seconds", "1"]);
+    // The old revision started without a race; the new one races.
+    start_sidecar(&mut old, 0, 0);
+    assert!(old.run_app(&App::default()).unwrap()[0].ok);
+    wait_summary(&agent, &old.pod.uid, "sidecar_ready");
+    start_sidecar(&mut new, 800, 0);
+    let attempts = new.run_app(&App::default()).unwrap();
+    assert!(attempts.iter().any(|o| !o.ok), "{attempts:?}");
+    wait_summary(&agent, &new.pod.uid, "startup_race");
+    let (text, p) = explain_pod(agent.http_port, &new.pod.name);
+    assert_has(
+        &text,
+        &[
+            "POD        shop/billing-7d9f8c6b5-f5g6h (Deployment billing, node test-node)\n",
+            "MITIGATION none\n",
+            "CHANGED    changed since revision 6b8d9f7c4: app image billing:1.4.1 -> 1.4.2; proxy unchanged (1.22.3)\n",
+        ],
+    );
+    assert_eq!(p["changed"]["kind"], "app");
+    assert_eq!(p["changed"]["previous_pod"], old.pod.name.as_str());
+    // The whole workload: both pods, the old one without a race.
+    let (code, out, err) = explain(agent.http_port, &["-n", "shop", "-w", "billing"]);
+    assert_eq!(code, 0, "{err}");
+    assert_has(
+        &out,
+        &[
+            "POD        shop/billing-6b8d9f7c4-b2c4d",
+            "VERDICT    no race",
+            "CHANGED    no earlier revision of billing in this agent's events\n",
+            "POD        shop/billing-7d9f8c6b5-f5g6h",
+            "VERDICT    startup race",
+        ],
+    );
+}
