@@ -275,7 +275,7 @@ fn image_change(d: &Diff, single: bool) -> String {
 fn short(image: &str) -> String {
     let name = image.rsplit('/').next().unwrap_or(image);
     match name.split_once("@sha256:") {
-        Some((n, d)) => format!("{n}@{}", &d[..d.len().min(12)]),
+        Some((n, d)) => format!("{n}@{}", d.chars().take(12).collect::<String>()),
         None => name.to_string(),
     }
 }

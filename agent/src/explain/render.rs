@@ -182,7 +182,9 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
         match row.span {
             None => bar[axis.col(row.from)] = '*',
             Some((to, seen, sym)) => {
+                // Ordered: outside data may give an end before its start.
                 let (a, b) = (axis.col(row.from), axis.col(to));
+                let (a, b) = (a.min(b), a.max(b));
                 bar[a..=b].fill('-');
                 for &ns in seen {
                     bar[axis.col((ns as i128 - origin) as f64 / 1e9)] = sym;

@@ -162,6 +162,16 @@ pub(crate) fn build(lines: &[Line], boot_ns: Option<i128>) -> Vec<PodTimeline> {
     pods
 }
 
+/// The wall-clock time `ns` after the epoch, if it is one RFC 3339 can
+/// write (the years 1970 to 9999; outside data may say anything).
+fn wall(ns: i128) -> Option<SystemTime> {
+    const YEAR_10000_NS: i128 = 253_402_300_800 * 1_000_000_000;
+    let ns = u64::try_from(ns)
+        .ok()
+        .filter(|&n| i128::from(n) < YEAR_10000_NS)?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(ns))
+}
+
 /// Minimum of two optional times.
 fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
@@ -375,7 +385,10 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     let down_count = if downs.is_empty() {
         shutdown.seen_ns.len() as u64
     } else {
-        downs.iter().filter_map(|d| d.refused).sum()
+        downs
+            .iter()
+            .filter_map(|d| d.refused)
+            .fold(0, u64::saturating_add)
     };
     if down_count > 0 {
         let first = downs
@@ -483,16 +496,9 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     }
     let first = lines[0];
     let who = |f: fn(&Line) -> &Option<String>| lines.iter().rev().find_map(|l| f(l).clone());
-    let origin_time = boot_ns.map(|b| {
-        let ns = b + origin_ns as i128;
-        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
-        humantime::format_rfc3339_millis(t).to_string()
-    });
-    let first_seen = boot_ns
-        .map(|b| {
-            SystemTime::UNIX_EPOCH + Duration::from_nanos((b + origin_ns as i128).max(0) as u64)
-        })
-        .or_else(|| lines.iter().filter_map(|l| l.wall()).min());
+    let start = boot_ns.and_then(|b| wall(b + i128::from(origin_ns)));
+    let origin_time = start.map(|t| humantime::format_rfc3339_millis(t).to_string());
+    let first_seen = start.or_else(|| lines.iter().filter_map(|l| l.wall()).min());
     PodTimeline {
         namespace: first.namespace.clone(),
         pod: first.pod.clone().unwrap_or_default(),
@@ -680,5 +686,46 @@ mod tests {
         assert_eq!(p.spans[0].destinations, ["10.0.0.9:5432"]);
         assert_eq!(p.verdicts[0].phase, "no_race");
         assert_eq!(p.pod_uid.as_deref(), Some("u1"));
+    }
+
+    proptest::proptest! {
+        /// Whatever an agent (or anything on its port) answers, explain
+        /// draws it or skips it, never panics: times anywhere in u64,
+        /// starts after ends, odd strings.
+        #[test]
+        fn any_lines_are_drawn_without_panicking(
+            times in proptest::collection::vec(proptest::num::u64::ANY, 1..8),
+            kinds in proptest::collection::vec(0usize..6, 1..8),
+            junk in ".{0,40}",
+            boot in proptest::option::of(-(1i128 << 70)..(1i128 << 70)),
+        ) {
+            let kinds_of = ["connect_failure", "listener", "process", "sidecar_ready", "startup_race", "shutdown_race"];
+            let mut text = String::new();
+            for (i, k) in kinds.iter().enumerate() {
+                let t = |j: usize| times[(i + j) % times.len()];
+                let phase = ["startup_race", "shutdown_race", "not_captured"][i % 3];
+                let line = serde_json::json!({
+                    "type": kinds_of[*k], "namespace": "shop", "pod": "p",
+                    "time": "2026-11-29T20:00:00Z", "mono_ns": t(0), "state": "listen",
+                    "phase": phase,
+                    "port": 15001, "uid": 1337, "dst": junk,
+                    "pod_start_mono_ns": t(1), "ready_mono_ns": t(2), "refused": t(3),
+                    "first_refusal_mono_ns": t(4), "last_refusal_mono_ns": t(5),
+                    "capture_closed_mono_ns": t(6), "window_seconds": 1e300,
+                    "revision": {"app_images": {"app": format!("{junk}@sha256:{junk}")}},
+                });
+                text.push_str(&line.to_string());
+                text.push('\n');
+            }
+            text.push_str(&junk);
+            let (lines, _) = events::parse(&text);
+            let pods = build(&lines, boot);
+            for p in &pods {
+                let mut p = p.clone();
+                p.changed = Some(crate::explain::change::what_changed(&p, &pods));
+                let _ = crate::explain::render::pod(&p);
+                let _ = serde_json::to_string(&p).unwrap();
+            }
+        }
     }
 }
