@@ -132,7 +132,8 @@ impl Agent {
                 ),
             },
         );
-        let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some());
+        let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some())
+            .with_metadata_hold(Duration::from_millis(args.metadata_wait_ms));
         let restored = pipeline.restore(&args.proc_root, &args.sidecar_ports, args.proxy_uid);
         tracing::info!(restored, "pods with a listening sidecar found at start");
         if args.keep_privileges {
@@ -476,7 +477,8 @@ pub(crate) fn attributor(args: &RunArgs) -> Attributor {
     let runtime = Reader::new(Roots {
         containerd: args.containerd_root.clone(),
         crio: args.crio_root.clone(),
-    });
+    })
+    .with_timeout(Duration::from_millis(args.metadata_wait_ms));
     Attributor::new(node, cgroups, runtime, args.proc_root.clone())
 }
 

@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// containerd's runtime v2 task state directory.
     #[arg(long, default_value = "/run/containerd/io.containerd.runtime.v2.task")]
     pub containerd_root: PathBuf,
+    /// How long an event waits for its container's runtime metadata
+    /// (config.json) before it goes on without it, the read given up and
+    /// counted. Raise it on nodes whose disks stall.
+    #[arg(long, default_value_t = 250)]
+    pub metadata_wait_ms: u64,
     /// CRI-O's container storage directory.
     #[arg(long, default_value = "/run/containers/storage/overlay-containers")]
     pub crio_root: PathBuf,

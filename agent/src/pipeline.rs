@@ -19,8 +19,9 @@ use crate::{
 };
 
 /// How long events wait for a container's runtime metadata before they go
-/// on without it (the read is then given up and counted).
-const METADATA_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
+/// on without it (the read is then given up and counted), by default
+/// (`--metadata-wait-ms`).
+pub const METADATA_HOLD: std::time::Duration = std::time::Duration::from_millis(250);
 /// Events waiting for runtime metadata, at most: beyond, the reads are
 /// given up at once and the events go on without.
 const MAX_WAITING: usize = 65_536;
@@ -35,7 +36,7 @@ const MAX_REVISION_REFRESH: usize = 512;
 /// and so does every event after it, in arrival order: the tracker sees the
 /// same order as without the wait, counts stay exact and nothing is
 /// dropped. The wait ends when the read does (normally well under a
-/// millisecond) or after [`METADATA_HOLD`], when the event goes on with what
+/// millisecond) or after the hold ([`METADATA_HOLD`] by default), when the event goes on with what
 /// the cgroup path says and the read is counted as failed.
 pub struct Pipeline {
     who: Attributor,
@@ -51,6 +52,8 @@ pub struct Pipeline {
     counted: RecordCounts,
     /// What each pod of the node runs (summaries' `revision`, the info metric).
     revisions: Revisions,
+    /// How long an event waits for its container's runtime metadata.
+    metadata_hold: std::time::Duration,
 }
 
 impl Pipeline {
@@ -67,7 +70,14 @@ impl Pipeline {
             out: Vec::new(),
             counted: RecordCounts::default(),
             revisions: Revisions::default(),
+            metadata_hold: METADATA_HOLD,
         }
+    }
+
+    /// Waits up to `hold` for runtime metadata instead of [`METADATA_HOLD`].
+    pub fn with_metadata_hold(mut self, hold: std::time::Duration) -> Self {
+        self.metadata_hold = hold;
+        self
     }
 
     /// The exporter (agent-level lines, shutdown).
@@ -269,7 +279,7 @@ impl Pipeline {
     }
 
     /// Releases waiting events whose metadata is in, in order; the first
-    /// that waited [`METADATA_HOLD`] (or all, with `all`, or when too many
+    /// that waited the hold (or all, with `all`, or when too many
     /// wait) has its reads given up and goes on without.
     fn release(&mut self, all: bool) {
         let now = std::time::Instant::now();
@@ -277,7 +287,7 @@ impl Pipeline {
             let Some(ev) = self.try_push(ev) else {
                 continue;
             };
-            let late = now.duration_since(since) >= METADATA_HOLD;
+            let late = now.duration_since(since) >= self.metadata_hold;
             if !(all || late || self.waiting.len() >= MAX_WAITING) {
                 self.waiting.push_front((ev, since));
                 return;

@@ -412,6 +412,13 @@ impl Reader {
         }
     }
 
+    /// Gives a read up as stuck after `timeout` (the pipeline's metadata
+    /// hold) instead of 250 ms.
+    pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Notified whenever a read finishes (the agent's loop wakes on it).
     pub(crate) fn waker(&self) -> Arc<tokio::sync::Notify> {
         self.waker.clone()
