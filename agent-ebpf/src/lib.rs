@@ -238,6 +238,11 @@ pub struct Config {
     /// to measure what attaching the hooks costs by itself. Not an offset;
     /// the verifier folds this read-only value, so it costs nothing otherwise.
     pub noop: u32,
+    /// Non-zero: the programs do all their work but write nothing to the
+    /// ring (nothing is counted lost either). Only for `cargo xtask bench`:
+    /// what the ring output costs per refused connect, the most that
+    /// aggregating refusals in the kernel could save. Not an offset.
+    pub no_output: u32,
 }
 
 impl Config {
@@ -292,6 +297,7 @@ impl Config {
         dev_nd_net: OFFSET_UNKNOWN,
         capture_port: 0,
         noop: 0,
+        no_output: 0,
     };
 
     /// Whether the raw-tracepoint socket hook has every offset it needs

@@ -326,9 +326,15 @@ fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
             "--bench-noop-programs: hooks attached, programs return at once; nothing is reported"
         );
     }
+    if args.bench_no_ring_output {
+        tracing::warn!(
+            "--bench-no-ring-output: programs run in full, write nothing; nothing is reported"
+        );
+    }
     let probes = Probes::load(&LoadOptions {
         config: Config {
             noop: args.bench_noop_programs.into(),
+            no_output: args.bench_no_ring_output.into(),
             capture_port: args.capture_port.into(),
             ..config
         },

@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// hooks cost by themselves (`cargo xtask bench`). Reports nothing.
     #[arg(long, hide = true)]
     pub bench_noop_programs: bool,
+    /// Run every program in full but write nothing to the ring: what the
+    /// ring output costs (`cargo xtask bench`). Reports nothing.
+    #[arg(long, hide = true)]
+    pub bench_no_ring_output: bool,
     /// Kernel BTF used to find struct offsets.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux")]
     pub btf: PathBuf,

@@ -28,17 +28,17 @@ tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->oldstate == 2/
 tracepoint:syscalls:sys_exit_connect /args->ret < 0 && args->ret != -115/ { printf("connect %d %s %d\n", pid, comm, args->ret); }
 "#;
 
-struct Opts {
-    rounds: usize,
-    seconds: f64,
-    threads: usize,
+pub(crate) struct Opts {
+    pub(crate) rounds: usize,
+    pub(crate) seconds: f64,
+    pub(crate) threads: usize,
 }
 
 /// A tracer running in the background.
-struct Tracer {
-    name: &'static str,
+pub(crate) struct Tracer {
+    pub(crate) name: &'static str,
     child: Option<Child>,
-    http_port: Option<u16>,
+    pub(crate) http_port: Option<u16>,
 }
 
 impl Drop for Tracer {
@@ -71,6 +71,44 @@ const HOOKS_ONLY: &str = "connscope hooks only (programs return at once)";
 /// connscope without the `syscalls:` connect hooks (the cost of those
 /// hooks, and what an operator gains by turning them off).
 const NO_SYSCALL_HOOKS: &str = "connscope without syscall hooks";
+/// connscope on the fentry/fexit connect path (kernels that allow it).
+pub(crate) const FENTRY: &str = "connscope, fentry path";
+/// connscope on the syscall-tracepoint connect path, forced.
+pub(crate) const TRACEPOINTS: &str = "connscope, syscall tracepoints";
+/// The fentry path's floor: hooks attached, programs returning at once.
+pub(crate) const FENTRY_HOOKS_ONLY: &str = "connscope fentry hooks only (programs return at once)";
+/// The fentry path with every program run in full but nothing written to
+/// the ring: the most that aggregating refusals in the kernel could save.
+pub(crate) const FENTRY_NO_OUTPUT: &str = "connscope fentry, no ring output";
+
+/// The agent's arguments for each connscope variant the benches run.
+fn connscope_args(name: &str) -> Option<&'static [&'static str]> {
+    Some(match name {
+        "connscope" => &[],
+        HOOKS_ONLY => &["--bench-noop-programs"],
+        NO_SYSCALL_HOOKS => &[
+            "--disable-probe",
+            "sys_enter_connect",
+            "--disable-probe",
+            "sys_exit_connect",
+        ],
+        FENTRY => &["--connect-path", "fentry"],
+        TRACEPOINTS => &["--connect-path", "tracepoint"],
+        FENTRY_HOOKS_ONLY => &["--connect-path", "fentry", "--bench-noop-programs"],
+        FENTRY_NO_OUTPUT => &["--connect-path", "fentry", "--bench-no-ring-output"],
+        _ => return None,
+    })
+}
+
+/// How many times slower than hardware this machine runs (5 in a TCG
+/// guest, set by `xtask vm`): start-up deadlines are scaled by it.
+pub(crate) fn time_scale() -> u32 {
+    std::env::var("CONNSCOPE_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
 
 /// The storms of the connect-path table: (label, `testbed storm` arguments).
 /// Loopback, and a test host in a network namespace of the storm's own
@@ -92,47 +130,44 @@ const NONBLOCKING_MODES: [(&str, &[&str]); 2] = [
 
 /// Starts a tracer and waits until it is attached. `Ok(None)`: the tracer
 /// cannot run here (the reason is returned for the report).
-fn start(
+pub(crate) fn start(
     name: &'static str,
     bin: &Path,
     extra: &[&str],
 ) -> Result<std::result::Result<Tracer, String>> {
+    let scale = time_scale();
+    if name == "none" {
+        return Ok(Ok(Tracer {
+            name,
+            child: None,
+            http_port: None,
+        }));
+    }
+    if let Some(args) = connscope_args(name) {
+        let port = free_port()?;
+        let mut child = Command::new(bin)
+            .args(["run", "--events", "none", "--kubernetes", "off"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        wait_line(
+            child.stderr.take().context("stderr")?,
+            "probes attached",
+            Duration::from_secs(60) * scale,
+        )?;
+        return Ok(Ok(Tracer {
+            name,
+            child: Some(child),
+            http_port: Some(port),
+        }));
+    }
+    // bcc compiles its programs with clang at start: minutes under emulation.
+    let mut attach_within = Duration::from_secs(60) * scale;
     let (mut cmd, ready): (Command, &str) = match name {
-        "none" => {
-            return Ok(Ok(Tracer {
-                name,
-                child: None,
-                http_port: None,
-            }));
-        }
-        "connscope" | HOOKS_ONLY | NO_SYSCALL_HOOKS => {
-            let port = free_port()?;
-            let mut c = Command::new(bin);
-            c.args(["run", "--events", "none", "--kubernetes", "off"])
-                .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-                .args(extra);
-            if name == HOOKS_ONLY {
-                c.arg("--bench-noop-programs");
-            } else if name == NO_SYSCALL_HOOKS {
-                c.args(["--disable-probe", "sys_enter_connect"])
-                    .args(["--disable-probe", "sys_exit_connect"]);
-            }
-            let mut child = c
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()?;
-            wait_line(
-                child.stderr.take().context("stderr")?,
-                "probes attached",
-                Duration::from_secs(60),
-            )?;
-            return Ok(Ok(Tracer {
-                name,
-                child: Some(child),
-                http_port: Some(port),
-            }));
-        }
         "bpftrace" => {
             let mut c = Command::new("bpftrace");
             c.args(["-e", BPFTRACE]);
@@ -140,7 +175,9 @@ fn start(
         }
         "bcc" => {
             let mut c = Command::new("tcpconnect-bpfcc");
-            c.arg("-t");
+            // Unbuffered: its header line is how we know it attached.
+            c.arg("-t").env("PYTHONUNBUFFERED", "1");
+            attach_within = Duration::from_secs(180) * scale;
             (c, "TIME")
         }
         _ => bail!("unknown tracer {name}"),
@@ -167,7 +204,7 @@ fn start(
             }
         });
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + attach_within;
     let mut seen = Vec::new();
     loop {
         if let Ok(Some(st)) = child.try_wait() {
@@ -177,7 +214,9 @@ fn start(
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(l) if l.contains(ready) => break,
             Ok(l) => seen.push(l),
-            Err(_) if Instant::now() > deadline => bail!("{name} did not attach within 60 s"),
+            Err(_) if Instant::now() > deadline => {
+                bail!("{name} did not attach within {attach_within:?}")
+            }
             Err(_) => {}
         }
     }
@@ -242,7 +281,7 @@ fn wait_line(
     }
 }
 
-fn storm(bin: &Path, args: &[String]) -> Result<Value> {
+pub(crate) fn storm(bin: &Path, args: &[String]) -> Result<Value> {
     let out = Command::new(bin)
         .args(["testbed", "storm"])
         .args(args)
@@ -255,7 +294,7 @@ fn storm(bin: &Path, args: &[String]) -> Result<Value> {
 
 /// `testbed storm` arguments of one connect-path cell: the round's threads
 /// and duration, then the mode's own.
-fn storm_args(o: &Opts, extra: &[&str]) -> Vec<String> {
+pub(crate) fn storm_args(o: &Opts, extra: &[&str]) -> Vec<String> {
     let mut a = vec![
         "--threads".to_string(),
         o.threads.to_string(),
@@ -333,7 +372,7 @@ fn program_cost_table(bin: &Path, o: &Opts, base: &[f64]) -> Result<String> {
     ))
 }
 
-fn metric(port: u16, name: &str) -> Result<f64> {
+pub(crate) fn metric(port: u16, name: &str) -> Result<f64> {
     use std::io::Read as _;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     write!(
@@ -349,7 +388,7 @@ fn metric(port: u16, name: &str) -> Result<f64> {
         .sum())
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         f64::NAN

@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 mod bench;
+mod guest_bench;
 mod matrix;
 mod vm;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,26 @@ enum Cmd {
         /// A short run of each benchmark, results not written.
         #[arg(long)]
         smoke: bool,
+        /// The connect-path bench in each kernel matrix guest instead
+        /// (fentry and tracepoint paths, bpftrace, bcc; BENCHMARKS.md).
+        #[arg(long)]
+        matrix: bool,
+        /// With --matrix: one of 5.10, 6.1, 6.12, or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+    },
+    /// Inside a matrix guest: the connect-path bench (run by `bench --matrix`
+    /// and by the kernel matrix's smoke run).
+    #[command(hide = true)]
+    BenchGuest {
+        /// The connscope binary (with the test bed's `storm`).
+        #[arg(long)]
+        bin: PathBuf,
+        #[arg(long)]
+        smoke: bool,
+        /// Where to write the measurements (JSON).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Bounded soak under mixed load (needs root); figures into RELIABILITY.md.
     Soak {
@@ -98,7 +119,22 @@ fn main() -> Result<()> {
             setup()?;
             test(&args)
         }
-        Cmd::Bench { smoke } => {
+        Cmd::Bench {
+            smoke,
+            matrix: true,
+            kernel,
+        } => {
+            setup()?;
+            apt_install_missing(BENCH_PACKAGES)?;
+            run(cargo().args(["build", "--package", "connscope", "--release"]))?;
+            let bin = workspace().join("target/release/connscope");
+            if smoke {
+                bail!("--matrix --smoke: the matrix's smoke run is part of `cargo xtask test`");
+            }
+            guest_bench::run(&workspace(), &vm::select(&kernel)?, &bin)
+        }
+        Cmd::BenchGuest { bin, smoke, out } => guest_bench::in_guest(&bin, smoke, &out),
+        Cmd::Bench { smoke, .. } => {
             setup()?;
             if !smoke {
                 apt_install_missing(BENCH_PACKAGES)?;

@@ -17,7 +17,10 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::vm::{self, Prepared, Series};
+use crate::{
+    guest_bench,
+    vm::{self, Prepared, Series},
+};
 
 /// The kernel-facing tests every guest runs, by full name (`--exact`, so a
 /// renamed test fails the count instead of silently running nothing):
@@ -124,12 +127,12 @@ fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
 /// A binary the guests run, and the copy they load: without its debug
 /// info (a fifth of the size), since the guest reads it over 9p, without
 /// a page cache, under emulation. Symbols stay, for backtraces.
-struct Staged {
+pub(crate) struct Staged {
     path: PathBuf,
     copy: PathBuf,
 }
 
-fn stage(workspace: &Path, binaries: &[&Path]) -> Result<Vec<Staged>> {
+pub(crate) fn stage(workspace: &Path, binaries: &[&Path]) -> Result<Vec<Staged>> {
     let dir = workspace.join("target/vm/stage");
     std::fs::create_dir_all(&dir)?;
     binaries
@@ -169,7 +172,9 @@ pub(crate) enum Report {
 /// kernel is run even when one fails; the error names each that failed.
 pub(crate) fn run(workspace: &Path, kernels: &[Series], report: Report) -> Result<()> {
     let (bin, tests) = build(workspace)?;
-    let staged = stage(workspace, &[&bin, &tests])?;
+    // The guests' bench smoke runs this very xtask.
+    let xtask = std::env::current_exe()?;
+    let staged = stage(workspace, &[&bin, &tests, &xtask])?;
     let mut rows = vec![host_row(&bin)?];
     // Fetched one after the other (one apt state), then booted
     // `GUESTS_AT_ONCE` at a time: a single-threaded TCG guest uses one host
@@ -187,7 +192,7 @@ pub(crate) fn run(workspace: &Path, kernels: &[Series], report: Report) -> Resul
                         break;
                     };
                     let row = match k {
-                        Ok(k) => guest_row(workspace, k, &bin, &tests, &staged),
+                        Ok(k) => guest_row(workspace, k, (&bin, &tests, &xtask), &staged),
                         Err(e) => Row::failed(series, format!("{e:#}")),
                     };
                     done.lock().expect("no panic while held")[i] = Some(row);
@@ -247,7 +252,13 @@ fn host_row(bin: &Path) -> Result<Row> {
     })
 }
 
-fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path, staged: &[Staged]) -> Row {
+fn guest_row(
+    workspace: &Path,
+    k: &Prepared,
+    bins: (&Path, &Path, &Path),
+    staged: &[Staged],
+) -> Row {
+    let (bin, tests, xtask) = bins;
     let mut words = vec![
         tests.display().to_string(),
         "--exact".into(),
@@ -257,24 +268,14 @@ fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path, staged: &
         "1".into(),
     ];
     words.extend(GUEST_TESTS.iter().map(|t| t.to_string()));
-    // The guest's root is the host's filesystem over 9p without a page
-    // cache: every page fault of a large debug binary is a round trip to
-    // QEMU. The stripped copies are read into the guest's RAM once and
-    // bind-mounted over the binaries' paths (the tests start the agent by
-    // path).
-    let stage = staged
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let copy = vm::shell_words(&[s.copy.display().to_string()]);
-            let path = vm::shell_words(&[s.path.display().to_string()]);
-            format!("cp {copy} /run/stage{i} && mount --bind /run/stage{i} {path} || exit 98; ")
-        })
-        .collect::<String>();
+    // After the tests, the smoke run of the connect-path bench (its status
+    // apart: the tests' status is the guest's).
     let command = format!(
-        "{stage}{bin} check > \"$VM_RESULTS/check.txt\" 2>&1; echo $? > \"$VM_RESULTS/check.status\"; CONNSCOPE_EXPECT_CONNECT_PATH=fentry {tests}",
+        "{stage}{bin} check > \"$VM_RESULTS/check.txt\" 2>&1; echo $? > \"$VM_RESULTS/check.status\"; CONNSCOPE_EXPECT_CONNECT_PATH=fentry {tests}; t=$?; {bench}; exit $t",
+        stage = stage_command(staged),
         bin = vm::shell_words(&[bin.display().to_string()]),
         tests = vm::shell_words(&words),
+        bench = guest_bench::guest_command(xtask, bin, true),
     );
     let mut row = Row {
         kernel: k.series.name.to_string(),
@@ -314,10 +315,29 @@ fn guest_row(workspace: &Path, k: &Prepared, bin: &Path, tests: &Path, staged: &
             GUEST_TESTS.len()
         ));
     }
+    if let Err(e) = guest_bench::read_result(&run.results).and_then(|b| b.check()) {
+        errors.push(format!("the bench smoke run: {e:#}"));
+    }
     if !errors.is_empty() {
         row.error = Some(errors.join("; "));
     }
     row
+}
+
+/// The guest's root is the host's filesystem over 9p without a page cache:
+/// every page fault of a large debug binary is a round trip to QEMU. The
+/// stripped copies are read into the guest's RAM once and bind-mounted over
+/// the binaries' paths (the tests start the agent by path).
+pub(crate) fn stage_command(staged: &[Staged]) -> String {
+    staged
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let copy = vm::shell_words(&[s.copy.display().to_string()]);
+            let path = vm::shell_words(&[s.path.display().to_string()]);
+            format!("cp {copy} /run/stage{i} && mount --bind /run/stage{i} {path} || exit 98; ")
+        })
+        .collect()
 }
 
 /// "N passed" from the test harness's result line.

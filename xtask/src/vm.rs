@@ -310,6 +310,92 @@ pub(crate) fn prepare(series: &Series) -> Result<Prepared> {
     })
 }
 
+/// Debian's headers of `kernel` (the `linux-headers-<release>` package and
+/// the `linux-headers-*`/`linux-kbuild-*` packages it depends on), unpacked
+/// (once) into its tree, with `/lib/modules/<release>/build` pointing at
+/// them: bcc compiles its programs against them in the guest.
+pub(crate) fn prepare_headers(kernel: &Prepared) -> Result<()> {
+    let cache = cache_dir();
+    let root = cache.join(&kernel.release);
+    let ready = root.join(".headers-ready");
+    if !ready.exists() {
+        let apt_dir = apt_state(&cache)?;
+        let top = format!("linux-headers-{}", kernel.release);
+        let out = apt(&apt_dir, "apt-cache")
+            .args(["depends", &top])
+            .output()
+            .context("running apt-cache depends")?;
+        let mut packages = vec![top.clone()];
+        packages.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().trim_start_matches('|').strip_prefix("Depends: "))
+                .filter(|d| d.starts_with("linux-headers-") || d.starts_with("linux-kbuild-"))
+                .map(str::to_string),
+        );
+        let debs = cache
+            .join("debs")
+            .join(format!("headers-{}", kernel.release));
+        let _ = std::fs::remove_dir_all(&debs);
+        std::fs::create_dir_all(&debs)?;
+        eprintln!("xtask vm: fetching {}", packages.join(" "));
+        let st = apt(&apt_dir, "apt-get")
+            .arg("download")
+            .args(&packages)
+            .current_dir(&debs)
+            .status()?;
+        if !st.success() {
+            bail!(
+                "downloading the headers of {} failed ({st})",
+                kernel.release
+            );
+        }
+        for deb in std::fs::read_dir(&debs)? {
+            let deb = deb?.path();
+            let st = Command::new("dpkg")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&root)
+                .status()?;
+            if !st.success() {
+                bail!("unpacking {} failed ({st})", deb.display());
+            }
+        }
+        std::fs::remove_dir_all(&debs)?;
+        // The package's links are absolute (/usr/src/...): into the tree.
+        let modules = root.join("lib/modules").join(&kernel.release);
+        for (link, dir) in [
+            ("build", format!("linux-headers-{}", kernel.release)),
+            (
+                "source",
+                format!("linux-headers-{}", common_of(&kernel.release)),
+            ),
+        ] {
+            let target = root.join("usr/src").join(dir);
+            if target.is_dir() {
+                let _ = std::fs::remove_file(modules.join(link));
+                std::os::unix::fs::symlink(&target, modules.join(link))?;
+            }
+        }
+        if !modules.join("build/include").is_dir() {
+            bail!(
+                "the headers of {} are incomplete after unpacking",
+                kernel.release
+            );
+        }
+        std::fs::write(&ready, "")?;
+    }
+    Ok(())
+}
+
+/// `6.1.0-57-amd64` -> `6.1.0-57-common`: the flavour-independent headers.
+fn common_of(release: &str) -> String {
+    match release.rsplit_once('-') {
+        Some((base, _flavour)) => format!("{base}-common"),
+        None => release.to_string(),
+    }
+}
+
 /// `/lib/modules/<release>` -> the unpacked tree. A real directory there is
 /// an installed kernel of that release and is used as it is.
 fn link_modules(root: &Path, release: &str) -> Result<()> {
@@ -594,6 +680,12 @@ mod tests {
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote("it's"), r"'it'\''s'");
         assert_eq!(quote(""), "''");
+    }
+
+    #[test]
+    fn common_headers_are_named_from_the_release() {
+        assert_eq!(common_of("6.1.0-57-amd64"), "6.1.0-57-common");
+        assert_eq!(common_of("6.12.117+deb12-amd64"), "6.12.117+deb12-common");
     }
 
     #[test]

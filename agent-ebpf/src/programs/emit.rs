@@ -51,6 +51,9 @@ pub(crate) fn emit_with_path(
 /// ring counts the record as lost.
 #[inline(always)]
 fn reserve_and_submit<R: 'static>(write: impl FnOnce(&mut MaybeUninit<R>)) {
+    if cfg_field!(no_output) != 0 {
+        return;
+    }
     let wake = wakeup_flags(size_of::<R>() as u64);
     let Some(mut entry) = EVENTS.reserve::<R>(0) else {
         count_lost();
