@@ -7,10 +7,6 @@ use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
     time::Duration,
 };
 
@@ -181,31 +177,14 @@ pub(crate) fn run(workspace: &Path, kernels: &[Series], report: Report) -> Resul
     // core.
     let prepared: Vec<(Series, Result<Prepared>)> =
         kernels.iter().map(|s| (*s, vm::prepare(s))).collect();
-    let next = AtomicUsize::new(0);
-    let done: Mutex<Vec<Option<Row>>> = Mutex::new((0..prepared.len()).map(|_| None).collect());
-    std::thread::scope(|scope| {
-        for _ in 0..GUESTS_AT_ONCE.min(prepared.len()) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((series, k)) = prepared.get(i) else {
-                        break;
-                    };
-                    let row = match k {
-                        Ok(k) => guest_row(workspace, k, (&bin, &tests, &xtask), &staged),
-                        Err(e) => Row::failed(series, format!("{e:#}")),
-                    };
-                    done.lock().expect("no panic while held")[i] = Some(row);
-                }
-            });
-        }
-    });
-    rows.extend(
-        done.into_inner()
-            .expect("no panic while held")
-            .into_iter()
-            .flatten(),
-    );
+    rows.extend(vm::in_parallel(
+        &prepared,
+        GUESTS_AT_ONCE,
+        |(series, k)| match k {
+            Ok(k) => guest_row(workspace, k, (&bin, &tests, &xtask), &staged),
+            Err(e) => Row::failed(series, format!("{e:#}")),
+        },
+    ));
     write_report(workspace, &rows, report)?;
     let failed: Vec<String> = rows
         .iter()

@@ -413,6 +413,35 @@ fn link_modules(root: &Path, release: &str) -> Result<()> {
         .with_context(|| format!("linking {} to {}", link.display(), target.display()))
 }
 
+/// `f` over `items`, `at_once` at a time, results in the items' order: a
+/// single-threaded TCG guest uses one host core.
+pub(crate) fn in_parallel<I: Sync, T: Send>(
+    items: &[I],
+    at_once: usize,
+    f: impl Fn(&I) -> T + Sync,
+) -> Vec<T> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: std::sync::Mutex<Vec<Option<T>>> =
+        std::sync::Mutex::new((0..items.len()).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..at_once.min(items.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    done.lock().expect("no panic while held")[i] = Some(r);
+                }
+            });
+        }
+    });
+    done.into_inner()
+        .expect("no panic while held")
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// `s` quoted for a POSIX shell.
 fn quote(s: &str) -> String {
     if !s.is_empty()
