@@ -21,6 +21,19 @@ pub(crate) const CAPTURE_PORT: u16 = 15001;
 pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
 /// Process names of the sidecar (pilot-agent starts envoy).
 pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
+/// Inbound capture port: what reaches the pod is redirected here, and
+/// Envoy dials the app from it.
+pub(crate) const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// The source address Envoy binds when it forwards inbound traffic to the
+/// app (Istio >= 1.10, `inbound|passthrough`), and pilot-agent when it runs
+/// the app's probes: `-o lo -s 127.0.0.6/32 -j RETURN` exempts it from capture.
+pub(crate) const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// [`INBOUND_SOURCE_V4`] for IPv6 (`::6`).
+pub(crate) const INBOUND_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// pilot-agent's process name: it runs kubelet's probes of the app,
+/// rewritten to its status port.
+pub(crate) const PILOT_AGENT_COMM: &str = "pilot-agent";
 /// Variants Istio publishes of its proxy image, as suffixes of the release
 /// tag (`proxyv2:1.22.3-distroless`): the proxy's version is the tag
 /// without them.
