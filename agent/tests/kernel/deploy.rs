@@ -84,6 +84,8 @@ fn manifests_and_chart_validate_and_match() {
         "ok   DaemonSet: SETPCAP to empty the bounding set and lock securebits",
         "ok   alert ConnscopeStartupRace: runbook_url is its section of deploy/RUNBOOK.md (https://github.com/connscope/connscope/blob/main/deploy/RUNBOOK.md#connscopestartuprace)",
         "ok   RUNBOOK.md section ConnscopeStartupRaceRegression: a connscope explain command and PromQL",
+        "ok   RUNBOOK.md section ConnscopeInboundStartupRace: a connscope explain command and PromQL",
+        "ok   RUNBOOK.md section ConnscopeInboundShutdownRace: a connscope explain command and PromQL",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
