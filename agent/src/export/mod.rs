@@ -25,7 +25,7 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Capture, Output, Phase, RaceSummary},
+    race::{Capture, InboundSummary, Output, Phase, RaceSummary, When},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -319,6 +319,21 @@ impl Exporter {
                 let line = Summary::now("shutdown_race", &s);
                 self.emit("shutdown_race", &s.who, Some("shutdown_race"), &line)
             }
+            Output::AppListen(a) => {
+                if let Some(m) = m {
+                    m.app_listen(&a.who, a.seconds);
+                }
+                Ok(())
+            }
+            Output::InboundRace(s) => {
+                if let Some(m) = m {
+                    m.inbound_race(&s.who, s.when);
+                }
+                self.inbound_k8s_event(&s);
+                let line = Summary::now("inbound_race", &s);
+                let phase = s.when.phase().as_str();
+                self.emit("inbound_race", &s.who, Some(phase), &line)
+            }
         }
     }
 
@@ -414,6 +429,47 @@ impl Exporter {
             uid: s.who.pod_uid.clone(),
             reason: "SidecarStartupRace",
             note,
+        });
+    }
+
+    /// An inbound summary as a Kubernetes Event on its pod (reasons from
+    /// `race/istio.rs`), through the same aggregating, rate-limited writer.
+    fn inbound_k8s_event(&self, s: &InboundSummary) {
+        let (Some(q), Some(ns), Some(pod)) = (&self.opts.k8s_events, &s.who.namespace, &s.who.pod)
+        else {
+            return;
+        };
+        let ports = s
+            .ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let app = s.who.container.as_deref().unwrap_or("the app");
+        let window = s
+            .window_seconds
+            .map_or("an unknown time".into(), |w| format!("{w:.3}s"));
+        let what = match s.when {
+            When::Startup => format!(
+                "istio-proxy was refused {} times by {app} on port {ports} over {window} before {app} listened there.",
+                s.refused
+            ),
+            When::Shutdown => format!(
+                "istio-proxy was refused {} times by {app} on port {ports} for {window} after {app} closed its listener.",
+                s.refused
+            ),
+            When::Bind => format!(
+                "istio-proxy was refused {} times by {app} on port {ports}: it listens on {} only.",
+                s.refused,
+                s.bound_addresses.join(", ")
+            ),
+        };
+        q.send(PodEvent {
+            namespace: ns.clone(),
+            pod: pod.clone(),
+            uid: s.who.pod_uid.clone(),
+            reason: crate::race::istio::inbound_reason(s.when),
+            note: format!("{what} {}", s.recommendation),
         });
     }
 }
