@@ -18,7 +18,9 @@ use connscope::testbed::{
 };
 use serde_json::{Value, json};
 
-use crate::fixture::{Agent, Node, failures_of, http_get, slow, start_sidecar, wait_for};
+use crate::fixture::{
+    Agent, Node, failures_of, http_get, slow, start_sidecar, time_scale, wait_for,
+};
 
 /// The agent of these tests: failures of a pod whose injection is not known
 /// yet are held for a second.
@@ -166,7 +168,7 @@ fn startup_race_app_listens_late() {
         },
     );
     // Traffic arrives before the app listens (no readiness probe).
-    let rs = client(&pod, 60, 100, 3);
+    let rs = client(&pod, 60 * time_scale(), 100, 3);
     app.wait_line("\"state\":\"listen\"", Duration::from_secs(10))
         .unwrap();
     let refused = proxy_refused(&mut pod, &rs);
@@ -265,7 +267,7 @@ fn shutdown_race_app_closes_listener_under_traffic() {
     let agent = agent(&node);
     let mut pod = injected_pod(&node, "payments-7d9f8c6b5-nb5gk");
     let mut app = server(&pod, Server::default());
-    let mut c = pod.spawn_client(40, 100, 0).unwrap();
+    let mut c = pod.spawn_client(30, 100, 0).unwrap();
     c.wait_lines("3 requests served", Duration::from_secs(10), |l| {
         count(&responses(l), 200) >= 3
     })
@@ -376,7 +378,7 @@ fn probes_refused_during_startup_are_no_race() {
         },
     );
     // pilot-agent runs the rewritten readiness probe until the app answers.
-    let mut prober = pod.spawn_prober(60, 150).unwrap();
+    let mut prober = pod.spawn_prober(60 * time_scale(), 150).unwrap();
     let ps = probes(&prober.wait_exit(Duration::from_secs(30)).unwrap());
     let refused = ps.last().map_or(0, |p| p.refused_total);
     assert!(refused >= 3, "refused while the app started: {ps:?}");
