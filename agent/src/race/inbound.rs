@@ -284,19 +284,21 @@ impl AppSide {
             Some(p) if p.closes.back().is_some_and(|&c| c <= t) => When::Shutdown,
             _ => return Phase::Proxy,
         };
+        // Where the app listened instead (bind), taken before the episode
+        // is borrowed.
+        let bound: Vec<SocketAddr> = match (when, p) {
+            (When::Bind, Some(p)) => p.bound(port).collect(),
+            _ => Vec::new(),
+        };
         let ep = self.episode_mut(when);
         ep.add(t, port);
         if when == When::Bind {
             if ep.dialed.len() < MAX_ADDRS {
                 ep.dialed.insert(dst);
             }
-            if let Some(p) = self.ports.get(&port) {
-                let bound: Vec<SocketAddr> = p.bound(port).collect();
-                let ep = &mut self.bind;
-                for b in bound {
-                    if ep.bound.len() < MAX_ADDRS {
-                        ep.bound.insert(b);
-                    }
+            for b in bound {
+                if ep.bound.len() < MAX_ADDRS {
+                    ep.bound.insert(b);
                 }
             }
         }
