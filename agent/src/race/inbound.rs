@@ -14,7 +14,8 @@
 //! proxy runs in the pod's); Envoy's inbound source 127.0.0.6 (the kernel
 //! does not route a loopback source to a non-local address: connect() fails
 //! with EINVAL, so a refusal of a socket bound there came from the pod's own
-//! stack); a local address equal to the destination (the kernel picks the
+//! stack; its IPv6 twin `::6` is not loopback, and is taken on Istio's word
+//! that only inbound dials bind it); a local address equal to the destination (the kernel picks the
 //! destination itself as the source of a local route: pilot-agent's probes
 //! to the pod IP); or a destination the pod owns: its `status.podIPs` from
 //! the API, a non-wildcard address an app listener of the pod bound, or the
@@ -242,7 +243,7 @@ impl AppSide {
         let ip = dst.ip();
         let src = ev.src.map(|s| s.ip());
         ip.is_loopback()
-            || src == Some(istio::INBOUND_SOURCE)
+            || src.is_some_and(istio::inbound_source)
             || src == Some(ip)
             || pod_ips.contains(&ip)
             || self.own_ips.contains(&ip)
@@ -284,19 +285,21 @@ impl AppSide {
             Some(p) if p.closes.back().is_some_and(|&c| c <= t) => When::Shutdown,
             _ => return Phase::Proxy,
         };
+        // Where the app listened instead (bind), taken before the episode
+        // is borrowed.
+        let bound: Vec<SocketAddr> = match (when, p) {
+            (When::Bind, Some(p)) => p.bound(port).collect(),
+            _ => Vec::new(),
+        };
         let ep = self.episode_mut(when);
         ep.add(t, port);
         if when == When::Bind {
             if ep.dialed.len() < MAX_ADDRS {
                 ep.dialed.insert(dst);
             }
-            if let Some(p) = self.ports.get(&port) {
-                let bound: Vec<SocketAddr> = p.bound(port).collect();
-                let ep = &mut self.bind;
-                for b in bound {
-                    if ep.bound.len() < MAX_ADDRS {
-                        ep.bound.insert(b);
-                    }
+            for b in bound {
+                if ep.bound.len() < MAX_ADDRS {
+                    ep.bound.insert(b);
                 }
             }
         }

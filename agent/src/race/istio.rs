@@ -24,25 +24,24 @@ pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
 /// Inbound capture port: what reaches the pod is redirected here, and
 /// Envoy dials the app from it.
 pub(crate) const INBOUND_CAPTURE_PORT: u16 = 15006;
-/// The process that runs the pod's rewritten kubelet probes (uid 1337, in
-/// the istio-proxy container): its dials to the app are probes, never the
-/// inbound race. Go does not rename its threads, so every thread's comm is
-/// this name; Envoy's threads (`envoy`, `wrk:worker_0`...) are told apart
-/// by uid and container instead, never by comm.
-pub(crate) const PROBER_COMM: &str = "pilot-agent";
+/// The source address Envoy binds when it forwards inbound traffic to the
+/// app (Istio >= 1.10, `inbound|passthrough`), and pilot-agent when it runs
+/// the app's probes: `-o lo -s 127.0.0.6/32 -j RETURN` exempts it from capture.
+pub(crate) const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// [`INBOUND_SOURCE_V4`] for IPv6 (`::6`).
+pub(crate) const INBOUND_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// pilot-agent's process name: it runs kubelet's probes of the app,
+/// rewritten to its status port.
+pub(crate) const PILOT_AGENT_COMM: &str = "pilot-agent";
 /// Ports Istio reserves for itself (its "ports used by Istio" list lies in
 /// 15000..=15099: admin, capture, status, health, DNS, HBONE, Prometheus):
 /// the proxy's dials to them are the mesh's own, never the app's.
 const RESERVED_PORTS: std::ops::RangeInclusive<u16> = 15000..=15099;
-/// Envoy's source address for inbound dials to the app (Istio >= 1.10;
-/// istio-iptables' `-o lo -s 127.0.0.6/32 -j RETURN` exempts it from
-/// capture). In TPROXY mode Envoy dials from the client's address instead,
-/// and to 127.0.0.1 for apps bound to localhost under older settings.
-pub(crate) const INBOUND_SOURCE: std::net::IpAddr =
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
-/// [`INBOUND_SOURCE`] for IPv6 (`::6`).
-pub(crate) const INBOUND_SOURCE_V6: std::net::IpAddr =
-    std::net::IpAddr::V6(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+/// Whether `ip` is Envoy's (and pilot-agent's) inbound source address.
+pub(crate) fn inbound_source(ip: std::net::IpAddr) -> bool {
+    ip == INBOUND_SOURCE_V4 || ip == INBOUND_SOURCE_V6
+}
 
 /// Whether `port` is one Istio reserves for the proxy and pilot-agent.
 pub(crate) fn reserved_port(port: u16) -> bool {

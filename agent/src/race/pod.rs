@@ -272,7 +272,7 @@ impl PodState {
         {
             return Phase::Proxy;
         }
-        let prober = ev.context_known && ev.comm.is(istio::PROBER_COMM);
+        let prober = ev.context_known && ev.comm.is(istio::PILOT_AGENT_COMM);
         self.inbound.classify(ev, prober)
     }
 

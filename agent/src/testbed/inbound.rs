@@ -25,7 +25,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::race::istio::{INBOUND_SOURCE, INBOUND_SOURCE_V6};
+use crate::race::istio::{INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 
 /// Name of the thread that dials the app (Envoy's first worker).
 pub const WORKER_THREAD: &str = "wrk:worker_0";
@@ -140,8 +140,8 @@ async fn read_head(client: &mut TcpStream) -> Result<Vec<u8>> {
 /// Dials `dst` non-blocking, bound first to the passthrough source.
 async fn dial_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
     let (sock, src) = match dst.ip() {
-        IpAddr::V4(_) => (TcpSocket::new_v4()?, INBOUND_SOURCE),
-        IpAddr::V6(_) => (TcpSocket::new_v6()?, INBOUND_SOURCE_V6),
+        IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(INBOUND_SOURCE_V4)),
+        IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(INBOUND_SOURCE_V6)),
     };
     sock.bind(SocketAddr::new(src, 0))?;
     match tokio::time::timeout(super::slow(Duration::from_secs(3)), sock.connect(dst)).await {

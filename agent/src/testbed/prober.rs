@@ -16,7 +16,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 
-use crate::race::istio::{INBOUND_SOURCE, INBOUND_SOURCE_V6, PROBER_COMM, PROXY_UID};
+use crate::race::istio::{INBOUND_SOURCE_V4, INBOUND_SOURCE_V6, PILOT_AGENT_COMM, PROXY_UID};
 
 /// Options of `connscope testbed prober`.
 #[derive(Debug, Clone, clap::Args)]
@@ -58,7 +58,7 @@ pub fn probes(lines: &[String]) -> Vec<Probe> {
 
 /// Runs the probes.
 pub fn run(args: Args) -> Result<()> {
-    super::set_comm(PROBER_COMM)?;
+    super::set_comm(PILOT_AGENT_COMM)?;
     super::sidecar::drop_to(args.uid)?;
     let (mut refused, mut ok) = (0u64, 0u32);
     for i in 0..args.attempts {
@@ -96,8 +96,8 @@ pub fn run(args: Args) -> Result<()> {
 /// then the status line (bounded by a second each).
 fn probe(target: SocketAddr) -> std::io::Result<u16> {
     let src: IpAddr = match target {
-        SocketAddr::V4(_) => INBOUND_SOURCE,
-        SocketAddr::V6(_) => INBOUND_SOURCE_V6,
+        SocketAddr::V4(_) => INBOUND_SOURCE_V4.into(),
+        SocketAddr::V6(_) => INBOUND_SOURCE_V6.into(),
     };
     let timeout = super::slow(Duration::from_secs(1));
     let sock = Socket::new(Domain::for_address(target), Type::STREAM, None)?;

@@ -432,3 +432,27 @@ fn long_episodes_are_reported_and_begin_anew() {
     assert_eq!(s.len(), 2);
     assert_eq!((s[0].refused, s[1].refused), (1, 1));
 }
+
+/// IPv6: Envoy dials from `::6` (Istio's twin of 127.0.0.6) to the pod's
+/// IPv6 address; the app listening on `[::]` takes it.
+#[test]
+fn ipv6_inbound_dials() {
+    let mut t = Tracker::new(Config::default());
+    let v6 = |t_ms| {
+        let mut e = envoy(t_ms, "[fd00::5]:8080");
+        e.family = Family::Inet6;
+        e.src = Some("[::6]:40000".parse().unwrap());
+        e
+    };
+    let mut out = run(
+        &mut t,
+        vec![
+            (v6(100), proxy(), injected()),
+            (app_listen(200, "[::]:8080", true), who("app"), None),
+            (v6(300), proxy(), None),
+        ],
+    );
+    t.flush(&mut out);
+    assert_eq!(phases(&out), vec![Phase::InboundStartup, Phase::Proxy]);
+    assert_eq!(inbound(&out)[0].app_listen_mono_ns, Some(200 * MS));
+}
