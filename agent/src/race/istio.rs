@@ -18,7 +18,14 @@ pub(crate) const PROXY_UID: u32 = 1337;
 pub(crate) const CAPTURE_PORT: u16 = 15001;
 /// Ports whose LISTEN by the proxy uid marks a pod as injected: outbound
 /// and inbound capture, pilot-agent status, health, Prometheus, admin.
-pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
+pub(crate) const SIDECAR_PORTS: [u16; 6] = [
+    CAPTURE_PORT,
+    INBOUND_CAPTURE_PORT,
+    15020,
+    15021,
+    15090,
+    15000,
+];
 /// Process names of the sidecar (pilot-agent starts envoy).
 pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
 /// Inbound capture port: what reaches the pod is redirected here, and
