@@ -37,6 +37,13 @@ pub enum Command {
         /// How long the stand-in sidecar waits before listening on 15001.
         #[arg(long, default_value_t = 1500)]
         sidecar_delay_ms: u64,
+        /// Show the inbound race instead: requests reach the pod before
+        /// its app listens, and Envoy answers 503.
+        #[arg(long)]
+        inbound: bool,
+        /// With --inbound: how long the app takes to listen.
+        #[arg(long, default_value_t = 1500)]
+        app_delay_ms: u64,
     },
     /// Stand-ins used by the demo and the tests (sidecar, application).
     #[cfg(feature = "testbed")]

@@ -4,6 +4,9 @@
 //! sidecar waits for its outbound listener, and the agent telling what
 //! happened, ending with `connscope explain`'s view of the pod (read from
 //! the demo agent's `/events`, in process). Everything is removed afterwards.
+//! `--inbound` shows the mirror image (`inbound.rs`).
+
+mod inbound;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -31,8 +34,19 @@ fn read(p: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// Which race the demo shows.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    /// The app dials before the sidecar listens on 15001; the sidecar's
+    /// outbound listener opens after this many ms.
+    Outbound { sidecar_delay_ms: u64 },
+    /// Requests reach the pod before the app listens; the app listens
+    /// after this many ms.
+    Inbound { app_delay_ms: u64 },
+}
+
 /// Runs the demo and prints the verdict.
-pub fn run(sidecar_delay_ms: u64) -> Result<()> {
+pub fn run(direction: Direction) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the demo creates network namespaces and cgroups and loads eBPF programs: run it as root"
@@ -41,7 +55,10 @@ pub fn run(sidecar_delay_ms: u64) -> Result<()> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("connscope-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = demo(&exe, &dir, sidecar_delay_ms);
+    let result = match direction {
+        Direction::Outbound { sidecar_delay_ms } => demo(&exe, &dir, sidecar_delay_ms),
+        Direction::Inbound { app_delay_ms } => inbound::demo(&exe, &dir, app_delay_ms),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

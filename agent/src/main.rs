@@ -40,7 +40,15 @@ fn main() -> Result<()> {
         }
         Command::Explain(args) => std::process::exit(connscope::explain::main(&args)),
         #[cfg(feature = "testbed")]
-        Command::Demo { sidecar_delay_ms } => connscope::demo::run(sidecar_delay_ms),
+        Command::Demo {
+            sidecar_delay_ms,
+            inbound,
+            app_delay_ms,
+        } => connscope::demo::run(if inbound {
+            connscope::demo::Direction::Inbound { app_delay_ms }
+        } else {
+            connscope::demo::Direction::Outbound { sidecar_delay_ms }
+        }),
         #[cfg(feature = "testbed")]
         Command::Testbed(cmd) => connscope::testbed::run(cmd),
     }

@@ -177,6 +177,7 @@ impl Pipeline {
                 Output::SidecarReady(s) => (&s.who, &mut s.revision),
                 Output::StartupRace(s) => (&s.who, &mut s.revision),
                 Output::ShutdownRace(s) => (&s.who, &mut s.revision),
+                Output::InboundRace(s) => (&s.who, &mut s.revision),
                 _ => continue,
             };
             let Some(uid) = who.pod_uid.as_deref() else {

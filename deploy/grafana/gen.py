@@ -57,6 +57,20 @@ panels = [
     panel(12, "Workload revisions running (pod-template-hash / proxy version)", "table",
           [f"count by (namespace, workload, revision, proxy_version) (connscope_workload_revision_info{{{SEL}}})"],
           0, 40, w=24, fmt="table"),
+    # The inbound race: Envoy refused by its own app (503 UF), at start-up or shutdown.
+    panel(13, "Inbound race pods by workload and when", "timeseries",
+          [(f"sum by (namespace, workload, when) (increase(connscope_inbound_race_pods_total{{{SEL}}}[$__rate_interval]))",
+            "{{namespace}}/{{workload}} {{when}}")], 0, 48),
+    panel(14, "Top workloads by inbound race pods (24h)", "table",
+          [f"topk(10, sum by (namespace, workload, when) (increase(connscope_inbound_race_pods_total{{{SEL}}}[24h])))"],
+          12, 48, fmt="table"),
+    panel(15, "App listen latency p50 / p95 (pod start -> app listening)", "timeseries",
+          [(f"histogram_quantile(0.5, sum by (le) (rate(connscope_app_listen_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p50"),
+           (f"histogram_quantile(0.95, sum by (le) (rate(connscope_app_listen_seconds_bucket{{{SEL}}}[$__rate_interval])))", "p95")],
+          0, 56, unit="s"),
+    panel(16, "Proxy refused by its own app, by phase (probes apart)", "timeseries",
+          [(f"sum by (phase) (rate(connscope_connect_failures_total{{{SEL}, phase=~\"inbound_.*|probe\"}}[$__rate_interval]))",
+            "{{phase}}")], 12, 56, unit="ops"),
 ]
 
 # A rollout: a workload revision (template hash, proxy version) that did not
@@ -74,7 +88,7 @@ var = lambda name, q: {
     "definition": q, "includeAll": True, "multi": True, "allValue": ".*", "refresh": 2,
     "current": {"selected": True, "text": "All", "value": "$__all"}}
 dash = {
-    "title": "connscope: Istio sidecar startup race",
+    "title": "connscope: Istio sidecar races (outbound and inbound)",
     "uid": "connscope",
     "schemaVersion": 39,
     "version": 1,

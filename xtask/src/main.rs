@@ -35,7 +35,11 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Build and run `connscope demo` (needs root).
-    Demo,
+    Demo {
+        /// The inbound race instead (`connscope demo --inbound`).
+        #[arg(long)]
+        inbound: bool,
+    },
     /// Benchmarks (needs root); results into BENCHMARKS.md.
     Bench {
         /// A short run of each benchmark, results not written.
@@ -193,11 +197,16 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo => {
+        Cmd::Demo { inbound } => {
             setup()?;
             run(cargo().args(["build", "--package", "connscope"]))?;
             let bin = workspace().join("target/debug/connscope");
-            run(Command::new(bin).arg("demo"))
+            let mut demo = Command::new(bin);
+            demo.arg("demo");
+            if inbound {
+                demo.arg("--inbound");
+            }
+            run(&mut demo)
         }
     }
 }

@@ -2,10 +2,15 @@
 //! a sidecar that is already listening is never taken for a missing one.
 //!
 //! For every process: its cgroup names its pod; its network namespace's
-//! `/proc/<pid>/net/tcp{,6}` lists LISTEN sockets with their owner uid.
+//! `/proc/<pid>/net/tcp{,6}` lists LISTEN sockets with their owner uid and
+//! bound address. The proxy's (its uid, sidecar ports) make the sidecar
+//! ready; in those pods, everyone else's on ports not Istio's are the app's
+//! listeners, so an app already listening is never taken for a start-up
+//! window of the inbound race.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     path::Path,
     sync::Arc,
@@ -18,6 +23,27 @@ use crate::{attribute::Attributor, attribute::cgroup, k8s::PodStore, race::Track
 pub struct Listener {
     pub port: u16,
     pub uid: u32,
+    /// The bound address (IPv4-mapped IPv6 addresses as IPv4, as the
+    /// kernel events report them).
+    pub addr: IpAddr,
+}
+
+/// A `/proc/net/tcp*` address: hex of the address as the kernel stores it,
+/// printed 32 bits at a time in host byte order.
+fn proc_addr(hex: &str) -> Option<IpAddr> {
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(hex)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(hex.get(i * 8..i * 8 + 8)?)?);
+            }
+            let v6 = Ipv6Addr::from(b);
+            Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4))
+        }
+        _ => None,
+    }
 }
 
 /// Parses `/proc/<pid>/net/tcp` or `tcp6` text into its LISTEN sockets.
@@ -32,9 +58,11 @@ pub fn parse_proc_net_tcp(text: &str) -> Vec<Listener> {
             if f.len() < 8 || f[3] != "0A" {
                 return None;
             }
-            let port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+            let (addr, port) = f[1].split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let addr = proc_addr(addr)?;
             let uid = f[7].parse().ok()?;
-            Some(Listener { port, uid })
+            Some(Listener { port, uid, addr })
         })
         .collect()
 }
@@ -94,12 +122,19 @@ pub(crate) fn restore(
     let mut restored = 0;
     for (pid, pods) in by_ns.values() {
         let mut ports = HashSet::new();
+        let mut app = BTreeSet::new();
         for f in ["net/tcp", "net/tcp6"] {
             let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join(f))
                 .unwrap_or_default();
             for l in parse_proc_net_tcp(&text) {
-                if l.uid == proxy_uid && sidecar_ports.contains(&l.port) {
-                    ports.insert(l.port);
+                if l.uid == proxy_uid {
+                    if sidecar_ports.contains(&l.port) {
+                        ports.insert(l.port);
+                    }
+                } else if !crate::race::istio::reserved_port(l.port)
+                    && !sidecar_ports.contains(&l.port)
+                {
+                    app.insert(SocketAddr::new(l.addr, l.port));
                 }
             }
         }
@@ -107,8 +142,11 @@ pub(crate) fn restore(
             continue;
         }
         let ports: Vec<u16> = ports.into_iter().collect();
+        let app: Vec<SocketAddr> = app.into_iter().collect();
+        let now = crate::kernel::decode::Clock::mono_now();
         for a in pods.values() {
-            tracker.restore_ready(a.clone(), &ports, crate::kernel::decode::Clock::mono_now());
+            tracker.restore_ready(a.clone(), &ports, now);
+            tracker.restore_app(a.clone(), &app, now);
             restored += 1;
         }
     }
@@ -131,12 +169,35 @@ mod tests {
             vec![
                 Listener {
                     port: 15001,
-                    uid: 1337
+                    uid: 1337,
+                    addr: "0.0.0.0".parse().unwrap(),
                 },
                 Listener {
                     port: 15021,
-                    uid: 1337
+                    uid: 1337,
+                    addr: "::".parse().unwrap(),
                 }
+            ]
+        );
+        // The app's listeners, with their bound addresses (loopback, the
+        // pod IP, IPv6, an IPv4-mapped one).
+        let app = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1
+   1: 0500000A:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 2 1
+   2: 00000000000000000000000001000000:1F92 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000 0 3 1
+   3: 0000000000000000FFFF00000500000A:1F93 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000 0 4 1
+";
+        let addrs: Vec<String> = parse_proc_net_tcp(app)
+            .iter()
+            .map(|l| SocketAddr::new(l.addr, l.port).to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            [
+                "127.0.0.1:8080",
+                "10.0.0.5:8081",
+                "[::1]:8082",
+                "10.0.0.5:8083"
             ]
         );
         assert!(parse_proc_net_tcp("garbage\nmore garbage 0A x y z").is_empty());

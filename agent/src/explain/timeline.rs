@@ -530,6 +530,10 @@ fn phase_meaning(phase: &str) -> &str {
         "sidecar_not_ready" => "sidecar not ready, traffic it does not carry",
         "no_sidecar" => "no sidecar",
         "proxy" => "the proxy's own connects",
+        "inbound_startup" => "the proxy refused by the app before it listened",
+        "inbound_shutdown" => "the proxy refused by the app after its listener closed",
+        "inbound_bind" => "the proxy refused: the app listens on other addresses only",
+        "probe" => "pilot-agent's probes of the app: not a race",
         other => other,
     }
 }
@@ -537,7 +541,8 @@ fn phase_meaning(phase: &str) -> &str {
 /// `8 refused (startup_race: before the sidecar listened) -> 10.0.0.1:80`.
 fn span_label(phase: &str, count: u64, dests: &[String]) -> String {
     let what = match phase {
-        "startup_race" | "shutdown_race" => "refused",
+        "startup_race" | "shutdown_race" | "inbound_startup" | "inbound_shutdown"
+        | "inbound_bind" => "refused",
         _ => "failed",
     };
     let mut s = format!("{count} {what} ({phase}: {})", phase_meaning(phase));

@@ -19,7 +19,7 @@ use prometheus::{
 use crate::{
     attribute::{Attribution, revision::Series},
     kernel::kind::{RecordCounts, RecordType},
-    race::Phase,
+    race::{Phase, When},
 };
 
 /// Buckets for start-up latencies and race windows: 10 ms .. 120 s.
@@ -45,6 +45,11 @@ pub struct Metrics {
     pub sidecar_ready_seconds: HistogramVec,
     pub startup_race_window_seconds: HistogramVec,
     pub shutdown_race_pods: IntCounterVec,
+    /// Pods whose proxy was refused by their own app, by `when` (startup,
+    /// shutdown; bind mismatches are not a race and only make events).
+    pub inbound_race_pods: IntCounterVec,
+    /// Pod's first process -> the app's first LISTEN.
+    pub app_listen_seconds: HistogramVec,
     /// 1 per workload revision (template hash, proxy version) of the
     /// injected pods running on this node.
     pub workload_revision_info: IntGaugeVec,
@@ -205,6 +210,7 @@ impl Metrics {
             pod_labels,
         );
         let started = with_pod(&["namespace", "workload", "injected"], pod_labels);
+        let inbound = with_pod(&["namespace", "workload", "when"], pod_labels);
         let counters = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
@@ -245,6 +251,15 @@ impl Metrics {
                 "connscope_shutdown_race_pods_total",
                 "Pods whose application was refused after the sidecar's capture listener closed",
                 &wl,
+            )?,
+            inbound_race_pods: counters(
+                "connscope_inbound_race_pods_total",
+                "Pods whose proxy was refused by their own app before it listened (when=startup) or after it closed its listener (when=shutdown); one per pod and episode",
+                &inbound,
+            )?,
+            app_listen_seconds: hist(
+                "connscope_app_listen_seconds",
+                "Pod's first process to its app's first LISTEN (once per pod)",
             )?,
             workload_revision_info: register(
                 &r,
@@ -343,7 +358,29 @@ impl Metrics {
             self.startup_race_pods.with_label_values(&strs(&r));
             let s = self.labels("shutdown", who, &[]);
             self.shutdown_race_pods.with_label_values(&strs(&s));
+            for when in [When::Startup, When::Shutdown] {
+                let l = self.labels("inbound", who, &[when.as_str()]);
+                self.inbound_race_pods.with_label_values(&strs(&l));
+            }
         }
+    }
+
+    /// A pod's app listened for the first time, `seconds` after its first
+    /// process.
+    pub(crate) fn app_listen(&mut self, who: &Attribution, seconds: f64) {
+        let l = self.labels("app_listen", who, &[]);
+        self.app_listen_seconds
+            .with_label_values(&strs(&l))
+            .observe(seconds);
+    }
+
+    /// A pod's inbound episode (bind mismatches are not counted: not a race).
+    pub(crate) fn inbound_race(&mut self, who: &Attribution, when: When) {
+        if when == When::Bind {
+            return;
+        }
+        let l = self.labels("inbound", who, &[when.as_str()]);
+        self.inbound_race_pods.with_label_values(&strs(&l)).inc();
     }
 
     /// A sidecar became ready `seconds` after the pod's first process.
@@ -431,6 +468,8 @@ impl Metrics {
                         .or(Ok(())),
                 ),
                 "shutdown" => self.shutdown_race_pods.remove_label_values(&l),
+                "inbound" => self.inbound_race_pods.remove_label_values(&l),
+                "app_listen" => self.app_listen_seconds.remove_label_values(&l),
                 _ => Ok(()),
             };
         }
@@ -506,6 +545,36 @@ mod tests {
             !t.contains("checkout-abc"),
             "no pod names without --pod-labels"
         );
+    }
+
+    #[test]
+    fn renders_the_inbound_contract() {
+        let mut m = Metrics::new(false).unwrap();
+        m.pod_started(&who(), true);
+        for p in [
+            Phase::InboundStartup,
+            Phase::InboundShutdown,
+            Phase::InboundBind,
+            Phase::Probe,
+        ] {
+            m.failure(&Arc::new(who()), 111, p, Instant::now());
+        }
+        m.inbound_race(&who(), When::Startup);
+        m.inbound_race(&who(), When::Bind);
+        m.app_listen(&who(), 0.3);
+        let t = m.render();
+        for line in [
+            r#"connscope_inbound_race_pods_total{namespace="shop",when="startup",workload="checkout"} 1"#,
+            r#"connscope_inbound_race_pods_total{namespace="shop",when="shutdown",workload="checkout"} 0"#,
+            r#"connscope_app_listen_seconds_bucket{namespace="shop",workload="checkout",le="0.5"} 1"#,
+            r#"phase="inbound_startup""#,
+            r#"phase="inbound_shutdown""#,
+            r#"phase="inbound_bind""#,
+            r#"phase="probe""#,
+        ] {
+            assert!(t.contains(line), "{line} in {t}");
+        }
+        assert!(!t.contains(r#"when="bind""#), "bind is not a race: {t}");
     }
 
     #[test]

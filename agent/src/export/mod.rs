@@ -25,7 +25,7 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Capture, Output, Phase, RaceSummary},
+    race::{Capture, InboundSummary, Output, Phase, RaceSummary, When},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -319,6 +319,21 @@ impl Exporter {
                 let line = Summary::now("shutdown_race", &s);
                 self.emit("shutdown_race", &s.who, Some("shutdown_race"), &line)
             }
+            Output::AppListen(a) => {
+                if let Some(m) = m {
+                    m.app_listen(&a.who, a.seconds);
+                }
+                Ok(())
+            }
+            Output::InboundRace(s) => {
+                if let Some(m) = m {
+                    m.inbound_race(&s.who, s.when);
+                }
+                self.inbound_k8s_event(&s);
+                let line = Summary::now("inbound_race", &s);
+                let phase = s.when.phase().as_str();
+                self.emit("inbound_race", &s.who, Some(phase), &line)
+            }
         }
     }
 
@@ -416,6 +431,54 @@ impl Exporter {
             note,
         });
     }
+
+    /// An inbound summary as a Kubernetes Event on its pod (reasons from
+    /// `race/istio.rs`), through the same aggregating, rate-limited writer.
+    fn inbound_k8s_event(&self, s: &InboundSummary) {
+        let (Some(q), Some(ns), Some(pod)) = (&self.opts.k8s_events, &s.who.namespace, &s.who.pod)
+        else {
+            return;
+        };
+        q.send(PodEvent {
+            namespace: ns.clone(),
+            pod: pod.clone(),
+            uid: s.who.pod_uid.clone(),
+            reason: crate::race::istio::inbound_reason(s.when),
+            note: inbound_note(s),
+        });
+    }
+}
+
+/// The note of an inbound summary's Kubernetes Event: what the proxy met,
+/// then what to do.
+fn inbound_note(s: &InboundSummary) -> String {
+    let ports = s
+        .ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let app = s.who.container.as_deref().unwrap_or("the app");
+    let proxy = crate::race::istio::PROXY_CONTAINER;
+    let window = s
+        .window_seconds
+        .map_or("an unknown time".into(), |w| format!("{w:.3}s"));
+    let what = match s.when {
+        When::Startup => format!(
+            "{proxy} was refused {} times by {app} on port {ports} over {window} before {app} listened there.",
+            s.refused
+        ),
+        When::Shutdown => format!(
+            "{proxy} was refused {} times by {app} on port {ports} for {window} after {app} closed its listener.",
+            s.refused
+        ),
+        When::Bind => format!(
+            "{proxy} was refused {} times by {app} on port {ports}: it listens on {} only.",
+            s.refused,
+            s.bound_addresses.join(", ")
+        ),
+    };
+    format!("{what} {}", s.recommendation)
 }
 
 /// What a `/events` line holds in memory, about: its body and who it is
@@ -504,5 +567,51 @@ mod tests {
             body.to_string(),
             "small lines kept whole"
         );
+    }
+
+    #[test]
+    fn inbound_events_name_the_app_the_ports_and_what_to_do() {
+        let who = Arc::new(Attribution {
+            namespace: Some("shop".into()),
+            pod: Some("orders-1".into()),
+            container: Some("app".into()),
+            ..Default::default()
+        });
+        let summary = |when| InboundSummary {
+            who: who.clone(),
+            starts: Default::default(),
+            when,
+            ports: vec![8080],
+            refused: 7,
+            first_refusal_mono_ns: 1,
+            last_refusal_mono_ns: 2,
+            app_listen_mono_ns: None,
+            listener_close_mono_ns: None,
+            window_seconds: Some(1.25),
+            bound_addresses: vec!["127.0.0.1:8080".into()],
+            recommendation: "do this".into(),
+            revision: None,
+        };
+        for (when, reason, text) in [
+            (
+                When::Startup,
+                "InboundStartupRace",
+                "refused 7 times by app on port 8080 over 1.250s before app listened there. do this",
+            ),
+            (
+                When::Shutdown,
+                "InboundShutdownRace",
+                "for 1.250s after app closed its listener. do this",
+            ),
+            (
+                When::Bind,
+                "AppBoundToLocalhost",
+                "it listens on 127.0.0.1:8080 only. do this",
+            ),
+        ] {
+            assert_eq!(crate::race::istio::inbound_reason(when), reason);
+            let note = inbound_note(&summary(when));
+            assert!(note.contains(text), "{note}");
+        }
     }
 }

@@ -18,9 +18,42 @@ pub(crate) const PROXY_UID: u32 = 1337;
 pub(crate) const CAPTURE_PORT: u16 = 15001;
 /// Ports whose LISTEN by the proxy uid marks a pod as injected: outbound
 /// and inbound capture, pilot-agent status, health, Prometheus, admin.
-pub(crate) const SIDECAR_PORTS: [u16; 6] = [15001, 15006, 15020, 15021, 15090, 15000];
+pub(crate) const SIDECAR_PORTS: [u16; 6] = [
+    CAPTURE_PORT,
+    INBOUND_CAPTURE_PORT,
+    15020,
+    15021,
+    15090,
+    15000,
+];
 /// Process names of the sidecar (pilot-agent starts envoy).
 pub(crate) const SIDECAR_COMMS: [&str; 2] = ["pilot-agent", "envoy"];
+/// Inbound capture port: what reaches the pod is redirected here, and
+/// Envoy dials the app from it.
+pub(crate) const INBOUND_CAPTURE_PORT: u16 = 15006;
+/// The source address Envoy binds when it forwards inbound traffic to the
+/// app (Istio >= 1.10, `inbound|passthrough`), and pilot-agent when it runs
+/// the app's probes: `-o lo -s 127.0.0.6/32 -j RETURN` exempts it from capture.
+pub(crate) const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// [`INBOUND_SOURCE_V4`] for IPv6 (`::6`).
+pub(crate) const INBOUND_SOURCE_V6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// pilot-agent's process name: it runs kubelet's probes of the app,
+/// rewritten to its status port.
+pub(crate) const PILOT_AGENT_COMM: &str = "pilot-agent";
+/// Ports Istio reserves for itself (its "ports used by Istio" list lies in
+/// 15000..=15099: admin, capture, status, health, DNS, HBONE, Prometheus):
+/// the proxy's dials to them are the mesh's own, never the app's.
+const RESERVED_PORTS: std::ops::RangeInclusive<u16> = 15000..=15099;
+/// Whether `ip` is Envoy's (and pilot-agent's) inbound source address.
+pub(crate) fn inbound_source(ip: std::net::IpAddr) -> bool {
+    ip == INBOUND_SOURCE_V4 || ip == INBOUND_SOURCE_V6
+}
+
+/// Whether `port` is one Istio reserves for the proxy and pilot-agent.
+pub(crate) fn reserved_port(port: u16) -> bool {
+    RESERVED_PORTS.contains(&port)
+}
 /// Variants Istio publishes of its proxy image, as suffixes of the release
 /// tag (`proxyv2:1.22.3-distroless`): the proxy's version is the tag
 /// without them.
@@ -256,6 +289,55 @@ pub(super) fn startup_recommendation(m: &Mitigation, ready: bool) -> String {
 
 /// What to do about a shutdown race.
 pub(super) const SHUTDOWN_RECOMMENDATION: &str = "the sidecar stopped listening before the app finished: set EXIT_ON_ZERO_ACTIVE_CONNECTIONS / terminationDrainDuration, use native sidecars (they stop after the app), or have the app stop dialing on SIGTERM";
+
+/// What to do about an inbound race or a bind mismatch; `ports`: the app
+/// ports refused, `bound`: where the app listened instead (bind), `dialed`:
+/// where the proxy dialed (bind), `native`: istio-proxy runs as a native
+/// sidecar.
+pub(super) fn inbound_recommendation(
+    when: super::inbound::When,
+    ports: &[u16],
+    bound: &[String],
+    dialed: &[String],
+    native: Option<bool>,
+) -> String {
+    use super::inbound::When;
+    let ports = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match when {
+        When::Startup => format!(
+            "the proxy forwarded requests to the app on port {ports} before the app listened there: add a readinessProbe (or a startupProbe) on port {ports}, so the pod is not Ready and gets no traffic before the app listens (holdApplicationUntilProxyStarts does not help in this direction)"
+        ),
+        When::Shutdown => {
+            let native = if native == Some(true) {
+                "istio-proxy runs as a native sidecar and stops after the app, so the app's own drain is what matters"
+            } else {
+                "with native sidecars the proxy stops after the app, so the app's own drain is what matters"
+            };
+            format!(
+                "the app closed its listener on port {ports} while requests still came: add a preStop delay to the app (e.g. sleep 5-15 s, longer than endpoint propagation) so it keeps serving until the pod is removed from endpoints, and match the proxy's drain (terminationDrainDuration, EXIT_ON_ZERO_ACTIVE_CONNECTIONS); {native}"
+            )
+        }
+        When::Bind => format!(
+            "the app listens on {} only, while the proxy dials {}: make the app listen on 0.0.0.0 (or ::) or the pod IP (Istio analyzer IST0143)",
+            bound.join(", "),
+            dialed.join(", ")
+        ),
+    }
+}
+
+/// The Kubernetes Event reason of an inbound summary.
+pub(crate) fn inbound_reason(when: super::inbound::When) -> &'static str {
+    use super::inbound::When;
+    match when {
+        When::Startup => "InboundStartupRace",
+        When::Shutdown => "InboundShutdownRace",
+        When::Bind => "AppBoundToLocalhost",
+    }
+}
 
 #[cfg(test)]
 mod tests {

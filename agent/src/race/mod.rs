@@ -12,6 +12,7 @@
 //! annotations, recommendations) in `istio`.
 
 mod capture;
+mod inbound;
 pub mod istio;
 mod pod;
 mod summary;
@@ -22,9 +23,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
+pub use inbound::When;
 pub use istio::config_flag;
 pub use istio::{CaptureRules, Mitigation, api_hints};
-pub use summary::{RaceSummary, ShutdownSummary, SidecarReady, StartTimes};
+pub use summary::{
+    AppListen, InboundSummary, RaceSummary, ShutdownSummary, SidecarReady, StartTimes,
+};
 pub use tracker::{Stats, Tracker};
 
 /// Where a connect failure stands relative to the pod's sidecar.
@@ -49,8 +53,23 @@ pub enum Phase {
     /// listener cannot explain: traffic that bypasses the sidecar (loopback,
     /// AF_UNIX, errors other than refusal).
     SidecarNotReady,
-    /// The proxy's own connects (uid 1337 or the istio-proxy container).
+    /// The proxy's own connects (uid 1337 or the istio-proxy container),
+    /// other than the ones below.
     Proxy,
+    /// The pod's proxy dialed the pod's own app (see `inbound`) and was
+    /// refused on a port the app had never listened on when the attempt
+    /// began: the app's start-up window.
+    InboundStartup,
+    /// The pod's proxy was refused by the pod's own app after the app's
+    /// listener on that port closed: the app's shutdown window.
+    InboundShutdown,
+    /// The pod's proxy was refused by the pod's own app while the app
+    /// listened on that port, but only on addresses the dial did not go to
+    /// (127.0.0.1 while the proxy dials the pod IP): misconfiguration.
+    InboundBind,
+    /// pilot-agent dialing the pod's own app: a rewritten kubelet probe.
+    /// Never the race.
+    Probe,
     /// Not an injected pod, or not a pod.
     NoSidecar,
 }
@@ -65,6 +84,10 @@ impl Phase {
             Phase::SidecarReady => "sidecar_ready",
             Phase::SidecarNotReady => "sidecar_not_ready",
             Phase::Proxy => "proxy",
+            Phase::InboundStartup => "inbound_startup",
+            Phase::InboundShutdown => "inbound_shutdown",
+            Phase::InboundBind => "inbound_bind",
+            Phase::Probe => "probe",
             Phase::NoSidecar => "no_sidecar",
         }
     }
@@ -119,6 +142,13 @@ pub struct Config {
     pub max_held: usize,
     /// Quiet time after the last shutdown refusal before its summary.
     pub shutdown_quiet_ns: u64,
+    /// An inbound episode open this long is reported (a port the app never
+    /// listens on, a bind mismatch under steady traffic), and the next
+    /// refusal begins a new one. The inbound start-up episode otherwise
+    /// ends `startup_settle_ns` after the app listened on every refused
+    /// port, the shutdown and bind ones after `shutdown_quiet_ns` without
+    /// a refusal; all of them when the pod is gone.
+    pub inbound_max_ns: u64,
     /// How long after the capture listener's LISTEN the start-up summary
     /// waits: a refusal whose SYN went out before the LISTEN may be
     /// reported after it (on one host, microseconds to milliseconds later;
@@ -150,6 +180,7 @@ impl Default for Config {
             max_held: 10_000,
             shutdown_quiet_ns: 2_000_000_000,
             startup_settle_ns: 1_000_000_000,
+            inbound_max_ns: 120_000_000_000,
             idle_ns: 120_000_000_000,
             max_pods: 20_000,
             kernel_capture: false,
@@ -190,6 +221,11 @@ pub enum Output {
     SidecarReady(SidecarReady),
     StartupRace(RaceSummary),
     ShutdownRace(ShutdownSummary),
+    /// The pod's app listened for the first time (once per pod, when the
+    /// pod's start was seen).
+    AppListen(AppListen),
+    /// An inbound race (start-up, shutdown) or bind mismatch of one pod.
+    InboundRace(InboundSummary),
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::{
 
 use super::{
     Capture, Config, Hints, Phase,
+    inbound::AppSide,
     istio::{self, CaptureRules, Mitigation},
 };
 use crate::{
@@ -81,6 +82,8 @@ pub(super) struct PodState {
     /// The start-up window is closed: its summary (if any) was emitted.
     pub(super) startup_emitted: bool,
     pub(super) shutdown: Refusals,
+    /// The app's listeners and the proxy's refused dials to it.
+    pub(super) inbound: AppSide,
     pub(super) started_counted: bool,
     live: HashSet<u32>,
     last_exit_ns: Option<u64>,
@@ -147,7 +150,16 @@ impl PodState {
         if proxy_container {
             self.injected = Some(true);
         }
-        proxy_container || (ev.context_known && ev.uid == cfg.proxy_uid)
+        let is_proxy = proxy_container || (ev.context_known && ev.uid == cfg.proxy_uid);
+        // An app socket's local address is one the pod's network namespace
+        // owns (the proxy's may be a client's, bound transparently).
+        if !is_proxy
+            && ev.kind == Kind::ConnectFailure
+            && let Some(src) = ev.src
+        {
+            self.inbound.learn(src.ip());
+        }
+        is_proxy
     }
 
     fn take_hints(&mut self, h: &Hints) {
@@ -208,10 +220,21 @@ impl PodState {
     }
 
     /// A socket started or stopped listening: the proxy's listeners mark the
-    /// pod injected, and the capture port's make it ready or closed.
-    pub(super) fn on_listen(&mut self, ev: &KernelEvent, is_proxy: bool, cfg: &Config) {
+    /// pod injected, and the capture port's make it ready or closed; the
+    /// app's (any other process, on a port not Istio's) make its listener
+    /// timeline.
+    pub(super) fn on_listen(
+        &mut self,
+        ev: &KernelEvent,
+        who: &Attribution,
+        is_proxy: bool,
+        cfg: &Config,
+    ) {
         let port = ev.src.map(|a| a.port()).unwrap_or(0);
         let by_proxy = ev.context_known && ev.uid == cfg.proxy_uid || is_proxy;
+        if !by_proxy && AppSide::app_port(port, &cfg.sidecar_ports) {
+            self.inbound.on_listen(ev, who.container.as_deref());
+        }
         if !by_proxy || !cfg.sidecar_ports.contains(&port) {
             return;
         }
@@ -233,6 +256,24 @@ impl PodState {
                 self.closed_ns = Some(ev.mono_ns);
             }
         }
+    }
+
+    /// Phase of a failed connect by the pod's proxy: the inbound phases
+    /// (see `inbound`) when it dialed the pod's own app on an app port, else
+    /// `proxy`. pilot-agent (the prober) is told apart by its process name,
+    /// Envoy by what is left: uid 1337 or the istio-proxy container.
+    pub(super) fn classify_proxy(&mut self, ev: &KernelEvent, cfg: &Config) -> Phase {
+        let port = ev.dst.map_or(0, |d| d.port());
+        let inet = matches!(ev.family, Family::Inet | Family::Inet6);
+        let pod_ips = self.capture.as_ref().map_or(&[][..], |c| &c.pod_ips[..]);
+        if !inet
+            || !AppSide::app_port(port, &cfg.sidecar_ports)
+            || !self.inbound.own_destination(ev, pod_ips)
+        {
+            return Phase::Proxy;
+        }
+        let prober = ev.context_known && ev.comm.is(istio::PILOT_AGENT_COMM);
+        self.inbound.classify(ev, prober)
     }
 
     /// What a failure's capture verdict rests on: the kernel when it gives

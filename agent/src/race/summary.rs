@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::Serialize;
 
 use super::{
+    inbound::When,
     istio::{self, Mitigation},
     pod::PodState,
 };
@@ -170,6 +171,113 @@ impl ShutdownSummary {
             recommendation: istio::SHUTDOWN_RECOMMENDATION.to_string(),
             revision: None,
         }
+    }
+}
+
+/// One pod's inbound episode: the proxy refused by the pod's own app at
+/// start-up, at shutdown, or for a bind mismatch (`inbound_race`).
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundSummary {
+    /// The pod, with `container` the app container when known.
+    #[serde(flatten)]
+    pub who: Arc<Attribution>,
+    #[serde(flatten)]
+    pub starts: StartTimes,
+    pub when: When,
+    /// The app ports refused.
+    pub ports: Vec<u16>,
+    /// The proxy's refused dials in this episode (probes excluded).
+    pub refused: u64,
+    pub first_refusal_mono_ns: u64,
+    pub last_refusal_mono_ns: u64,
+    /// Start-up: the app's first LISTEN on the refused ports (the latest of
+    /// them), if it came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_listen_mono_ns: Option<u64>,
+    /// Shutdown: when the app's listener closed (the earliest of the
+    /// refused ports).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener_close_mono_ns: Option<u64>,
+    /// Start-up: first refusal -> app listen; shutdown: listener close ->
+    /// last refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<f64>,
+    /// Bind: the addresses the app listened on instead.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bound_addresses: Vec<String>,
+    pub recommendation: String,
+    /// What the pod runs, filled in by the pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Arc<Revision>>,
+}
+
+impl InboundSummary {
+    /// The pod's `when` episode so far.
+    pub(super) fn of(p: &PodState, when: When) -> Self {
+        let a = &p.inbound;
+        let ep = a.episode(when);
+        let (listen, close) = match when {
+            When::Startup => (a.startup_listened_ns(), None),
+            When::Shutdown => (None, a.shutdown_closed_ns()),
+            When::Bind => (None, None),
+        };
+        let window = match when {
+            When::Startup => listen
+                .filter(|&l| l >= ep.first_ns)
+                .map(|l| secs(l - ep.first_ns)),
+            When::Shutdown => close
+                .filter(|&c| ep.last_ns >= c)
+                .map(|c| secs(ep.last_ns - c)),
+            When::Bind => None,
+        };
+        let ports: Vec<u16> = ep.ports.iter().copied().collect();
+        let bound: Vec<String> = ep.bound.iter().map(|b| b.to_string()).collect();
+        let dialed: Vec<String> = ep.dialed.iter().map(|d| d.to_string()).collect();
+        let who = Arc::new(Attribution {
+            container: a.container(when),
+            ..(*p.who).clone()
+        });
+        InboundSummary {
+            who,
+            starts: StartTimes::of(p),
+            when,
+            recommendation: istio::inbound_recommendation(
+                when,
+                &ports,
+                &bound,
+                &dialed,
+                p.mitigation.native_sidecar,
+            ),
+            ports,
+            refused: ep.count,
+            first_refusal_mono_ns: ep.first_ns,
+            last_refusal_mono_ns: ep.last_ns,
+            app_listen_mono_ns: listen,
+            listener_close_mono_ns: close,
+            window_seconds: window,
+            bound_addresses: bound,
+            revision: None,
+        }
+    }
+}
+
+/// The pod's app listened for the first time: `connscope_app_listen_seconds`.
+#[derive(Debug, Clone)]
+pub struct AppListen {
+    /// The pod (pod level).
+    pub who: Arc<Attribution>,
+    /// Pod's first process -> the app's first LISTEN.
+    pub seconds: f64,
+}
+
+impl AppListen {
+    /// None when the pod's start was not seen (it ran before the agent).
+    pub(super) fn of(p: &PodState, listen: u64) -> Option<Self> {
+        let first = p.first_process_ns.filter(|&f| f <= listen && listen > 0)?;
+        Some(AppListen {
+            who: p.who.clone(),
+            seconds: secs(listen - first),
+        })
     }
 }
 

@@ -7,8 +7,9 @@ use std::{collections::VecDeque, sync::Arc};
 use super::{
     Capture, Config, Hints, Output, Phase,
     capture::Resets,
+    inbound::{Due, When},
     pod::{ECONNREFUSED, PodState},
-    summary::{RaceSummary, ShutdownSummary, SidecarReady},
+    summary::{AppListen, InboundSummary, RaceSummary, ShutdownSummary, SidecarReady},
 };
 use crate::{
     attribute::Attribution,
@@ -158,6 +159,22 @@ impl Tracker {
         p.restore_ready(who, ports, now_ns, &self.cfg);
     }
 
+    /// Marks a pod's app as already listening on `listeners` when the agent
+    /// started (reconstructed from /proc/<pid>/net/tcp*).
+    pub(crate) fn restore_app(
+        &mut self,
+        who: Arc<Attribution>,
+        listeners: &[std::net::SocketAddr],
+        now_ns: u64,
+    ) {
+        let Some(uid) = who.pod_uid.clone() else {
+            return;
+        };
+        let p = self.pods.entry(uid).or_default();
+        p.last_seen_ns = p.last_seen_ns.max(now_ns);
+        p.inbound.restore(listeners);
+    }
+
     /// Applies one event, in kernel-time order: the pod's handler for its
     /// kind, then whatever became due.
     fn apply(
@@ -214,11 +231,14 @@ impl Tracker {
                 None
             }
             Kind::Listen | Kind::ListenClose => {
-                p.on_listen(&ev, is_proxy, cfg);
+                p.on_listen(&ev, &who, is_proxy, cfg);
                 None
             }
             Kind::CaptureReset => None,
-            Kind::ConnectFailure if is_proxy => Some(Phase::Proxy),
+            // The proxy's failures need no injection verdict (the dialer
+            // is the proxy): classified at once, in kernel-time order with
+            // the app's listeners.
+            Kind::ConnectFailure if is_proxy => Some(p.classify_proxy(&ev, cfg)),
             Kind::ConnectFailure if p.injected.is_none() => {
                 p.held.push((ev, who, kernel));
                 self.held_total += 1;
@@ -275,6 +295,14 @@ impl Tracker {
             p.ready_emitted = true;
             out.push(Output::SidecarReady(SidecarReady::of(p, ready)));
         }
+        if let Some(listen) = p.inbound.first_listen_ns
+            && !p.inbound.listen_reported
+        {
+            p.inbound.listen_reported = true;
+            if let Some(a) = AppListen::of(p, listen) {
+                out.push(Output::AppListen(a));
+            }
+        }
     }
 
     fn enforce_hold_limit(&mut self, out: &mut Vec<Output>) {
@@ -312,7 +340,16 @@ impl Tracker {
         let horizon = now_ns.saturating_sub(cfg.reorder_ns);
         // One walk. Held events are released before shutdown summaries (a
         // released refusal may belong to the episode), and idle pods go last.
+        let due = Due {
+            settle_ns: cfg.startup_settle_ns,
+            quiet_ns: cfg.shutdown_quiet_ns,
+            max_ns: cfg.inbound_max_ns,
+        };
+        let mut inbound = Vec::new();
         for (uid, p) in &mut self.pods {
+            for when in p.inbound.due(now_ns, horizon, &due) {
+                inbound.push((uid.clone(), when));
+            }
             // The start-up window closes once every refusal sent before the
             // LISTEN has surely been applied.
             if p.ready_emitted
@@ -349,6 +386,12 @@ impl Tracker {
                 p.shutdown = Default::default();
             }
         }
+        for (uid, when) in inbound {
+            if let Some(p) = self.pods.get_mut(&uid) {
+                out.push(Output::InboundRace(InboundSummary::of(p, when)));
+                p.inbound.reset(when);
+            }
+        }
         for uid in idle {
             self.finalise(&uid, out);
         }
@@ -378,6 +421,11 @@ impl Tracker {
         }
         if p.shutdown.count > 0 {
             out.push(Output::ShutdownRace(ShutdownSummary::of(&p)));
+        }
+        for when in [When::Startup, When::Shutdown, When::Bind] {
+            if p.inbound.episode(when).count > 0 {
+                out.push(Output::InboundRace(InboundSummary::of(&p, when)));
+            }
         }
     }
 }

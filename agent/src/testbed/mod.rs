@@ -1,10 +1,16 @@
 //! Stand-ins for the demo and the tests: an application that dials out, an
 //! upstream server, and a sidecar that behaves like Envoy where it matters
-//! (uid 1337, listeners opened late, forwarding by SO_ORIGINAL_DST).
+//! (uid 1337, listeners opened late, forwarding by SO_ORIGINAL_DST, inbound
+//! passthrough from 127.0.0.6 with Envoy's 503); for the inbound direction a
+//! server app, a client outside the pod and a pilot-agent that probes.
 
+pub mod app;
+pub mod client;
 pub mod dial;
+pub mod inbound;
 pub mod net;
 pub mod pod;
+pub mod prober;
 pub mod records;
 pub mod scenario;
 pub mod sidecar;
@@ -45,6 +51,13 @@ pub enum Command {
     Dial(dial::Args),
     /// Connect storm for benchmarks; prints a JSON report.
     Storm(storm::Args),
+    /// Stand-in server app: listens (late, or on loopback only), answers
+    /// HTTP 200, closes its listeners on SIGTERM.
+    App(app::Args),
+    /// HTTP client outside the pod: requests to podIP:port, one JSON line each.
+    Client(client::Args),
+    /// Stand-in pilot-agent: probes the app as uid 1337 from 127.0.0.6.
+    Prober(prober::Args),
     /// Upstream test host: answers every connection with a banner line.
     Serve {
         /// Address to listen on; repeatable.
@@ -69,6 +82,9 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Sidecar(a) => sidecar::run(a),
         Command::Dial(a) => dial::run(a),
         Command::Storm(a) => storm::run(a),
+        Command::App(a) => app::run(a),
+        Command::Client(a) => client::run(a),
+        Command::Prober(a) => prober::run(a),
         Command::Serve { addrs } => serve(&addrs),
         Command::Enter {
             netns,

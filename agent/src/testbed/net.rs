@@ -288,6 +288,37 @@ mod tests {
         ));
     }
 
+    /// The inbound half as istio-iptables' golden files have it: every
+    /// inbound TCP port but the proxy's own goes to 15006, and the proxy's
+    /// dials of the app from 127.0.0.6 (`::6`) leave uncaptured.
+    #[test]
+    fn inbound_rules_redirect_to_15006_and_exempt_the_passthrough_source() {
+        for (v6, six) in [(false, "127.0.0.6/32"), (true, "::6/128")] {
+            let r = istio_rules(v6);
+            let lines: Vec<&str> = r.lines().collect();
+            let at = |l: &str| {
+                lines
+                    .iter()
+                    .position(|x| *x == l)
+                    .unwrap_or_else(|| panic!("{l} missing"))
+            };
+            let exempt = at(&format!("-A ISTIO_OUTPUT -s {six} -o lo -j RETURN"));
+            assert_eq!(
+                lines.iter().position(|l| l.starts_with("-A ISTIO_OUTPUT")),
+                Some(exempt),
+                "the passthrough source returns before any owner rule"
+            );
+            at("-A PREROUTING -p tcp -j ISTIO_INBOUND");
+            let redirect = at("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT");
+            for port in [15008, 15090, 15021, 15020] {
+                assert!(
+                    at(&format!("-A ISTIO_INBOUND -p tcp --dport {port} -j RETURN")) < redirect
+                );
+            }
+            at("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006");
+        }
+    }
+
     #[test]
     fn capture_settings_take_istio_iptables_shapes() {
         let c = CaptureSettings {

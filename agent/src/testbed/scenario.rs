@@ -26,6 +26,19 @@ use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
 /// Port the upstream test host serves on.
 pub const UPSTREAM_PORT: u16 = 8080;
+/// Port the pod's server app listens on (inbound tests).
+pub const APP_PORT: u16 = 8080;
+
+/// How the stand-in server app of the inbound tests behaves.
+#[derive(Debug, Clone, Default)]
+pub struct Server {
+    /// Start-up time before it listens.
+    pub listen_after_ms: u64,
+    /// Listen on 127.0.0.1 only (the proxy dials the pod IP: IST0143).
+    pub loopback_only: bool,
+    /// After SIGTERM closed its listener, stay this long.
+    pub linger_ms: u64,
+}
 
 /// A child process with its stdout lines, terminated on drop.
 pub struct Proc {
@@ -89,6 +102,36 @@ impl Proc {
                     bail!("process ended before {needle:?}; saw {:?}", self.seen)
                 }
             }
+        }
+    }
+
+    /// Every line printed so far (without waiting).
+    pub fn lines(&mut self) -> &[String] {
+        if let Some(rx) = &self.lines {
+            while let Ok(l) = rx.try_recv() {
+                self.seen.push(l);
+            }
+        }
+        &self.seen
+    }
+
+    /// Waits (bounded) until the lines printed so far satisfy `done`.
+    pub fn wait_lines(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) -> Result<()> {
+        let timeout = super::slow(timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if done(self.lines()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: not within {timeout:?}; saw {:?}", self.seen);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -304,6 +347,89 @@ impl SimPod {
     /// Starts the app in the background (its attempts come with `wait_exit`).
     pub fn spawn_app(&self, app: &App) -> Result<Proc> {
         Proc::spawn(self.app_command(app)?)
+    }
+
+    /// The pod's IPv4 address and `port`: what a client outside dials.
+    pub fn pod_addr(&self, port: u16) -> std::net::SocketAddr {
+        (self.topo.pod_v4, port).into()
+    }
+
+    /// Starts the server app in the app container, on [`APP_PORT`].
+    pub fn start_server(&self, s: &Server) -> Result<Proc> {
+        let addr = if s.loopback_only {
+            format!("127.0.0.1:{APP_PORT}")
+        } else {
+            format!("0.0.0.0:{APP_PORT}")
+        };
+        let after = s.listen_after_ms.to_string();
+        let linger = s.linger_ms.to_string();
+        let cmd = self.in_container(
+            "app",
+            &[
+                "testbed",
+                "app",
+                "--addr",
+                &addr,
+                "--listen-after-ms",
+                &after,
+                "--linger-ms",
+                &linger,
+            ],
+        )?;
+        Proc::spawn(cmd)
+    }
+
+    /// Starts a client on the test host sending `requests` HTTP requests to
+    /// the pod's app port, one every `interval_ms` (stopping after
+    /// `stop_after_ok` 200s; 0: never).
+    pub fn spawn_client(
+        &self,
+        requests: u32,
+        interval_ms: u64,
+        stop_after_ok: u32,
+    ) -> Result<Proc> {
+        let mut c = self
+            .topo
+            .upstream
+            .command(self.exe.to_str().context("exe path")?);
+        c.args([
+            "testbed",
+            "client",
+            "--target",
+            &self.pod_addr(APP_PORT).to_string(),
+            "--requests",
+            &requests.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+            "--stop-after-ok",
+            &stop_after_ok.to_string(),
+        ]);
+        Proc::spawn(c)
+    }
+
+    /// Starts pilot-agent's probes of the app port in the istio-proxy
+    /// container, one every `interval_ms`, until one succeeds.
+    pub fn spawn_prober(&self, attempts: u32, interval_ms: u64) -> Result<Proc> {
+        let cmd = self.in_container(
+            "istio-proxy",
+            &[
+                "testbed",
+                "prober",
+                "--target",
+                &self.pod_addr(APP_PORT).to_string(),
+                "--attempts",
+                &attempts.to_string(),
+                "--interval-ms",
+                &interval_ms.to_string(),
+            ],
+        )?;
+        Proc::spawn(cmd)
+    }
+
+    /// The refused inbound dials the sidecar counted so far.
+    pub fn sidecar_refused(&mut self) -> Result<u64> {
+        let s = self.sidecar.as_mut().context("no sidecar")?;
+        Ok(super::inbound::refused_count(s.lines()))
     }
 
     /// Stops the upstream test host (test hosts never outlive the pod).

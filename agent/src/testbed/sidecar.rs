@@ -2,7 +2,8 @@
 //! 1337 (so its own connects are exempt from capture), opens the admin/stats
 //! listeners at once and the capture listeners (15001 outbound, 15006
 //! inbound) only later, as if they arrived over xDS; connections to 15001 are
-//! forwarded to their SO_ORIGINAL_DST.
+//! forwarded to their SO_ORIGINAL_DST, those to 15006 to the app as Envoy's
+//! inbound passthrough does (`inbound.rs`).
 
 use std::{
     io::Write as _,
@@ -15,6 +16,8 @@ use anyhow::{Context as _, Result};
 use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::race::istio::INBOUND_CAPTURE_PORT;
 
 /// Options of `connscope testbed sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,7 +53,8 @@ pub fn run(args: Args) -> Result<()> {
     rt.block_on(serve(args))
 }
 
-fn drop_to(id: u32) -> Result<()> {
+/// Becomes uid and gid `id` (Istio's proxy user), dropping root.
+pub(super) fn drop_to(id: u32) -> Result<()> {
     use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
     let (g, u) = (Gid::from_raw(id), Uid::from_raw(id));
     setgroups(&[g]).context("setgroups")?;
@@ -95,9 +99,20 @@ async fn serve(args: Args) -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
     let mut capture = Vec::new();
+    let (stop_inbound, stopped) = tokio::sync::watch::channel(false);
+    let mut inbound = None;
     for &p in &args.capture_ports {
-        for l in listen(p)? {
-            capture.push(tokio::spawn(forward(l)));
+        let ls = listen(p)?;
+        if p == INBOUND_CAPTURE_PORT {
+            let std_ls = ls
+                .into_iter()
+                .map(|l| l.into_std())
+                .collect::<std::io::Result<Vec<_>>>()?;
+            inbound = Some(super::inbound::spawn(std_ls, stopped.clone())?);
+        } else {
+            for l in ls {
+                capture.push(tokio::spawn(forward(l)));
+            }
         }
         announce(p, "listen");
     }
@@ -113,6 +128,10 @@ async fn serve(args: Args) -> Result<()> {
     for t in capture {
         t.abort();
         let _ = t.await;
+    }
+    let _ = stop_inbound.send(true);
+    if let Some(t) = inbound {
+        let _ = t.join();
     }
     for &p in &args.capture_ports {
         announce(p, "closed");

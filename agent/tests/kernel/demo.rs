@@ -53,3 +53,53 @@ fn demo_catches_the_race_and_cleans_up() {
         "demo namespaces removed"
     );
 }
+
+/// `connscope demo --inbound`: the mirror image, the same kind of verdict,
+/// with the agent's count equal to the stand-in proxy's own. Its namespaces
+/// use tag 201, which the fixture never hands out either.
+#[test]
+fn demo_inbound_catches_the_inbound_race_and_cleans_up() {
+    let Some(_node) = Node::shared() else { return };
+    let out = Command::new(BIN)
+        .args(["demo", "--inbound", "--app-delay-ms", "800"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "VERDICT  inbound startup race in shop/orders-7d9f8c6b5-k4m2p (Deployment orders)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"type\": \"inbound_race\""), "{stdout}");
+    // The agent's count is the proxy's: "counted N refused" and "refused N times".
+    let number_after = |prefix: &str| -> u64 {
+        let at = stdout
+            .find(prefix)
+            .unwrap_or_else(|| panic!("no {prefix:?}: {stdout}"));
+        stdout[at + prefix.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {prefix:?}: {stdout}"))
+    };
+    let proxy = number_after("istio-proxy  counted ");
+    assert!(proxy >= 3, "{stdout}");
+    assert_eq!(number_after("container app refused "), proxy, "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "classified: {proxy} of {proxy} as inbound_startup"
+        )),
+        "{stdout}"
+    );
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains("cs201-"),
+        "demo namespaces removed"
+    );
+}

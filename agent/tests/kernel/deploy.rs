@@ -2,7 +2,8 @@
 //! the rendered chart (kubernetes-validate; private endpoints, no runtime
 //! socket mounted), and end to end: agent + real
 //! Prometheus with the shipped rules + real Alertmanager, where a race pages
-//! and a pod without a race does not, and every dashboard query runs.
+//! (outbound and inbound) and a pod without a race does not, and every
+//! dashboard query runs.
 //!
 //! Why: the files are what users run in production; checking them only by eye
 //! would let a broken rule or query ship. The end-to-end test runs alone: its
@@ -15,11 +16,14 @@ use std::{
     time::Duration,
 };
 
-use connscope::testbed::scenario::App;
+use connscope::testbed::{
+    client::responses,
+    scenario::{App, Server},
+};
 use serde_json::{Value, json};
 
 use crate::fixture::{
-    Bg, Node, Prometheus, Turn, free_port, http_get, start_sidecar, wait_for, wait_ready,
+    Bg, Node, Prometheus, Turn, free_port, http_get, slow, start_sidecar, wait_for, wait_ready,
 };
 
 fn deploy() -> PathBuf {
@@ -84,6 +88,8 @@ fn manifests_and_chart_validate_and_match() {
         "ok   DaemonSet: SETPCAP to empty the bounding set and lock securebits",
         "ok   alert ConnscopeStartupRace: runbook_url is its section of deploy/RUNBOOK.md (https://github.com/connscope/connscope/blob/main/deploy/RUNBOOK.md#connscopestartuprace)",
         "ok   RUNBOOK.md section ConnscopeStartupRaceRegression: a connscope explain command and PromQL",
+        "ok   RUNBOOK.md section ConnscopeInboundStartupRace: a connscope explain command and PromQL",
+        "ok   RUNBOOK.md section ConnscopeInboundShutdownRace: a connscope explain command and PromQL",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
@@ -135,6 +141,21 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
     assert!(calm.run_app(&App::default()).unwrap()[0].ok);
     let attempts = racing.run_app(&App::default()).unwrap();
     assert!(attempts.iter().any(|o| !o.ok));
+    // The inbound race: requests reach "orders" before its app listens.
+    let mut inbound = node.sim_pod("orders-7d9f8c6b5-d2f4h", true);
+    start_sidecar(&mut inbound, 0, 0);
+    inbound
+        .wait_sidecar(15006, "listen", Duration::from_secs(10))
+        .unwrap();
+    let _server = inbound
+        .start_server(&Server {
+            listen_after_ms: slow(Duration::from_millis(1000)).as_millis() as u64,
+            ..Server::default()
+        })
+        .unwrap();
+    let mut client = inbound.spawn_client(40, 100, 2).unwrap();
+    let rs = responses(&client.wait_exit(Duration::from_secs(30)).unwrap());
+    assert!(rs.iter().any(|r| r.status == 503), "{rs:?}");
 
     let fired = wait_for(
         "ConnscopeStartupRace in Alertmanager",
@@ -168,6 +189,31 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
                         .is_some_and(|d| d.ends_with(says))
             })
         },
+    );
+    // The inbound start-up race pages too, for its own workload only.
+    let inbound_fired = wait_for(
+        "ConnscopeInboundStartupRace in Alertmanager",
+        Duration::from_secs(90),
+        || {
+            am_alerts(am_port)
+                .into_iter()
+                .find(|a| a["labels"]["alertname"] == "ConnscopeInboundStartupRace")
+        },
+    );
+    assert_eq!(inbound_fired["labels"]["workload"], "orders");
+    assert!(
+        inbound_fired["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/deploy/RUNBOOK.md#connscopeinboundstartuprace")
+    );
+    let inbound_firing = prom.query("ALERTS{alertname=~\"ConnscopeInbound.*\"}");
+    assert!(
+        inbound_firing
+            .iter()
+            .all(|s| s["metric"]["workload"] == "orders"
+                && s["metric"]["alertname"] == "ConnscopeInboundStartupRace"),
+        "{inbound_firing:?}"
     );
     // The calm workload is known to Prometheus, and never alerts.
     assert_eq!(
@@ -206,6 +252,10 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
         "Agent: probes attached",
         "Agent: events read and pods tracked",
         "Workload revisions running (pod-template-hash / proxy version)",
+        "Inbound race pods by workload and when",
+        "Top workloads by inbound race pods (24h)",
+        "App listen latency p50 / p95 (pod start -> app listening)",
+        "Proxy refused by its own app, by phase (probes apart)",
     ];
     // The race window histogram and shutdown panels need more than one race.
     wait_for(

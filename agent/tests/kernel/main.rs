@@ -1,5 +1,5 @@
 //! connscope's integration tests, one binary: the real agent against the real
-//! kernel (probes, attribution, the startup race and its capture proof, the Kubernetes API path,
+//! kernel (probes, attribution, the startup race and its capture proof, the inbound race, the Kubernetes API path,
 //! exports, `connscope explain` against a live agent, faults, hostile input
 //! and failing sinks, churn, shutdown, the demo,
 //! hardening against outside clients), the shipped deploy files, and
@@ -27,6 +27,7 @@ mod fixture;
 mod fuzz;
 mod hardening;
 mod hostile;
+mod inbound;
 mod kube_api;
 mod probes;
 mod race;

@@ -74,6 +74,26 @@ quick = [
             exp("ConnscopeStartupRace", {**SHOP, "workload": "orders"}, running([]))]},
         {"eval_time": "40m", "alertname": "ConnscopeStartupRace", "exp_alerts": []},
     ]},
+    # Inbound races: orders' pods race at start-up (two pods), catalog's first
+    # ever episode appears already at 1, payments races at shutdown only,
+    # and billing's bind misconfiguration is never a race series.
+    {"interval": "1m", "input_series": [
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "orders", "when": "startup"}, "0 0 2 2 2"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "catalog", "when": "startup"}, "_ _ 1 1 1"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "shutdown"}, "0 0 1 1 1"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "startup"}, "0x40"),
+        s("connscope_connect_failures_total", {**SHOP, "workload": "billing", "phase": "inbound_bind"}, "0 0 9 18 27"),
+    ], "alert_rule_test": [
+        {"eval_time": "1m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": []},
+        {"eval_time": "4m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": [
+            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "catalog"}),
+            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "orders"})]},
+        {"eval_time": "40m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": []},
+        {"eval_time": "1m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": []},
+        {"eval_time": "4m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": [
+            exp("ConnscopeInboundShutdownRace", {**SHOP, "workload": "payments"})]},
+        {"eval_time": "40m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": []},
+    ]},
     {"interval": "1m", "input_series": [
         {"series": 'connscope_events_lost_total{instance="n1",job="connscope"}', "values": "0 0 5 5"},
         {"series": 'connscope_events_lost_total{instance="n2",job="connscope"}', "values": "3x20"},

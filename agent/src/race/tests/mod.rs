@@ -449,3 +449,4 @@ impl KernelEvent {
 }
 
 mod capture;
+mod inbound;
