@@ -153,50 +153,28 @@ pub(crate) fn in_guest(bin: &Path, smoke: bool, out: &Path) -> Result<()> {
         let mut order = tracers.to_vec();
         order.rotate_left(round % tracers.len());
         for t in order {
-            measure(&mut r, t, bin, &o)?;
+            // The smoke run reads program time under the rounds' own start
+            // of each path (one agent start fewer each, under TCG).
+            let stats: &[(&str, &[&str])] = if smoke && t != "none" {
+                &STATS_MODES[..2]
+            } else {
+                &[]
+            };
+            measure(&mut r, t, bin, &o, stats)?;
         }
     }
     if !smoke {
         // bcc once, its rounds back to back (its start is a clang build of
         // minutes under TCG), then no tracer again right after it.
-        measure_rounds(&mut r, "bcc", bin, &o)?;
-        measure(&mut r, "none", bin, &o)?;
+        measure_rounds(&mut r, "bcc", bin, &o, &[])?;
+        measure(&mut r, "none", bin, &o, &[])?;
     }
-    let paths: &[&'static str] = if smoke {
-        &[FENTRY, TRACEPOINTS]
-    } else {
-        &[FENTRY, TRACEPOINTS, FENTRY_NO_OUTPUT]
-    };
-    let modes = if smoke {
-        &STATS_MODES[..2]
-    } else {
-        &STATS_MODES[..]
-    };
-    for path in paths {
-        let _agent = bench::start(path, bin, &[])?.map_err(anyhow::Error::msg)?;
-        for (mode, extra) in modes {
-            let mut a = storm_args(&o, extra);
-            a.push("--bpf-stats".into());
-            let s = storm(bin, &a)?;
-            let connects = s["connects"].as_f64().unwrap_or(0.0).max(1.0);
-            let progs = s["programs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| {
-                    let runs = p["runs"].as_f64()?;
-                    (runs > 0.0).then(|| ProgramTime {
-                        name: p["name"].as_str().unwrap_or("?").to_string(),
-                        runs_per_connect: runs / connects,
-                        ns_per_run: p["run_ns"].as_f64().unwrap_or(0.0) / runs,
-                        ours: p["connscope"].as_bool().unwrap_or(false),
-                    })
-                })
-                .collect();
-            r.programs
-                .entry(path.to_string())
-                .or_default()
-                .insert(mode.to_string(), progs);
+    if !smoke {
+        // Each path's program time under a start of its own (the smoke run
+        // took it from the rounds' own start, to keep the matrix short).
+        for path in [FENTRY, TRACEPOINTS, FENTRY_NO_OUTPUT] {
+            let _agent = bench::start(path, bin, &[])?.map_err(anyhow::Error::msg)?;
+            program_times(&mut r, path, bin, &o, &STATS_MODES)?;
         }
     }
     std::fs::write(out, serde_json::to_vec_pretty(&r)?)?;
@@ -206,22 +184,68 @@ pub(crate) fn in_guest(bin: &Path, smoke: bool, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One round of `tracer`: each mode once.
-fn measure(r: &mut GuestBench, tracer: &'static str, bin: &Path, o: &Opts) -> Result<()> {
-    measure_rounds(
-        r,
-        tracer,
-        bin,
-        &Opts {
-            rounds: 1,
-            seconds: o.seconds,
-            threads: o.threads,
-        },
-    )
+/// connscope's program time per connect on `path` (the agent running),
+/// from `bpf_stats` during one storm of each of `modes`.
+fn program_times(
+    r: &mut GuestBench,
+    path: &str,
+    bin: &Path,
+    o: &Opts,
+    modes: &[(&str, &[&str])],
+) -> Result<()> {
+    for (mode, extra) in modes {
+        let mut a = storm_args(o, extra);
+        a.push("--bpf-stats".into());
+        let s = storm(bin, &a)?;
+        let connects = s["connects"].as_f64().unwrap_or(0.0).max(1.0);
+        let progs = s["programs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let runs = p["runs"].as_f64()?;
+                (runs > 0.0).then(|| ProgramTime {
+                    name: p["name"].as_str().unwrap_or("?").to_string(),
+                    runs_per_connect: runs / connects,
+                    ns_per_run: p["run_ns"].as_f64().unwrap_or(0.0) / runs,
+                    ours: p["connscope"].as_bool().unwrap_or(false),
+                })
+            })
+            .collect();
+        r.programs
+            .entry(path.to_string())
+            .or_default()
+            .insert(mode.to_string(), progs);
+    }
+    Ok(())
 }
 
-/// `o.rounds` storms of each mode under one start of `tracer`.
-fn measure_rounds(r: &mut GuestBench, tracer: &'static str, bin: &Path, o: &Opts) -> Result<()> {
+/// One round of `tracer`: each mode once (then `stats`, see
+/// [`measure_rounds`]).
+fn measure(
+    r: &mut GuestBench,
+    tracer: &'static str,
+    bin: &Path,
+    o: &Opts,
+    stats: &[(&str, &[&str])],
+) -> Result<()> {
+    let one = Opts {
+        rounds: 1,
+        seconds: o.seconds,
+        threads: o.threads,
+    };
+    measure_rounds(r, tracer, bin, &one, stats)
+}
+
+/// `o.rounds` storms of each mode under one start of `tracer`, then the
+/// program time of the `stats` modes under the same start.
+fn measure_rounds(
+    r: &mut GuestBench,
+    tracer: &'static str,
+    bin: &Path,
+    o: &Opts,
+    stats: &[(&str, &[&str])],
+) -> Result<()> {
     if r.unavailable.contains_key(tracer) {
         return Ok(());
     }
@@ -253,7 +277,7 @@ fn measure_rounds(r: &mut GuestBench, tracer: &'static str, bin: &Path, o: &Opts
                 .push(s["per_second"].as_f64().unwrap_or(0.0));
         }
     }
-    Ok(())
+    program_times(r, tracer, bin, o, stats)
 }
 
 /// The shell command a guest runs: the stripped copies `staged` loaded in
