@@ -277,14 +277,7 @@ pub(crate) fn prepare(series: &Series) -> Result<Prepared> {
             .with_context(|| format!("{package}: no .deb after the download"))?;
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
-        let st = Command::new("dpkg")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&root)
-            .status()?;
-        if !st.success() {
-            bail!("unpacking {} failed ({st})", deb.display());
-        }
+        unpack(&deb, &root)?;
         let st = Command::new("depmod")
             .arg("-b")
             .arg(&root)
@@ -308,6 +301,15 @@ pub(crate) fn prepare(series: &Series) -> Result<Prepared> {
         version,
         vmlinuz,
     })
+}
+
+/// Unpacks a .deb's files into `root` (no scripts run, nothing installed).
+fn unpack(deb: &Path, root: &Path) -> Result<()> {
+    let st = Command::new("dpkg").arg("-x").arg(deb).arg(root).status()?;
+    if !st.success() {
+        bail!("unpacking {} failed ({st})", deb.display());
+    }
+    Ok(())
 }
 
 /// Debian's headers of `kernel` (the `linux-headers-<release>` package and
@@ -351,15 +353,7 @@ pub(crate) fn prepare_headers(kernel: &Prepared) -> Result<()> {
             );
         }
         for deb in std::fs::read_dir(&debs)? {
-            let deb = deb?.path();
-            let st = Command::new("dpkg")
-                .arg("-x")
-                .arg(&deb)
-                .arg(&root)
-                .status()?;
-            if !st.success() {
-                bail!("unpacking {} failed ({st})", deb.display());
-            }
+            unpack(&deb?.path(), &root)?;
         }
         std::fs::remove_dir_all(&debs)?;
         // The package's links are absolute (/usr/src/...): into the tree.
