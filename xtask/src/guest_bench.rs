@@ -49,6 +49,10 @@ pub(crate) struct GuestBench {
     pub(crate) threads: usize,
     /// connects/s by tracer and mode, one sample per round.
     pub(crate) rates: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+    /// Each cell's connects/s over the mean of the no-tracer cells run
+    /// right before and right after the tracer: tracer -> mode -> ratios.
+    #[serde(default)]
+    pub(crate) paired: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
     /// Tracers that could not run, with the reason.
     pub(crate) unavailable: BTreeMap<String, String>,
     /// Program time: path -> mode -> its programs.
@@ -76,6 +80,12 @@ impl GuestBench {
                 .map(|p| p.runs_per_connect * p.ns_per_run)
                 .sum(),
         )
+    }
+
+    /// The median of `tracer`'s paired ratios to no tracer in `mode`.
+    fn ratio(&self, tracer: &str, mode: &str) -> Option<f64> {
+        let mut v = self.paired.get(tracer)?.get(mode)?.clone();
+        (!v.is_empty()).then(|| median(&mut v))
     }
 
     fn median_rate(&self, tracer: &str, mode: &str) -> Option<f64> {
@@ -138,10 +148,9 @@ pub(crate) fn in_guest(bin: &Path, smoke: bool, out: &Path) -> Result<()> {
     // only in full runs: they are absent from a fresh machine, and bcc
     // compiles for minutes under emulation.
     let tracers: &[&'static str] = if smoke {
-        &["none", FENTRY, TRACEPOINTS]
+        &[FENTRY, TRACEPOINTS]
     } else {
         &[
-            "none",
             FENTRY,
             TRACEPOINTS,
             FENTRY_HOOKS_ONLY,
@@ -155,19 +164,14 @@ pub(crate) fn in_guest(bin: &Path, smoke: bool, out: &Path) -> Result<()> {
         for t in order {
             // The smoke run reads program time under the rounds' own start
             // of each path (one agent start fewer each, under TCG).
-            let stats: &[(&str, &[&str])] = if smoke && t != "none" {
-                &STATS_MODES[..2]
-            } else {
-                &[]
-            };
+            let stats: &[(&str, &[&str])] = if smoke { &STATS_MODES[..2] } else { &[] };
             measure(&mut r, t, bin, &o, stats)?;
         }
     }
     if !smoke {
-        // bcc once, its rounds back to back (its start is a clang build of
-        // minutes under TCG), then no tracer again right after it.
+        // bcc once, its rounds back to back: its start is a clang build of
+        // minutes under TCG.
         measure_rounds(&mut r, "bcc", bin, &o, &[])?;
-        measure(&mut r, "none", bin, &o, &[])?;
     }
     if !smoke {
         // Each path's program time under a start of its own (the smoke run
@@ -249,6 +253,10 @@ fn measure_rounds(
     if r.unavailable.contains_key(tracer) {
         return Ok(());
     }
+    // No tracer right before and right after: under TCG a guest's speed
+    // drifts with the host's load by far more than any tracer costs, so
+    // each cell is set against the no-tracer cells around it.
+    let before = baseline(r, bin, o)?;
     let t = match bench::start(tracer, bin, &[])? {
         Ok(t) => t,
         Err(why) => {
@@ -266,18 +274,53 @@ fn measure_rounds(
             bail!("{tracer}: the agent is not on the fentry path");
         }
     }
+    let mut cells = vec![Vec::new(); MODES.len()];
     for _ in 0..o.rounds {
-        for (mode, extra) in MODES {
+        for (i, (mode, extra)) in MODES.iter().enumerate() {
             let s = storm(bin, &storm_args(o, extra))?;
+            let v = s["per_second"].as_f64().unwrap_or(0.0);
+            cells[i].push(v);
             r.rates
                 .entry(tracer.to_string())
                 .or_default()
                 .entry(mode.to_string())
                 .or_default()
-                .push(s["per_second"].as_f64().unwrap_or(0.0));
+                .push(v);
         }
     }
-    program_times(r, tracer, bin, o, stats)
+    program_times(r, tracer, bin, o, stats)?;
+    drop(t);
+    let after = baseline(r, bin, o)?;
+    for (i, (mode, _)) in MODES.iter().enumerate() {
+        let reference = (before[i] + after[i]) / 2.0;
+        if reference > 0.0 {
+            r.paired
+                .entry(tracer.to_string())
+                .or_default()
+                .entry(mode.to_string())
+                .or_default()
+                .extend(cells[i].iter().map(|v| v / reference));
+        }
+    }
+    Ok(())
+}
+
+/// One storm of each mode with no tracer, recorded as `none`.
+fn baseline(r: &mut GuestBench, bin: &Path, o: &Opts) -> Result<Vec<f64>> {
+    MODES
+        .iter()
+        .map(|(mode, extra)| {
+            let s = storm(bin, &storm_args(o, extra))?;
+            let v = s["per_second"].as_f64().unwrap_or(0.0);
+            r.rates
+                .entry("none".into())
+                .or_default()
+                .entry(mode.to_string())
+                .or_default()
+                .push(v);
+            Ok(v)
+        })
+        .collect()
 }
 
 /// The shell command a guest runs: the stripped copies `staged` loaded in
@@ -389,14 +432,10 @@ pub(crate) fn report(k: &vm::Prepared, accel: &str, r: &GuestBench) -> String {
     );
     let _ = writeln!(
         s,
-        "{} rounds of {} s per cell, {} client threads, tracers rotated within each round (bcc: its rounds back to back after the others, then one more round of no tracer). Absolute rates under TCG mean nothing; ratios are to no tracer in the same guest run.\n",
+        "{} rounds of {} s per cell, {} client threads, tracers rotated within each round (bcc: its rounds back to back after the others). Each ratio is the median over the tracer's cells of the cell's rate over the mean of the no-tracer cells run just before the tracer started and just after it stopped: under TCG a guest's speed drifts with the host's load, and only such pairs mean anything. The connects/s are medians, shown for scale only.\n",
         r.rounds, r.seconds, r.threads
     );
     s.push_str("| tracer | successful/s | ratio | refused/s | ratio |\n|---|---|---|---|---|\n");
-    let base: Vec<Option<f64>> = MODES
-        .iter()
-        .map(|(m, _)| r.median_rate("none", m))
-        .collect();
     let mut tracers: Vec<&String> = r.rates.keys().collect();
     tracers.sort_by_key(|t| {
         (
@@ -407,10 +446,15 @@ pub(crate) fn report(k: &vm::Prepared, accel: &str, r: &GuestBench) -> String {
     });
     for t in tracers {
         let _ = write!(s, "| {t} |");
-        for (i, (m, _)) in MODES.iter().enumerate() {
-            match (r.median_rate(t, m), base[i]) {
-                (Some(v), Some(b)) if b > 0.0 => {
-                    let _ = write!(s, " {v:.0} | {:.3} |", v / b);
+        for (m, _) in MODES {
+            let ratio = if t == "none" {
+                Some(1.0)
+            } else {
+                r.ratio(t, m)
+            };
+            match (r.median_rate(t, m), ratio) {
+                (Some(v), Some(q)) => {
+                    let _ = write!(s, " {v:.0} | {q:.3} |");
                 }
                 _ => s.push_str(" - | - |"),
             }
@@ -425,20 +469,20 @@ pub(crate) fn report(k: &vm::Prepared, accel: &str, r: &GuestBench) -> String {
         let cells: Vec<String> = MODES
             .iter()
             .filter_map(|(m, _)| {
-                let ours = r.median_rate(FENTRY, m)?;
-                let theirs = r.median_rate(other, m)?;
+                let ours = r.ratio(FENTRY, m)?;
+                let theirs = r.ratio(other, m)?;
                 Some(format!("{m} {:.2}x", ours / theirs))
             })
             .collect();
         if !cells.is_empty() {
             let _ = writeln!(
                 s,
-                "\nconnscope (fentry) throughput against {other}: {}.",
+                "\nconnscope (fentry) against {other} (ratio over ratio): {}.",
                 cells.join(", ")
             );
         }
     }
-    s.push_str("\nKernel program time per connect (`testbed storm --bpf-stats`, connscope's programs only):\n\n| path | connects | ns per connect | programs (runs per connect x ns per run) |\n|---|---|---|---|\n");
+    s.push_str("\nKernel program time per connect (`testbed storm --bpf-stats`, connscope's programs only):\n\n| path | connects | ns per connect | share of a connect's guest CPU with no tracer | programs (runs per connect x ns per run) |\n|---|---|---|---|---|\n");
     for (path, modes) in &r.programs {
         for (mode, progs) in modes {
             let total = r.ns_per_connect(path, mode).unwrap_or(0.0);
@@ -447,9 +491,17 @@ pub(crate) fn report(k: &vm::Prepared, accel: &str, r: &GuestBench) -> String {
                 .filter(|p| p.ours && p.runs_per_connect >= 0.01)
                 .map(|p| format!("{} {:.2} x {:.0}", p.name, p.runs_per_connect, p.ns_per_run))
                 .collect();
+            // A connect's CPU with no tracer: the guest's CPUs over its rate
+            // (blocking modes only; the non-blocking storms were not run
+            // without a tracer).
+            let share = r
+                .median_rate("none", mode)
+                .filter(|b| *b > 0.0)
+                .map(|b| format!("{:.1} %", 100.0 * total * b / (r.cpus as f64 * 1e9)))
+                .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,
-                "| {path} | {mode} | {total:.0} | {} |",
+                "| {path} | {mode} | {total:.0} | {share} | {} |",
                 detail.join(", ")
             );
         }
