@@ -11,7 +11,7 @@
 //! hardware and unevenly so: only ratios measured in the same guest run,
 //! and the program times, mean anything. The report says so.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -253,6 +253,7 @@ fn measure_rounds(
     if r.unavailable.contains_key(tracer) {
         return Ok(());
     }
+    eprintln!("bench-guest: {tracer}");
     // No tracer right before and right after: under TCG a guest's speed
     // drifts with the host's load by far more than any tracer costs, so
     // each cell is set against the no-tracer cells around it.
@@ -344,7 +345,9 @@ pub(crate) fn guest_command(xtask: &Path, bin: &Path, smoke: bool) -> String {
 
 /// What a guest's bench left in `results`: its measurements, or why not.
 pub(crate) fn read_result(results: &Path) -> Result<GuestBench> {
-    let status = std::fs::read_to_string(results.join("bench.status")).unwrap_or_default();
+    let Ok(status) = std::fs::read_to_string(results.join("bench.status")) else {
+        bail!("the bench did not finish in the guest");
+    };
     if status.trim() != "0" {
         bail!("the bench failed in the guest (status {:?})", status.trim());
     }
@@ -354,7 +357,15 @@ pub(crate) fn read_result(results: &Path) -> Result<GuestBench> {
 
 /// `cargo xtask bench --matrix`: the full bench in each guest of `kernels`
 /// and its section of BENCHMARKS.md.
-pub(crate) fn run(workspace: &Path, kernels: &[vm::Series], bin: &Path) -> Result<()> {
+/// With `report_only`, nothing is booted: the blocks of `kernels` are
+/// written anew from what their guests left in `target/vm/<release>` on
+/// the last run.
+pub(crate) fn run(
+    workspace: &Path,
+    kernels: &[vm::Series],
+    bin: &Path,
+    report_only: bool,
+) -> Result<()> {
     let xtask = std::env::current_exe()?;
     let staged = matrix::stage(workspace, &[bin, &xtask])?;
     // Fetched one after the other (one apt state), then two guests at a
@@ -375,9 +386,19 @@ pub(crate) fn run(workspace: &Path, kernels: &[vm::Series], bin: &Path) -> Resul
         guest_command(&xtask, bin, false)
     );
     let done = vm::in_parallel(&prepared, 2, |k| -> Result<_> {
+        if report_only {
+            let results = workspace.join("target/vm").join(&k.release);
+            // `xtask vm` scales the guest's deadlines under TCG only.
+            let script = std::fs::read_to_string(results.join("guest.sh")).unwrap_or_default();
+            let accel = if script.contains("CONNSCOPE_TEST_TIME_SCALE=1\n") {
+                vm::Accel::Kvm
+            } else {
+                vm::Accel::Tcg
+            };
+            return Ok((accel, read_result(&results)?));
+        }
         let run = vm::run_in_guest(workspace, k, &command, Duration::from_secs(90 * 60))?;
-        let r = read_result(&run.results)
-            .with_context(|| format!("kernel {} ({})", k.series.name, k.release))?;
+        let r = read_result(&run.results)?;
         eprintln!(
             "xtask bench: {} done in {:.0} s",
             k.release,
@@ -385,21 +406,51 @@ pub(crate) fn run(workspace: &Path, kernels: &[vm::Series], bin: &Path) -> Resul
         );
         Ok((run.accel, r))
     });
-    let done = prepared
-        .iter()
-        .zip(done)
-        .map(|(k, r)| r.map(|(accel, r)| (k, accel, r)))
-        .collect::<Result<Vec<_>>>()?;
+    // One block per kernel, kept across runs (`--kernel` reruns one), each
+    // saying when it ran; the section is every kernel's latest block.
+    let blocks = workspace.join("target/vm/bench");
+    std::fs::create_dir_all(&blocks)?;
+    let today = String::from_utf8(Command::new("date").args(["-u", "+%F"]).output()?.stdout)?;
+    let mut failed = Vec::new();
+    for (k, outcome) in prepared.iter().zip(done) {
+        let mut md = match outcome {
+            Ok((accel, r)) => report(k, accel.label(), &r),
+            Err(e) => {
+                let console = workspace
+                    .join("target/vm")
+                    .join(&k.release)
+                    .join("console.log");
+                let oops = std::fs::read_to_string(console)
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.contains("Oops:") || l.contains("Kernel panic"))
+                    .map(|l| format!(" The guest's console: `{}`.", l.trim()))
+                    .unwrap_or_default();
+                failed.push(format!("{} ({}): {e:#}", k.series.name, k.release));
+                format!(
+                    "\n### Kernel {} (`{}`, Debian {})\n\nThe run did not finish: {e:#}.{oops}\n",
+                    k.series.name, k.release, k.version
+                )
+            }
+        };
+        md.push_str(&format!("\n(Run on {}.)\n", today.trim()));
+        std::fs::write(blocks.join(format!("{}.md", k.series.name)), md)?;
+    }
     let mut section = String::new();
     writeln!(
         section,
-        "Command: `cargo xtask bench --matrix` (release connscope binary; in each Debian kernel's QEMU guest of the kernel matrix, two guests at a time, 2 vCPUs each)."
+        "Command: `cargo xtask bench --matrix [--kernel K]` (release connscope binary; in each Debian kernel's QEMU guest of the kernel matrix, two guests at a time, 2 vCPUs each)."
     )?;
-    for (k, accel, r) in &done {
-        section.push_str(&report(k, accel.label(), r));
+    for series in vm::select("all")? {
+        if let Ok(md) = std::fs::read_to_string(blocks.join(format!("{}.md", series.name))) {
+            section.push_str(&md);
+        }
     }
     write_section(workspace, &section)?;
     println!("{section}");
+    if !failed.is_empty() {
+        bail!("the bench failed in:\n  {}", failed.join("\n  "));
+    }
     Ok(())
 }
 

@@ -52,6 +52,10 @@ enum Cmd {
         /// With --matrix: one of 5.10, 6.1, 6.12, or all.
         #[arg(long, default_value = "all")]
         kernel: String,
+        /// With --matrix: boot nothing; write the section from the guests'
+        /// last results.
+        #[arg(long, hide = true)]
+        report_only: bool,
     },
     /// Inside a matrix guest: the connect-path bench (run by `bench --matrix`
     /// and by the kernel matrix's smoke run).
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
             smoke,
             matrix: true,
             kernel,
+            report_only,
         } => {
             setup()?;
             apt_install_missing(BENCH_PACKAGES)?;
@@ -135,7 +140,7 @@ fn main() -> Result<()> {
             if smoke {
                 bail!("--matrix --smoke: the matrix's smoke run is part of `cargo xtask test`");
             }
-            guest_bench::run(&workspace(), &vm::select(&kernel)?, &bin)
+            guest_bench::run(&workspace(), &vm::select(&kernel)?, &bin, report_only)
         }
         Cmd::BenchGuest { bin, smoke, out } => guest_bench::in_guest(&bin, smoke, &out),
         Cmd::Bench { smoke, .. } => {
