@@ -34,6 +34,15 @@ pub(crate) struct Opts {
     pub(crate) threads: usize,
 }
 
+impl Opts {
+    /// Every cell briefly: the code paths run, no figure means anything.
+    pub(crate) const SMOKE: Opts = Opts {
+        rounds: 1,
+        seconds: 0.5,
+        threads: 2,
+    };
+}
+
 /// A tracer running in the background.
 pub(crate) struct Tracer {
     pub(crate) name: &'static str,
@@ -429,11 +438,7 @@ pub(crate) fn run(workspace: &Path, smoke: bool) -> Result<()> {
         return Ok(());
     }
     let o = if smoke {
-        Opts {
-            rounds: 1,
-            seconds: 0.5,
-            threads: 2,
-        }
+        Opts::SMOKE
     } else {
         Opts {
             rounds: 5,

@@ -121,11 +121,7 @@ impl GuestBench {
 /// binary `bin` and writes what it measured to `out`.
 pub(crate) fn in_guest(bin: &Path, smoke: bool, out: &Path) -> Result<()> {
     let o = if smoke {
-        Opts {
-            rounds: 1,
-            seconds: 0.5,
-            threads: 2,
-        }
+        Opts::SMOKE
     } else {
         Opts {
             rounds: 3,

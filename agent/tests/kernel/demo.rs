@@ -8,19 +8,22 @@ use std::process::Command;
 
 use crate::fixture::{BIN, Node};
 
-#[test]
-fn demo_catches_the_race_and_cleans_up() {
-    let Some(_node) = Node::shared() else { return };
-    let out = Command::new(BIN)
-        .args(["demo", "--sidecar-delay-ms", "800"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+/// `connscope demo ARGS`' output; it must succeed.
+fn demo(args: &[&str]) -> String {
+    let out = Command::new(BIN).arg("demo").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "demo failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[test]
+fn demo_catches_the_race_and_cleans_up() {
+    let Some(_node) = Node::shared() else { return };
+    let stdout = demo(&["--sidecar-delay-ms", "800"]);
     assert!(
         stdout.contains(
             "VERDICT  sidecar startup race in shop/checkout-7d9f8c6b5-x2k4p (Deployment checkout)"
@@ -60,16 +63,7 @@ fn demo_catches_the_race_and_cleans_up() {
 #[test]
 fn demo_inbound_catches_the_inbound_race_and_cleans_up() {
     let Some(_node) = Node::shared() else { return };
-    let out = Command::new(BIN)
-        .args(["demo", "--inbound", "--app-delay-ms", "800"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = demo(&["--inbound", "--app-delay-ms", "800"]);
     assert!(
         stdout.contains(
             "VERDICT  inbound startup race in shop/orders-7d9f8c6b5-k4m2p (Deployment orders)"
