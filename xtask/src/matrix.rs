@@ -111,6 +111,9 @@ fn build(workspace: &Path) -> Result<(PathBuf, PathBuf)> {
                     .as_array()
                     .is_some_and(|k| k.iter().any(|k| k == kind))
             })
+            // A bin target is built twice by `cargo test`: the program and
+            // its unit-test harness (`profile.test`), in either order.
+            .filter(|m| m["profile"]["test"] == (kind == "test"))
             .find_map(|m| m["executable"].as_str().map(PathBuf::from))
             .with_context(|| format!("cargo named no {kind} executable {name}"))
     };
