@@ -4,7 +4,9 @@
 //! (Istio >= 1.10's `inbound|passthrough`, exempt from capture), and a
 //! refused dial is answered with Envoy's 503 (response flag `UF`). It runs
 //! on a thread named like an Envoy worker, so the agent must tell the proxy
-//! by uid and container, never by comm.
+//! by uid and container, never by comm. For the other meshes the source and
+//! the thread's name change (`Forwarding`): Linkerd dials the pod IP with no
+//! bind from threads named `proxy`, Consul dials 127.0.0.1.
 //!
 //! Every dial prints one JSON line with the running totals: the tests'
 //! expected counts are what this proxy itself counted.
@@ -25,6 +27,7 @@ use tokio::{
     sync::watch,
 };
 
+use super::rules::InboundSource;
 use crate::race::istio::{INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 
 /// Name of the thread that dials the app (Envoy's first worker).
@@ -63,6 +66,24 @@ pub fn refused_count(lines: &[String]) -> u64 {
         .unwrap_or(0)
 }
 
+/// How the proxy dials the app: from where, on which thread.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    pub source: InboundSource,
+    /// The dialing thread's name (its comm).
+    pub worker: String,
+}
+
+impl Default for Forwarding {
+    /// Envoy's, as Istio runs it.
+    fn default() -> Self {
+        Forwarding {
+            source: InboundSource::Passthrough,
+            worker: WORKER_THREAD.into(),
+        }
+    }
+}
+
 static REFUSED: AtomicU64 = AtomicU64::new(0);
 static PROXIED: AtomicU64 = AtomicU64::new(0);
 
@@ -71,9 +92,10 @@ static PROXIED: AtomicU64 = AtomicU64::new(0);
 pub fn spawn(
     listeners: Vec<std::net::TcpListener>,
     stop: watch::Receiver<bool>,
+    how: Forwarding,
 ) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name(WORKER_THREAD.into())
+        .name(how.worker.clone())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -85,16 +107,20 @@ pub fn spawn(
                     return;
                 }
             };
-            rt.block_on(serve(listeners, stop));
+            rt.block_on(serve(listeners, stop, how.source));
         })
         .context("spawning the inbound worker")
 }
 
-async fn serve(listeners: Vec<std::net::TcpListener>, mut stop: watch::Receiver<bool>) {
+async fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    mut stop: watch::Receiver<bool>,
+    source: InboundSource,
+) {
     let mut tasks = Vec::new();
     for l in listeners {
         match TcpListener::from_std(l) {
-            Ok(l) => tasks.push(tokio::spawn(accept(l))),
+            Ok(l) => tasks.push(tokio::spawn(accept(l, source))),
             Err(e) => eprintln!("inbound listener: {e}"),
         }
     }
@@ -109,10 +135,10 @@ async fn serve(listeners: Vec<std::net::TcpListener>, mut stop: watch::Receiver<
     }
 }
 
-async fn accept(l: TcpListener) {
+async fn accept(l: TcpListener, source: InboundSource) {
     while let Ok((client, _)) = l.accept().await {
         tokio::spawn(async move {
-            if let Err(e) = handle(client).await {
+            if let Err(e) = handle(client, source).await {
                 eprintln!("inbound: {e:#}");
             }
         });
@@ -137,13 +163,34 @@ async fn read_head(client: &mut TcpStream) -> Result<Vec<u8>> {
     Ok(head)
 }
 
-/// Dials `dst` non-blocking, bound first to the passthrough source.
-async fn dial_app(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let (sock, src) = match dst.ip() {
-        IpAddr::V4(_) => (TcpSocket::new_v4()?, IpAddr::V4(INBOUND_SOURCE_V4)),
-        IpAddr::V6(_) => (TcpSocket::new_v6()?, IpAddr::V6(INBOUND_SOURCE_V6)),
+/// Where the proxy dials the app for a connection to `orig`: the original
+/// destination, except Consul's, which dials loopback at the same port.
+pub fn app_target(orig: SocketAddr, source: InboundSource) -> SocketAddr {
+    match (source, orig.ip()) {
+        (InboundSource::Loopback, IpAddr::V4(_)) => {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), orig.port())
+        }
+        (InboundSource::Loopback, IpAddr::V6(_)) => {
+            SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), orig.port())
+        }
+        _ => orig,
+    }
+}
+
+/// Dials `dst` non-blocking, bound first to the passthrough source when the
+/// proxy binds one (Envoy's 127.0.0.6); else from the kernel's choice.
+async fn dial_app(dst: SocketAddr, source: InboundSource) -> std::io::Result<TcpStream> {
+    let sock = match dst.ip() {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    sock.bind(SocketAddr::new(src, 0))?;
+    if source == InboundSource::Passthrough {
+        let src = match dst.ip() {
+            IpAddr::V4(_) => IpAddr::V4(INBOUND_SOURCE_V4),
+            IpAddr::V6(_) => IpAddr::V6(INBOUND_SOURCE_V6),
+        };
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
     match tokio::time::timeout(super::slow(Duration::from_secs(3)), sock.connect(dst)).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT)),
@@ -165,10 +212,10 @@ fn report(kind: &str, dst: SocketAddr, errno: i32) {
     }
 }
 
-async fn handle(mut client: TcpStream) -> Result<()> {
-    let dst = super::sidecar::original_dst(&client)?;
+async fn handle(mut client: TcpStream, source: InboundSource) -> Result<()> {
+    let dst = app_target(super::sidecar::original_dst(&client)?, source);
     let head = read_head(&mut client).await?;
-    match dial_app(dst).await {
+    match dial_app(dst, source).await {
         Ok(mut app) => {
             app.write_all(&head).await?;
             let _ = tokio::time::timeout(
@@ -224,5 +271,21 @@ mod tests {
         assert_eq!(refused_count(&lines), 2);
         assert_eq!(dials(&lines).len(), 3);
         assert!(UF_BODY.contains("delayed connect error: 111"));
+    }
+
+    #[test]
+    fn consul_dials_loopback_at_the_original_port() {
+        let orig: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        assert_eq!(
+            app_target(orig, InboundSource::Loopback),
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(app_target(orig, InboundSource::PodIp), orig);
+        assert_eq!(app_target(orig, InboundSource::Passthrough), orig);
+        let v6: SocketAddr = "[fd00::2]:8080".parse().unwrap();
+        assert_eq!(
+            app_target(v6, InboundSource::Loopback),
+            "[::1]:8080".parse().unwrap()
+        );
     }
 }

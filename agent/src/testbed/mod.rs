@@ -12,6 +12,7 @@ pub mod net;
 pub mod pod;
 pub mod prober;
 pub mod records;
+pub mod rules;
 pub mod scenario;
 pub mod sidecar;
 pub mod storm;

@@ -1,5 +1,6 @@
 //! Real network namespaces for the demo and the tests: a "pod" namespace with
-//! Istio's own capture rules, and an "upstream" test host reached over veth.
+//! Istio's own capture rules (or another mesh's, from `rules.rs`), and an
+//! "upstream" test host reached over veth.
 //!
 //! Every address used lives in a namespace created here; everything is
 //! removed on drop, so a failing test still cleans up.
@@ -239,6 +240,17 @@ impl Topology {
 
     /// Installs (or replaces) the capture rules for these settings.
     pub fn install_istio_rules_with(&self, c: &CaptureSettings) -> Result<()> {
+        self.install_rules(|v6| istio_rules_with(v6, c))
+    }
+
+    /// Installs a mesh's capture rules (`rules.rs`) in the pod namespace.
+    pub fn install_mesh_rules(&self, mesh: &super::rules::MeshBed) -> Result<()> {
+        self.install_rules(|v6| mesh.rules(v6))
+    }
+
+    /// Feeds `rules(v6)` to `iptables-restore` and `ip6tables-restore` in
+    /// the pod namespace (each replaces the tables it names).
+    pub fn install_rules(&self, rules: impl Fn(bool) -> String) -> Result<()> {
         for (tool, v6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
             let mut child = self
                 .pod
@@ -252,7 +264,7 @@ impl Topology {
                 .stdin
                 .take()
                 .context("stdin")?
-                .write_all(istio_rules_with(v6, c).as_bytes())?;
+                .write_all(rules(v6).as_bytes())?;
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr).trim());

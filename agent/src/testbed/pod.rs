@@ -21,13 +21,11 @@ use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 pub const PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.22.3";
 
 /// The image a test-bed container runs, as the runtimes' files name it:
-/// Istio's proxy image for the proxy, else one per namespace and container.
+/// a mesh's proxy image for its proxy container (Istio's for istio-proxy,
+/// `rules.rs` for the others), else one per namespace and container.
 pub fn image(namespace: &str, container: &str) -> String {
-    if container == crate::race::istio::PROXY_CONTAINER {
-        PROXY_IMAGE.to_string()
-    } else {
-        format!("registry.example/{namespace}/{container}:1.4.2")
-    }
+    super::rules::proxy_image(container)
+        .unwrap_or_else(|| format!("registry.example/{namespace}/{container}:1.4.2"))
 }
 
 /// Which runtime's files to write.

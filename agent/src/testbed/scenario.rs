@@ -1,7 +1,8 @@
-//! A whole simulated Istio pod for the demo and the end-to-end tests: its
-//! network namespace (Istio's capture rules when injected), kubelet-shaped
-//! cgroups, runtime metadata, an upstream test host, the stand-in sidecar in
-//! the istio-proxy container and the application in the app container.
+//! A whole simulated pod for the demo and the end-to-end tests: its network
+//! namespace (Istio's capture rules when injected, or another mesh's from
+//! `rules.rs`), kubelet-shaped cgroups, runtime metadata, an upstream test
+//! host, the stand-in sidecar in the proxy container (istio-proxy,
+//! linkerd-proxy...) and the application in the app container.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -21,6 +22,7 @@ use super::{
     dial::{Outcome, parse_outcomes},
     net::Topology,
     pod::{Flavor, Pod},
+    rules::{Kind, MeshBed},
 };
 use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 
@@ -212,6 +214,8 @@ pub struct SimPod {
     pub pod: Pod,
     pub topo: Topology,
     exe: PathBuf,
+    /// The mesh whose rules and proxy container the pod has (None: not injected).
+    pub mesh: Option<MeshBed>,
 }
 
 impl SimPod {
@@ -226,12 +230,31 @@ impl SimPod {
         name: &str,
         injected: bool,
     ) -> Result<SimPod> {
-        let topo = Topology::create(tag, injected)?;
-        let containers: &[&str] = if injected {
-            &["app", "istio-proxy"]
-        } else {
-            &["app"]
-        };
+        let mesh = injected.then(MeshBed::istio);
+        SimPod::create_in_mesh(exe, tag, cgroup_root, roots, namespace, name, mesh)
+    }
+
+    /// Builds the pod injected by `mesh` (its capture rules and its proxy
+    /// container, `rules.rs`), or not injected (None).
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_in_mesh(
+        exe: &Path,
+        tag: u8,
+        cgroup_root: &Path,
+        roots: &Roots,
+        namespace: &str,
+        name: &str,
+        mesh: Option<MeshBed>,
+    ) -> Result<SimPod> {
+        let istio = mesh.as_ref().is_some_and(|m| m.kind == Kind::Istio);
+        let topo = Topology::create(tag, istio)?;
+        let mut containers = vec!["app"];
+        if let Some(m) = &mesh {
+            if !istio {
+                topo.install_mesh_rules(m)?;
+            }
+            containers.push(&m.container);
+        }
         let pod = Pod::create(
             cgroup_root,
             roots,
@@ -239,7 +262,7 @@ impl SimPod {
             Qos::Burstable,
             namespace,
             name,
-            containers,
+            &containers,
         )?;
         let mut up = topo.upstream.command(exe.to_str().context("exe path")?);
         up.args(["testbed", "serve"]);
@@ -254,6 +277,7 @@ impl SimPod {
             pod,
             topo,
             exe: exe.to_path_buf(),
+            mesh,
         })
     }
 
@@ -280,22 +304,51 @@ impl SimPod {
         Ok(c)
     }
 
-    /// Starts the stand-in sidecar in the istio-proxy container: 15021/15090
-    /// at once, 15001/15006 after `delay_ms`; gone after `exit_after_ms` (0: never).
+    /// Starts the stand-in sidecar in the proxy container: for Istio
+    /// 15021/15090 at once, 15001/15006 after `delay_ms`; for another mesh
+    /// its early ports at once, its outbound and inbound ports after
+    /// `delay_ms`, as its uid and comm. Gone after `exit_after_ms` (0: never).
     pub fn start_sidecar(&mut self, delay_ms: u64, exit_after_ms: u64) -> Result<()> {
+        let m = self
+            .mesh
+            .clone()
+            .context("the pod has no proxy container")?;
         let d = delay_ms.to_string();
         let e = exit_after_ms.to_string();
-        let cmd = self.in_container(
-            "istio-proxy",
-            &[
-                "testbed",
-                "sidecar",
-                "--delay-ms",
-                &d,
-                "--exit-after-ms",
-                &e,
-            ],
-        )?;
+        let mut args = vec![
+            "testbed".to_string(),
+            "sidecar".into(),
+            "--delay-ms".into(),
+            d,
+            "--exit-after-ms".into(),
+            e,
+        ];
+        // Istio's sidecar runs on the defaults, as it always has.
+        if m != MeshBed::istio() {
+            let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+            let source = clap::ValueEnum::to_possible_value(&m.inbound_source)
+                .context("inbound source")?
+                .get_name()
+                .to_string();
+            args.extend([
+                "--uid".into(),
+                m.uid.to_string(),
+                "--early-ports".into(),
+                ports(&m.early_ports),
+                "--capture-ports".into(),
+                ports(&[m.outbound_port, m.inbound_port]),
+                "--inbound-port".into(),
+                m.inbound_port.to_string(),
+                "--inbound-source".into(),
+                source,
+                "--comm".into(),
+                m.comm.clone(),
+                "--worker-comm".into(),
+                m.worker_comm.clone(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd = self.in_container(&m.container, &args)?;
         self.sidecar = Some(Proc::spawn(cmd)?);
         Ok(())
     }

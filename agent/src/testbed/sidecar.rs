@@ -3,7 +3,9 @@
 //! listeners at once and the capture listeners (15001 outbound, 15006
 //! inbound) only later, as if they arrived over xDS; connections to 15001 are
 //! forwarded to their SO_ORIGINAL_DST, those to 15006 to the app as Envoy's
-//! inbound passthrough does (`inbound.rs`).
+//! inbound passthrough does (`inbound.rs`). Its uid, ports, comm and inbound
+//! source are arguments, so it also stands in for the other meshes' proxies
+//! (`rules.rs`).
 
 use std::{
     io::Write as _,
@@ -17,7 +19,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::race::istio::INBOUND_CAPTURE_PORT;
+use super::rules::InboundSource;
 
 /// Options of `connscope testbed sidecar`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +43,18 @@ pub struct Args {
     /// comm to run under.
     #[arg(long, default_value = "envoy")]
     pub comm: String,
+    /// Which capture listener is the inbound one (Istio's 15006; Linkerd
+    /// 4143, Consul 20000): its connections are forwarded to the app.
+    #[arg(long, default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Where the proxy dials the app from (Istio's and Kuma's 127.0.0.6,
+    /// Linkerd's pod IP, Consul's 127.0.0.1).
+    #[arg(long, value_enum, default_value_t = InboundSource::Passthrough)]
+    pub inbound_source: InboundSource,
+    /// Name of the thread that dials the app (Envoy's first worker;
+    /// linkerd2-proxy's tokio workers are `proxy`).
+    #[arg(long, default_value = super::inbound::WORKER_THREAD)]
+    pub worker_comm: String,
 }
 
 /// Runs the sidecar until SIGTERM (or --exit-after-ms).
@@ -103,12 +117,16 @@ async fn serve(args: Args) -> Result<()> {
     let mut inbound = None;
     for &p in &args.capture_ports {
         let ls = listen(p)?;
-        if p == INBOUND_CAPTURE_PORT {
+        if p == args.inbound_port {
             let std_ls = ls
                 .into_iter()
                 .map(|l| l.into_std())
                 .collect::<std::io::Result<Vec<_>>>()?;
-            inbound = Some(super::inbound::spawn(std_ls, stopped.clone())?);
+            let how = super::inbound::Forwarding {
+                source: args.inbound_source,
+                worker: args.worker_comm.clone(),
+            };
+            inbound = Some(super::inbound::spawn(std_ls, stopped.clone(), how)?);
         } else {
             for l in ls {
                 capture.push(tokio::spawn(forward(l)));

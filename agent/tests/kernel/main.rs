@@ -29,6 +29,7 @@ mod hardening;
 mod hostile;
 mod inbound;
 mod kube_api;
+mod meshes;
 mod probes;
 mod race;
 mod revision;
