@@ -215,11 +215,17 @@ check("SETPCAP" in sc["capabilities"]["add"], "DaemonSet: SETPCAP to empty the b
 
 dash = json.load(open(os.path.join(DEPLOY, "grafana", "connscope.json")))
 names = {v["name"] for v in dash["templating"]["list"]}
-check({"datasource", "namespace", "workload"} <= names, "dashboard: datasource, namespace, workload variables")
+check({"datasource", "mesh", "namespace", "workload"} <= names, "dashboard: datasource, mesh, namespace, workload variables")
+# The pod-level metrics carry `mesh`: every query of a workload's series
+# filters on the mesh variable too (the revisions have no mesh label).
 for p in dash["panels"]:
     if p.get("type") == "row":
         continue
     check(bool(p.get("targets")) and all(t.get("expr") for t in p["targets"]), f"dashboard panel {p['title']!r} has queries")
+    pod_level = [t["expr"] for t in p.get("targets", []) if 'workload=~"$workload"' in t.get("expr", "")
+                 and "connscope_workload_revision_info" not in t["expr"]]
+    if pod_level:
+        check(all('mesh=~"$mesh"' in e for e in pod_level), f"dashboard panel {p['title']!r} filters on mesh")
 
 print(f"{len(failures)} failed")
 sys.exit(1 if failures else 0)

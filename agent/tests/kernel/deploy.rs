@@ -245,7 +245,7 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
         "Pods that raced the sidecar at start-up",
         "Startup race ratio (race pods / injected pods started, 1h)",
         "Refused and failed connects by phase",
-        "Sidecar ready latency (pod start -> 15001 listening)",
+        "Sidecar ready latency (pod start -> outbound capture port listening)",
         "Sidecar ready latency p50 / p95",
         "Top workloads by race pods (24h)",
         "Agent: kernel events lost",
@@ -270,6 +270,7 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
     );
     let expand = |q: &str| {
         q.replace("$__rate_interval", "1m")
+            .replace("$mesh", ".*")
             .replace("$namespace", ".*")
             .replace("$workload", ".*")
     };

@@ -53,12 +53,21 @@ def s(name, labels, values):
 
 
 SHOP = {"namespace": "shop"}
+# The pod-level series carry the mesh (its profile's name); every alert is per
+# mesh. Each test below has a second mesh: a workload that fires in it, and one
+# that does not (some with the same name as a firing Istio workload, so an alert
+# that dropped `mesh` from its `by` would merge or fail on them).
+ISTIO, LINKERD, KUMA, CONSUL = ({"mesh": m} for m in ("istio", "linkerd", "kuma", "consul"))
 quick = [
     {"interval": "1m", "input_series": [
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "checkout"}, "0 0 1 1 1"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "checkout", **ISTIO}, "0 0 1 1 1"),
         # A workload's first race: its series appears already at 1.
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart"}, "_ _ 1 1 1"),
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "orders"}, "0 0 1 1 1"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart", **ISTIO}, "_ _ 1 1 1"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "orders", **ISTIO}, "0 0 1 1 1"),
+        # Linkerd: ledger races now; checkout's Linkerd pods (the same
+        # workload moving meshes) do not: no alert for them.
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "ledger", **LINKERD}, "0 0 1 1 1"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "checkout", **LINKERD}, "0x40"),
         # What runs: checkout's revision (two nodes), cart's proxy (no API: no
         # template hash), nothing known of orders.
         s("connscope_workload_revision_info",
@@ -69,29 +78,38 @@ quick = [
     ], "alert_rule_test": [
         {"eval_time": "1m", "alertname": "ConnscopeStartupRace", "exp_alerts": []},
         {"eval_time": "4m", "alertname": "ConnscopeStartupRace", "exp_alerts": [
-            exp("ConnscopeStartupRace", {**SHOP, "workload": "cart"}, running([("", "1.23.0")])),
-            exp("ConnscopeStartupRace", {**SHOP, "workload": "checkout"}, running([("7d9f8c6b5", "1.22.3")])),
-            exp("ConnscopeStartupRace", {**SHOP, "workload": "orders"}, running([]))]},
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "cart", **ISTIO}, running([("", "1.23.0")])),
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "checkout", **ISTIO}, running([("7d9f8c6b5", "1.22.3")])),
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "orders", **ISTIO}, running([])),
+            exp("ConnscopeStartupRace", {**SHOP, "workload": "ledger", **LINKERD}, running([]))]},
         {"eval_time": "40m", "alertname": "ConnscopeStartupRace", "exp_alerts": []},
     ]},
     # Inbound races: orders' pods race at start-up (two pods), catalog's first
     # ever episode appears already at 1, payments races at shutdown only,
-    # and billing's bind misconfiguration is never a race series.
+    # and billing's bind misconfiguration is never a race series. Kuma's
+    # stock races at start-up, Consul's orders does not; Linkerd's ledger
+    # races at shutdown.
     {"interval": "1m", "input_series": [
-        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "orders", "when": "startup"}, "0 0 2 2 2"),
-        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "catalog", "when": "startup"}, "_ _ 1 1 1"),
-        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "shutdown"}, "0 0 1 1 1"),
-        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "startup"}, "0x40"),
-        s("connscope_connect_failures_total", {**SHOP, "workload": "billing", "phase": "inbound_bind"}, "0 0 9 18 27"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "orders", "when": "startup", **ISTIO}, "0 0 2 2 2"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "catalog", "when": "startup", **ISTIO}, "_ _ 1 1 1"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "shutdown", **ISTIO}, "0 0 1 1 1"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "payments", "when": "startup", **ISTIO}, "0x40"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "stock", "when": "startup", **KUMA}, "0 0 1 1 1"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "orders", "when": "startup", **CONSUL}, "0x40"),
+        s("connscope_inbound_race_pods_total", {**SHOP, "workload": "ledger", "when": "shutdown", **LINKERD}, "0 0 1 1 1"),
+        s("connscope_connect_failures_total", {**SHOP, "workload": "billing", "phase": "inbound_bind", **ISTIO},
+          "0 0 9 18 27"),
     ], "alert_rule_test": [
         {"eval_time": "1m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": []},
         {"eval_time": "4m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": [
-            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "catalog"}),
-            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "orders"})]},
+            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "catalog", **ISTIO}),
+            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "orders", **ISTIO}),
+            exp("ConnscopeInboundStartupRace", {**SHOP, "workload": "stock", **KUMA})]},
         {"eval_time": "40m", "alertname": "ConnscopeInboundStartupRace", "exp_alerts": []},
         {"eval_time": "1m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": []},
         {"eval_time": "4m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": [
-            exp("ConnscopeInboundShutdownRace", {**SHOP, "workload": "payments"})]},
+            exp("ConnscopeInboundShutdownRace", {**SHOP, "workload": "ledger", **LINKERD}),
+            exp("ConnscopeInboundShutdownRace", {**SHOP, "workload": "payments", **ISTIO})]},
         {"eval_time": "40m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": []},
     ]},
     {"interval": "1m", "input_series": [
@@ -124,17 +142,22 @@ W = 672  # 15-minute steps in a week
 weekly = [
     # 8 injected pods started every hour. "cart" had no race a week ago and
     # races now; "steady" raced then and now; "few" races now but had too
-    # few pods a week ago to judge.
+    # few pods a week ago to judge. Under Linkerd, another "cart" races
+    # steadily (no alert), and Kuma's "ledger" regresses as Istio's cart does.
     {"interval": "15m", "input_series": [
-        s("connscope_pods_started_total", {**SHOP, "workload": "cart", "injected": "true"}, f"0+2x{W + 40}"),
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart"}, f"0x{W + 4} 1+1x35"),
-        s("connscope_pods_started_total", {**SHOP, "workload": "steady", "injected": "true"}, f"0+2x{W + 40}"),
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "steady"}, f"0+1x{W + 40}"),
-        s("connscope_pods_started_total", {**SHOP, "workload": "few", "injected": "true"}, f"0x{W + 4} 1+1x35"),
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "few"}, f"0x{W + 4} 1+1x35"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "cart", "injected": "true", **ISTIO}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart", **ISTIO}, f"0x{W + 4} 1+1x35"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "steady", "injected": "true", **ISTIO}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "steady", **ISTIO}, f"0+1x{W + 40}"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "few", "injected": "true", **ISTIO}, f"0x{W + 4} 1+1x35"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "few", **ISTIO}, f"0x{W + 4} 1+1x35"),
         # "mesh" races now as cart does, with the same revision as a week ago.
-        s("connscope_pods_started_total", {**SHOP, "workload": "mesh", "injected": "true"}, f"0+2x{W + 40}"),
-        s("connscope_startup_race_pods_total", {**SHOP, "workload": "mesh"}, f"0x{W + 4} 1+1x35"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "mesh", "injected": "true", **ISTIO}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "mesh", **ISTIO}, f"0x{W + 4} 1+1x35"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "cart", "injected": "true", **LINKERD}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "cart", **LINKERD}, f"0+1x{W + 40}"),
+        s("connscope_pods_started_total", {**SHOP, "workload": "ledger", "injected": "true", **KUMA}, f"0+2x{W + 40}"),
+        s("connscope_startup_race_pods_total", {**SHOP, "workload": "ledger", **KUMA}, f"0x{W + 4} 1+1x35"),
         # What ran: cart rolled out a new revision with a new proxy when its
         # races began; mesh's revision did not change.
         s("connscope_workload_revision_info",
@@ -146,18 +169,24 @@ weekly = [
     ], "alert_rule_test": [
         {"eval_time": "167h", "alertname": "ConnscopeStartupRaceRegression", "exp_alerts": []},
         {"eval_time": "172h", "alertname": "ConnscopeStartupRaceRegression", "exp_alerts": [
-            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "cart"}, began([("5f6d7c8b9", "1.23.0")])),
-            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "mesh"}, began([]))]},
+            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "cart", **ISTIO},
+                began([("5f6d7c8b9", "1.23.0")])),
+            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "ledger", **KUMA}, began([])),
+            exp("ConnscopeStartupRaceRegression", {**SHOP, "workload": "mesh", **ISTIO}, began([]))]},
     ]},
-    # Sidecar readiness: every observation <= 0.5 s a week ago, ~5 s now.
+    # Sidecar readiness: every observation <= 0.5 s a week ago, ~5 s now;
+    # Consul's "cart" stays <= 0.5 s (no alert), Linkerd's "ledger" slows too.
     {"interval": "15m", "input_series": [
-        s("connscope_sidecar_ready_seconds_bucket", {**SHOP, "workload": "cart", "le": le},
-          f"0+1x{W} {W}x40" if le in ("0.5", "1") else f"0+1x{W} {W}+1x40")
-        for le in ("0.5", "1", "5", "+Inf")
+        *(s("connscope_sidecar_ready_seconds_bucket", {**SHOP, "workload": w, "le": le, **m},
+            f"0+1x{W} {W}x40" if le in ("0.5", "1") else f"0+1x{W} {W}+1x40")
+          for w, m in (("cart", ISTIO), ("ledger", LINKERD)) for le in ("0.5", "1", "5", "+Inf")),
+        *(s("connscope_sidecar_ready_seconds_bucket", {**SHOP, "workload": "cart", "le": le, **CONSUL}, f"0+1x{W + 40}")
+          for le in ("0.5", "1", "5", "+Inf")),
     ], "alert_rule_test": [
         {"eval_time": "150h", "alertname": "ConnscopeSidecarReadySlow", "exp_alerts": []},
         {"eval_time": "172h", "alertname": "ConnscopeSidecarReadySlow", "exp_alerts": [
-            exp("ConnscopeSidecarReadySlow", {**SHOP, "workload": "cart"})]},
+            exp("ConnscopeSidecarReadySlow", {**SHOP, "workload": "cart", **ISTIO}),
+            exp("ConnscopeSidecarReadySlow", {**SHOP, "workload": "ledger", **LINKERD})]},
     ]},
 ]
 
