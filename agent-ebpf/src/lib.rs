@@ -10,6 +10,9 @@ pub const PATH_LEN: usize = 108;
 /// Bytes of the dialed `struct sockaddr` copied at `connect()` entry
 /// (sa_family + sun_path, the largest family we decode).
 pub const SOCKADDR_LEN: usize = 112;
+/// Outbound capture ports the kernel watches resets from at most (one per
+/// mesh profile's port: Istio, Kuma and Consul share 15001, Linkerd 4140).
+pub const MAX_CAPTURE_PORTS: usize = 4;
 /// Value of an offset the agent could not determine on this kernel.
 pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
@@ -230,10 +233,10 @@ pub struct Config {
     /// runs in softirq, where the current task is anybody).
     pub skb_dev: u32,
     pub dev_nd_net: u32,
-    /// The mesh's outbound capture port (host order; 0: none): a reset sent
-    /// with no socket from this port is a captured connect refused. Not an
-    /// offset.
-    pub capture_port: u32,
+    /// The meshes' outbound capture ports (host order; 0: unused): a reset
+    /// sent with no socket from one of them is a captured connect refused.
+    /// Not offsets.
+    pub capture_ports: [u16; MAX_CAPTURE_PORTS],
     /// Non-zero: every program returns at once. Only for `cargo xtask bench`,
     /// to measure what attaching the hooks costs by itself. Not an offset;
     /// the verifier folds this read-only value, so it costs nothing otherwise.
@@ -295,7 +298,7 @@ impl Config {
         tsr_daddr: OFFSET_UNKNOWN,
         skb_dev: OFFSET_UNKNOWN,
         dev_nd_net: OFFSET_UNKNOWN,
-        capture_port: 0,
+        capture_ports: [0; MAX_CAPTURE_PORTS],
         noop: 0,
         no_output: 0,
     };

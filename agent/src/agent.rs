@@ -3,7 +3,10 @@
 //! ring buffer until a signal) and shut down (detach first, then drain and
 //! flush within budgets, reporting what is left).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use connscope_ebpf::Config;
@@ -75,7 +78,9 @@ impl Agent {
         // drop their own privileges unless they are kept.
         privileges::keep(args.keep_privileges);
         let nofile = raise_nofile();
-        let (probes, kernel_capture) = load_probes(args)?;
+        let profiles = Arc::new(mesh_profiles(args)?);
+        race::mesh::install(profiles.clone());
+        let (probes, kernel_capture) = load_probes(args, &profiles)?;
         let sink = Sink::open(&args.events)
             .with_context(|| format!("opening --events {:?}", args.events))?;
         let kube_rx = start_kube(args).await?;
@@ -105,9 +110,12 @@ impl Agent {
         // so that it inherits none of them.
         let listener = server::bind(args.metrics_addr)?;
         let tracker = Tracker::new(race::Config {
-            capture_port: args.capture_port,
-            sidecar_ports: args.sidecar_ports.clone(),
-            proxy_uid: args.proxy_uid,
+            kernel_capture_ports: if kernel_capture {
+                capture_ports(&profiles)
+            } else {
+                Vec::new()
+            },
+            profiles: profiles.clone(),
             hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
             kernel_capture,
             ..race::Config::default()
@@ -134,7 +142,7 @@ impl Agent {
         );
         let mut pipeline = Pipeline::new(who, tracker, exporter, kube_rx.is_some())
             .with_metadata_hold(Duration::from_millis(args.metadata_wait_ms));
-        let restored = pipeline.restore(&args.proc_root, &args.sidecar_ports, args.proxy_uid);
+        let restored = pipeline.restore(&args.proc_root);
         tracing::info!(restored, "pods with a listening sidecar found at start");
         if args.keep_privileges {
             tracing::warn!("--keep-privileges: capabilities are not dropped after start-up");
@@ -309,10 +317,46 @@ impl Agent {
     }
 }
 
+/// The mesh profiles: the built-in ones, an operator's file, then the
+/// older flags for the Istio profile.
+fn mesh_profiles(args: &RunArgs) -> Result<race::Profiles> {
+    let mut p = race::Profiles::load(args.mesh_profiles.as_deref())?;
+    p.override_default(
+        args.capture_port,
+        args.sidecar_ports.as_deref(),
+        args.proxy_uid,
+    )?;
+    for m in p.iter() {
+        tracing::info!(
+            mesh = %m.name,
+            mode = ?m.mode,
+            proxy_containers = ?m.proxy_containers,
+            proxy_uids = ?m.proxy_uids,
+            outbound_port = m.outbound_port,
+            "mesh profile"
+        );
+    }
+    Ok(p)
+}
+
+/// The outbound capture ports the kernel watches resets from: the
+/// profiles', the first [`connscope_ebpf::MAX_CAPTURE_PORTS`] of them.
+fn capture_ports(profiles: &race::Profiles) -> Vec<u16> {
+    let mut ports = profiles.outbound_ports();
+    if ports.len() > connscope_ebpf::MAX_CAPTURE_PORTS {
+        tracing::warn!(
+            ?ports,
+            "more outbound capture ports than the kernel watches: pods of the others get no capture proof from the kernel"
+        );
+        ports.truncate(connscope_ebpf::MAX_CAPTURE_PORTS);
+    }
+    ports
+}
+
 /// Finds the offsets for this kernel, then loads and attaches the programs.
 /// Loads the probes; also says whether the kernel proves capture (the
 /// capture-reset hook attached on a kernel that fires it without a socket).
-fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
+fn load_probes(args: &RunArgs, profiles: &race::Profiles) -> Result<(Probes, bool)> {
     let tracefs = offsets::tracefs_root()?;
     let (config, discovery) = offsets::discover(tracefs, &args.btf);
     for t in &discovery.missing_tracepoints {
@@ -335,7 +379,13 @@ fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
         config: Config {
             noop: args.bench_noop_programs.into(),
             no_output: args.bench_no_ring_output.into(),
-            capture_port: args.capture_port.into(),
+            capture_ports: {
+                let mut a = [0u16; connscope_ebpf::MAX_CAPTURE_PORTS];
+                for (slot, p) in a.iter_mut().zip(capture_ports(profiles)) {
+                    *slot = p;
+                }
+                a
+            },
             ..config
         },
         ring_bytes: args.ring_buffer_bytes,
@@ -347,10 +397,10 @@ fn load_probes(args: &RunArgs) -> Result<(Probes, bool)> {
         .status
         .iter()
         .any(|s| s.hook.name == "tcp_send_reset" && s.error.is_none());
-    let kernel_capture = hook && discovery.no_socket_resets && args.capture_port != 0;
+    let kernel_capture = hook && discovery.no_socket_resets;
     if kernel_capture {
         tracing::info!(
-            capture_port = args.capture_port,
+            capture_ports = ?capture_ports(profiles),
             "capture proof from the kernel: a refusal is the race only if tcp:tcp_send_reset shows it was redirected to the capture port"
         );
     } else {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{export::json, kernel::probes::ConnectPathChoice, race::istio};
+use crate::{export::json, kernel::probes::ConnectPathChoice};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -151,19 +151,22 @@ pub struct RunArgs {
     /// Also write process exec/exit events to the stream (verbose).
     #[arg(long)]
     pub process_events: bool,
-    /// The sidecar's outbound capture port: sidecar-ready = it listens.
-    #[arg(long, default_value_t = istio::CAPTURE_PORT)]
-    pub capture_port: u16,
-    /// Ports whose LISTEN by the proxy uid marks a pod as injected.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_values_t = istio::SIDECAR_PORTS
-    )]
-    pub sidecar_ports: Vec<u16>,
-    /// The proxy's uid (Istio: 1337).
-    #[arg(long, default_value_t = istio::PROXY_UID)]
-    pub proxy_uid: u32,
+    /// A TOML file of mesh profiles (`[[profile]]` tables, the shape of the
+    /// built-in `race/mesh/profiles.toml`): each adds a mesh, or replaces
+    /// the built-in profile of its name.
+    #[arg(long, env = "CONNSCOPE_MESH_PROFILES")]
+    pub mesh_profiles: Option<PathBuf>,
+    /// The Istio profile's outbound capture port (default 15001): its
+    /// sidecar is ready when it listens.
+    #[arg(long)]
+    pub capture_port: Option<u16>,
+    /// The Istio profile's ports whose LISTEN by its proxy uid marks a pod
+    /// as injected.
+    #[arg(long, value_delimiter = ',')]
+    pub sidecar_ports: Option<Vec<u16>>,
+    /// The Istio profile's proxy uid (default 1337).
+    #[arg(long)]
+    pub proxy_uid: Option<u32>,
     /// How long a failure waits for its pod's injection to be known (kubelet
     /// starts a pod's containers within moments of each other).
     #[arg(long, default_value_t = 5.0)]

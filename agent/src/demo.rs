@@ -229,7 +229,9 @@ fn verdict(evs: &[Value], uid: &str, refused: usize) -> Result<()> {
     let m: crate::race::Mitigation = serde_json::from_value(m.clone()).unwrap_or_default();
     println!(
         "  mitigation in effect: {}",
-        crate::race::istio::mitigation_label(&m)
+        crate::race::Profiles::builtin()
+            .default_profile()
+            .mitigation_label(&m)
     );
     println!(
         "  recommendation: {}",

@@ -86,20 +86,8 @@ impl Pipeline {
     }
 
     /// Rebuilds pods already running when the agent starts.
-    pub(crate) fn restore(
-        &mut self,
-        proc_root: &std::path::Path,
-        ports: &[u16],
-        proxy_uid: u32,
-    ) -> usize {
-        crate::attribute::restore::restore(
-            proc_root,
-            &mut self.who,
-            None,
-            &mut self.tracker,
-            ports,
-            proxy_uid,
-        )
+    pub(crate) fn restore(&mut self, proc_root: &std::path::Path) -> usize {
+        crate::attribute::restore::restore(proc_root, &mut self.who, None, &mut self.tracker)
     }
 
     /// Applies a change of the API's pods.
@@ -326,7 +314,7 @@ impl Pipeline {
             return Some(None);
         }
         let mut h = match self.pods.as_ref().and_then(|p| p.get(uid)) {
-            Some(p) => race::api_hints(p),
+            Some(p) => race::api_hints(self.tracker.profiles(), p),
             None => Hints::default(),
         };
         if h.injected != Some(true) {
@@ -511,6 +499,8 @@ mod tests {
             ],
             template_hash: Some("7d9f8c6b5".into()),
             finished: false,
+            annotations: Default::default(),
+            labels: Default::default(),
         };
         // Status updates of the same pod: one change, counted once.
         for _ in 0..3 {

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
-use connscope_ebpf::{Config, OFFSET_UNKNOWN, flags, kind};
+use connscope_ebpf::{Config, MAX_CAPTURE_PORTS, OFFSET_UNKNOWN, flags, kind};
 
 use super::{
     common::{AF_INET, AF_INET6, TCP_SYN_SENT, cfg_field, config, now, read, read_kernel},
@@ -71,16 +71,20 @@ fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     if cfg_field!(noop) != 0 {
         return 0;
     }
-    let port: u32 = cfg_field!(capture_port);
+    let ports: [u16; MAX_CAPTURE_PORTS] = cfg_field!(capture_ports);
     let saddr_off: u32 = cfg_field!(tsr_saddr);
-    if port == 0 || saddr_off == OFFSET_UNKNOWN {
+    if ports[0] == 0 || saddr_off == OFFSET_UNKNOWN {
         return 0;
     }
     // The source sockaddr's port (network order) follows its 2-byte family.
     let Some(sport) = read::<[u8; 2]>(&ctx, saddr_off + 2) else {
         return 0;
     };
-    if u32::from(u16::from_be_bytes(sport)) != port {
+    let sport = u16::from_be_bytes(sport);
+    // Unrolled: four compares, no loop for the verifier.
+    if sport == 0
+        || (ports[0] != sport && ports[1] != sport && ports[2] != sport && ports[3] != sport)
+    {
         return 0;
     }
     if read::<u64>(&ctx, cfg_field!(tsr_skaddr)) != Some(0) {

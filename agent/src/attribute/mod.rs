@@ -670,6 +670,8 @@ mod tests {
             spec_containers: Vec::new(),
             template_hash: None,
             finished: false,
+            annotations: Default::default(),
+            labels: Default::default(),
         }]));
         s
     }

@@ -75,9 +75,8 @@ pub(crate) fn restore(
     who: &mut Attributor,
     api: Option<&PodStore>,
     tracker: &mut Tracker,
-    sidecar_ports: &[u16],
-    proxy_uid: u32,
 ) -> usize {
+    let profiles = tracker.profiles().clone();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let host_ns = std::fs::metadata(proc_root.join("1/ns/net"))
         .map(|m| m.ino())
@@ -121,31 +120,37 @@ pub(crate) fn restore(
     }
     let mut restored = 0;
     for (pid, pods) in by_ns.values() {
-        let mut ports = HashSet::new();
-        let mut app = BTreeSet::new();
+        let mut listeners = Vec::new();
         for f in ["net/tcp", "net/tcp6"] {
             let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join(f))
                 .unwrap_or_default();
-            for l in parse_proc_net_tcp(&text) {
-                if l.uid == proxy_uid {
-                    if sidecar_ports.contains(&l.port) {
-                        ports.insert(l.port);
-                    }
-                } else if !crate::race::istio::reserved_port(l.port)
-                    && !sidecar_ports.contains(&l.port)
-                {
-                    app.insert(SocketAddr::new(l.addr, l.port));
-                }
-            }
+            listeners.extend(parse_proc_net_tcp(&text));
         }
-        if ports.is_empty() {
+        // The pod's mesh: the first profile whose proxy uid listens on one
+        // of its ports.
+        let Some(mesh) = listeners
+            .iter()
+            .find_map(|l| profiles.by_listen(l.uid, l.port))
+            .cloned()
+        else {
             continue;
+        };
+        let mut ports = HashSet::new();
+        let mut app = BTreeSet::new();
+        for l in &listeners {
+            if mesh.proxy_uid(l.uid) {
+                if mesh.proxy_ports.contains(&l.port) {
+                    ports.insert(l.port);
+                }
+            } else if !mesh.reserved(l.port) {
+                app.insert(SocketAddr::new(l.addr, l.port));
+            }
         }
         let ports: Vec<u16> = ports.into_iter().collect();
         let app: Vec<SocketAddr> = app.into_iter().collect();
         let now = crate::kernel::decode::Clock::mono_now();
         for a in pods.values() {
-            tracker.restore_ready(a.clone(), &ports, now);
+            tracker.restore_ready(a.clone(), &mesh, &ports, now);
             tracker.restore_app(a.clone(), &app, now);
             restored += 1;
         }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use super::runtime::MAX_IMAGE_BYTES;
 use crate::{
     k8s::PodInfo,
-    race::istio::{PROXY_CONTAINER, proxy_version},
+    race::{istio::proxy_version, mesh},
 };
 
 /// Where a pod's revision came from.
@@ -118,8 +118,8 @@ impl Revision {
         }
     }
 
-    /// Takes a container's image: the proxy's (by Istio's container name)
-    /// or an app container's. A value that cannot be an image is left out
+    /// Takes a container's image: the proxy's (by a mesh profile's
+    /// container name) or an app container's. A value that cannot be an image is left out
     /// and its field named in `rejected`.
     fn take(&mut self, name: &str, image: Option<&str>, rejected: &mut Vec<&'static str>) {
         let Some(image) = image else { return };
@@ -127,7 +127,7 @@ impl Revision {
             rejected.push("image");
             return;
         }
-        if name == PROXY_CONTAINER {
+        if mesh::proxy_container(name) {
             self.proxy_version = proxy_version(image).map(str::to_string);
             self.proxy_image = Some(image.to_string());
         } else if self.app_images.len() < MAX_APP_IMAGES || self.app_images.contains_key(name) {
@@ -142,7 +142,7 @@ impl Revision {
     pub fn from_api(p: &PodInfo, rejected: &mut Vec<&'static str>) -> Revision {
         let mut r = Revision::empty(p.node.clone(), RevisionSource::Api);
         for c in &p.spec_containers {
-            if !c.init || c.name == PROXY_CONTAINER {
+            if !c.init || mesh::proxy_container(&c.name) {
                 r.take(&c.name, c.image.as_deref(), rejected);
             }
         }
@@ -377,6 +377,8 @@ mod tests {
             spec_containers: containers,
             template_hash: Some("7d9f8c6b5".into()),
             finished: false,
+            annotations: Default::default(),
+            labels: Default::default(),
         }
     }
 

@@ -50,6 +50,9 @@ pub(crate) struct Line {
     pub destinations: Vec<String>,
     pub mitigation: Option<Mitigation>,
     pub recommendation: Option<String>,
+    /// The pod's mesh profile (`istio`, `linkerd`...), on the lines of
+    /// agents that know profiles.
+    pub mesh: Option<String>,
     pub pod_start_mono_ns: Option<u64>,
     pub sidecar_start_mono_ns: Option<u64>,
     pub container_start_mono_ns: BTreeMap<String, u64>,

@@ -7,7 +7,6 @@
 use std::fmt::Write as _;
 
 use super::timeline::PodTimeline;
-use crate::race::istio;
 
 /// Columns between two ticks of the axis.
 const TICK_COLS: usize = 10;
@@ -213,8 +212,8 @@ pub(crate) fn pod(t: &PodTimeline) -> String {
     for v in &t.verdicts {
         keyed(&mut out, "VERDICT", &v.text);
     }
-    if let Some(m) = &t.mitigation {
-        keyed(&mut out, "MITIGATION", istio::mitigation_label(m));
+    if let Some(m) = &t.mitigation_label {
+        keyed(&mut out, "MITIGATION", m);
     }
     for r in &t.recommendations {
         wrapped(&mut out, "FIX", r);

@@ -6,6 +6,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -15,7 +16,7 @@ use super::{
     change::Change,
     events::{Line, Revision},
 };
-use crate::race::{Mitigation, istio};
+use crate::race::{Mitigation, Profile, Profiles};
 
 /// A moment of the pod's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -103,8 +104,13 @@ pub(crate) struct PodTimeline {
     pub marks: Vec<Mark>,
     pub spans: Vec<Span>,
     pub verdicts: Vec<Verdict>,
+    /// The pod's mesh profile.
+    pub mesh: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mitigation: Option<Mitigation>,
+    /// What the mitigation state is called in the pod's mesh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mitigation_label: Option<String>,
     pub recommendations: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<Revision>,
@@ -197,7 +203,24 @@ struct Failures {
     dests: BTreeSet<String>,
 }
 
+/// The pod's mesh profile, by the name its lines carry (built-in profiles:
+/// an operator's own profile is drawn with the default's ports); lines of
+/// agents before profiles are Istio's.
+fn mesh_of(lines: &[&Line]) -> Arc<Profile> {
+    static BUILTIN: std::sync::LazyLock<Profiles> = std::sync::LazyLock::new(Profiles::builtin);
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.mesh.as_deref())
+        .and_then(|m| BUILTIN.get(m))
+        .unwrap_or_else(|| BUILTIN.default_profile())
+        .clone()
+}
+
 fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
+    let mesh = mesh_of(lines);
+    let m = &*mesh;
+    let proxy_name = m.proxy_containers.first().map_or("proxy", String::as_str);
     let last = |kind: &str| lines.iter().rev().find(|l| l.kind == kind).copied();
     let ready_summary = last("sidecar_ready");
     let race = last("startup_race");
@@ -232,7 +255,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             match l.ready_mono_ns {
                 Some(0) => restored = true,
                 Some(r) => {
-                    listens.entry(istio::CAPTURE_PORT).or_insert(r);
+                    listens.entry(m.outbound_port).or_insert(r);
                 }
                 None => {}
             }
@@ -241,8 +264,8 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             }
         }
         let Some(t) = l.mono_ns else { continue };
-        let proxy = l.uid == Some(istio::PROXY_UID)
-            || l.container.as_deref() == Some(istio::PROXY_CONTAINER);
+        let proxy = l.uid.is_some_and(|u| m.proxy_uid(u))
+            || l.container.as_deref().is_some_and(|c| m.proxy_container(c));
         match (l.kind.as_str(), l.state.as_deref()) {
             ("process", Some("exec")) => {
                 keep_min(&mut pod_start, t);
@@ -262,7 +285,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
                     *e = (*e).min(t);
                 }
             }
-            ("listener", Some("closed")) if proxy && l.port == Some(istio::CAPTURE_PORT) => {
+            ("listener", Some("closed")) if proxy && l.port == Some(m.outbound_port) => {
                 closed = Some(closed.map_or(t, |x| x.max(t)));
             }
             ("connect_failure", _) => {
@@ -276,7 +299,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             _ => {}
         }
     }
-    let ready = listens.get(&istio::CAPTURE_PORT).copied();
+    let ready = listens.get(&m.outbound_port).copied();
     // A close before the readiness is an earlier sidecar's (or the order
     // is unknown): only a close after it ends the capture.
     let closed = closed.filter(|&c| ready.is_none_or(|r| c >= r));
@@ -309,17 +332,18 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             t,
             None,
             None,
-            format!("sidecar starts ({})", istio::SIDECAR_COMMS.join("/")),
+            format!("sidecar starts ({})", m.proxy_comms.join("/")),
         );
     }
-    for (port, role) in istio::PORT_ROLES {
+    for r in &m.port_roles {
+        let (port, role) = (r.port, &r.role);
         if let Some(&t) = listens.get(&port) {
             mark(
                 MarkKind::SidecarListen,
                 t,
-                Some(istio::PROXY_CONTAINER.into()),
+                Some(proxy_name.into()),
                 Some(port),
-                format!("{} listens on {port} ({role})", istio::PROXY_CONTAINER),
+                format!("{proxy_name} listens on {port} ({role})"),
             );
         }
     }
@@ -336,12 +360,11 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         mark(
             MarkKind::CaptureClosed,
             t,
-            Some(istio::PROXY_CONTAINER.into()),
-            Some(istio::CAPTURE_PORT),
+            Some(proxy_name.into()),
+            Some(m.outbound_port),
             format!(
-                "{} stops listening on {} (outbound capture ends)",
-                istio::PROXY_CONTAINER,
-                istio::CAPTURE_PORT
+                "{proxy_name} stops listening on {} (outbound capture ends)",
+                m.outbound_port
             ),
         );
     }
@@ -478,6 +501,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         .collect();
 
     let verdicts = verdicts(
+        m,
         &spans,
         race,
         ready_summary.or(race),
@@ -512,7 +536,13 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
         marks,
         spans,
         verdicts,
+        mitigation_label: lines
+            .iter()
+            .rev()
+            .find_map(|l| l.mitigation.as_ref())
+            .map(|x| m.mitigation_label(x)),
         mitigation: lines.iter().rev().find_map(|l| l.mitigation.clone()),
+        mesh: m.name.clone(),
         recommendations,
         revision: lines.iter().rev().find_map(|l| l.revision.clone()),
         changed: None,
@@ -557,6 +587,7 @@ fn span_label(phase: &str, count: u64, dests: &[String]) -> String {
 }
 
 fn verdicts(
+    m: &Profile,
     spans: &[Span],
     race: Option<&Line>,
     ready_summary: Option<&Line>,
@@ -564,8 +595,8 @@ fn verdicts(
     restored: bool,
 ) -> Vec<Verdict> {
     let mut out = Vec::new();
-    let port = istio::CAPTURE_PORT;
-    let proxy = istio::PROXY_CONTAINER;
+    let port = m.outbound_port;
+    let proxy = m.proxy_containers.first().map_or("proxy", String::as_str);
     for s in spans.iter().filter(|s| s.is_race()) {
         let text = if s.phase == "startup_race" {
             match (race, race.and_then(|r| r.window_seconds)) {

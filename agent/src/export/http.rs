@@ -36,7 +36,7 @@ use crate::{
     export::json::KernelJson,
     export::metrics::Metrics,
     kernel::decode::KernelEvent,
-    race::{Capture, Phase},
+    race::{Capture, Phase, Profile},
 };
 
 /// What an `/events` line says.
@@ -50,6 +50,7 @@ pub(crate) enum LineBody {
         ev: Box<KernelEvent>,
         phase: Option<Phase>,
         capture: Option<Capture>,
+        mesh: Option<Arc<Profile>>,
     },
 }
 
@@ -68,11 +69,17 @@ impl EventLine {
     pub(crate) fn json(&self) -> String {
         match &self.body {
             LineBody::Json(j) => j.clone(),
-            LineBody::Kernel { ev, phase, capture } => {
-                serde_json::to_string(&KernelJson::from_kernel(ev, &self.who, *phase, *capture))
-                    .unwrap_or_else(|e| {
-                        format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")
-                    })
+            LineBody::Kernel {
+                ev,
+                phase,
+                capture,
+                mesh,
+            } => {
+                let mesh = mesh.as_deref().map(|m| m.name.as_str());
+                serde_json::to_string(&KernelJson::from_kernel(
+                    ev, &self.who, *phase, *capture, mesh,
+                ))
+                .unwrap_or_else(|e| format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}"))
             }
         }
     }

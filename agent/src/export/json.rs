@@ -83,6 +83,9 @@ pub(crate) struct KernelJson<'a> {
     /// or `inferred` (connect failures only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capture: Option<Capture>,
+    /// The pod's mesh profile, when the pod has a mesh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<&'a str>,
     /// RFC 3339 wall-clock time, nanosecond precision (from the kernel).
     pub time: String,
     /// Kernel CLOCK_MONOTONIC ns, for exact intervals between events.
@@ -137,6 +140,7 @@ impl<'a> KernelJson<'a> {
         who: &'a Attribution,
         phase: Option<Phase>,
         capture: Option<Capture>,
+        mesh: Option<&'a str>,
     ) -> Self {
         let known = e.context_known;
         let failure = e.kind == Kind::ConnectFailure;
@@ -158,6 +162,7 @@ impl<'a> KernelJson<'a> {
             state,
             phase,
             capture,
+            mesh,
             time: rfc3339(e.time),
             mono_ns: e.mono_ns,
             who,
@@ -528,6 +533,7 @@ mod tests {
             &Attribution::default(),
             None,
             None,
+            None,
         ))
         .unwrap();
         assert_eq!(v["type"], "connect_failure");
@@ -549,6 +555,7 @@ mod tests {
             &Attribution::default(),
             None,
             None,
+            None,
         ))
         .unwrap();
         assert!(v.get("pid").is_none() && v.get("comm").is_none());
@@ -562,6 +569,7 @@ mod tests {
         let v = serde_json::to_value(KernelJson::from_kernel(
             &e,
             &Attribution::default(),
+            None,
             None,
             None,
         ))

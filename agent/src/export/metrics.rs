@@ -33,7 +33,7 @@ pub(crate) const BUCKETS: &[f64] = &[
 /// and keying them by pointer made one entry, with its own `Arc`, per event.
 type FailureKey = (u64, i32, Phase);
 /// The attribution kept alive, its counter, and when it was last used.
-type CachedCounter = (Arc<Attribution>, IntCounter, Instant);
+type CachedCounter = (Arc<Attribution>, String, IntCounter, Instant);
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -204,13 +204,20 @@ impl Metrics {
     /// per-workload series (higher cardinality: opt-in).
     pub fn new(pod_labels: bool) -> prometheus::Result<Self> {
         let r = Registry::new();
-        let wl = with_pod(&["namespace", "workload"], pod_labels);
+        let wl = with_pod(&["namespace", "workload", "mesh"], pod_labels);
         let cf = with_pod(
-            &["namespace", "workload", "container", "errno", "phase"],
+            &[
+                "namespace",
+                "workload",
+                "mesh",
+                "container",
+                "errno",
+                "phase",
+            ],
             pod_labels,
         );
-        let started = with_pod(&["namespace", "workload", "injected"], pod_labels);
-        let inbound = with_pod(&["namespace", "workload", "when"], pod_labels);
+        let started = with_pod(&["namespace", "workload", "mesh", "injected"], pod_labels);
+        let inbound = with_pod(&["namespace", "workload", "mesh", "when"], pod_labels);
         let counters = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntCounterVec::new(Opts::new(name, help), labels))
         };
@@ -286,10 +293,20 @@ impl Metrics {
         })
     }
 
-    fn labels(&mut self, metric: &'static str, who: &Attribution, extra: &[&str]) -> Vec<String> {
+    /// A workload-level series' label values: namespace, workload, the
+    /// pod's mesh (a profile's name: bounded), then `extra`, then the pod
+    /// when `--pod-labels`.
+    fn labels(
+        &mut self,
+        metric: &'static str,
+        who: &Attribution,
+        mesh: &str,
+        extra: &[&str],
+    ) -> Vec<String> {
         let mut v = vec![
             who.namespace.clone().unwrap_or_default(),
             who.workload.clone().unwrap_or_default(),
+            mesh.to_string(),
         ];
         v.extend(extra.iter().map(|s| s.to_string()));
         if self.pod_labels {
@@ -307,15 +324,17 @@ impl Metrics {
         who: &Arc<Attribution>,
         errno: i32,
         phase: Phase,
+        mesh: &str,
         now: Instant,
     ) {
         use std::hash::BuildHasher as _;
         // Only what the series' labels are made of identifies the counter.
         let pod = if self.pod_labels { &who.pod } else { &None };
-        let ident = (&who.namespace, &who.workload, &who.container, pod);
+        let ident = (&who.namespace, &who.workload, &who.container, pod, mesh);
         let key = (rustc_hash::FxBuildHasher.hash_one(ident), errno, phase);
         let pod_labels = self.pod_labels;
-        if let Some((cached, c, t)) = self.failure_cache.get_mut(&key)
+        if let Some((cached, cached_mesh, c, t)) = self.failure_cache.get_mut(&key)
+            && cached_mesh == mesh
             && (Arc::ptr_eq(cached, who)
                 || (cached.namespace == who.namespace
                     && cached.workload == who.workload
@@ -328,13 +347,14 @@ impl Metrics {
         }
         let c = who.container.clone().unwrap_or_default();
         let name = crate::kernel::decode::errno_name(errno);
-        let l = self.labels("failures", who, &[&c, &name, phase.as_str()]);
+        let l = self.labels("failures", who, mesh, &[&c, &name, phase.as_str()]);
         let counter = self.connect_failures.with_label_values(&strs(&l));
         counter.inc();
         if self.failure_cache.len() >= 100_000 {
             self.failure_cache.clear();
         }
-        self.failure_cache.insert(key, (who.clone(), counter, now));
+        self.failure_cache
+            .insert(key, (who.clone(), mesh.to_string(), counter, now));
     }
 
     /// Adds one batch of per-type event counts (indexed by [`RecordType`]):
@@ -348,18 +368,23 @@ impl Metrics {
     }
 
     /// A pod seen starting.
-    pub(crate) fn pod_started(&mut self, who: &Attribution, injected: bool) {
-        let l = self.labels("started", who, &[if injected { "true" } else { "false" }]);
+    pub(crate) fn pod_started(&mut self, who: &Attribution, mesh: &str, injected: bool) {
+        let l = self.labels(
+            "started",
+            who,
+            mesh,
+            &[if injected { "true" } else { "false" }],
+        );
         self.pods_started.with_label_values(&strs(&l)).inc();
         if injected {
             // Race counters start at 0 with the workload, so a first race is
             // an increase Prometheus can see, not a series born at 1.
-            let r = self.labels("race", who, &[]);
+            let r = self.labels("race", who, mesh, &[]);
             self.startup_race_pods.with_label_values(&strs(&r));
-            let s = self.labels("shutdown", who, &[]);
+            let s = self.labels("shutdown", who, mesh, &[]);
             self.shutdown_race_pods.with_label_values(&strs(&s));
             for when in [When::Startup, When::Shutdown] {
-                let l = self.labels("inbound", who, &[when.as_str()]);
+                let l = self.labels("inbound", who, mesh, &[when.as_str()]);
                 self.inbound_race_pods.with_label_values(&strs(&l));
             }
         }
@@ -367,33 +392,33 @@ impl Metrics {
 
     /// A pod's app listened for the first time, `seconds` after its first
     /// process.
-    pub(crate) fn app_listen(&mut self, who: &Attribution, seconds: f64) {
-        let l = self.labels("app_listen", who, &[]);
+    pub(crate) fn app_listen(&mut self, who: &Attribution, mesh: &str, seconds: f64) {
+        let l = self.labels("app_listen", who, mesh, &[]);
         self.app_listen_seconds
             .with_label_values(&strs(&l))
             .observe(seconds);
     }
 
     /// A pod's inbound episode (bind mismatches are not counted: not a race).
-    pub(crate) fn inbound_race(&mut self, who: &Attribution, when: When) {
+    pub(crate) fn inbound_race(&mut self, who: &Attribution, mesh: &str, when: When) {
         if when == When::Bind {
             return;
         }
-        let l = self.labels("inbound", who, &[when.as_str()]);
+        let l = self.labels("inbound", who, mesh, &[when.as_str()]);
         self.inbound_race_pods.with_label_values(&strs(&l)).inc();
     }
 
     /// A sidecar became ready `seconds` after the pod's first process.
-    pub(crate) fn sidecar_ready(&mut self, who: &Attribution, seconds: f64) {
-        let l = self.labels("ready", who, &[]);
+    pub(crate) fn sidecar_ready(&mut self, who: &Attribution, mesh: &str, seconds: f64) {
+        let l = self.labels("ready", who, mesh, &[]);
         self.sidecar_ready_seconds
             .with_label_values(&strs(&l))
             .observe(seconds);
     }
 
     /// A pod raced at start-up.
-    pub(crate) fn startup_race(&mut self, who: &Attribution, window: Option<f64>) {
-        let l = self.labels("race", who, &[]);
+    pub(crate) fn startup_race(&mut self, who: &Attribution, mesh: &str, window: Option<f64>) {
+        let l = self.labels("race", who, mesh, &[]);
         self.startup_race_pods.with_label_values(&strs(&l)).inc();
         if let Some(w) = window {
             self.startup_race_window_seconds
@@ -403,8 +428,8 @@ impl Metrics {
     }
 
     /// A pod raced at shutdown.
-    pub(crate) fn shutdown_race(&mut self, who: &Attribution) {
-        let l = self.labels("shutdown", who, &[]);
+    pub(crate) fn shutdown_race(&mut self, who: &Attribution, mesh: &str) {
+        let l = self.labels("shutdown", who, mesh, &[]);
         self.shutdown_race_pods.with_label_values(&strs(&l)).inc();
     }
 
@@ -428,7 +453,7 @@ impl Metrics {
         // Cached failure counters carry the freshest touch times: fold them
         // into `touched` in one pass (linear in both maps).
         let mut fresh: HashMap<(String, String), Instant> = HashMap::new();
-        self.failure_cache.retain(|_, (who, _, t)| {
+        self.failure_cache.retain(|_, (who, _, _, t)| {
             let keep = t.elapsed() < ttl;
             if keep {
                 let k = (
@@ -515,31 +540,49 @@ mod tests {
         // a new Arc each time. One cached counter, not one per event.
         let mut m = Metrics::new(false).unwrap();
         for _ in 0..1000 {
-            m.failure(&Arc::new(who()), 111, Phase::NoSidecar, Instant::now());
+            m.failure(
+                &Arc::new(who()),
+                111,
+                Phase::NoSidecar,
+                "istio",
+                Instant::now(),
+            );
         }
         let mut other = who();
         other.container = Some("worker".into());
-        m.failure(&Arc::new(other), 111, Phase::NoSidecar, Instant::now());
+        m.failure(
+            &Arc::new(other),
+            111,
+            Phase::NoSidecar,
+            "istio",
+            Instant::now(),
+        );
         assert_eq!(m.failure_cache.len(), 2);
         let t = m.render();
-        assert!(t.contains(r#"container="app",errno="ECONNREFUSED",namespace="shop",phase="no_sidecar",workload="checkout"} 1000"#), "{t}");
-        assert!(t.contains(r#"container="worker",errno="ECONNREFUSED",namespace="shop",phase="no_sidecar",workload="checkout"} 1"#), "{t}");
+        assert!(t.contains(r#"container="app",errno="ECONNREFUSED",mesh="istio",namespace="shop",phase="no_sidecar",workload="checkout"} 1000"#), "{t}");
+        assert!(t.contains(r#"container="worker",errno="ECONNREFUSED",mesh="istio",namespace="shop",phase="no_sidecar",workload="checkout"} 1"#), "{t}");
     }
 
     #[test]
     fn renders_the_contract() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&Arc::new(who()), 111, Phase::StartupRace, Instant::now());
-        m.startup_race(&who(), Some(1.5));
-        m.pod_started(&who(), true);
-        m.sidecar_ready(&who(), 2.0);
+        m.failure(
+            &Arc::new(who()),
+            111,
+            Phase::StartupRace,
+            "istio",
+            Instant::now(),
+        );
+        m.startup_race(&who(), "istio", Some(1.5));
+        m.pod_started(&who(), "istio", true);
+        m.sidecar_ready(&who(), "istio", 2.0);
         let t = m.render();
-        assert!(t.contains(r#"connscope_connect_failures_total{container="app",errno="ECONNREFUSED",namespace="shop",phase="startup_race",workload="checkout"} 1"#), "{t}");
+        assert!(t.contains(r#"connscope_connect_failures_total{container="app",errno="ECONNREFUSED",mesh="istio",namespace="shop",phase="startup_race",workload="checkout"} 1"#), "{t}");
         assert!(t.contains(
-            r#"connscope_startup_race_pods_total{namespace="shop",workload="checkout"} 1"#
+            r#"connscope_startup_race_pods_total{mesh="istio",namespace="shop",workload="checkout"} 1"#
         ));
-        assert!(t.contains(r#"connscope_pods_started_total{injected="true",namespace="shop",workload="checkout"} 1"#));
-        assert!(t.contains(r#"connscope_startup_race_window_seconds_bucket{namespace="shop",workload="checkout",le="2.5"} 1"#));
+        assert!(t.contains(r#"connscope_pods_started_total{injected="true",mesh="istio",namespace="shop",workload="checkout"} 1"#));
+        assert!(t.contains(r#"connscope_startup_race_window_seconds_bucket{mesh="istio",namespace="shop",workload="checkout",le="2.5"} 1"#));
         assert!(t.contains("connscope_build_info{version="));
         assert!(
             !t.contains("checkout-abc"),
@@ -550,23 +593,23 @@ mod tests {
     #[test]
     fn renders_the_inbound_contract() {
         let mut m = Metrics::new(false).unwrap();
-        m.pod_started(&who(), true);
+        m.pod_started(&who(), "istio", true);
         for p in [
             Phase::InboundStartup,
             Phase::InboundShutdown,
             Phase::InboundBind,
             Phase::Probe,
         ] {
-            m.failure(&Arc::new(who()), 111, p, Instant::now());
+            m.failure(&Arc::new(who()), 111, p, "istio", Instant::now());
         }
-        m.inbound_race(&who(), When::Startup);
-        m.inbound_race(&who(), When::Bind);
-        m.app_listen(&who(), 0.3);
+        m.inbound_race(&who(), "istio", When::Startup);
+        m.inbound_race(&who(), "istio", When::Bind);
+        m.app_listen(&who(), "istio", 0.3);
         let t = m.render();
         for line in [
-            r#"connscope_inbound_race_pods_total{namespace="shop",when="startup",workload="checkout"} 1"#,
-            r#"connscope_inbound_race_pods_total{namespace="shop",when="shutdown",workload="checkout"} 0"#,
-            r#"connscope_app_listen_seconds_bucket{namespace="shop",workload="checkout",le="0.5"} 1"#,
+            r#"connscope_inbound_race_pods_total{mesh="istio",namespace="shop",when="startup",workload="checkout"} 1"#,
+            r#"connscope_inbound_race_pods_total{mesh="istio",namespace="shop",when="shutdown",workload="checkout"} 0"#,
+            r#"connscope_app_listen_seconds_bucket{mesh="istio",namespace="shop",workload="checkout",le="0.5"} 1"#,
             r#"phase="inbound_startup""#,
             r#"phase="inbound_shutdown""#,
             r#"phase="inbound_bind""#,
@@ -604,7 +647,7 @@ mod tests {
     #[test]
     fn pod_labels_are_opt_in() {
         let mut m = Metrics::new(true).unwrap();
-        m.startup_race(&who(), None);
+        m.startup_race(&who(), "istio", None);
         assert!(m.render().contains(r#"pod="checkout-abc""#));
     }
 
@@ -625,8 +668,14 @@ mod tests {
     #[test]
     fn stale_series_expire() {
         let mut m = Metrics::new(false).unwrap();
-        m.failure(&Arc::new(who()), 111, Phase::NoSidecar, Instant::now());
-        m.pod_started(&who(), false);
+        m.failure(
+            &Arc::new(who()),
+            111,
+            Phase::NoSidecar,
+            "istio",
+            Instant::now(),
+        );
+        m.pod_started(&who(), "istio", false);
         assert_eq!(m.series(), 2);
         m.series_ttl = Duration::ZERO;
         m.expire();

@@ -25,7 +25,7 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Capture, InboundSummary, Output, Phase, RaceSummary, When},
+    race::{Capture, InboundSummary, Output, Phase, Profile, RaceSummary, When, mesh::NO_MESH},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -285,28 +285,34 @@ impl Exporter {
                 who,
                 phase,
                 capture,
+                mesh,
             } => {
                 if let (Some(p), Some(m)) = (phase, m) {
-                    m.failure(&who, ev.errno, p, now);
+                    let name = mesh.as_deref().map_or(NO_MESH, |p| p.name.as_str());
+                    m.failure(&who, ev.errno, p, name, now);
                 }
-                self.kernel_event(ev, who, phase, capture)
+                self.kernel_event(ev, who, phase, capture, mesh)
             }
-            Output::PodStarted { who, injected } => {
+            Output::PodStarted {
+                who,
+                injected,
+                mesh,
+            } => {
                 if let Some(m) = m {
-                    m.pod_started(&who, injected);
+                    m.pod_started(&who, &mesh, injected);
                 }
                 Ok(())
             }
             Output::SidecarReady(s) => {
                 if let (Some(secs), Some(m)) = (s.pod_start_to_ready_seconds, m) {
-                    m.sidecar_ready(&s.who, secs);
+                    m.sidecar_ready(&s.who, &s.mesh, secs);
                 }
                 let line = Summary::now("sidecar_ready", &s);
                 self.emit("sidecar_ready", &s.who, None, &line)
             }
             Output::StartupRace(s) => {
                 if let Some(m) = m {
-                    m.startup_race(&s.who, s.window_seconds);
+                    m.startup_race(&s.who, &s.mesh, s.window_seconds);
                 }
                 self.k8s_event(&s);
                 let line = Summary::now("startup_race", &s);
@@ -314,20 +320,20 @@ impl Exporter {
             }
             Output::ShutdownRace(s) => {
                 if let Some(m) = m {
-                    m.shutdown_race(&s.who);
+                    m.shutdown_race(&s.who, &s.mesh);
                 }
                 let line = Summary::now("shutdown_race", &s);
                 self.emit("shutdown_race", &s.who, Some("shutdown_race"), &line)
             }
             Output::AppListen(a) => {
                 if let Some(m) = m {
-                    m.app_listen(&a.who, a.seconds);
+                    m.app_listen(&a.who, &a.mesh, a.seconds);
                 }
                 Ok(())
             }
             Output::InboundRace(s) => {
                 if let Some(m) = m {
-                    m.inbound_race(&s.who, s.when);
+                    m.inbound_race(&s.who, &s.mesh, s.when);
                 }
                 self.inbound_k8s_event(&s);
                 let line = Summary::now("inbound_race", &s);
@@ -345,6 +351,7 @@ impl Exporter {
         who: Arc<Attribution>,
         phase: Option<Phase>,
         capture: Option<Capture>,
+        mesh: Option<Arc<Profile>>,
     ) -> std::io::Result<()> {
         if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.opts.process_events {
             return Ok(());
@@ -365,11 +372,13 @@ impl Exporter {
                     ev: Box::new(ev),
                     phase,
                     capture,
+                    mesh,
                 },
             });
             return Ok(());
         }
-        let rec = KernelJson::from_kernel(&ev, &who, phase, capture);
+        let name = mesh.as_deref().map(|m| m.name.as_str());
+        let rec = KernelJson::from_kernel(&ev, &who, phase, capture, name);
         self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
     }
 
@@ -443,7 +452,7 @@ impl Exporter {
             namespace: ns.clone(),
             pod: pod.clone(),
             uid: s.who.pod_uid.clone(),
-            reason: crate::race::istio::inbound_reason(s.when),
+            reason: s.when.reason(),
             note: inbound_note(s),
         });
     }
@@ -459,7 +468,7 @@ fn inbound_note(s: &InboundSummary) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     let app = s.who.container.as_deref().unwrap_or("the app");
-    let proxy = crate::race::istio::PROXY_CONTAINER;
+    let proxy = crate::race::mesh::proxy_name(&s.mesh);
     let window = s
         .window_seconds
         .map_or("an unknown time".into(), |w| format!("{w:.3}s"));
@@ -580,6 +589,7 @@ mod tests {
         let summary = |when| InboundSummary {
             who: who.clone(),
             starts: Default::default(),
+            mesh: "istio".into(),
             when,
             ports: vec![8080],
             refused: 7,
@@ -609,7 +619,7 @@ mod tests {
                 "it listens on 127.0.0.1:8080 only. do this",
             ),
         ] {
-            assert_eq!(crate::race::istio::inbound_reason(when), reason);
+            assert_eq!(when.reason(), reason);
             let note = inbound_note(&summary(when));
             assert!(note.contains(text), "{note}");
         }

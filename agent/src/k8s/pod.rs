@@ -1,7 +1,11 @@
 //! What the agent keeps of a pod from the API, and the store of this node's
 //! pods that the watcher keeps up to date.
 
-use std::{collections::HashMap, net::IpAddr, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::SystemTime,
+};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::api::ObjectMeta;
@@ -74,6 +78,26 @@ pub struct PodInfo {
     pub template_hash: Option<String>,
     /// Phase `Succeeded` or `Failed`: its containers will not run again.
     pub finished: bool,
+    /// The pod's annotations and labels a mesh profile may read (bounded:
+    /// [`MAX_MARKS`] of each, values up to [`MAX_MARK_VALUE`] bytes; the
+    /// rest, such as kubectl's last-applied configuration, is not kept).
+    pub annotations: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Annotations (and labels) kept per pod at most.
+pub const MAX_MARKS: usize = 64;
+/// Bytes of an annotation's (or label's) value kept at most.
+pub const MAX_MARK_VALUE: usize = 4096;
+
+/// The bounded copy of a pod's annotations or labels ([`PodInfo`]).
+fn marks(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    m.into_iter()
+        .flatten()
+        .filter(|(k, v)| k.len() <= 253 && v.len() <= MAX_MARK_VALUE)
+        .take(MAX_MARKS)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 impl PodInfo {
@@ -267,6 +291,8 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
             .as_ref()
             .and_then(|s| s.phase.as_deref())
             .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+        annotations: marks(m.annotations.as_ref()),
+        labels: marks(m.labels.as_ref()),
     })
 }
 

@@ -27,7 +27,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::{Phase, istio, pod::ECONNREFUSED};
+use super::{Phase, mesh::Profile, pod::ECONNREFUSED};
 use crate::kernel::decode::{KernelEvent, Kind};
 
 /// App ports a pod's timeline keeps (an app has a handful).
@@ -55,6 +55,15 @@ impl When {
             When::Startup => "startup",
             When::Shutdown => "shutdown",
             When::Bind => "bind",
+        }
+    }
+
+    /// The Kubernetes Event reason of an inbound summary.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            When::Startup => "InboundStartupRace",
+            When::Shutdown => "InboundShutdownRace",
+            When::Bind => "AppBoundToLocalhost",
         }
     }
 
@@ -159,10 +168,11 @@ pub(super) struct Due {
 }
 
 impl AppSide {
-    /// Ports of Istio's own and the configured sidecar ports are never the
-    /// app's.
-    pub(super) fn app_port(port: u16, sidecar_ports: &[u16]) -> bool {
-        port != 0 && !istio::reserved_port(port) && !sidecar_ports.contains(&port)
+    /// The mesh's own ports are never the app's (while the pod's mesh is
+    /// not known, every port may be: the proxy's dials, which need it, come
+    /// once it is).
+    pub(super) fn app_port(port: u16, mesh: Option<&Profile>) -> bool {
+        port != 0 && !mesh.is_some_and(|m| m.reserved(port))
     }
 
     /// A LISTEN up or down by a process of the app (not the proxy).
@@ -236,14 +246,19 @@ impl AppSide {
 
     /// Whether the proxy's dial went to the pod's own app, by kernel
     /// evidence (see the module's comment); `pod_ips`: `status.podIPs`.
-    pub(super) fn own_destination(&self, ev: &KernelEvent, pod_ips: &[IpAddr]) -> bool {
+    pub(super) fn own_destination(
+        &self,
+        ev: &KernelEvent,
+        pod_ips: &[IpAddr],
+        mesh: &Profile,
+    ) -> bool {
         let Some(dst) = ev.dst else {
             return false;
         };
         let ip = dst.ip();
         let src = ev.src.map(|s| s.ip());
         ip.is_loopback()
-            || src.is_some_and(istio::inbound_source)
+            || src.is_some_and(|s| mesh.inbound_source(s))
             || src == Some(ip)
             || pod_ips.contains(&ip)
             || self.own_ips.contains(&ip)

@@ -14,6 +14,7 @@
 mod capture;
 mod inbound;
 pub mod istio;
+pub mod mesh;
 mod pod;
 mod summary;
 mod tracker;
@@ -24,8 +25,8 @@ use serde::Serialize;
 
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
 pub use inbound::When;
-pub use istio::config_flag;
-pub use istio::{CaptureRules, Mitigation, api_hints};
+pub use istio::CaptureRules;
+pub use mesh::{Mitigation, Profile, Profiles, config_flag};
 pub use summary::{
     AppListen, InboundSummary, RaceSummary, ShutdownSummary, SidecarReady, StartTimes,
 };
@@ -124,16 +125,11 @@ impl Capture {
     }
 }
 
-/// Tunables (ports are flags).
+/// Tunables (the meshes' ports, uids and names are their profiles).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Outbound capture port: sidecar-ready = it listens.
-    pub capture_port: u16,
-    /// Ports whose LISTEN by the proxy uid marks a pod as injected.
-    pub sidecar_ports: Vec<u16>,
-    pub proxy_uid: u32,
-    /// Process names of the sidecar (pilot-agent starts envoy).
-    pub sidecar_comms: Vec<String>,
+    /// The mesh profiles in effect.
+    pub profiles: Arc<Profiles>,
     /// How long events are kept to be applied in kernel-timestamp order.
     pub reorder_ns: u64,
     /// How long a failure may wait for its pod's injection to be known.
@@ -162,6 +158,9 @@ pub struct Config {
     /// attached and the kernel fires it without a socket): a refusal is
     /// captured exactly when such a reset matches it.
     pub kernel_capture: bool,
+    /// The ports the kernel reports capture resets from: its proof holds
+    /// for a pod whose mesh captures to one of them.
+    pub kernel_capture_ports: Vec<u16>,
     /// How long before a failure its capture reset may be (kernel time).
     pub capture_match_ns: u64,
     /// Capture resets kept at most, waiting for their failure.
@@ -171,10 +170,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            capture_port: istio::CAPTURE_PORT,
-            sidecar_ports: istio::SIDECAR_PORTS.to_vec(),
-            proxy_uid: istio::PROXY_UID,
-            sidecar_comms: istio::SIDECAR_COMMS.iter().map(|c| c.to_string()).collect(),
+            profiles: Arc::new(Profiles::builtin()),
             reorder_ns: 20_000_000,
             hold_ns: 5_000_000_000,
             max_held: 10_000,
@@ -184,6 +180,7 @@ impl Default for Config {
             idle_ns: 120_000_000_000,
             max_pods: 20_000,
             kernel_capture: false,
+            kernel_capture_ports: Vec::new(),
             capture_match_ns: 1_000_000_000,
             max_capture_resets: 4096,
         }
@@ -193,13 +190,31 @@ impl Default for Config {
 /// What other sources say of a pod, gathered by the pipeline.
 #[derive(Debug, Clone, Default)]
 pub struct Hints {
-    /// Injected according to the API (annotation or istio-proxy container).
+    /// Injected according to the API (a mesh's marks or proxy container).
     pub injected: Option<bool>,
+    /// The pod's mesh according to the API.
+    pub profile: Option<Arc<Profile>>,
     pub mitigation: Mitigation,
     /// Names of the pod's containers found on the node (runtime metadata).
     pub container_names: Vec<String>,
     /// Which destinations the pod's capture rules redirect (from the API).
     pub capture: Option<CaptureRules>,
+}
+
+/// Hints from the API's view of a pod: its mesh by the profiles' marks,
+/// the mitigations in effect, its capture settings.
+pub fn api_hints(profiles: &Profiles, p: &crate::k8s::PodInfo) -> Hints {
+    let profile = profiles.of_pod(p).cloned();
+    Hints {
+        injected: Some(profile.is_some()),
+        mitigation: profile
+            .as_ref()
+            .map(|m| m.mitigation(p))
+            .unwrap_or_default(),
+        container_names: p.containers.iter().map(|c| c.name.clone()).collect(),
+        capture: profile.as_ref().map(|m| CaptureRules::of(m, p)),
+        profile,
+    }
 }
 
 /// What the tracker produces, in kernel-time order.
@@ -212,11 +227,15 @@ pub enum Output {
         who: Arc<Attribution>,
         phase: Option<Phase>,
         capture: Option<Capture>,
+        /// The pod's mesh, when it has one.
+        mesh: Option<Arc<Profile>>,
     },
     /// A pod first seen starting, once its injection is known.
     PodStarted {
         who: Arc<Attribution>,
         injected: bool,
+        /// The pod's mesh (`none`).
+        mesh: String,
     },
     SidecarReady(SidecarReady),
     StartupRace(RaceSummary),

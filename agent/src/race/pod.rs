@@ -10,7 +10,8 @@ use std::{
 use super::{
     Capture, Config, Hints, Phase,
     inbound::AppSide,
-    istio::{self, CaptureRules, Mitigation},
+    istio::CaptureRules,
+    mesh::{Mitigation, Profile},
 };
 use crate::{
     attribute::Attribution,
@@ -73,6 +74,9 @@ pub(super) struct PodState {
     /// When the capture port stopped listening (all sockets closed).
     pub(super) closed_ns: Option<u64>,
     pub(super) injected: Option<bool>,
+    /// The pod's mesh, once evidence names it (the API's marks, a proxy
+    /// container, a LISTEN by a proxy uid on its ports).
+    pub(super) profile: Option<Arc<Profile>>,
     pub(super) mitigation: Mitigation,
     /// The pod's capture settings from the API, if it answered.
     pub(super) capture: Option<CaptureRules>,
@@ -108,18 +112,19 @@ impl PodState {
     pub(super) fn restore_ready(
         &mut self,
         who: Arc<Attribution>,
+        profile: &Arc<Profile>,
         ports: &[u16],
         now_ns: u64,
-        cfg: &Config,
     ) {
         self.who = who;
         self.who_from = None;
         self.last_seen_ns = self.last_seen_ns.max(now_ns);
         self.injected = Some(true);
+        self.profile = Some(profile.clone());
         self.started_counted = true;
         for &port in ports {
             *self.open.entry(port).or_default() += 1;
-            if port == cfg.capture_port {
+            if port == profile.outbound_port {
                 self.ready_ns = Some(0);
             }
         }
@@ -144,13 +149,23 @@ impl PodState {
             self.who_from = Some(who.clone());
         }
         if let Some(h) = hints {
-            self.take_hints(h);
+            self.take_hints(h, cfg);
         }
-        let proxy_container = who.container.as_deref() == Some(istio::PROXY_CONTAINER);
-        if proxy_container {
-            self.injected = Some(true);
+        let proxy_container = who
+            .container
+            .as_deref()
+            .and_then(|c| cfg.profiles.by_container(c));
+        if let Some(m) = proxy_container {
+            self.set_profile(m);
         }
-        let is_proxy = proxy_container || (ev.context_known && ev.uid == cfg.proxy_uid);
+        let by_uid = ev.context_known && self.proxy_uid(ev.uid, cfg);
+        // A proxy uid names the mesh whose proxy dials (its ports, sources,
+        // prober), but alone does not make the pod injected: only a
+        // proxy's LISTEN, container or the API's marks do.
+        if by_uid && self.profile.is_none() {
+            self.profile = cfg.profiles.by_uid(ev.uid).cloned();
+        }
+        let is_proxy = proxy_container.is_some() || by_uid;
         // An app socket's local address is one the pod's network namespace
         // owns (the proxy's may be a client's, bound transparently).
         if !is_proxy
@@ -162,7 +177,38 @@ impl PodState {
         is_proxy
     }
 
-    fn take_hints(&mut self, h: &Hints) {
+    /// The pod's mesh is `m`: it is injected. The first evidence wins (a
+    /// pod runs one mesh).
+    fn set_profile(&mut self, m: &Arc<Profile>) {
+        self.injected = Some(true);
+        if self.profile.is_none() {
+            self.profile = Some(m.clone());
+        }
+    }
+
+    /// Whether `uid` is the pod's proxy's: its mesh's, or while that is not
+    /// known, any mesh's.
+    fn proxy_uid(&self, uid: u32, cfg: &Config) -> bool {
+        match &self.profile {
+            Some(m) => m.proxy_uid(uid),
+            None => cfg.profiles.any_proxy_uid(uid),
+        }
+    }
+
+    /// The `mesh` label of the pod's events and summaries.
+    pub(super) fn mesh(&self) -> &str {
+        self.profile
+            .as_deref()
+            .map_or(super::mesh::NO_MESH, |m| m.name.as_str())
+    }
+
+    fn take_hints(&mut self, h: &Hints, cfg: &Config) {
+        match (&h.profile, h.injected) {
+            (Some(m), _) => self.set_profile(m),
+            // Injected by a source that names no mesh: the default's.
+            (None, Some(true)) => self.set_profile(cfg.profiles.default_profile()),
+            _ => {}
+        }
         if h.injected.is_some() {
             self.injected = self.injected.or(h.injected);
             if h.injected == Some(true) {
@@ -178,11 +224,12 @@ impl PodState {
         if h.capture.is_some() {
             self.capture = h.capture.clone();
         }
-        if h.container_names
+        if let Some(m) = h
+            .container_names
             .iter()
-            .any(|n| n == istio::PROXY_CONTAINER)
+            .find_map(|n| cfg.profiles.by_container(n))
         {
-            self.injected = Some(true);
+            self.set_profile(m);
         }
     }
 
@@ -203,8 +250,16 @@ impl PodState {
                 .or_insert(ev.mono_ns);
             *t = (*t).min(ev.mono_ns);
         }
-        let sidecar_comm = cfg.sidecar_comms.iter().any(|c| ev.comm.is(c));
-        if sidecar_comm || who.container.as_deref() == Some(istio::PROXY_CONTAINER) {
+        let proxy_comm = |m: &Profile| m.proxy_comms.iter().any(|c| ev.comm.is(c));
+        let sidecar_comm = match &self.profile {
+            Some(m) => proxy_comm(m),
+            None => cfg.profiles.iter().any(|m| proxy_comm(m)),
+        };
+        let proxy_container = who
+            .container
+            .as_deref()
+            .is_some_and(|c| cfg.profiles.by_container(c).is_some());
+        if sidecar_comm || proxy_container {
             self.sidecar_start_ns = Some(
                 self.sidecar_start_ns
                     .map_or(ev.mono_ns, |s| s.min(ev.mono_ns)),
@@ -231,20 +286,35 @@ impl PodState {
         cfg: &Config,
     ) {
         let port = ev.src.map(|a| a.port()).unwrap_or(0);
-        let by_proxy = ev.context_known && ev.uid == cfg.proxy_uid || is_proxy;
-        if !by_proxy && AppSide::app_port(port, &cfg.sidecar_ports) {
+        let by_proxy = ev.context_known && self.proxy_uid(ev.uid, cfg) || is_proxy;
+        if !by_proxy && AppSide::app_port(port, self.profile.as_deref()) {
             self.inbound.on_listen(ev, who.container.as_deref());
         }
-        if !by_proxy || !cfg.sidecar_ports.contains(&port) {
+        if !by_proxy {
             return;
         }
-        self.injected = Some(true);
+        // The pod's mesh, or the one this LISTEN names (a proxy uid on
+        // its ports; the proxy's container with any uid).
+        let named = || {
+            cfg.profiles.by_listen(ev.uid, port).or_else(|| {
+                who.container
+                    .as_deref()
+                    .and_then(|c| cfg.profiles.by_container(c))
+            })
+        };
+        let Some(m) = self.profile.clone().or_else(|| named().cloned()) else {
+            return;
+        };
+        if !m.proxy_ports.contains(&port) {
+            return;
+        }
+        self.set_profile(&m);
         let n = self.open.entry(port).or_default();
         if ev.kind == Kind::Listen {
             *n += 1;
             let first = self.listen_ns.entry(port).or_insert(ev.mono_ns);
             *first = (*first).min(ev.mono_ns);
-            if port == cfg.capture_port {
+            if port == m.outbound_port {
                 if self.ready_ns.is_none() {
                     self.ready_ns = Some(ev.mono_ns);
                 }
@@ -252,7 +322,7 @@ impl PodState {
             }
         } else {
             *n = n.saturating_sub(1);
-            if port == cfg.capture_port && *n == 0 && self.ready_ns.is_some() {
+            if port == m.outbound_port && *n == 0 && self.ready_ns.is_some() {
                 self.closed_ns = Some(ev.mono_ns);
             }
         }
@@ -262,25 +332,36 @@ impl PodState {
     /// (see `inbound`) when it dialed the pod's own app on an app port, else
     /// `proxy`. pilot-agent (the prober) is told apart by its process name,
     /// Envoy by what is left: uid 1337 or the istio-proxy container.
-    pub(super) fn classify_proxy(&mut self, ev: &KernelEvent, cfg: &Config) -> Phase {
+    pub(super) fn classify_proxy(&mut self, ev: &KernelEvent) -> Phase {
         let port = ev.dst.map_or(0, |d| d.port());
         let inet = matches!(ev.family, Family::Inet | Family::Inet6);
         let pod_ips = self.capture.as_ref().map_or(&[][..], |c| &c.pod_ips[..]);
+        let Some(m) = self.profile.clone() else {
+            return Phase::Proxy;
+        };
         if !inet
-            || !AppSide::app_port(port, &cfg.sidecar_ports)
-            || !self.inbound.own_destination(ev, pod_ips)
+            || !AppSide::app_port(port, Some(&m))
+            || !self.inbound.own_destination(ev, pod_ips, &m)
         {
             return Phase::Proxy;
         }
-        let prober = ev.context_known && ev.comm.is(istio::PILOT_AGENT_COMM);
+        let prober = ev.context_known && m.prober_comms.iter().any(|c| ev.comm.is(c));
         self.inbound.classify(ev, prober)
     }
 
     /// What a failure's capture verdict rests on: the kernel when it gives
     /// proof (`kernel` is Some), else the pod's settings from the API, else
     /// inference.
-    pub(super) fn evidence(&self, kernel: Option<bool>) -> Capture {
-        Capture::of(kernel, self.capture.is_some())
+    pub(super) fn evidence(&self, kernel: Option<bool>, cfg: &Config) -> Capture {
+        Capture::of(self.kernel_proof(kernel, cfg), self.capture.is_some())
+    }
+
+    /// The kernel's capture proof, where it holds for this pod: the kernel
+    /// reports resets from some ports only, and a mesh capturing to another
+    /// (or a pod whose mesh is not known) gets no proof from it.
+    fn kernel_proof(&self, kernel: Option<bool>, cfg: &Config) -> Option<bool> {
+        let port = self.profile.as_ref()?.outbound_port;
+        kernel.filter(|_| cfg.kernel_capture_ports.contains(&port))
     }
 
     /// Whether the failure's connect was redirected to the capture port,
@@ -307,7 +388,9 @@ impl PodState {
         ev: &KernelEvent,
         who: &Attribution,
         kernel: Option<bool>,
+        cfg: &Config,
     ) -> Phase {
+        let kernel = self.kernel_proof(kernel, cfg);
         // Only captured traffic can be refused by a missing capture listener:
         // Istio never redirects loopback destinations, nor non-TCP families.
         let refused = ev.errno == ECONNREFUSED

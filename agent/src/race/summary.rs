@@ -7,10 +7,18 @@ use serde::Serialize;
 
 use super::{
     inbound::When,
-    istio::{self, Mitigation},
+    mesh::{Mitigation, Profile},
     pod::PodState,
 };
 use crate::attribute::{Attribution, revision::Revision};
+
+/// The pod's mesh profile: a summary is only made for a pod whose proxy
+/// was seen, so one is known; the built-in default otherwise.
+fn mesh_of(p: &PodState) -> Arc<Profile> {
+    static DEFAULT: std::sync::LazyLock<Arc<Profile>> =
+        std::sync::LazyLock::new(|| super::Profiles::builtin().default_profile().clone());
+    p.profile.clone().unwrap_or_else(|| DEFAULT.clone())
+}
 
 /// Kernel times of a pod's start-up that no other event carries, so that
 /// `connscope explain` can draw the pod's timeline from its summaries alone
@@ -50,6 +58,8 @@ pub struct SidecarReady {
     pub who: Arc<Attribution>,
     #[serde(flatten)]
     pub starts: StartTimes,
+    /// The pod's mesh profile (`istio`, `linkerd`...).
+    pub mesh: String,
     pub ready_mono_ns: u64,
     /// Pod's first process -> 15001 listening.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -71,6 +81,8 @@ pub struct RaceSummary {
     pub who: Arc<Attribution>,
     #[serde(flatten)]
     pub starts: StartTimes,
+    /// The pod's mesh profile (`istio`, `linkerd`...).
+    pub mesh: String,
     pub refused: u64,
     pub first_refusal_mono_ns: u64,
     /// None: the sidecar never became ready while we watched.
@@ -98,6 +110,8 @@ pub struct ShutdownSummary {
     pub who: Arc<Attribution>,
     #[serde(flatten)]
     pub starts: StartTimes,
+    /// The pod's mesh profile (`istio`, `linkerd`...).
+    pub mesh: String,
     pub refused: u64,
     pub capture_closed_mono_ns: u64,
     pub first_refusal_mono_ns: u64,
@@ -116,6 +130,7 @@ impl SidecarReady {
         SidecarReady {
             who: p.who.clone(),
             starts: StartTimes::of(p),
+            mesh: p.mesh().to_string(),
             ready_mono_ns: ready,
             pod_start_to_ready_seconds: p
                 .first_process_ns
@@ -138,6 +153,7 @@ impl RaceSummary {
         RaceSummary {
             who: p.who.clone(),
             starts: StartTimes::of(p),
+            mesh: p.mesh().to_string(),
             refused: p.startup.count,
             first_refusal_mono_ns: p.startup.first_ns,
             ready_mono_ns: ready,
@@ -151,7 +167,7 @@ impl RaceSummary {
             destinations: p.startup.dests.iter().map(|d| d.to_string()).collect(),
             containers: p.startup.containers.iter().cloned().collect(),
             mitigation: p.mitigation.clone(),
-            recommendation: istio::startup_recommendation(&p.mitigation, ready.is_some()),
+            recommendation: mesh_of(p).startup_recommendation(&p.mitigation, ready.is_some()),
             revision: None,
         }
     }
@@ -163,12 +179,13 @@ impl ShutdownSummary {
         ShutdownSummary {
             who: p.who.clone(),
             starts: StartTimes::of(p),
+            mesh: p.mesh().to_string(),
             refused: p.shutdown.count,
             capture_closed_mono_ns: p.closed_ns.unwrap_or(0),
             first_refusal_mono_ns: p.shutdown.first_ns,
             last_refusal_mono_ns: p.shutdown.last_ns,
             destinations: p.shutdown.dests.iter().map(|d| d.to_string()).collect(),
-            recommendation: istio::SHUTDOWN_RECOMMENDATION.to_string(),
+            recommendation: mesh_of(p).shutdown_recommendation(),
             revision: None,
         }
     }
@@ -183,6 +200,8 @@ pub struct InboundSummary {
     pub who: Arc<Attribution>,
     #[serde(flatten)]
     pub starts: StartTimes,
+    /// The pod's mesh profile (`istio`, `linkerd`...).
+    pub mesh: String,
     pub when: When,
     /// The app ports refused.
     pub ports: Vec<u16>,
@@ -240,8 +259,9 @@ impl InboundSummary {
         InboundSummary {
             who,
             starts: StartTimes::of(p),
+            mesh: p.mesh().to_string(),
             when,
-            recommendation: istio::inbound_recommendation(
+            recommendation: mesh_of(p).inbound_recommendation(
                 when,
                 &ports,
                 &bound,
@@ -266,6 +286,8 @@ impl InboundSummary {
 pub struct AppListen {
     /// The pod (pod level).
     pub who: Arc<Attribution>,
+    /// The pod's mesh profile.
+    pub mesh: String,
     /// Pod's first process -> the app's first LISTEN.
     pub seconds: f64,
 }
@@ -276,6 +298,7 @@ impl AppListen {
         let first = p.first_process_ns.filter(|&f| f <= listen && listen > 0)?;
         Some(AppListen {
             who: p.who.clone(),
+            mesh: p.mesh().to_string(),
             seconds: secs(listen - first),
         })
     }

@@ -64,6 +64,11 @@ impl Tracker {
     }
 
     /// Pods with state.
+    /// The mesh profiles in effect.
+    pub(crate) fn profiles(&self) -> &Arc<super::Profiles> {
+        &self.cfg.profiles
+    }
+
     pub(crate) fn pods_tracked(&self) -> usize {
         self.pods.len()
     }
@@ -151,12 +156,18 @@ impl Tracker {
 
     /// Marks a pod's sidecar as already listening when the agent started
     /// (reconstructed from /proc/<pid>/net/tcp*).
-    pub(crate) fn restore_ready(&mut self, who: Arc<Attribution>, ports: &[u16], now_ns: u64) {
+    pub(crate) fn restore_ready(
+        &mut self,
+        who: Arc<Attribution>,
+        mesh: &Arc<super::Profile>,
+        ports: &[u16],
+        now_ns: u64,
+    ) {
         let Some(uid) = who.pod_uid.clone() else {
             return;
         };
         let p = self.pods.entry(uid).or_default();
-        p.restore_ready(who, ports, now_ns, &self.cfg);
+        p.restore_ready(who, mesh, ports, now_ns);
     }
 
     /// Marks a pod's app as already listening on `listeners` when the agent
@@ -206,6 +217,7 @@ impl Tracker {
                 who,
                 phase,
                 capture,
+                mesh: None,
             });
             return;
         };
@@ -220,7 +232,7 @@ impl Tracker {
             return;
         };
         let is_proxy = p.observe(&ev, &who, hints.as_ref(), cfg);
-        let capture = (ev.kind == Kind::ConnectFailure).then(|| p.evidence(kernel));
+        let capture = (ev.kind == Kind::ConnectFailure).then(|| p.evidence(kernel, cfg));
         let phase = match ev.kind {
             Kind::Exec => {
                 p.on_exec(&ev, &who, cfg);
@@ -238,7 +250,7 @@ impl Tracker {
             // The proxy's failures need no injection verdict (the dialer
             // is the proxy): classified at once, in kernel-time order with
             // the app's listeners.
-            Kind::ConnectFailure if is_proxy => Some(p.classify_proxy(&ev, cfg)),
+            Kind::ConnectFailure if is_proxy => Some(p.classify_proxy(&ev)),
             Kind::ConnectFailure if p.injected.is_none() => {
                 p.held.push((ev, who, kernel));
                 self.held_total += 1;
@@ -247,13 +259,15 @@ impl Tracker {
                 self.enforce_hold_limit(out);
                 return;
             }
-            Kind::ConnectFailure => Some(p.classify(&ev, &who, kernel)),
+            Kind::ConnectFailure => Some(p.classify(&ev, &who, kernel, cfg)),
         };
+        let mesh = p.profile.clone();
         out.push(Output::Event {
             ev,
             who,
             phase,
             capture,
+            mesh,
         });
         self.after_change(uid, out);
     }
@@ -270,13 +284,14 @@ impl Tracker {
                 out.push(Output::PodStarted {
                     who: p.who.clone(),
                     injected: inj,
+                    mesh: p.mesh().to_string(),
                 });
             }
             let held = std::mem::take(&mut p.held);
             self.held_total -= held.len();
             for (ev, who, kernel) in held {
                 let phase = if inj {
-                    p.classify(&ev, &who, kernel)
+                    p.classify(&ev, &who, kernel, &self.cfg)
                 } else {
                     Phase::NoSidecar
                 };
@@ -284,7 +299,8 @@ impl Tracker {
                     ev,
                     who,
                     phase: Some(phase),
-                    capture: Some(p.evidence(kernel)),
+                    capture: Some(p.evidence(kernel, &self.cfg)),
+                    mesh: p.profile.clone(),
                 });
             }
         }

@@ -28,6 +28,7 @@ fn capture_reset(t_ns: u64, to: &str, netns: Option<u32>) -> KernelEvent {
 fn kernel_cfg() -> Config {
     Config {
         kernel_capture: true,
+        kernel_capture_ports: vec![15001],
         ..Config::default()
     }
 }

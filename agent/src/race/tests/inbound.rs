@@ -253,7 +253,12 @@ fn probes_are_never_the_race() {
 #[test]
 fn restored_listeners_are_no_false_race() {
     let mut t = Tracker::new(quick());
-    t.restore_ready(proxy(), &[15001, 15006], 50 * MS);
+    t.restore_ready(
+        proxy(),
+        &crate::race::Profiles::builtin().default_profile().clone(),
+        &[15001, 15006],
+        50 * MS,
+    );
     t.restore_app(proxy(), &["0.0.0.0:8080".parse().unwrap()], 50 * MS);
     let mut out = run(
         &mut t,

@@ -365,7 +365,12 @@ fn not_a_pod_and_proxy_own_failures() {
 #[test]
 fn restored_ready_pod_is_never_a_race() {
     let mut t = Tracker::new(Config::default());
-    t.restore_ready(who(istio::PROXY_CONTAINER), &[15001, 15021], 50 * MS);
+    t.restore_ready(
+        who(istio::PROXY_CONTAINER),
+        &crate::race::Profiles::builtin().default_profile().clone(),
+        &[15001, 15021],
+        50 * MS,
+    );
     let out = run(
         &mut t,
         vec![(ev(Kind::ConnectFailure, 100, 0), who("app"), None)],

@@ -1,0 +1,238 @@
+//! Mesh profiles: which mesh a pod runs, and what that mesh's proxy looks
+//! like to the kernel, as data. The built-in profiles are
+//! `profiles.toml`; an operator's file adds or replaces profiles by name
+//! (`--mesh-profiles`), without a rebuild.
+
+mod profile;
+
+use std::{path::Path, sync::Arc};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+pub use profile::{
+    CaptureKeys, Hold, Mark, Mitigation, Mode, PortRange, PortRole, Profile, Recommendations,
+};
+
+use crate::k8s::PodInfo;
+
+/// The `mesh` label of a pod with no mesh, and of events outside pods.
+pub const NO_MESH: &str = "none";
+/// Profiles loaded at most: each is a value of the `mesh` label.
+pub const MAX_PROFILES: usize = 16;
+/// The built-in profiles' file.
+const BUILTIN: &str = include_str!("profiles.toml");
+/// The profile whose ports and uid the `--capture-port`, `--sidecar-ports`
+/// and `--proxy-uid` flags override (the flags came before profiles).
+pub const DEFAULT_PROFILE: &str = "istio";
+
+/// A profiles file: `[[profile]]` tables.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    profile: Vec<Profile>,
+}
+
+/// The profiles in effect, in order: a pod's evidence is matched against
+/// each, first match wins.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    list: Vec<Arc<Profile>>,
+}
+
+impl Default for Profiles {
+    fn default() -> Self {
+        Profiles::builtin()
+    }
+}
+
+impl Profiles {
+    /// The built-in profiles (checked by a unit test, so this cannot fail
+    /// in a released binary).
+    pub fn builtin() -> Profiles {
+        Profiles::parse(BUILTIN, "built-in profiles").expect("the built-in profiles parse")
+    }
+
+    /// Profiles from TOML text; `what` names it in errors.
+    fn parse(text: &str, what: &str) -> Result<Profiles> {
+        let f: File =
+            toml::from_str(text).with_context(|| format!("{what}: not a profiles file"))?;
+        let mut p = Profiles { list: Vec::new() };
+        for profile in f.profile {
+            p.put(profile).with_context(|| what.to_string())?;
+        }
+        Ok(p)
+    }
+
+    /// The built-in profiles with an operator's file applied: a profile of
+    /// a known name replaces it, a new one is added after the built-ins.
+    pub fn load(file: Option<&Path>) -> Result<Profiles> {
+        let mut p = Profiles::builtin();
+        if let Some(path) = file {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("mesh profiles file {}", path.display()))?;
+            if !meta.is_file() {
+                bail!("mesh profiles file {}: not a regular file", path.display());
+            }
+            if meta.len() > 1 << 20 {
+                bail!("mesh profiles file {}: larger than 1 MiB", path.display());
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("mesh profiles file {}", path.display()))?;
+            let what = format!("mesh profiles file {}", path.display());
+            for profile in Profiles::parse(&text, &what)?.list {
+                p.put(Arc::unwrap_or_clone(profile))
+                    .with_context(|| what.clone())?;
+            }
+        }
+        Ok(p)
+    }
+
+    /// Adds `profile`, or replaces the one of its name.
+    fn put(&mut self, profile: Profile) -> Result<()> {
+        profile.validate().map_err(anyhow::Error::msg)?;
+        if let Some(old) = self.list.iter_mut().find(|p| p.name == profile.name) {
+            *old = Arc::new(profile);
+            return Ok(());
+        }
+        if self.list.len() >= MAX_PROFILES {
+            bail!("more than {MAX_PROFILES} mesh profiles");
+        }
+        self.list.push(Arc::new(profile));
+        Ok(())
+    }
+
+    /// Applies the older flags (`--capture-port`, `--sidecar-ports`,
+    /// `--proxy-uid`) to the default profile, those given only.
+    pub fn override_default(
+        &mut self,
+        outbound_port: Option<u16>,
+        proxy_ports: Option<&[u16]>,
+        proxy_uid: Option<u32>,
+    ) -> Result<()> {
+        if outbound_port.is_none() && proxy_ports.is_none() && proxy_uid.is_none() {
+            return Ok(());
+        }
+        let Some(p) = self.list.iter_mut().find(|p| p.name == DEFAULT_PROFILE) else {
+            return Ok(());
+        };
+        let mut q = Profile::clone(p);
+        if let Some(ports) = proxy_ports {
+            q.proxy_ports = ports.to_vec();
+        }
+        if let Some(port) = outbound_port {
+            q.outbound_port = port;
+        }
+        if !q.proxy_ports.contains(&q.outbound_port) {
+            q.proxy_ports.push(q.outbound_port);
+        }
+        if let Some(uid) = proxy_uid {
+            q.proxy_uids = vec![uid];
+        }
+        q.validate().map_err(anyhow::Error::msg)?;
+        *p = Arc::new(q);
+        Ok(())
+    }
+
+    /// Every profile, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.list.iter()
+    }
+
+    /// The profile of this name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.list.iter().find(|p| p.name == name)
+    }
+
+    /// The default profile (the first if it was removed... it cannot be:
+    /// an operator's file replaces, never removes).
+    pub fn default_profile(&self) -> &Arc<Profile> {
+        self.get(DEFAULT_PROFILE).unwrap_or(&self.list[0])
+    }
+
+    /// The sidecar profile whose proxy runs in container `name`.
+    pub fn by_container(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.sidecars().find(|p| p.proxy_container(name))
+    }
+
+    /// The sidecar profile whose proxy is uid `uid` and listens on `port`:
+    /// a LISTEN that marks a pod.
+    pub fn by_listen(&self, uid: u32, port: u16) -> Option<&Arc<Profile>> {
+        self.sidecars()
+            .find(|p| p.proxy_uid(uid) && p.proxy_ports.contains(&port))
+    }
+
+    /// The sidecar profile whose proxy is uid `uid`.
+    pub fn by_uid(&self, uid: u32) -> Option<&Arc<Profile>> {
+        self.sidecars().find(|p| p.proxy_uid(uid))
+    }
+
+    /// Whether `uid` is some sidecar profile's proxy uid.
+    pub fn any_proxy_uid(&self, uid: u32) -> bool {
+        self.sidecars().any(|p| p.proxy_uid(uid))
+    }
+
+    /// The sidecar profile whose marks the API's pod carries.
+    pub fn of_pod(&self, p: &PodInfo) -> Option<&Arc<Profile>> {
+        self.sidecars().find(|m| m.marks(p))
+    }
+
+    /// Outbound capture ports of every sidecar profile, deduplicated (the
+    /// kernel reports capture resets from these).
+    pub fn outbound_ports(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self.sidecars().map(|p| p.outbound_port).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn sidecars(&self) -> impl Iterator<Item = &Arc<Profile>> {
+        self.list.iter().filter(|p| p.mode == Mode::Sidecar)
+    }
+}
+
+/// The profiles the agent runs with, for the parts of the agent that only
+/// ask "is this a proxy's container?" (the revision reader), set once at
+/// start; the built-in profiles until then.
+static INSTALLED: std::sync::OnceLock<Arc<Profiles>> = std::sync::OnceLock::new();
+
+/// Makes `p` the profiles [`proxy_container`] answers from (the first call
+/// wins: one set of profiles per process).
+pub fn install(p: Arc<Profiles>) {
+    let _ = INSTALLED.set(p);
+}
+
+/// Whether `name` is a mesh proxy's container, by the installed profiles.
+pub fn proxy_container(name: &str) -> bool {
+    INSTALLED
+        .get_or_init(|| Arc::new(Profiles::builtin()))
+        .by_container(name)
+        .is_some()
+}
+
+/// What the proxy of mesh `mesh` is called in texts: its first container's
+/// name (`istio-proxy`), by the installed profiles.
+pub fn proxy_name(mesh: &str) -> String {
+    INSTALLED
+        .get_or_init(|| Arc::new(Profiles::builtin()))
+        .get(mesh)
+        .and_then(|m| m.proxy_containers.first().cloned())
+        .unwrap_or_else(|| "the proxy".into())
+}
+
+/// Whether `key` is set to true in a proxy config given as JSON or YAML.
+pub fn config_flag(text: &str, key: &str) -> bool {
+    let Some(i) = text.find(key) else {
+        return false;
+    };
+    let rest = text[i + key.len()..].trim_start_matches(['"', '\'', ' ']);
+    let Some(rest) = rest.strip_prefix(':') else {
+        return false;
+    };
+    rest.trim_start_matches([' ', '"', '\'', '\t'])
+        .starts_with("true")
+}
+
+#[cfg(test)]
+mod tests;

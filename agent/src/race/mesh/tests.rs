@@ -1,0 +1,139 @@
+//! The profiles' data and their use: parsing, the operator's file, and a
+//! pod's mesh from the API or the kernel's evidence.
+
+use super::*;
+
+#[test]
+fn the_builtin_profiles_parse_and_istio_is_the_default() {
+    let p = Profiles::builtin();
+    let istio = p.default_profile();
+    assert_eq!(istio.name, "istio");
+    assert_eq!(istio.outbound_port, 15001);
+    assert_eq!(istio.proxy_uids, [1337]);
+    assert!(istio.reserved(15099) && !istio.reserved(15100) && !istio.reserved(8080));
+    assert!(p.by_container("istio-proxy").is_some());
+    assert_eq!(
+        p.by_listen(1337, 15001).map(|m| m.name.as_str()),
+        Some("istio")
+    );
+    assert!(p.by_listen(1000, 15001).is_none());
+}
+
+#[test]
+fn istio_recommendations_are_filled_in() {
+    let p = Profiles::builtin();
+    let istio = p.default_profile();
+    let none = Mitigation {
+        hold: Some(false),
+        native_sidecar: Some(false),
+    };
+    assert!(
+        istio
+            .startup_recommendation(&none, true)
+            .starts_with("enable holdApplicationUntilProxyStarts")
+    );
+    let r = istio.inbound_recommendation(
+        crate::race::When::Bind,
+        &[8080],
+        &["127.0.0.1:8080".into()],
+        &["10.0.0.2:8080".into()],
+        None,
+    );
+    assert_eq!(
+        r,
+        "the app listens on 127.0.0.1:8080 only, while the proxy dials 10.0.0.2:8080: make the app listen on 0.0.0.0 (or ::) or the pod IP (Istio analyzer IST0143)"
+    );
+    let r =
+        istio.inbound_recommendation(crate::race::When::Shutdown, &[80, 81], &[], &[], Some(true));
+    assert!(r.contains("port 80, 81") && r.ends_with("so the app's own drain is what matters"));
+    assert!(r.contains("istio-proxy runs as a native sidecar"));
+}
+
+#[test]
+fn an_operators_file_replaces_by_name_and_adds() {
+    let dir = std::env::temp_dir().join(format!("connscope-profiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.toml");
+    let istio = BUILTIN.split("# ----").nth(1).unwrap().replace(
+        "proxy_containers = [\"istio-proxy\"]",
+        "proxy_containers = [\"my-envoy\"]",
+    );
+    let own = istio
+        .replace("name = \"istio\"", "name = \"acme\"")
+        .replace("proxy_uids = [1337]", "proxy_uids = [4242]")
+        .replace(
+            "proxy_containers = [\"my-envoy\"]",
+            "proxy_containers = [\"acme-proxy\"]",
+        );
+    std::fs::write(&f, format!("# ----{istio}\n# ----{own}")).unwrap();
+    let p = Profiles::load(Some(&f)).unwrap();
+    assert_eq!(
+        p.by_container("my-envoy").map(|m| m.name.as_str()),
+        Some("istio")
+    );
+    assert!(p.by_container("istio-proxy").is_none());
+    assert_eq!(
+        p.by_listen(4242, 15001).map(|m| m.name.as_str()),
+        Some("acme")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_files_say_why() {
+    let dir = std::env::temp_dir().join(format!("connscope-badprofiles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.toml");
+    for (text, why) in [
+        ("[[profile]]\nname = \"x\"\n", "missing field"),
+        ("[[profile]\n", "not a profiles file"),
+        ("nonsense = 1\n", "unknown field"),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        let e = format!("{:#}", Profiles::load(Some(&f)).unwrap_err());
+        assert!(e.contains(why), "{e}");
+    }
+    let bad_name = BUILTIN
+        .split("# ----")
+        .nth(1)
+        .unwrap()
+        .replace("name = \"istio\"", "name = \"Istio Mesh\"");
+    std::fs::write(&f, format!("# ----{bad_name}")).unwrap();
+    let e = format!("{:#}", Profiles::load(Some(&f)).unwrap_err());
+    assert!(e.contains("[a-z0-9-]"), "{e}");
+    assert!(
+        format!("{:#}", Profiles::load(Some(&dir)).unwrap_err()).contains("not a regular file")
+    );
+    assert!(Profiles::load(Some(&dir.join("absent"))).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_older_flags_override_istio_only_when_given() {
+    let mut p = Profiles::builtin();
+    p.override_default(None, None, None).unwrap();
+    assert_eq!(p.default_profile().outbound_port, 15001);
+    p.override_default(Some(15101), None, Some(1400)).unwrap();
+    let istio = p.default_profile();
+    assert_eq!(
+        (istio.outbound_port, istio.proxy_uids.as_slice()),
+        (15101, &[1400][..])
+    );
+    assert!(istio.proxy_ports.contains(&15101));
+}
+
+#[test]
+fn config_flag_reads_json_and_yaml() {
+    assert!(config_flag(
+        r#"{"holdApplicationUntilProxyStarts": true}"#,
+        "holdApplicationUntilProxyStarts"
+    ));
+    assert!(config_flag(
+        "holdApplicationUntilProxyStarts: true\n",
+        "holdApplicationUntilProxyStarts"
+    ));
+    assert!(!config_flag(
+        "holdApplicationUntilProxyStarts: false",
+        "holdApplicationUntilProxyStarts"
+    ));
+}
