@@ -137,3 +137,55 @@ fn config_flag_reads_json_and_yaml() {
         "holdApplicationUntilProxyStarts"
     ));
 }
+
+/// The other meshes' profiles as their sources give them
+/// (/work/shared/mesh-facts.md): told apart by container and by uid's
+/// LISTEN, even where they share Istio's outbound port.
+#[test]
+fn linkerd_kuma_and_consul_profiles() {
+    let p = Profiles::builtin();
+    let name = |m: Option<&Arc<Profile>>| m.map(|m| m.name.clone());
+    assert_eq!(
+        name(p.by_container("linkerd-proxy")).as_deref(),
+        Some("linkerd")
+    );
+    assert_eq!(
+        name(p.by_container("kuma-sidecar")).as_deref(),
+        Some("kuma")
+    );
+    assert_eq!(
+        name(p.by_container("consul-dataplane")).as_deref(),
+        Some("consul")
+    );
+    assert_eq!(name(p.by_listen(2102, 4140)).as_deref(), Some("linkerd"));
+    assert_eq!(name(p.by_listen(5678, 15001)).as_deref(), Some("kuma"));
+    assert_eq!(name(p.by_listen(5995, 15001)).as_deref(), Some("consul"));
+    assert_eq!(name(p.by_listen(1337, 15001)).as_deref(), Some("istio"));
+    assert_eq!(name(p.by_uid(5996)).as_deref(), Some("consul"));
+    assert_eq!(p.outbound_ports(), [4140, 15001]);
+    let linkerd = p.get("linkerd").unwrap();
+    assert!(linkerd.hold.as_ref().is_some_and(|h| h.default));
+    let none = Mitigation {
+        hold: Some(false),
+        native_sidecar: Some(false),
+    };
+    assert!(
+        linkerd
+            .startup_recommendation(&none, true)
+            .starts_with("set config.linkerd.io/proxy-await: enabled")
+    );
+    let kuma = p.get("kuma").unwrap();
+    assert!(kuma.inbound_source("127.0.0.6".parse().unwrap()));
+    assert!(
+        kuma.startup_recommendation(&none, true)
+            .contains("kuma.io/wait-for-dataplane-ready")
+    );
+    let consul = p.get("consul").unwrap();
+    assert!(consul.hold.is_none());
+    assert!(consul.reserved(20450) && consul.reserved(20000) && !consul.reserved(8080));
+    assert!(
+        consul
+            .startup_recommendation(&none, true)
+            .contains("sidecar-proxy-lifecycle-startup-grace-period-seconds")
+    );
+}
