@@ -45,7 +45,7 @@ pub struct Args {
     pub comm: String,
     /// Which capture listener is the inbound one (Istio's 15006; Linkerd
     /// 4143, Consul 20000): its connections are forwarded to the app.
-    #[arg(long, default_value_t = 15006)]
+    #[arg(long, default_value_t = crate::race::istio::INBOUND_CAPTURE_PORT)]
     pub inbound_port: u16,
     /// Where the proxy dials the app from (Istio's and Kuma's 127.0.0.6,
     /// Linkerd's pod IP, Consul's 127.0.0.1).

@@ -168,6 +168,15 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
     );
     assert_eq!(fired["labels"]["workload"], "payments");
     assert_eq!(fired["labels"]["namespace"], "shop");
+    // Per mesh: the alert keeps the pods' `mesh` and says it.
+    assert_eq!(fired["labels"]["mesh"], "istio");
+    assert!(
+        fired["annotations"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("(istio)"),
+        "{fired}"
+    );
     let runbook = fired["annotations"]["runbook_url"].as_str().unwrap();
     assert!(
         runbook.ends_with("/deploy/RUNBOOK.md#connscopestartuprace"),
@@ -201,6 +210,7 @@ fn race_pages_through_alertmanager_and_dashboard_queries_run() {
         },
     );
     assert_eq!(inbound_fired["labels"]["workload"], "orders");
+    assert_eq!(inbound_fired["labels"]["mesh"], "istio");
     assert!(
         inbound_fired["annotations"]["runbook_url"]
             .as_str()

@@ -11,12 +11,304 @@
 use std::time::Duration;
 
 use connscope::testbed::{
-    client::responses,
+    client::{Response, responses},
+    dial::Outcome,
+    inbound::refused_count,
     rules::MeshBed,
-    scenario::{App, Server},
+    scenario::{APP_PORT, App, Server, SimPod, outcomes},
 };
+use serde_json::{Value, json};
 
-use crate::fixture::{Node, start_sidecar};
+use crate::fixture::{Agent, Node, failures_of, slow, start_sidecar, time_scale, wait_for};
+
+/// The agent of these tests: failures of a pod whose mesh is not known yet
+/// are held for a second.
+fn agent(node: &Node, extra: &[&str]) -> Agent {
+    let mut args = vec!["--hold-seconds", "1"];
+    args.extend_from_slice(extra);
+    node.agent(&args)
+}
+
+/// Stops the agent (which flushes pending summaries) and returns its events.
+fn stop(mut agent: Agent) -> Vec<Value> {
+    assert!(agent.stop().success());
+    agent.events()
+}
+
+/// The events of one type of the pod with this uid.
+fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
+        .collect()
+}
+
+/// Waits (10 s) for the first event of type `ty` of the pod with this uid.
+fn wait_for_event(agent: &Agent, uid: &str, ty: &str) -> Value {
+    wait_for(
+        &format!("{ty} of pod {uid}"),
+        Duration::from_secs(10),
+        || {
+            of_pod(&agent.events(), uid, ty)
+                .first()
+                .map(|e| (*e).clone())
+        },
+    )
+}
+
+/// The start-up race of a pod of `mesh`: its proxy's outbound listener
+/// opens 1.2 s after the proxy starts, the app dials at once. The agent's
+/// refused count with phase `startup_race` is what the app saw refused,
+/// the summary names the mesh, and its recommendation is the mesh's own
+/// (it contains `advice`). `extra`: more agent arguments.
+fn startup_race(node: &Node, mesh: MeshBed, pod_name: &str, advice: &str, extra: &[&str]) {
+    let agent = agent(node, extra);
+    let mut pod = node.mesh_pod(pod_name, mesh.clone());
+    start_sidecar(&mut pod, 1200, 0);
+    let attempts = pod.run_app(&App::default()).unwrap();
+    let refused = attempts.iter().filter(|o| !o.ok).count();
+    assert!(
+        attempts.last().unwrap().ok,
+        "the app got through once {} listened: {attempts:?}",
+        mesh.outbound_port
+    );
+    assert!(
+        refused >= 3,
+        "refused while the proxy was not ready: {attempts:?}"
+    );
+    let uid = pod.pod.uid.clone();
+    wait_for_event(&agent, &uid, "startup_race");
+    let events = stop(agent);
+    let f = failures_of(&events, attempts[0].pid);
+    assert_eq!(f.len(), refused, "one event per refused attempt: {f:?}");
+    for e in &f {
+        assert_eq!(e["phase"], "startup_race", "{e}");
+        assert_eq!(e["container"], "app", "{e}");
+        assert_eq!(e["dst"], pod.upstream().as_str(), "{e}");
+        assert_eq!(e["mesh"], mesh.name.as_str(), "{e}");
+    }
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1, "one summary per pod: {s:?}");
+    let s = s[0];
+    assert_eq!(s["refused"], refused, "{s}");
+    assert_eq!(s["mesh"], mesh.name.as_str(), "{s}");
+    assert_eq!(s["destinations"], json!([pod.upstream()]), "{s}");
+    let rec = s["recommendation"].as_str().unwrap();
+    assert!(rec.contains(advice), "{}'s own advice: {rec}", mesh.name);
+    assert!(
+        !rec.contains("holdApplicationUntilProxyStarts"),
+        "not Istio's: {rec}"
+    );
+    let push = s["sidecar_start_to_ready_seconds"].as_f64().unwrap();
+    let scale = f64::from(time_scale());
+    assert!(
+        (1.1 * scale..3.0 * scale).contains(&push),
+        "proxy start -> {} listening ~1.2 s (x{scale}): {push}",
+        mesh.outbound_port
+    );
+    assert_eq!(of_pod(&events, &uid, "sidecar_ready").len(), 1);
+}
+
+#[test]
+fn linkerd_startup_race() {
+    let Some(node) = Node::shared() else { return };
+    startup_race(
+        &node,
+        MeshBed::linkerd(),
+        "ledger-7d9f8c6b5-l1n2k",
+        "config.linkerd.io/proxy-await",
+        &[],
+    );
+}
+
+#[test]
+fn kuma_startup_race() {
+    let Some(node) = Node::shared() else { return };
+    startup_race(
+        &node,
+        MeshBed::kuma(),
+        "stock-7d9f8c6b5-k1m2a",
+        "kuma.io/wait-for-dataplane-ready",
+        &[],
+    );
+}
+
+#[test]
+fn consul_startup_race() {
+    let Some(node) = Node::shared() else { return };
+    startup_race(
+        &node,
+        MeshBed::consul(),
+        "billing-7d9f8c6b5-c1n2s",
+        "sidecar-proxy-lifecycle-startup-grace-period-seconds",
+        &[],
+    );
+}
+
+/// An operator's own profile (`--mesh-profiles`): an Envoy proxy in a
+/// container renamed `my-envoy`, running as uid 4242, with its own advice.
+/// The bed runs it with Kuma's rules (Envoy's ports) and that uid.
+#[test]
+fn operator_profile_file_is_honoured() {
+    let Some(node) = Node::shared() else { return };
+    let file = node.write(
+        "acme-profiles.toml",
+        r#"
+[[profile]]
+name = "acme"
+proxy_containers = ["my-envoy"]
+proxy_uids = [4242]
+proxy_comms = ["envoy"]
+outbound_port = 15001
+inbound_port = 15006
+proxy_ports = [15001, 15006, 9901, 9902]
+inbound_sources = ["127.0.0.6", "::6"]
+
+[profile.recommendations]
+startup_never_ready = "ACME: my-envoy never became ready"
+startup_hold = "ACME: held, still racing"
+startup_native = "ACME: native, still racing"
+startup = "ACME: start my-envoy first (acme.example/hold: true)"
+shutdown = "ACME: drain my-envoy last"
+inbound_startup = "ACME: readiness probe on {ports}"
+inbound_shutdown = "ACME: preStop on {ports}; {native}"
+native_drain = "ACME: native drain"
+drain = "ACME: drain"
+inbound_bind = "ACME: listen on {dialed}, not {bound}"
+"#,
+    );
+    let mesh = MeshBed {
+        name: "acme".into(),
+        container: "my-envoy".into(),
+        uid: 4242,
+        ..MeshBed::kuma()
+    };
+    let path = file.to_str().unwrap().to_string();
+    startup_race(
+        &node,
+        mesh,
+        "gadgets-7d9f8c6b5-a1c2m",
+        "ACME: start my-envoy first",
+        &["--mesh-profiles", &path],
+    );
+}
+
+#[test]
+fn linkerd_shutdown_race() {
+    let Some(node) = Node::shared() else { return };
+    let agent = agent(&node, &[]);
+    let mesh = MeshBed::linkerd();
+    let mut pod = node.mesh_pod("ledger-7d9f8c6b5-s3d4f", mesh.clone());
+    start_sidecar(&mut pod, 0, 1500);
+    // The app keeps dialing through linkerd-proxy, which goes away under it.
+    let mut app = pod
+        .spawn_app(&App {
+            attempts: 30,
+            interval_ms: 100,
+            keep_going: true,
+            ..App::default()
+        })
+        .unwrap();
+    pod.wait_sidecar(mesh.outbound_port, "closed", Duration::from_secs(10))
+        .unwrap();
+    let lines = app.wait_exit(Duration::from_secs(20)).unwrap();
+    let attempts: Vec<Outcome> = outcomes(&lines).unwrap();
+    let uid = pod.pod.uid.clone();
+    let events = stop(agent);
+    let f = failures_of(&events, attempts[0].pid);
+    let refused = attempts.iter().filter(|o| !o.ok).count();
+    assert!(attempts[0].ok, "through the proxy first: {attempts:?}");
+    assert!(refused >= 3, "refused after the proxy left: {attempts:?}");
+    assert_eq!(f.len(), refused, "{f:?}");
+    assert!(f.iter().all(|e| e["phase"] == "shutdown_race"), "{f:?}");
+    let s = of_pod(&events, &uid, "shutdown_race");
+    assert_eq!(s.len(), 1, "one shutdown summary: {s:?}");
+    assert_eq!(s[0]["refused"], refused);
+    assert_eq!(s[0]["mesh"], "linkerd");
+    let rec = s[0]["recommendation"].as_str().unwrap();
+    assert!(
+        rec.contains("config.alpha.linkerd.io/proxy-wait-before-exit-seconds"),
+        "{rec}"
+    );
+    assert!(of_pod(&events, &uid, "startup_race").is_empty());
+}
+
+/// The inbound start-up race under Linkerd: a client's requests reach the
+/// pod before its app listens; linkerd-proxy (uid 2102, threads `proxy`)
+/// dials the app at the pod IP from the pod IP, no bind, as linkerd2-proxy
+/// does. The agent files exactly the refusals the proxy counted.
+#[test]
+fn linkerd_inbound_startup_race() {
+    let Some(node) = Node::shared() else { return };
+    let agent = agent(&node, &[]);
+    let mesh = MeshBed::linkerd();
+    let mut pod = node.mesh_pod("ledger-7d9f8c6b5-i5n6b", mesh.clone());
+    start_sidecar(&mut pod, 0, 0);
+    pod.wait_sidecar(mesh.inbound_port, "listen", Duration::from_secs(10))
+        .unwrap();
+    let listen_after = slow(Duration::from_millis(1200)).as_millis() as u64;
+    let mut app = pod
+        .start_server(&Server {
+            listen_after_ms: listen_after,
+            ..Server::default()
+        })
+        .unwrap();
+    let rs = client(&pod, 60 * time_scale(), 100, 3);
+    app.wait_line("\"state\":\"listen\"", Duration::from_secs(10))
+        .unwrap();
+    let refused = proxy_refused(&mut pod, &rs);
+    assert!(refused >= 3, "refused while the app started: {rs:?}");
+    let uid = pod.pod.uid.clone();
+    wait_for_event(&agent, &uid, "inbound_race");
+    let events = stop(agent);
+    let proxy = pod.sidecar.as_ref().unwrap().child.id();
+    let f = failures_of(&events, proxy);
+    let dst = pod.pod_addr(APP_PORT).to_string();
+    for e in &f {
+        assert_eq!(e["phase"], "inbound_startup", "{e}");
+        assert_eq!(e["dst"], dst.as_str(), "the pod IP, as Linkerd dials: {e}");
+        assert_eq!(e["container"], "linkerd-proxy", "{e}");
+        assert_eq!(e["comm"], "proxy", "linkerd2-proxy's worker thread: {e}");
+    }
+    assert_eq!(f.len() as u64, refused, "the proxy's own count");
+    let s = of_pod(&events, &uid, "inbound_race");
+    assert_eq!(s.len(), 1, "one summary per pod and episode: {s:?}");
+    let s = s[0];
+    assert_eq!(s["when"], "startup", "{s}");
+    assert_eq!(s["refused"], refused, "{s}");
+    assert_eq!(s["mesh"], "linkerd", "{s}");
+    assert_eq!(s["ports"], json!([APP_PORT]), "{s}");
+    let rec = s["recommendation"].as_str().unwrap();
+    assert!(rec.starts_with("linkerd-proxy forwarded requests"), "{rec}");
+    assert!(
+        of_pod(&events, &uid, "startup_race").is_empty(),
+        "not outbound"
+    );
+}
+
+/// Runs a client on the test host to its end: its responses.
+fn client(pod: &SimPod, requests: u32, interval_ms: u64, stop_after_ok: u32) -> Vec<Response> {
+    let mut c = pod
+        .spawn_client(requests, interval_ms, stop_after_ok)
+        .unwrap();
+    responses(&c.wait_exit(Duration::from_secs(60)).unwrap())
+}
+
+/// The stand-in proxy answers each refused dial with an error response and
+/// counts it first: its count, equal to the client's errors.
+fn proxy_refused(pod: &mut SimPod, rs: &[Response]) -> u64 {
+    let errors = rs.iter().filter(|r| r.status != 200).count() as u64;
+    let s = pod.sidecar.as_mut().unwrap();
+    s.wait_lines(
+        "the proxy's refused count reaching the client's errors",
+        Duration::from_secs(5),
+        |l| refused_count(l) >= errors,
+    )
+    .unwrap();
+    let refused = pod.sidecar_refused().unwrap();
+    assert_eq!(refused, errors, "one error per refused dial: {rs:?}");
+    refused
+}
 
 /// The bed itself on the real kernel, per mesh and without the agent: the
 /// app's dials reach the upstream through the stand-in proxy (so the rules
