@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 pub use profile::{
     CaptureKeys, Hold, Mark, Mitigation, Mode, PortRange, PortRole, Profile, Recommendations,
+    Uncaptured,
 };
 
 use crate::k8s::PodInfo;

@@ -137,3 +137,79 @@ fn config_flag_reads_json_and_yaml() {
         "holdApplicationUntilProxyStarts"
     ));
 }
+
+#[test]
+fn other_meshes_are_told_apart_by_uid_and_port() {
+    let p = Profiles::builtin();
+    for (uid, port, mesh) in [
+        (2102, 4140, "linkerd"),
+        (5678, 15001, "kuma"),
+        (5995, 15001, "consul"),
+        (1337, 15001, "istio"),
+    ] {
+        assert_eq!(p.by_listen(uid, port).map(|m| m.name.as_str()), Some(mesh));
+    }
+    assert_eq!(
+        p.by_container("linkerd-proxy").map(|m| m.name.as_str()),
+        Some("linkerd")
+    );
+    assert_eq!(p.outbound_ports(), [4140, 15001]);
+    let consul = p.get("consul").unwrap();
+    // Consul captures the pod's own address and 127.0.0.2, not 127.0.0.1.
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(consul.never_captured(ip("127.0.0.1"), None, &[]));
+    assert!(!consul.never_captured(ip("127.0.0.2"), None, &[]));
+    assert!(!consul.never_captured(ip("10.0.0.2"), Some(ip("10.0.0.2")), &[ip("10.0.0.2")]));
+    let istio = p.get("istio").unwrap();
+    assert!(istio.never_captured(ip("10.0.0.2"), Some(ip("10.0.0.2")), &[]));
+}
+
+#[test]
+fn each_mesh_reads_its_own_mitigation() {
+    use crate::k8s::PodInfo;
+    let p = Profiles::builtin();
+    let pod = |ann: &[(&str, &str)]| PodInfo {
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..crate::k8s::pod::tests_support::pod()
+    };
+    let linkerd = p.get("linkerd").unwrap();
+    assert_eq!(
+        linkerd.mitigation(&pod(&[])).hold,
+        Some(true),
+        "on by default"
+    );
+    assert_eq!(
+        linkerd
+            .mitigation(&pod(&[("config.linkerd.io/proxy-await", "disabled")]))
+            .hold,
+        Some(false)
+    );
+    let consul = p.get("consul").unwrap();
+    let grace = "consul.hashicorp.com/sidecar-proxy-lifecycle-startup-grace-period-seconds";
+    assert_eq!(consul.mitigation(&pod(&[(grace, "0")])).hold, Some(false));
+    assert_eq!(consul.mitigation(&pod(&[(grace, "15")])).hold, Some(true));
+    let kuma = p.get("kuma").unwrap();
+    assert_eq!(kuma.mitigation(&pod(&[])).hold, Some(false));
+    assert_eq!(
+        kuma.mitigation(&pod(&[("kuma.io/wait-for-dataplane-ready", "enabled")]))
+            .hold,
+        Some(true)
+    );
+    let marked = pod(&[("consul.hashicorp.com/connect-inject-status", "injected")]);
+    assert_eq!(p.of_pod(&marked).map(|m| m.name.as_str()), Some("consul"));
+    assert!(
+        p.of_pod(&pod(&[(
+            "consul.hashicorp.com/connect-inject-status",
+            "skipped"
+        )]))
+        .is_none()
+    );
+    assert!(
+        linkerd
+            .startup_recommendation(&Mitigation::default(), true)
+            .contains("proxy-await")
+    );
+}
