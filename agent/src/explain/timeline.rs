@@ -16,7 +16,7 @@ use super::{
     change::Change,
     events::{Line, Revision},
 };
-use crate::race::{Mitigation, Profile, Profiles};
+use crate::race::{Mitigation, Profile};
 
 /// A moment of the pod's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -203,17 +203,17 @@ struct Failures {
     dests: BTreeSet<String>,
 }
 
-/// The pod's mesh profile, by the name its lines carry (built-in profiles:
-/// an operator's own profile is drawn with the default's ports); lines of
-/// agents before profiles are Istio's.
+/// The pod's mesh profile, by the name its lines carry (the built-in
+/// profiles, or `--mesh-profiles`' when given); lines of agents before
+/// profiles are Istio's.
 fn mesh_of(lines: &[&Line]) -> Arc<Profile> {
-    static BUILTIN: std::sync::LazyLock<Profiles> = std::sync::LazyLock::new(Profiles::builtin);
+    let all = crate::race::mesh::installed();
     lines
         .iter()
         .rev()
         .find_map(|l| l.mesh.as_deref())
-        .and_then(|m| BUILTIN.get(m))
-        .unwrap_or_else(|| BUILTIN.default_profile())
+        .and_then(|m| all.get(m))
+        .unwrap_or_else(|| all.default_profile())
         .clone()
 }
 
@@ -722,6 +722,38 @@ mod tests {
         assert_eq!(p.spans[0].destinations, ["10.0.0.9:5432"]);
         assert_eq!(p.verdicts[0].phase, "no_race");
         assert_eq!(p.pod_uid.as_deref(), Some("u1"));
+    }
+
+    /// A Linkerd pod's lines: its proxy, its ports, its mitigation's name.
+    #[test]
+    fn a_linkerd_pod_is_drawn_with_linkerds_ports() {
+        let who =
+            r#""namespace":"shop","pod":"web-0","workload":"web","pod_uid":"u1","mesh":"linkerd""#;
+        let text = [
+            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":2102,"port":4191,{who}}}"#, 100 * MS),
+            format!(r#"{{"type":"connect_failure","phase":"startup_race","mono_ns":{},"dst":"10.0.0.9:5432",{who}}}"#, 200 * MS),
+            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":2102,"port":4140,{who}}}"#, 900 * MS),
+            format!(r#"{{"type":"startup_race","refused":1,"first_refusal_mono_ns":{},"ready_mono_ns":{},"window_seconds":0.7,"mitigation":{{"hold":true,"native_sidecar":false}},{who}}}"#, 200 * MS, 900 * MS),
+        ]
+        .join("\n");
+        let (lines, bad) = events::parse(&text);
+        assert_eq!(bad, 0);
+        let p = &build(&lines, None)[0];
+        let labels: Vec<&str> = p.marks.iter().map(|m| m.label.as_str()).collect();
+        assert!(
+            labels
+                .contains(&"linkerd-proxy listens on 4140 (outbound capture: the proxy is ready)"),
+            "{labels:?}"
+        );
+        assert_eq!(p.mesh, "linkerd");
+        assert_eq!(p.mitigation_label.as_deref(), Some("proxy-await"));
+        assert!(
+            p.verdicts[0]
+                .text
+                .contains("before linkerd-proxy listened on 4140"),
+            "{:?}",
+            p.verdicts
+        );
     }
 
     proptest::proptest! {

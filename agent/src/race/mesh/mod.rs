@@ -239,19 +239,20 @@ pub fn install(p: Arc<Profiles>) {
     let _ = INSTALLED.set(p);
 }
 
+/// The installed profiles (the built-in ones if none were installed).
+pub fn installed() -> &'static Arc<Profiles> {
+    INSTALLED.get_or_init(|| Arc::new(Profiles::builtin()))
+}
+
 /// Whether `name` is a mesh proxy's container, by the installed profiles.
 pub fn proxy_container(name: &str) -> bool {
-    INSTALLED
-        .get_or_init(|| Arc::new(Profiles::builtin()))
-        .by_container(name)
-        .is_some()
+    installed().by_container(name).is_some()
 }
 
 /// What the proxy of mesh `mesh` is called in texts: its first container's
 /// name (`istio-proxy`), by the installed profiles.
 pub fn proxy_name(mesh: &str) -> String {
-    INSTALLED
-        .get_or_init(|| Arc::new(Profiles::builtin()))
+    installed()
         .get(mesh)
         .and_then(|m| m.proxy_containers.first().cloned())
         .unwrap_or_else(|| "the proxy".into())
