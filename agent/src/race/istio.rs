@@ -171,11 +171,11 @@ impl CaptureRules {
         if self.exclude_ports.contains(&dst.port()) {
             return false;
         }
-        let lo = |u: &Uncaptured| match u {
-            Uncaptured::Lo => ip.is_loopback() || self.pod_ips.contains(&ip) || src == Some(ip),
-            Uncaptured::Range(c) => c.contains(ip),
-        };
-        if self.uncaptured.iter().any(lo) {
+        if self
+            .uncaptured
+            .iter()
+            .any(|u| u.holds(ip, src, &self.pod_ips))
+        {
             return false;
         }
         if self.exclude.iter().any(|c| c.contains(ip)) {

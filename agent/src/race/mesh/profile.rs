@@ -83,6 +83,17 @@ impl<'de> Deserialize<'de> for Uncaptured {
     }
 }
 
+impl Uncaptured {
+    /// Whether a connect to `dst` from a socket bound to `src` is left
+    /// alone; `pod_ips`: the pod's own addresses when known.
+    pub(crate) fn holds(&self, dst: IpAddr, src: Option<IpAddr>, pod_ips: &[IpAddr]) -> bool {
+        match self {
+            Uncaptured::Lo => dst.is_loopback() || src == Some(dst) || pod_ips.contains(&dst),
+            Uncaptured::Range(c) => c.contains(dst),
+        }
+    }
+}
+
 fn lo_only() -> Vec<Uncaptured> {
     vec![Uncaptured::Lo]
 }
@@ -298,10 +309,7 @@ impl Profile {
         src: Option<IpAddr>,
         pod_ips: &[IpAddr],
     ) -> bool {
-        self.uncaptured.iter().any(|u| match u {
-            Uncaptured::Lo => dst.is_loopback() || src == Some(dst) || pod_ips.contains(&dst),
-            Uncaptured::Range(c) => c.contains(dst),
-        })
+        self.uncaptured.iter().any(|u| u.holds(dst, src, pod_ips))
     }
 
     /// Whether `ip` is a source the proxy dials the app from.
