@@ -11,6 +11,7 @@ mod events;
 mod fetch;
 mod render;
 mod timeline;
+mod verdict;
 
 use std::{
     io::Write,
