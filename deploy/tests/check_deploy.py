@@ -92,6 +92,25 @@ check("--http-auth=none" in args and not any(d["metadata"]["name"].startswith("c
                   for r in d["rules"]),
       "chart values: auth.enabled=false serves without auth, no reader roles, no review rights")
 check(not any(d["kind"] == "NetworkPolicy" for d in custom_docs), "chart values: networkPolicy.enabled=false")
+# An operator's mesh profiles: a ConfigMap, mounted read-only, and the flag.
+PROFILES = '[[profile]]\nname = "acme"\nextends = "istio"\nproxy_containers = ["acme-proxy"]\nproxy_uids = [4242]\n'
+meshed = chart.render({"meshProfiles": PROFILES}, name="connscope", namespace="connscope-system")
+meshed_docs = [d for t in meshed.values() for d in yaml.safe_load_all(t) if d]
+for d in meshed_docs:
+    validate(d, "chart (meshProfiles)")
+cm = find(meshed_docs, "ConfigMap", "connscope-mesh-profiles")
+mds = find(meshed_docs, "DaemonSet")
+mc = mds["spec"]["template"]["spec"]["containers"][0]
+check(cm.get("data", {}).get("profiles.toml") == PROFILES
+      and "--mesh-profiles=/etc/connscope/mesh/profiles.toml" in mc["args"]
+      and any(m["name"] == "mesh-profiles" and m["mountPath"] == "/etc/connscope/mesh" and m.get("readOnly")
+              for m in mc["volumeMounts"])
+      and any(v["name"] == "mesh-profiles" and v.get("configMap", {}).get("name") == "connscope-mesh-profiles"
+              for v in mds["spec"]["template"]["spec"]["volumes"]),
+      "chart values: meshProfiles renders a ConfigMap, mounts it read-only and passes --mesh-profiles")
+check(not any(d["kind"] == "ConfigMap" for t in chart.render(name="connscope", namespace="connscope-system").values()
+              for d in yaml.safe_load_all(t) if d),
+      "chart defaults: no mesh profiles ConfigMap (nothing mounted that is not read)")
 wider = chart.render({"networkPolicy": {"monitoringNamespaces": ["monitoring", "observability"],
                                         "extraIngressCIDRs": ["10.0.0.0/16"]},
                       "auth": {"metricsReaders": [{"name": "prom", "namespace": "observability"}]}},

@@ -11,6 +11,7 @@ mod events;
 mod fetch;
 mod render;
 mod timeline;
+mod verdict;
 
 use std::{
     io::Write,
@@ -71,6 +72,10 @@ pub struct Args {
     /// may get /events (ClusterRole connscope-events-reader).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The agent's own mesh profiles file (its `--mesh-profiles`), so that
+    /// the timelines of meshes it adds or changes draw their ports.
+    #[arg(long, env = "CONNSCOPE_MESH_PROFILES")]
+    pub mesh_profiles: Option<PathBuf>,
 }
 
 impl Args {
@@ -84,6 +89,7 @@ impl Args {
             addr: addr.into(),
             json: false,
             token_file: None,
+            mesh_profiles: None,
         }
     }
 }
@@ -159,6 +165,11 @@ pub fn run(args: &Args, out: &mut dyn Write) -> Result<(), Failure> {
         Some(p) => Some(read_token(p)?),
         None => None,
     };
+    if args.mesh_profiles.is_some() {
+        let p = crate::race::Profiles::load(args.mesh_profiles.as_deref())
+            .map_err(|e| Failure::new(2, format!("{e:#}")))?;
+        crate::race::mesh::install(std::sync::Arc::new(p));
+    }
     let base = fetch::base_url(&args.addr).map_err(|e| Failure::new(2, e.to_string()))?;
     let query = args
         .namespace

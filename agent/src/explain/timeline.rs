@@ -15,8 +15,9 @@ use serde::Serialize;
 use super::{
     change::Change,
     events::{Line, Revision},
+    verdict::{span_label, verdicts},
 };
-use crate::race::{Mitigation, Profile, Profiles};
+use crate::race::{Mitigation, Profile};
 
 /// A moment of the pod's life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -203,17 +204,17 @@ struct Failures {
     dests: BTreeSet<String>,
 }
 
-/// The pod's mesh profile, by the name its lines carry (built-in profiles:
-/// an operator's own profile is drawn with the default's ports); lines of
-/// agents before profiles are Istio's.
+/// The pod's mesh profile, by the name its lines carry (the built-in
+/// profiles, or `--mesh-profiles`' when given); lines of agents before
+/// profiles are Istio's.
 fn mesh_of(lines: &[&Line]) -> Arc<Profile> {
-    static BUILTIN: std::sync::LazyLock<Profiles> = std::sync::LazyLock::new(Profiles::builtin);
+    let all = crate::race::mesh::installed();
     lines
         .iter()
         .rev()
         .find_map(|l| l.mesh.as_deref())
-        .and_then(|m| BUILTIN.get(m))
-        .unwrap_or_else(|| BUILTIN.default_profile())
+        .and_then(|m| all.get(m))
+        .unwrap_or_else(|| all.default_profile())
         .clone()
 }
 
@@ -550,218 +551,5 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     }
 }
 
-/// What a phase's failures mean, in a few words.
-fn phase_meaning(phase: &str) -> &str {
-    match phase {
-        "startup_race" => "before the sidecar listened",
-        "shutdown_race" => "after the sidecar stopped listening",
-        "not_captured" => "not captured: the destination itself refused",
-        "sidecar_ready" => "sidecar ready: not the race",
-        "sidecar_not_ready" => "sidecar not ready, traffic it does not carry",
-        "no_sidecar" => "no sidecar",
-        "proxy" => "the proxy's own connects",
-        "inbound_startup" => "the proxy refused by the app before it listened",
-        "inbound_shutdown" => "the proxy refused by the app after its listener closed",
-        "inbound_bind" => "the proxy refused: the app listens on other addresses only",
-        "probe" => "pilot-agent's probes of the app: not a race",
-        other => other,
-    }
-}
-
-/// `8 refused (startup_race: before the sidecar listened) -> 10.0.0.1:80`.
-fn span_label(phase: &str, count: u64, dests: &[String]) -> String {
-    let what = match phase {
-        "startup_race" | "shutdown_race" | "inbound_startup" | "inbound_shutdown"
-        | "inbound_bind" => "refused",
-        _ => "failed",
-    };
-    let mut s = format!("{count} {what} ({phase}: {})", phase_meaning(phase));
-    if !dests.is_empty() {
-        s.push_str(" -> ");
-        s.push_str(&dests.iter().take(3).cloned().collect::<Vec<_>>().join(", "));
-        if dests.len() > 3 {
-            s.push_str(&format!(" +{} more", dests.len() - 3));
-        }
-    }
-    s
-}
-
-fn verdicts(
-    m: &Profile,
-    spans: &[Span],
-    race: Option<&Line>,
-    ready_summary: Option<&Line>,
-    ready: bool,
-    restored: bool,
-) -> Vec<Verdict> {
-    let mut out = Vec::new();
-    let port = m.outbound_port;
-    let proxy = m.proxy_containers.first().map_or("proxy", String::as_str);
-    for s in spans.iter().filter(|s| s.is_race()) {
-        let text = if s.phase == "startup_race" {
-            match (race, race.and_then(|r| r.window_seconds)) {
-                (Some(_), Some(w)) => format!(
-                    "startup race: {} outbound connect()s refused over {w:.3} s before {proxy} listened on {port}",
-                    s.count
-                ),
-                (Some(_), None) => format!(
-                    "startup race: {} outbound connect()s refused, and {proxy} never listened on {port} while the agent watched",
-                    s.count
-                ),
-                (None, _) => format!(
-                    "startup race: {} outbound connect()s refused before {proxy} listened on {port} (the agent's summary follows 1 s after the sidecar is ready)",
-                    s.count
-                ),
-            }
-        } else {
-            format!(
-                "shutdown race: {} outbound connect()s refused after {proxy} stopped listening on {port} while the app still ran",
-                s.count
-            )
-        };
-        out.push(Verdict {
-            phase: if s.phase == "startup_race" {
-                "startup_race"
-            } else {
-                "shutdown_race"
-            },
-            text,
-        });
-    }
-    if !out.is_empty() {
-        return out;
-    }
-    let verdict = if restored {
-        Verdict {
-            phase: "no_race",
-            text: format!(
-                "no race: {proxy} was already listening on {port} when the agent started"
-            ),
-        }
-    } else if ready {
-        let after = ready_summary
-            .and_then(|r| r.pod_start_to_ready_seconds)
-            .map(|s| format!(" {s:.3} s after the pod started"))
-            .unwrap_or_default();
-        Verdict {
-            phase: "no_race",
-            text: format!(
-                "no race: {proxy} listened on {port}{after}, and no outbound connect() was refused before"
-            ),
-        }
-    } else if spans.iter().any(|s| s.phase == "no_sidecar") {
-        Verdict {
-            phase: "no_sidecar",
-            text: "no sidecar: not an injected pod; its failed connects are the destinations' own"
-                .into(),
-        }
-    } else {
-        Verdict {
-            phase: "unknown",
-            text:
-                "no verdict: the agent saw neither a race nor the sidecar's readiness for this pod"
-                    .into(),
-        }
-    };
-    vec![verdict]
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::explain::events;
-
-    const MS: u64 = 1_000_000;
-
-    /// Kernel lines only (an agent run with --process-events whose
-    /// summaries are gone from `/events`): the timeline still stands.
-    #[test]
-    fn kernel_lines_alone_give_starts_listeners_and_failures() {
-        let who = r#""namespace":"shop","pod":"web-0","workload":"web""#;
-        let uid = r#","pod_uid":"u1""#;
-        let text = [
-            format!(r#"{{"type":"process","state":"exec","mono_ns":{},"container":"istio-proxy",{who}{uid}}}"#, 100 * MS),
-            format!(r#"{{"type":"process","state":"exec","mono_ns":{},"container":"app",{who}{uid}}}"#, 300 * MS),
-            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":1337,"port":15021,{who}{uid}}}"#, 150 * MS),
-            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":0,"container":"app","port":8080,{who}{uid}}}"#, 400 * MS),
-            format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":1337,"port":15001,{who}{uid}}}"#, 900 * MS),
-            // A line without the pod's uid joins the one pod of that name.
-            format!(r#"{{"type":"connect_failure","phase":"not_captured","mono_ns":{},"dst":"10.0.0.9:5432",{who}}}"#, 500 * MS),
-            format!(r#"{{"type":"listener","state":"closed","mono_ns":{},"uid":1337,"port":15001,{who}{uid}}}"#, 5000 * MS),
-        ]
-        .join("\n");
-        let (lines, bad) = events::parse(&text);
-        assert_eq!(bad, 0);
-        let pods = build(&lines, None);
-        assert_eq!(pods.len(), 1, "{pods:?}");
-        let p = &pods[0];
-        let marks: Vec<(f64, &str)> = p.marks.iter().map(|m| (m.at_s, m.label.as_str())).collect();
-        assert_eq!(
-            marks,
-            [
-                (0.0, "pod start (first process)"),
-                (0.0, "container istio-proxy starts"),
-                (
-                    0.05,
-                    "istio-proxy listens on 15021 (health: what holdApplicationUntilProxyStarts and probes wait for)"
-                ),
-                (0.2, "container app starts"),
-                (0.3, "app listens on :8080"),
-                (
-                    0.8,
-                    "istio-proxy listens on 15001 (outbound capture: the sidecar is ready)"
-                ),
-                (
-                    4.9,
-                    "istio-proxy stops listening on 15001 (outbound capture ends)"
-                ),
-            ]
-        );
-        assert_eq!(p.spans.len(), 1);
-        assert_eq!(p.spans[0].phase, "not_captured");
-        assert_eq!(p.spans[0].destinations, ["10.0.0.9:5432"]);
-        assert_eq!(p.verdicts[0].phase, "no_race");
-        assert_eq!(p.pod_uid.as_deref(), Some("u1"));
-    }
-
-    proptest::proptest! {
-        /// Whatever an agent (or anything on its port) answers, explain
-        /// draws it or skips it, never panics: times anywhere in u64,
-        /// starts after ends, odd strings.
-        #[test]
-        fn any_lines_are_drawn_without_panicking(
-            times in proptest::collection::vec(proptest::num::u64::ANY, 1..8),
-            kinds in proptest::collection::vec(0usize..6, 1..8),
-            junk in ".{0,40}",
-            boot in proptest::option::of(-(1i128 << 70)..(1i128 << 70)),
-        ) {
-            let kinds_of = ["connect_failure", "listener", "process", "sidecar_ready", "startup_race", "shutdown_race"];
-            let mut text = String::new();
-            for (i, k) in kinds.iter().enumerate() {
-                let t = |j: usize| times[(i + j) % times.len()];
-                let phase = ["startup_race", "shutdown_race", "not_captured"][i % 3];
-                let line = serde_json::json!({
-                    "type": kinds_of[*k], "namespace": "shop", "pod": "p",
-                    "time": "2026-11-29T20:00:00Z", "mono_ns": t(0), "state": "listen",
-                    "phase": phase,
-                    "port": 15001, "uid": 1337, "dst": junk,
-                    "pod_start_mono_ns": t(1), "ready_mono_ns": t(2), "refused": t(3),
-                    "first_refusal_mono_ns": t(4), "last_refusal_mono_ns": t(5),
-                    "capture_closed_mono_ns": t(6), "window_seconds": 1e300,
-                    "revision": {"app_images": {"app": format!("{junk}@sha256:{junk}")}},
-                });
-                text.push_str(&line.to_string());
-                text.push('\n');
-            }
-            text.push_str(&junk);
-            let (lines, _) = events::parse(&text);
-            let pods = build(&lines, boot);
-            for p in &pods {
-                let mut p = p.clone();
-                p.changed = Some(crate::explain::change::what_changed(&p, &pods));
-                let _ = crate::explain::render::pod(&p);
-                let _ = serde_json::to_string(&p).unwrap();
-            }
-        }
-    }
-}
+mod tests;

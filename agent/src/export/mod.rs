@@ -425,10 +425,11 @@ impl Exporter {
             format!(" Pod revision {hash}, proxy {proxy}.")
         });
         let note = format!(
-            "{} outbound connect()s refused over {} before istio-proxy listened on its capture port.{runs} Destinations: {}. {}",
+            "{} outbound connect()s refused over {} before {} listened on its capture port.{runs} Destinations: {}. {}",
             s.refused,
             s.window_seconds
                 .map_or("an unknown time".into(), |w| format!("{w:.3}s")),
+            crate::race::mesh::proxy_name(&s.mesh),
             s.destinations.join(", "),
             s.recommendation
         );
@@ -442,7 +443,7 @@ impl Exporter {
     }
 
     /// An inbound summary as a Kubernetes Event on its pod (reasons from
-    /// `race/istio.rs`), through the same aggregating, rate-limited writer.
+    /// `race/inbound.rs`), through the same aggregating, rate-limited writer.
     fn inbound_k8s_event(&self, s: &InboundSummary) {
         let (Some(q), Some(ns), Some(pod)) = (&self.opts.k8s_events, &s.who.namespace, &s.who.pod)
         else {

@@ -346,6 +346,34 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// A plain pod for unit tests elsewhere (one fixture, not one per module).
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::{PodInfo, Workload};
+
+    /// Pod `shop/checkout-1` of Deployment `checkout`, nothing else set.
+    pub(crate) fn pod() -> PodInfo {
+        PodInfo {
+            uid: "uid-1".into(),
+            namespace: "shop".into(),
+            name: "checkout-1".into(),
+            node: None,
+            workload: Workload {
+                kind: "Deployment".into(),
+                name: "checkout".into(),
+            },
+            containers: Vec::new(),
+            istio: Default::default(),
+            pod_ips: Vec::new(),
+            spec_containers: Vec::new(),
+            template_hash: None,
+            finished: false,
+            annotations: Default::default(),
+            labels: Default::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

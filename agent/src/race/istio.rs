@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::Profile;
+use super::{Profile, mesh::Uncaptured};
 use crate::k8s::PodInfo;
 
 /// The Istio proxy container's name (the test bed's and the revision
@@ -107,6 +107,8 @@ pub struct CaptureRules {
     pub exclude_ports: Vec<u16>,
     /// The pod's own addresses (`status.podIPs`).
     pub pod_ips: Vec<IpAddr>,
+    /// What the mesh's rules never capture (its profile's `uncaptured`).
+    pub uncaptured: Vec<Uncaptured>,
 }
 
 impl CaptureRules {
@@ -158,6 +160,7 @@ impl CaptureRules {
                 .map(|v| items(v).iter().filter_map(|s| s.parse().ok()).collect())
                 .unwrap_or_default(),
             pod_ips: pod_ips.to_vec(),
+            uncaptured: vec![Uncaptured::Lo],
         }
     }
 
@@ -168,7 +171,11 @@ impl CaptureRules {
         if self.exclude_ports.contains(&dst.port()) {
             return false;
         }
-        if ip.is_loopback() || self.pod_ips.contains(&ip) || src == Some(ip) {
+        if self
+            .uncaptured
+            .iter()
+            .any(|u| u.holds(ip, src, &self.pod_ips))
+        {
             return false;
         }
         if self.exclude.iter().any(|c| c.contains(ip)) {

@@ -364,6 +364,17 @@ impl PodState {
         kernel.filter(|_| cfg.kernel_capture_ports.contains(&port))
     }
 
+    /// Whether loopback destination `ip` is one the mesh never captures
+    /// (every loopback address for Istio, Linkerd and Kuma; only
+    /// 127.0.0.1 for Consul).
+    fn loopback_uncaptured(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_loopback()
+            && self
+                .profile
+                .as_ref()
+                .is_none_or(|m| m.never_captured(ip, None, &[]))
+    }
+
     /// Whether the failure's connect was redirected to the capture port,
     /// by the best evidence there is.
     fn captured(&self, ev: &KernelEvent, kernel: Option<bool>) -> bool {
@@ -374,9 +385,15 @@ impl PodState {
         match (kernel, &self.capture) {
             (Some(k), _) => k,
             (None, Some(rules)) => rules.captures(dst, src),
-            // istio-iptables' defaults: every destination but loopback and
-            // the pod's own address (the socket's source) is captured.
-            (None, None) => !dst.ip().is_loopback() && src != Some(dst.ip()),
+            // The mesh's rules with no settings: every destination but what
+            // they never capture (Istio: loopback and the pod's own
+            // address, the socket's source) is captured.
+            (None, None) => !self
+                .profile
+                .as_ref()
+                .map_or(dst.ip().is_loopback() || src == Some(dst.ip()), |m| {
+                    m.never_captured(dst.ip(), src, &[])
+                }),
         }
     }
 
@@ -395,7 +412,7 @@ impl PodState {
         // Istio never redirects loopback destinations, nor non-TCP families.
         let refused = ev.errno == ECONNREFUSED
             && matches!(ev.family, Family::Inet | Family::Inet6)
-            && ev.dst.is_some_and(|d| !d.ip().is_loopback());
+            && ev.dst.is_some_and(|d| !self.loopback_uncaptured(d.ip()));
         let t = ev.mono_ns;
         // A refusal says the capture listener did not accept the SYN at
         // some moment of the attempt, from its start to the RST: it was

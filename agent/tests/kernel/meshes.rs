@@ -193,6 +193,41 @@ inbound_bind = "ACME: listen on {dialed}, not {bound}"
     );
 }
 
+/// An operator's file that only changes what differs (`extends`): Kuma
+/// with its proxy container renamed `my-envoy`, uid 4343 and its own
+/// start-up advice, everything else Kuma's.
+#[test]
+fn operator_profile_extending_a_builtin_is_honoured() {
+    let Some(node) = Node::shared() else { return };
+    let file = node.write(
+        "kuma-custom.toml",
+        r#"
+[[profile]]
+name = "kuma-custom"
+extends = "kuma"
+proxy_containers = ["my-envoy"]
+proxy_uids = [4343]
+
+[profile.recommendations]
+startup = "platform team: add kuma.io/wait-for-dataplane-ready to the chart of this workload"
+"#,
+    );
+    let mesh = MeshBed {
+        name: "kuma-custom".into(),
+        container: "my-envoy".into(),
+        uid: 4343,
+        ..MeshBed::kuma()
+    };
+    let path = file.to_str().unwrap().to_string();
+    startup_race(
+        &node,
+        mesh,
+        "gizmos-7d9f8c6b5-k2c3x",
+        "platform team: add kuma.io/wait-for-dataplane-ready",
+        &["--mesh-profiles", &path],
+    );
+}
+
 #[test]
 fn linkerd_shutdown_race() {
     let Some(node) = Node::shared() else { return };
@@ -433,7 +468,7 @@ fn linkerd_proxy_await_read_from_the_api() {
     assert_eq!(s["mitigation"]["hold"], false, "{s}");
     let rec = s["recommendation"].as_str().unwrap();
     assert!(
-        rec.starts_with("set config.linkerd.io/proxy-await: enabled"),
+        rec.starts_with("enable config.linkerd.io/proxy-await"),
         "{rec}"
     );
     let s = of_pod(&events, &on.pod.uid, "startup_race")[0];

@@ -8,10 +8,10 @@ mod profile;
 use std::{path::Path, sync::Arc};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
 
 pub use profile::{
     CaptureKeys, Hold, Mark, Mitigation, Mode, PortRange, PortRole, Profile, Recommendations,
+    Uncaptured,
 };
 
 use crate::k8s::PodInfo;
@@ -26,19 +26,13 @@ const BUILTIN: &str = include_str!("profiles.toml");
 /// and `--proxy-uid` flags override (the flags came before profiles).
 pub const DEFAULT_PROFILE: &str = "istio";
 
-/// A profiles file: `[[profile]]` tables.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    profile: Vec<Profile>,
-}
-
 /// The profiles in effect, in order: a pod's evidence is matched against
-/// each, first match wins.
+/// each, first match wins. Each is kept with its TOML table too, so that
+/// an operator's profile can change a few fields of one.
 #[derive(Debug, Clone)]
 pub struct Profiles {
     list: Vec<Arc<Profile>>,
+    tables: Vec<toml::Table>,
 }
 
 impl Default for Profiles {
@@ -51,22 +45,66 @@ impl Profiles {
     /// The built-in profiles (checked by a unit test, so this cannot fail
     /// in a released binary).
     pub fn builtin() -> Profiles {
-        Profiles::parse(BUILTIN, "built-in profiles").expect("the built-in profiles parse")
+        let mut p = Profiles {
+            list: Vec::new(),
+            tables: Vec::new(),
+        };
+        p.apply(BUILTIN, "built-in profiles")
+            .expect("the built-in profiles parse");
+        p
     }
 
-    /// Profiles from TOML text; `what` names it in errors.
-    fn parse(text: &str, what: &str) -> Result<Profiles> {
-        let f: File =
-            toml::from_str(text).with_context(|| format!("{what}: not a profiles file"))?;
-        let mut p = Profiles { list: Vec::new() };
-        for profile in f.profile {
-            p.put(profile).with_context(|| what.to_string())?;
+    /// Applies a profiles file's text (`[[profile]]` tables; `what` names
+    /// it in errors). A table whose `name` is a known profile changes the
+    /// fields it gives of that profile (sub-tables key by key); one with
+    /// `extends = "<name>"` starts from that profile under its own name;
+    /// any other is a whole new profile.
+    fn apply(&mut self, text: &str, what: &str) -> Result<()> {
+        let mut file: toml::Table =
+            toml::from_str(text).with_context(|| format!("{what}: not a TOML file"))?;
+        let tables = match file.remove("profile") {
+            Some(toml::Value::Array(a)) => a,
+            None => Vec::new(),
+            Some(_) => bail!("{what}: `profile` must be an array of tables ([[profile]])"),
+        };
+        if let Some(k) = file.keys().next() {
+            bail!("{what}: unknown key `{k}` (only [[profile]] tables)");
         }
-        Ok(p)
+        for (i, t) in tables.into_iter().enumerate() {
+            let toml::Value::Table(mut t) = t else {
+                bail!("{what}: profile #{}: not a table", i + 1);
+            };
+            let name = match t.get("name") {
+                Some(toml::Value::String(n)) => n.clone(),
+                _ => bail!("{what}: profile #{}: needs a `name`", i + 1),
+            };
+            let base = match t.remove("extends") {
+                Some(toml::Value::String(b)) => Some(b),
+                Some(_) => bail!("{what}: profile {name:?}: `extends` names a profile"),
+                None => None,
+            };
+            let base_name = base.as_deref().unwrap_or(&name);
+            let merged = match self.list.iter().position(|p| p.name == base_name) {
+                Some(at) => merge(self.tables[at].clone(), t),
+                None if base.is_some() => {
+                    bail!(
+                        "{what}: profile {name:?} extends {base_name:?}, which is not defined before it"
+                    )
+                }
+                None => t,
+            };
+            let profile: Profile = merged
+                .clone()
+                .try_into()
+                .with_context(|| format!("{what}: profile {name:?}"))?;
+            self.put(profile, merged)
+                .with_context(|| what.to_string())?;
+        }
+        Ok(())
     }
 
-    /// The built-in profiles with an operator's file applied: a profile of
-    /// a known name replaces it, a new one is added after the built-ins.
+    /// The built-in profiles with an operator's file applied (see
+    /// [`Profiles::apply`]).
     pub fn load(file: Option<&Path>) -> Result<Profiles> {
         let mut p = Profiles::builtin();
         if let Some(path) = file {
@@ -80,26 +118,24 @@ impl Profiles {
             }
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("mesh profiles file {}", path.display()))?;
-            let what = format!("mesh profiles file {}", path.display());
-            for profile in Profiles::parse(&text, &what)?.list {
-                p.put(Arc::unwrap_or_clone(profile))
-                    .with_context(|| what.clone())?;
-            }
+            p.apply(&text, &format!("mesh profiles file {}", path.display()))?;
         }
         Ok(p)
     }
 
-    /// Adds `profile`, or replaces the one of its name.
-    fn put(&mut self, profile: Profile) -> Result<()> {
+    /// Adds `profile` (made from `table`), or replaces the one of its name.
+    fn put(&mut self, profile: Profile, table: toml::Table) -> Result<()> {
         profile.validate().map_err(anyhow::Error::msg)?;
-        if let Some(old) = self.list.iter_mut().find(|p| p.name == profile.name) {
-            *old = Arc::new(profile);
+        if let Some(at) = self.list.iter().position(|p| p.name == profile.name) {
+            self.list[at] = Arc::new(profile);
+            self.tables[at] = table;
             return Ok(());
         }
         if self.list.len() >= MAX_PROFILES {
             bail!("more than {MAX_PROFILES} mesh profiles");
         }
         self.list.push(Arc::new(profile));
+        self.tables.push(table);
         Ok(())
     }
 
@@ -203,22 +239,40 @@ pub fn install(p: Arc<Profiles>) {
     let _ = INSTALLED.set(p);
 }
 
+/// The installed profiles (the built-in ones if none were installed).
+pub fn installed() -> &'static Arc<Profiles> {
+    INSTALLED.get_or_init(|| Arc::new(Profiles::builtin()))
+}
+
 /// Whether `name` is a mesh proxy's container, by the installed profiles.
 pub fn proxy_container(name: &str) -> bool {
-    INSTALLED
-        .get_or_init(|| Arc::new(Profiles::builtin()))
-        .by_container(name)
-        .is_some()
+    installed().by_container(name).is_some()
 }
 
 /// What the proxy of mesh `mesh` is called in texts: its first container's
 /// name (`istio-proxy`), by the installed profiles.
 pub fn proxy_name(mesh: &str) -> String {
-    INSTALLED
-        .get_or_init(|| Arc::new(Profiles::builtin()))
+    installed()
         .get(mesh)
         .and_then(|m| m.proxy_containers.first().cloned())
         .unwrap_or_else(|| "the proxy".into())
+}
+
+/// `over`'s keys on `base`: a sub-table key by key (an operator changes one
+/// recommendation without restating the others), anything else whole.
+fn merge(mut base: toml::Table, over: toml::Table) -> toml::Table {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => {
+                let merged = merge(std::mem::take(b), o);
+                *b = merged;
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    base
 }
 
 /// Whether `key` is set to true in a proxy config given as JSON or YAML.

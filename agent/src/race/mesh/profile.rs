@@ -61,6 +61,43 @@ impl Mark {
     }
 }
 
+/// Traffic a mesh's rules never capture: what leaves through `lo`
+/// (`"lo"`: loopback destinations and the pod's own addresses, Istio's,
+/// Linkerd's and Kuma's `-o lo ... RETURN`), or an address range
+/// (Consul's `-d 127.0.0.1/32 -j RETURN` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uncaptured {
+    Lo,
+    Range(crate::race::istio::Cidr),
+}
+
+impl<'de> Deserialize<'de> for Uncaptured {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "lo" {
+            return Ok(Uncaptured::Lo);
+        }
+        crate::race::istio::Cidr::parse(&s)
+            .map(Uncaptured::Range)
+            .ok_or_else(|| serde::de::Error::custom(format!("not \"lo\" nor a range: {s:?}")))
+    }
+}
+
+impl Uncaptured {
+    /// Whether a connect to `dst` from a socket bound to `src` is left
+    /// alone; `pod_ips`: the pod's own addresses when known.
+    pub(crate) fn holds(&self, dst: IpAddr, src: Option<IpAddr>, pod_ips: &[IpAddr]) -> bool {
+        match self {
+            Uncaptured::Lo => dst.is_loopback() || src == Some(dst) || pod_ips.contains(&dst),
+            Uncaptured::Range(c) => c.contains(dst),
+        }
+    }
+}
+
+fn lo_only() -> Vec<Uncaptured> {
+    vec![Uncaptured::Lo]
+}
+
 /// The mesh's switch that keeps the app from starting before the proxy is
 /// ready (Istio `holdApplicationUntilProxyStarts`, Linkerd `proxy-await`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -77,6 +114,10 @@ pub struct Hold {
     /// Values that mean "on" (when `key` is None).
     #[serde(default = "on_values")]
     pub on: Vec<String>,
+    /// The value is a number of seconds, on when above zero (Consul's
+    /// start-up grace period).
+    #[serde(default)]
+    pub seconds: bool,
     /// Whether it is on when no annotation says (the mesh's default).
     #[serde(default)]
     pub default: bool,
@@ -189,6 +230,9 @@ pub struct Profile {
     /// The annotations of the pod's capture settings.
     #[serde(default)]
     pub capture: CaptureKeys,
+    /// What the rules never capture (default `["lo"]`).
+    #[serde(default = "lo_only")]
+    pub uncaptured: Vec<Uncaptured>,
     /// Ports drawn on `connscope explain`'s timeline, in order.
     #[serde(default)]
     pub port_roles: Vec<PortRole>,
@@ -256,6 +300,18 @@ impl Profile {
                 .any(|r| (r.0..=r.1).contains(&port))
     }
 
+    /// Whether the mesh's rules leave a connect to `dst` from a socket
+    /// bound to `src` uncaptured, whatever the pod's settings; `pod_ips`:
+    /// the pod's own addresses when known.
+    pub(crate) fn never_captured(
+        &self,
+        dst: IpAddr,
+        src: Option<IpAddr>,
+        pod_ips: &[IpAddr],
+    ) -> bool {
+        self.uncaptured.iter().any(|u| u.holds(dst, src, pod_ips))
+    }
+
     /// Whether `ip` is a source the proxy dials the app from.
     pub(crate) fn inbound_source(&self, ip: IpAddr) -> bool {
         self.inbound_sources.contains(&ip)
@@ -280,6 +336,7 @@ impl Profile {
                 .find_map(|a| p.annotations.get(a))
                 .map_or(h.default, |v| match &h.key {
                     Some(k) => super::config_flag(v, k),
+                    None if h.seconds => v.trim().parse::<f64>().is_ok_and(|n| n > 0.0),
                     None => h.on.iter().any(|on| v.trim().eq_ignore_ascii_case(on)),
                 })
         });

@@ -49,63 +49,113 @@ fn istio_recommendations_are_filled_in() {
     assert!(r.contains("istio-proxy runs as a native sidecar"));
 }
 
+/// A file written to a scratch directory of this test; removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("connscope-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    fn file(&self, text: &str) -> std::path::PathBuf {
+        let f = self.0.join("profiles.toml");
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
-fn an_operators_file_replaces_by_name_and_adds() {
-    let dir = std::env::temp_dir().join(format!("connscope-profiles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("p.toml");
-    let istio = BUILTIN.split("# ----").nth(1).unwrap().replace(
-        "proxy_containers = [\"istio-proxy\"]",
-        "proxy_containers = [\"my-envoy\"]",
+fn an_operators_file_changes_a_profile_or_adds_one() {
+    let dir = Scratch::new("profiles");
+    let f = dir.file(
+        r#"
+# Our Istio build names its proxy container differently.
+[[profile]]
+name = "istio"
+proxy_containers = ["my-envoy"]
+[profile.recommendations]
+shutdown = "ask the platform team"
+
+# Our own Envoy-based mesh: Istio's shape, its own uid and name.
+[[profile]]
+name = "acme"
+extends = "istio"
+proxy_containers = ["acme-proxy"]
+proxy_uids = [4242]
+"#,
     );
-    let own = istio
-        .replace("name = \"istio\"", "name = \"acme\"")
-        .replace("proxy_uids = [1337]", "proxy_uids = [4242]")
-        .replace(
-            "proxy_containers = [\"my-envoy\"]",
-            "proxy_containers = [\"acme-proxy\"]",
-        );
-    std::fs::write(&f, format!("# ----{istio}\n# ----{own}")).unwrap();
     let p = Profiles::load(Some(&f)).unwrap();
+    let istio = p.get("istio").unwrap();
     assert_eq!(
         p.by_container("my-envoy").map(|m| m.name.as_str()),
         Some("istio")
     );
     assert!(p.by_container("istio-proxy").is_none());
+    assert_eq!(istio.shutdown_recommendation(), "ask the platform team");
+    assert!(
+        istio
+            .recommendations
+            .startup
+            .contains("holdApplicationUntilProxyStarts")
+    );
+    assert_eq!(
+        (istio.outbound_port, istio.proxy_uids.as_slice()),
+        (15001, &[1337][..])
+    );
+    let acme = p.get("acme").unwrap();
     assert_eq!(
         p.by_listen(4242, 15001).map(|m| m.name.as_str()),
         Some("acme")
     );
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(acme.proxy_containers, ["acme-proxy"]);
+    // It extends the changed Istio profile, file order.
+    assert_eq!(acme.shutdown_recommendation(), "ask the platform team");
 }
 
 #[test]
 fn bad_files_say_why() {
-    let dir = std::env::temp_dir().join(format!("connscope-badprofiles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("p.toml");
+    let dir = Scratch::new("badprofiles");
     for (text, why) in [
         ("[[profile]]\nname = \"x\"\n", "missing field"),
-        ("[[profile]\n", "not a profiles file"),
-        ("nonsense = 1\n", "unknown field"),
+        ("[[profile]\n", "not a TOML file"),
+        ("nonsense = 1\n", "unknown key `nonsense`"),
+        ("[[profile]]\nproxy_uids = [1]\n", "needs a `name`"),
+        (
+            "[[profile]]\nname = \"x\"\nextends = \"nope\"\n",
+            "not defined before it",
+        ),
+        (
+            "[[profile]]\nname = \"istio\"\nproxy_portz = [1]\n",
+            "unknown field `proxy_portz`",
+        ),
+        (
+            "[[profile]]\nname = \"Istio Mesh\"\nextends = \"istio\"\n",
+            "[a-z0-9-]",
+        ),
+        (
+            "[[profile]]\nname = \"istio\"\noutbound_port = 9\n",
+            "proxy_ports must hold outbound_port",
+        ),
+        (
+            "[[profile]]\nname = \"istio\"\nreserved_ports = [\"9-1\"]\n",
+            "empty port range",
+        ),
     ] {
-        std::fs::write(&f, text).unwrap();
-        let e = format!("{:#}", Profiles::load(Some(&f)).unwrap_err());
-        assert!(e.contains(why), "{e}");
+        let e = format!("{:#}", Profiles::load(Some(&dir.file(text))).unwrap_err());
+        assert!(e.contains(why), "{why:?} in {e}");
     }
-    let bad_name = BUILTIN
-        .split("# ----")
-        .nth(1)
-        .unwrap()
-        .replace("name = \"istio\"", "name = \"Istio Mesh\"");
-    std::fs::write(&f, format!("# ----{bad_name}")).unwrap();
-    let e = format!("{:#}", Profiles::load(Some(&f)).unwrap_err());
-    assert!(e.contains("[a-z0-9-]"), "{e}");
     assert!(
-        format!("{:#}", Profiles::load(Some(&dir)).unwrap_err()).contains("not a regular file")
+        format!("{:#}", Profiles::load(Some(&dir.0)).unwrap_err()).contains("not a regular file")
     );
-    assert!(Profiles::load(Some(&dir.join("absent"))).is_err());
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(Profiles::load(Some(&dir.0.join("absent"))).is_err());
 }
 
 #[test]
@@ -138,54 +188,78 @@ fn config_flag_reads_json_and_yaml() {
     ));
 }
 
-/// The other meshes' profiles as their sources give them
-/// (/work/shared/mesh-facts.md): told apart by container and by uid's
-/// LISTEN, even where they share Istio's outbound port.
 #[test]
-fn linkerd_kuma_and_consul_profiles() {
+fn other_meshes_are_told_apart_by_uid_and_port() {
     let p = Profiles::builtin();
-    let name = |m: Option<&Arc<Profile>>| m.map(|m| m.name.clone());
+    for (uid, port, mesh) in [
+        (2102, 4140, "linkerd"),
+        (5678, 15001, "kuma"),
+        (5995, 15001, "consul"),
+        (1337, 15001, "istio"),
+    ] {
+        assert_eq!(p.by_listen(uid, port).map(|m| m.name.as_str()), Some(mesh));
+    }
     assert_eq!(
-        name(p.by_container("linkerd-proxy")).as_deref(),
+        p.by_container("linkerd-proxy").map(|m| m.name.as_str()),
         Some("linkerd")
     );
-    assert_eq!(
-        name(p.by_container("kuma-sidecar")).as_deref(),
-        Some("kuma")
-    );
-    assert_eq!(
-        name(p.by_container("consul-dataplane")).as_deref(),
-        Some("consul")
-    );
-    assert_eq!(name(p.by_listen(2102, 4140)).as_deref(), Some("linkerd"));
-    assert_eq!(name(p.by_listen(5678, 15001)).as_deref(), Some("kuma"));
-    assert_eq!(name(p.by_listen(5995, 15001)).as_deref(), Some("consul"));
-    assert_eq!(name(p.by_listen(1337, 15001)).as_deref(), Some("istio"));
-    assert_eq!(name(p.by_uid(5996)).as_deref(), Some("consul"));
     assert_eq!(p.outbound_ports(), [4140, 15001]);
-    let linkerd = p.get("linkerd").unwrap();
-    assert!(linkerd.hold.as_ref().is_some_and(|h| h.default));
-    let none = Mitigation {
-        hold: Some(false),
-        native_sidecar: Some(false),
+    let consul = p.get("consul").unwrap();
+    // Consul captures the pod's own address and 127.0.0.2, not 127.0.0.1.
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(consul.never_captured(ip("127.0.0.1"), None, &[]));
+    assert!(!consul.never_captured(ip("127.0.0.2"), None, &[]));
+    assert!(!consul.never_captured(ip("10.0.0.2"), Some(ip("10.0.0.2")), &[ip("10.0.0.2")]));
+    let istio = p.get("istio").unwrap();
+    assert!(istio.never_captured(ip("10.0.0.2"), Some(ip("10.0.0.2")), &[]));
+}
+
+#[test]
+fn each_mesh_reads_its_own_mitigation() {
+    use crate::k8s::PodInfo;
+    let p = Profiles::builtin();
+    let pod = |ann: &[(&str, &str)]| PodInfo {
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..crate::k8s::pod::tests_support::pod()
     };
-    assert!(
-        linkerd
-            .startup_recommendation(&none, true)
-            .starts_with("set config.linkerd.io/proxy-await: enabled")
+    let linkerd = p.get("linkerd").unwrap();
+    assert_eq!(
+        linkerd.mitigation(&pod(&[])).hold,
+        Some(true),
+        "on by default"
     );
-    let kuma = p.get("kuma").unwrap();
-    assert!(kuma.inbound_source("127.0.0.6".parse().unwrap()));
-    assert!(
-        kuma.startup_recommendation(&none, true)
-            .contains("kuma.io/wait-for-dataplane-ready")
+    assert_eq!(
+        linkerd
+            .mitigation(&pod(&[("config.linkerd.io/proxy-await", "disabled")]))
+            .hold,
+        Some(false)
     );
     let consul = p.get("consul").unwrap();
-    assert!(consul.hold.is_none());
-    assert!(consul.reserved(20450) && consul.reserved(20000) && !consul.reserved(8080));
+    let grace = "consul.hashicorp.com/sidecar-proxy-lifecycle-startup-grace-period-seconds";
+    assert_eq!(consul.mitigation(&pod(&[(grace, "0")])).hold, Some(false));
+    assert_eq!(consul.mitigation(&pod(&[(grace, "15")])).hold, Some(true));
+    let kuma = p.get("kuma").unwrap();
+    assert_eq!(kuma.mitigation(&pod(&[])).hold, Some(false));
+    assert_eq!(
+        kuma.mitigation(&pod(&[("kuma.io/wait-for-dataplane-ready", "enabled")]))
+            .hold,
+        Some(true)
+    );
+    let marked = pod(&[("consul.hashicorp.com/connect-inject-status", "injected")]);
+    assert_eq!(p.of_pod(&marked).map(|m| m.name.as_str()), Some("consul"));
     assert!(
-        consul
-            .startup_recommendation(&none, true)
-            .contains("sidecar-proxy-lifecycle-startup-grace-period-seconds")
+        p.of_pod(&pod(&[(
+            "consul.hashicorp.com/connect-inject-status",
+            "skipped"
+        )]))
+        .is_none()
+    );
+    assert!(
+        linkerd
+            .startup_recommendation(&Mitigation::default(), true)
+            .contains("proxy-await")
     );
 }

@@ -455,3 +455,4 @@ impl KernelEvent {
 
 mod capture;
 mod inbound;
+mod mesh;
