@@ -204,6 +204,12 @@ pub struct Config {
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
     pub net_inum: u32,
+    /// `struct sock`.__sk_common.skc_net.net (BTF): the socket's own network
+    /// namespace, which LISTEN and LISTEN_CLOSE records carry. A socket may
+    /// be created in one netns and bound and listened on from another (Istio
+    /// ambient's ztunnel does exactly that for each pod): the calling task's
+    /// netns would then name ztunnel's, not the pod's.
+    pub sock_net: u32,
     /// `struct sock` members (BTF) read by the raw-tracepoint variant of the
     /// socket state hook, which gets the socket pointer instead of a record:
     /// sk_protocol and, in `__sk_common`, skc_family, skc_dport, skc_rcv_saddr,
@@ -283,6 +289,7 @@ impl Config {
         task_nsproxy: OFFSET_UNKNOWN,
         nsproxy_net_ns: OFFSET_UNKNOWN,
         net_inum: OFFSET_UNKNOWN,
+        sock_net: OFFSET_UNKNOWN,
         sk_protocol: OFFSET_UNKNOWN,
         skc_family: OFFSET_UNKNOWN,
         inet_sport: OFFSET_UNKNOWN,

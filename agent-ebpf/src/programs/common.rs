@@ -105,6 +105,21 @@ fn current_netns(cfg: &Config) -> Option<u32> {
     read_kernel(net, cfg.net_inum)
 }
 
+/// Network namespace inode of the socket `sk` itself
+/// (`sk->__sk_common.skc_net.net->ns.inum`, BTF offsets): not the calling
+/// task's, which differs when a socket made in one netns is used from another.
+#[inline(always)]
+pub(crate) fn sock_netns(cfg: &Config, sk: u64) -> Option<u32> {
+    if cfg.sock_net == OFFSET_UNKNOWN || cfg.net_inum == OFFSET_UNKNOWN {
+        return None;
+    }
+    let net: u64 = read_kernel(sk, cfg.sock_net)?;
+    if net == 0 {
+        return None;
+    }
+    read_kernel(net, cfg.net_inum)
+}
+
 /// Everything about the current task an event carries.
 #[inline(always)]
 pub(crate) fn current_ctx(cfg: &Config, start_ns: u64) -> SockCtx {

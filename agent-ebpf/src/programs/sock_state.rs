@@ -12,7 +12,9 @@ use aya_ebpf::{
 use connscope_ebpf::{Config, OFFSET_UNKNOWN, flags, kind};
 
 use super::{
-    common::{AF_INET6, TCP_SYN_SENT, cfg_field, config, current_ctx, now, read, read_kernel},
+    common::{
+        AF_INET6, TCP_SYN_SENT, cfg_field, config, current_ctx, now, read, read_kernel, sock_netns,
+    },
     emit::emit,
     maps::{EMPTY_CTX, SYNSENT, SockCtx, active_pending},
 };
@@ -199,7 +201,14 @@ fn sock_state(cfg: &Config, sk: u64, old: i32, new: i32, src: &impl SockSrc) {
             kind::LISTEN_CLOSE
         };
         let ts = now();
-        let c = current_ctx(cfg, ts);
+        let mut c = current_ctx(cfg, ts);
+        // A listener belongs to its socket's netns, whoever calls listen()
+        // or close(): ztunnel listens in each ambient pod's netns from its
+        // own, and a close at exit runs after the task's nsproxy is gone.
+        if let Some(n) = sock_netns(cfg, sk) {
+            c.netns = n;
+            c.flags |= flags::NETNS_KNOWN;
+        }
         let family = src.family();
         let sport = src.sport();
         let saddr = src.addrs(family).0;

@@ -119,13 +119,20 @@ pub(crate) fn restore(
             .or_insert(a);
     }
     let mut restored = 0;
-    for (pid, pods) in by_ns.values() {
+    for (ns, (pid, pods)) in &by_ns {
         let mut listeners = Vec::new();
         for f in ["net/tcp", "net/tcp6"] {
             let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join(f))
                 .unwrap_or_default();
             listeners.extend(parse_proc_net_tcp(&text));
         }
+        // Ambient pods: ztunnel's listeners are in the pod's netns, but
+        // no process of the pod owns them.
+        let all: BTreeSet<u16> = listeners.iter().map(|l| l.port).collect();
+        let all: Vec<u16> = all.into_iter().collect();
+        let in_ns: Vec<Arc<crate::attribute::Attribution>> = pods.values().cloned().collect();
+        let now = crate::kernel::decode::Clock::mono_now();
+        tracker.restore_ambient(*ns as u32, &in_ns, &all, now);
         // The pod's mesh: the first profile whose proxy uid listens on one
         // of its ports.
         let Some(mesh) = listeners
@@ -148,7 +155,6 @@ pub(crate) fn restore(
         }
         let ports: Vec<u16> = ports.into_iter().collect();
         let app: Vec<SocketAddr> = app.into_iter().collect();
-        let now = crate::kernel::decode::Clock::mono_now();
         for a in pods.values() {
             tracker.restore_ready(a.clone(), &mesh, &ports, now);
             tracker.restore_app(a.clone(), &app, now);

@@ -36,7 +36,7 @@ use crate::{
     export::json::KernelJson,
     export::metrics::Metrics,
     kernel::decode::KernelEvent,
-    race::{Capture, Phase, Profile},
+    race::{Capture, Phase},
 };
 
 /// What an `/events` line says.
@@ -50,7 +50,7 @@ pub(crate) enum LineBody {
         ev: Box<KernelEvent>,
         phase: Option<Phase>,
         capture: Option<Capture>,
-        mesh: Option<Arc<Profile>>,
+        mesh: Option<Arc<str>>,
     },
 }
 
@@ -74,13 +74,14 @@ impl EventLine {
                 phase,
                 capture,
                 mesh,
-            } => {
-                let mesh = mesh.as_deref().map(|m| m.name.as_str());
-                serde_json::to_string(&KernelJson::from_kernel(
-                    ev, &self.who, *phase, *capture, mesh,
-                ))
-                .unwrap_or_else(|e| format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}"))
-            }
+            } => serde_json::to_string(&KernelJson::from_kernel(
+                ev,
+                &self.who,
+                *phase,
+                *capture,
+                mesh.as_deref(),
+            ))
+            .unwrap_or_else(|e| format!("{{\"type\":\"unserialisable\",\"error\":\"{e}\"}}")),
         }
     }
 }

@@ -25,7 +25,10 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Capture, InboundSummary, Output, Phase, Profile, RaceSummary, When, mesh::NO_MESH},
+    race::{
+        AmbientOut, Capture, Enrollment, InboundSummary, Output, Phase, RaceSummary, When,
+        mesh::NO_MESH,
+    },
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -288,11 +291,11 @@ impl Exporter {
                 mesh,
             } => {
                 if let (Some(p), Some(m)) = (phase, m) {
-                    let name = mesh.as_deref().map_or(NO_MESH, |p| p.name.as_str());
-                    m.failure(&who, ev.errno, p, name, now);
+                    m.failure(&who, ev.errno, p, mesh.as_deref().unwrap_or(NO_MESH), now);
                 }
                 self.kernel_event(ev, who, phase, capture, mesh)
             }
+            Output::Ambient(a) => self.ambient(a, m),
             Output::PodStarted {
                 who,
                 injected,
@@ -351,7 +354,7 @@ impl Exporter {
         who: Arc<Attribution>,
         phase: Option<Phase>,
         capture: Option<Capture>,
-        mesh: Option<Arc<Profile>>,
+        mesh: Option<Arc<str>>,
     ) -> std::io::Result<()> {
         if matches!(ev.kind, Kind::Exec | Kind::Exit) && !self.opts.process_events {
             return Ok(());
@@ -377,9 +380,52 @@ impl Exporter {
             });
             return Ok(());
         }
-        let name = mesh.as_deref().map(|m| m.name.as_str());
-        let rec = KernelJson::from_kernel(&ev, &who, phase, capture, name);
+        let rec = KernelJson::from_kernel(&ev, &who, phase, capture, mesh.as_deref());
         self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
+    }
+
+    /// An ambient enrollment change: its line, the Kubernetes Event of a
+    /// lost or missing enrollment, and the unenrolled-pods gauge.
+    fn ambient(&mut self, a: AmbientOut, m: Option<&mut Metrics>) -> std::io::Result<()> {
+        match a {
+            AmbientOut::Unenrolled(mesh, pods) => {
+                if let Some(m) = m {
+                    m.set_ambient_unenrolled(&mesh, &pods);
+                }
+                Ok(())
+            }
+            AmbientOut::Line(l) => {
+                if let Some(m) = m {
+                    m.ambient_enrollment(&l.who, &l.mesh, l.state.as_str());
+                }
+                if let (Some(q), Some(ns), Some(pod)) =
+                    (&self.opts.k8s_events, &l.who.namespace, &l.who.pod)
+                    && let Some((reason, what)) = match l.state {
+                        Enrollment::Lost => Some((
+                            "AmbientEnrollmentLost",
+                            "ztunnel's HBONE listener (15008) in this pod's network namespace closed",
+                        )),
+                        Enrollment::Never => Some((
+                            "AmbientNeverEnrolled",
+                            "ztunnel never listened (HBONE, 15008) in this pod's network namespace",
+                        )),
+                        Enrollment::Enrolled => None,
+                    }
+                {
+                    let secs = l.unenrolled_seconds.unwrap_or(0.0);
+                    let rec = l.recommendation.as_deref().unwrap_or("");
+                    q.send(PodEvent {
+                        namespace: ns.clone(),
+                        pod: pod.clone(),
+                        uid: l.who.pod_uid.clone(),
+                        reason,
+                        note: format!("{what}: out of the mesh for {secs:.0}s. {rec}"),
+                    });
+                }
+                let line = Summary::now("ambient_enrollment", &l);
+                self.emit("ambient_enrollment", &l.who, None, &line)
+            }
+        }
     }
 
     /// Whether anybody reads JSON (a stream or the /events buffer); if not,

@@ -208,6 +208,7 @@ fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> (bool, Config) 
         }
         .into(),
     });
+    items.push(listener_netns_item(&cfg));
     for m in disc.missing_btf {
         items.push(Item {
             name: "BTF offset".into(),
@@ -216,6 +217,25 @@ fn hook_items(root: &Path, btf: &Path, items: &mut Vec<Item>) -> (bool, Config) 
         });
     }
     (any_core, cfg)
+}
+
+/// Whether listeners carry their socket's own network namespace (Istio
+/// ambient's ztunnel listens in each pod's netns from its own).
+fn listener_netns_item(cfg: &Config) -> Item {
+    use connscope_ebpf::OFFSET_UNKNOWN;
+    let ok = cfg.sock_net != OFFSET_UNKNOWN && cfg.net_inum != OFFSET_UNKNOWN;
+    Item {
+        name: "socket netns".into(),
+        ok,
+        detail: if ok {
+            format!(
+                "sock.__sk_common.skc_net.net at {}, net.ns.inum at {}: listeners are keyed by their socket's network namespace (ambient enrollment)",
+                cfg.sock_net, cfg.net_inum
+            )
+        } else {
+            "sock.__sk_common.skc_net.net missing: listeners carry the calling task's network namespace, so ztunnel's listeners in ambient pods are not seen in them".into()
+        },
+    }
 }
 
 /// The connect path the agent would use here (`--connect-path auto`).

@@ -244,6 +244,7 @@ pub(crate) fn discover(tracefs: &Path, btf_path: &Path) -> (Config, Discovery) {
             cfg.task_nsproxy = get("task_struct", &["nsproxy"]);
             cfg.nsproxy_net_ns = get("nsproxy", &["net_ns"]);
             cfg.net_inum = get("net", &["ns", "inum"]);
+            cfg.sock_net = get("sock", &["__sk_common", "skc_net", "net"]);
             cfg.sk_protocol = get("sock", &["sk_protocol"]);
             let common = |m: &'static str| ["__sk_common", m];
             cfg.skc_family = get("sock", &common("skc_family"));
@@ -363,6 +364,10 @@ print fmt: \"family=%s\"
         let family = btf_member_offset(&btf, "sock", &["__sk_common", "skc_family"]).unwrap();
         let state = btf_member_offset(&btf, "sock", &["__sk_common", "skc_state"]).unwrap();
         assert_eq!(state, family + 2, "sock_common layout");
+        // A listener's own netns: sk->__sk_common.skc_net.net, inside struct
+        // sock_common (before skc_family's neighbours end), a pointer.
+        let net = btf_member_offset(&btf, "sock", &["__sk_common", "skc_net", "net"]).unwrap();
+        assert!(net < 136 && net.is_multiple_of(8), "skc_net at {net}");
         // The capture-reset hook's netns: skb->dev->nd_net.net.
         assert!(btf_member_offset(&btf, "sk_buff", &["dev"]).is_ok());
         assert!(btf_member_offset(&btf, "net_device", &["nd_net", "net"]).is_ok());

@@ -195,6 +195,12 @@ impl PodState {
         }
     }
 
+    /// The pod's mesh for its kernel events' lines and metrics (None: no
+    /// mesh known).
+    pub(super) fn mesh_label(&self) -> Option<Arc<str>> {
+        self.profile.as_ref().map(|m| Arc::clone(&m.label))
+    }
+
     /// The `mesh` label of the pod's events and summaries.
     pub(super) fn mesh(&self) -> &str {
         self.profile

@@ -124,8 +124,9 @@ impl Profiles {
     }
 
     /// Adds `profile` (made from `table`), or replaces the one of its name.
-    fn put(&mut self, profile: Profile, table: toml::Table) -> Result<()> {
+    fn put(&mut self, mut profile: Profile, table: toml::Table) -> Result<()> {
         profile.validate().map_err(anyhow::Error::msg)?;
+        profile.label = Arc::from(profile.name.as_str());
         if let Some(at) = self.list.iter().position(|p| p.name == profile.name) {
             self.list[at] = Arc::new(profile);
             self.tables[at] = table;

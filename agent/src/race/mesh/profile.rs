@@ -183,6 +183,9 @@ pub struct Recommendations {
 pub struct Profile {
     /// The `mesh` label (`istio`, `linkerd`): short, stable, lower case.
     pub name: String,
+    /// `name`, shared by every event of the mesh's pods (set on load).
+    #[serde(skip)]
+    pub label: std::sync::Arc<str>,
     #[serde(default)]
     pub mode: Mode,
     /// The proxy's container names.

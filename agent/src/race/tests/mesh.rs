@@ -64,7 +64,7 @@ fn a_linkerd_pod_is_known_by_its_proxys_listen_and_races_on_4140() {
             .contains("config.linkerd.io/proxy-await")
     );
     assert!(out.iter().any(|o| matches!(o,
-        Output::Event { mesh: Some(m), phase: Some(_), .. } if m.name == "linkerd")));
+        Output::Event { mesh: Some(m), phase: Some(_), .. } if &**m == "linkerd")));
 }
 
 #[test]

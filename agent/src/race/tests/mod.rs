@@ -453,6 +453,7 @@ impl KernelEvent {
     }
 }
 
+mod ambient;
 mod capture;
 mod inbound;
 mod mesh;
