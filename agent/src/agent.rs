@@ -110,6 +110,7 @@ impl Agent {
             proxy_uid: args.proxy_uid,
             hold_ns: (args.hold_seconds.max(0.0) * 1e9) as u64,
             kernel_capture,
+            ambient_grace_ns: (args.ambient_grace_seconds.max(0.0) * 1e9) as u64,
             ..race::Config::default()
         });
         let mut who = attributor(args);

@@ -168,6 +168,10 @@ pub struct RunArgs {
     /// starts a pod's containers within moments of each other).
     #[arg(long, default_value_t = 5.0)]
     pub hold_seconds: f64,
+    /// How long an Istio ambient pod may be without ztunnel's HBONE listener
+    /// (15008) in its network namespace before it is reported unenrolled.
+    #[arg(long, default_value_t = 30.0)]
+    pub ambient_grace_seconds: f64,
 }
 
 /// `--http-auth`.

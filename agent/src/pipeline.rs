@@ -128,6 +128,14 @@ impl Pipeline {
             crate::k8s::Update::Delete(uid) => self.revisions.gone(uid),
             _ => {}
         }
+        match &u {
+            crate::k8s::Update::Apply(p) => self.tracker.ambient_api(p),
+            crate::k8s::Update::Replace(all) => {
+                all.iter().for_each(|p| self.tracker.ambient_api(p))
+            }
+            crate::k8s::Update::Delete(uid) => self.tracker.ambient_forget(uid),
+            _ => {}
+        }
         if let Some(p) = &mut self.pods {
             p.apply(u);
         }

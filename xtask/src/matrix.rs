@@ -44,6 +44,7 @@ pub(crate) const GUEST_TESTS: &[&str] = &[
     "race::agent_restarted_while_sidecar_is_up",
     "shutdown::sigterm_mid_flood_exits_fast_and_detaches_everything",
     "capture::captured_destination_every_refusal_is_the_race",
+    "ambient::listener_is_in_the_socket_s_netns_not_the_caller_s",
 ];
 
 /// Guests booted at once: under TCG each runs on one host thread.

@@ -120,13 +120,15 @@ pub(crate) fn restore(
             .or_insert(a);
     }
     let mut restored = 0;
-    for (pid, pods) in by_ns.values() {
+    for (ns, (pid, pods)) in &by_ns {
         let mut ports = HashSet::new();
         let mut app = BTreeSet::new();
+        let mut all = BTreeSet::new();
         for f in ["net/tcp", "net/tcp6"] {
             let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join(f))
                 .unwrap_or_default();
             for l in parse_proc_net_tcp(&text) {
+                all.insert(l.port);
                 if l.uid == proxy_uid {
                     if sidecar_ports.contains(&l.port) {
                         ports.insert(l.port);
@@ -138,12 +140,17 @@ pub(crate) fn restore(
                 }
             }
         }
+        // Ambient pods: ztunnel's listeners are in the pod's netns, but
+        // no process of the pod owns them.
+        let all: Vec<u16> = all.into_iter().collect();
+        let in_ns: Vec<Arc<crate::attribute::Attribution>> = pods.values().cloned().collect();
+        let now = crate::kernel::decode::Clock::mono_now();
+        tracker.restore_ambient(*ns as u32, &in_ns, &all, now);
         if ports.is_empty() {
             continue;
         }
         let ports: Vec<u16> = ports.into_iter().collect();
         let app: Vec<SocketAddr> = app.into_iter().collect();
-        let now = crate::kernel::decode::Clock::mono_now();
         for a in pods.values() {
             tracker.restore_ready(a.clone(), &ports, now);
             tracker.restore_app(a.clone(), &app, now);

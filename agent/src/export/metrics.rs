@@ -53,6 +53,10 @@ pub struct Metrics {
     /// 1 per workload revision (template hash, proxy version) of the
     /// injected pods running on this node.
     pub workload_revision_info: IntGaugeVec,
+    /// Ambient pods without ztunnel's HBONE listener past the grace period.
+    pub ambient_unenrolled_pods: IntGaugeVec,
+    /// Its series, to remove the ones that went back to none.
+    ambient_series: std::collections::BTreeSet<Vec<String>>,
     /// The series `workload_revision_info` has, to remove the ones whose
     /// last pod left.
     revision_series: std::collections::BTreeSet<Series>,
@@ -271,6 +275,17 @@ impl Metrics {
                     &["namespace", "workload", "revision", "proxy_version"],
                 ),
             )?,
+            ambient_unenrolled_pods: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "connscope_ambient_unenrolled_pods",
+                        "Istio ambient pods (marked by the API) whose network namespace has had no ztunnel HBONE listener (15008) for longer than --ambient-grace-seconds",
+                    ),
+                    &wl,
+                ),
+            )?,
+            ambient_series: Default::default(),
             revision_series: Default::default(),
             event_kinds: RecordType::ALL
                 .into_iter()
@@ -420,6 +435,33 @@ impl Metrics {
                 .set(1);
         }
         self.revision_series = now.clone();
+    }
+
+    /// Sets the unenrolled ambient pods per workload (the whole set: series
+    /// with none left are removed).
+    pub(crate) fn set_ambient_unenrolled(&mut self, pods: &[Arc<Attribution>]) {
+        let mut now: std::collections::BTreeMap<Vec<String>, i64> = Default::default();
+        for who in pods {
+            let mut l = vec![
+                who.namespace.clone().unwrap_or_default(),
+                who.workload.clone().unwrap_or_default(),
+            ];
+            if self.pod_labels {
+                l.push(who.pod.clone().unwrap_or_default());
+            }
+            *now.entry(l).or_default() += 1;
+        }
+        for gone in self.ambient_series.iter().filter(|l| !now.contains_key(*l)) {
+            let _ = self
+                .ambient_unenrolled_pods
+                .remove_label_values(&strs(gone));
+        }
+        for (l, n) in &now {
+            self.ambient_unenrolled_pods
+                .with_label_values(&strs(l))
+                .set(*n);
+        }
+        self.ambient_series = now.into_keys().collect();
     }
 
     /// Drops series of workloads not seen for `series_ttl`.

@@ -25,7 +25,7 @@ use crate::{
         decode::KernelEvent,
         kind::{Kind, RecordCounts},
     },
-    race::{Capture, InboundSummary, Output, Phase, RaceSummary, When},
+    race::{AmbientOut, Capture, Enrollment, InboundSummary, Output, Phase, RaceSummary, When},
 };
 use http::{EventLine, LineBody, Shared};
 use json::{KernelJson, Sink, Summary};
@@ -285,12 +285,17 @@ impl Exporter {
                 who,
                 phase,
                 capture,
+                mesh,
             } => {
                 if let (Some(p), Some(m)) = (phase, m) {
                     m.failure(&who, ev.errno, p, now);
                 }
-                self.kernel_event(ev, who, phase, capture)
+                match mesh {
+                    Some(mesh) => self.meshed_event(ev, who, phase, capture, &mesh),
+                    None => self.kernel_event(ev, who, phase, capture),
+                }
             }
+            Output::Ambient(a) => self.ambient(a, m),
             Output::PodStarted { who, injected } => {
                 if let Some(m) = m {
                     m.pod_started(&who, injected);
@@ -371,6 +376,69 @@ impl Exporter {
         }
         let rec = KernelJson::from_kernel(&ev, &who, phase, capture);
         self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &rec)
+    }
+
+    /// A kernel event of a pod of another mesh than the sidecar default:
+    /// its line carries `mesh` (serialised at once).
+    fn meshed_event(
+        &mut self,
+        ev: KernelEvent,
+        who: Arc<Attribution>,
+        phase: Option<Phase>,
+        capture: Option<Capture>,
+        mesh: &str,
+    ) -> std::io::Result<()> {
+        if !self.wants_json() {
+            return Ok(());
+        }
+        if self.json_deadline.is_some_and(|d| Instant::now() >= d) {
+            self.json_skipped += 1;
+            return Ok(());
+        }
+        let rec = KernelJson::from_kernel(&ev, &who, phase, capture);
+        let line = crate::race::ambient::Meshed { line: &rec, mesh };
+        self.emit(rec.kind, &who, phase.map(|p| p.as_str()), &line)
+    }
+
+    /// An ambient enrollment change: its line, the Kubernetes Event of a
+    /// lost or missing enrollment, and the unenrolled-pods gauge.
+    fn ambient(&mut self, a: AmbientOut, m: Option<&mut Metrics>) -> std::io::Result<()> {
+        match a {
+            AmbientOut::Unenrolled(pods) => {
+                if let Some(m) = m {
+                    m.set_ambient_unenrolled(&pods);
+                }
+                Ok(())
+            }
+            AmbientOut::Line(l) => {
+                if let (Some(q), Some(ns), Some(pod)) =
+                    (&self.opts.k8s_events, &l.who.namespace, &l.who.pod)
+                    && let Some((reason, what)) = match l.state {
+                        Enrollment::Lost => Some((
+                            "AmbientEnrollmentLost",
+                            "ztunnel's HBONE listener (15008) in this pod's network namespace closed",
+                        )),
+                        Enrollment::Never => Some((
+                            "AmbientNeverEnrolled",
+                            "ztunnel never listened (HBONE, 15008) in this pod's network namespace",
+                        )),
+                        Enrollment::Enrolled => None,
+                    }
+                {
+                    let secs = l.unenrolled_seconds.unwrap_or(0.0);
+                    let rec = l.recommendation.as_deref().unwrap_or("");
+                    q.send(PodEvent {
+                        namespace: ns.clone(),
+                        pod: pod.clone(),
+                        uid: l.who.pod_uid.clone(),
+                        reason,
+                        note: format!("{what}: out of the mesh for {secs:.0}s. {rec}"),
+                    });
+                }
+                let line = Summary::now("ambient_enrollment", &l);
+                self.emit("ambient_enrollment", &l.who, None, &line)
+            }
+        }
     }
 
     /// Whether anybody reads JSON (a stream or the /events buffer); if not,

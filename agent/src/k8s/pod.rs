@@ -52,6 +52,8 @@ pub struct IstioAnnotations {
     pub include_outbound_ip_ranges: Option<String>,
     pub exclude_outbound_ip_ranges: Option<String>,
     pub exclude_outbound_ports: Option<String>,
+    /// Istio ambient's pod annotation and label (`race::ambient` reads them).
+    pub ambient: crate::race::ambient::AmbientMarks,
 }
 
 /// What the API says about one pod of this node.
@@ -256,6 +258,9 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
             include_outbound_ip_ranges: ann("traffic.sidecar.istio.io/includeOutboundIPRanges"),
             exclude_outbound_ip_ranges: ann("traffic.sidecar.istio.io/excludeOutboundIPRanges"),
             exclude_outbound_ports: ann("traffic.sidecar.istio.io/excludeOutboundPorts"),
+            ambient: crate::race::ambient::AmbientMarks::read(ann, |k| {
+                m.labels.as_ref().and_then(|l| l.get(k)).cloned()
+            }),
         },
         pod_ips: pod_ips(pod),
         spec_containers: spec_containers(pod),

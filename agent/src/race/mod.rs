@@ -11,6 +11,7 @@
 //! summaries in `summary`, and what is Istio's own (ports, uid, names,
 //! annotations, recommendations) in `istio`.
 
+pub mod ambient;
 mod capture;
 mod inbound;
 pub mod istio;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::{attribute::Attribution, kernel::decode::KernelEvent};
+pub use ambient::{AmbientEnrollment, AmbientOut, AmbientProfile, Enrollment};
 pub use inbound::When;
 pub use istio::config_flag;
 pub use istio::{CaptureRules, Mitigation, api_hints};
@@ -166,6 +168,10 @@ pub struct Config {
     pub capture_match_ns: u64,
     /// Capture resets kept at most, waiting for their failure.
     pub max_capture_resets: usize,
+    /// Istio ambient's facts (ztunnel's ports and name, the pod marks).
+    pub ambient: AmbientProfile,
+    /// An ambient pod without ztunnel's HBONE listener this long is reported.
+    pub ambient_grace_ns: u64,
 }
 
 impl Default for Config {
@@ -186,6 +192,8 @@ impl Default for Config {
             kernel_capture: false,
             capture_match_ns: 1_000_000_000,
             max_capture_resets: 4096,
+            ambient: AmbientProfile::default(),
+            ambient_grace_ns: 30_000_000_000,
         }
     }
 }
@@ -212,6 +220,9 @@ pub enum Output {
         who: Arc<Attribution>,
         phase: Option<Phase>,
         capture: Option<Capture>,
+        /// The mesh of a failure whose mesh is not the sidecar default
+        /// (`istio-ambient`); `mesh` in its JSON line.
+        mesh: Option<Arc<str>>,
     },
     /// A pod first seen starting, once its injection is known.
     PodStarted {
@@ -226,6 +237,8 @@ pub enum Output {
     AppListen(AppListen),
     /// An inbound race (start-up, shutdown) or bind mismatch of one pod.
     InboundRace(InboundSummary),
+    /// An ambient pod's enrollment changed, or the unenrolled set did.
+    Ambient(AmbientOut),
 }
 
 #[cfg(test)]

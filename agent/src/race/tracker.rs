@@ -6,6 +6,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use super::{
     Capture, Config, Hints, Output, Phase,
+    ambient::Ambient,
     capture::Resets,
     inbound::{Due, When},
     pod::{ECONNREFUSED, PodState},
@@ -46,6 +47,8 @@ pub struct Tracker {
     held_total: usize,
     /// Recent capture resets, waiting for the failures they prove captured.
     resets: Resets,
+    /// Ambient pods' enrollment, by network namespace.
+    ambient: Ambient,
     pub stats: Stats,
 }
 
@@ -59,6 +62,7 @@ impl Tracker {
             gone: Vec::new(),
             held_total: 0,
             resets: Resets::default(),
+            ambient: Ambient::default(),
             stats: Stats::default(),
         }
     }
@@ -124,6 +128,7 @@ impl Tracker {
                 .partition(|(_, t)| *t <= horizon);
             self.gone = keep;
             for (uid, _) in due {
+                self.ambient.forget(&uid);
                 self.finalise(&uid, out);
             }
         }
@@ -175,6 +180,29 @@ impl Tracker {
         p.inbound.restore(listeners);
     }
 
+    /// What the API says of a pod, for ambient enrollment.
+    pub(crate) fn ambient_api(&mut self, p: &crate::k8s::PodInfo) {
+        self.ambient.api(p, &self.cfg.ambient);
+    }
+
+    /// The API deleted a pod.
+    pub(crate) fn ambient_forget(&mut self, uid: &str) {
+        self.ambient.forget(uid);
+    }
+
+    /// Pods already running in netns `ns` at agent start, with the ports
+    /// listening there.
+    pub(crate) fn restore_ambient(
+        &mut self,
+        ns: u32,
+        pods: &[Arc<Attribution>],
+        ports: &[u16],
+        now_ns: u64,
+    ) {
+        self.ambient
+            .restore(ns, pods, ports, now_ns, &self.cfg.ambient);
+    }
+
     /// Applies one event, in kernel-time order: the pod's handler for its
     /// kind, then whatever became due.
     fn apply(
@@ -194,6 +222,10 @@ impl Tracker {
         let kernel = (ev.kind == Kind::ConnectFailure && self.cfg.kernel_capture).then(|| {
             ev.errno == ECONNREFUSED && self.resets.take_match(&ev, self.cfg.capture_match_ns)
         });
+        // ztunnel refused on a pod's HBONE port: that pod's missing listener.
+        let hbone = self.ambient.hbone_destination(&ev, &self.cfg.ambient);
+        let who = hbone.clone().unwrap_or(who);
+        self.ambient.observe(&ev, &who, &self.cfg.ambient);
         // A second handle keeps the pod's uid borrowable while `who` moves on
         // with the event: the uid is copied only for a new pod, not per event.
         let attr = Arc::clone(&who);
@@ -206,6 +238,7 @@ impl Tracker {
                 who,
                 phase,
                 capture,
+                mesh: None,
             });
             return;
         };
@@ -221,6 +254,14 @@ impl Tracker {
         };
         let is_proxy = p.observe(&ev, &who, hints.as_ref(), cfg);
         let capture = (ev.kind == Kind::ConnectFailure).then(|| p.evidence(kernel));
+        let ambient = match ev.kind {
+            Kind::ConnectFailure if hbone.is_some() => Some(Phase::Proxy),
+            Kind::ConnectFailure if !is_proxy && p.injected != Some(true) => {
+                self.ambient.classify(uid, &ev, &cfg.ambient)
+            }
+            _ => None,
+        };
+        let mesh = ambient.map(|_| Arc::from(cfg.ambient.mesh.as_str()));
         let phase = match ev.kind {
             Kind::Exec => {
                 p.on_exec(&ev, &who, cfg);
@@ -238,6 +279,7 @@ impl Tracker {
             // The proxy's failures need no injection verdict (the dialer
             // is the proxy): classified at once, in kernel-time order with
             // the app's listeners.
+            Kind::ConnectFailure if ambient.is_some() => ambient,
             Kind::ConnectFailure if is_proxy => Some(p.classify_proxy(&ev, cfg)),
             Kind::ConnectFailure if p.injected.is_none() => {
                 p.held.push((ev, who, kernel));
@@ -254,6 +296,7 @@ impl Tracker {
             who,
             phase,
             capture,
+            mesh,
         });
         self.after_change(uid, out);
     }
@@ -275,16 +318,20 @@ impl Tracker {
             let held = std::mem::take(&mut p.held);
             self.held_total -= held.len();
             for (ev, who, kernel) in held {
+                let ambient = (!inj)
+                    .then(|| self.ambient.classify(uid, &ev, &self.cfg.ambient))
+                    .flatten();
                 let phase = if inj {
                     p.classify(&ev, &who, kernel)
                 } else {
-                    Phase::NoSidecar
+                    ambient.unwrap_or(Phase::NoSidecar)
                 };
                 out.push(Output::Event {
                     ev,
                     who,
                     phase: Some(phase),
                     capture: Some(p.evidence(kernel)),
+                    mesh: ambient.map(|_| Arc::from(self.cfg.ambient.mesh.as_str())),
                 });
             }
         }
@@ -395,6 +442,10 @@ impl Tracker {
         for uid in idle {
             self.finalise(&uid, out);
         }
+        let mut ambient = Vec::new();
+        self.ambient
+            .timers(now_ns, cfg.ambient_grace_ns, &cfg.ambient, &mut ambient);
+        out.extend(ambient.into_iter().map(Output::Ambient));
     }
 
     fn evict_oldest(&mut self, out: &mut Vec<Output>) {

@@ -2,7 +2,8 @@
 //! upstream server, and a sidecar that behaves like Envoy where it matters
 //! (uid 1337, listeners opened late, forwarding by SO_ORIGINAL_DST, inbound
 //! passthrough from 127.0.0.6 with Envoy's 503); for the inbound direction a
-//! server app, a client outside the pod and a pilot-agent that probes.
+//! server app, a client outside the pod and a pilot-agent that probes; for
+//! Istio ambient a ztunnel that listens inside pods' namespaces.
 
 pub mod app;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod records;
 pub mod scenario;
 pub mod sidecar;
 pub mod storm;
+pub mod ztunnel;
 
 use std::{
     io::Write as _,
@@ -58,6 +60,9 @@ pub enum Command {
     Client(client::Args),
     /// Stand-in pilot-agent: probes the app as uid 1337 from 127.0.0.6.
     Prober(prober::Args),
+    /// Stand-in ztunnel (Istio ambient): listens inside pods' network
+    /// namespaces from its own, closes on SIGUSR1 or after a delay.
+    Ztunnel(ztunnel::Args),
     /// Upstream test host: answers every connection with a banner line.
     Serve {
         /// Address to listen on; repeatable.
@@ -85,6 +90,7 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::App(a) => app::run(a),
         Command::Client(a) => client::run(a),
         Command::Prober(a) => prober::run(a),
+        Command::Ztunnel(a) => ztunnel::run(a),
         Command::Serve { addrs } => serve(&addrs),
         Command::Enter {
             netns,

@@ -162,6 +162,58 @@ COMMIT
     )
 }
 
+/// Istio ambient's in-pod rules, as istio-cni writes them inside the pod's
+/// netns (istio/istio `cni/pkg/iptables/iptables.go` `AppendInpodRules`,
+/// golden file `cni/pkg/iptables/testdata/default.golden`, `_ipv6`): packets
+/// marked 0x539 (1337, ztunnel's own) are never redirected; inbound TCP but
+/// HBONE goes to ztunnel's plaintext port 15006 (15008 is reached directly
+/// on ztunnel's listener), outbound TCP to 15001; 169.254.7.127 is the
+/// node's SNAT address for kubelet probes. The golden file's raw-table DNS
+/// conntrack-zone rules are left out (UDP only, nothing here uses them).
+pub fn ambient_rules(v6: bool) -> String {
+    let p = crate::race::ambient::AmbientProfile::default();
+    let (lo, probe) = if v6 {
+        ("::1/128", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164")
+    } else {
+        ("127.0.0.1/32", "169.254.7.127")
+    };
+    let (hbone, plain, out) = (p.inbound_port, p.plaintext_port, p.outbound_port);
+    format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A OUTPUT -j ISTIO_OUTPUT
+-A PREROUTING -j ISTIO_PRERT
+-A ISTIO_PRERT -s {probe} -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT -d {probe} -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d {lo} -p tcp ! --dport {hbone} -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports {plain}
+-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-port 15053
+-A ISTIO_OUTPUT ! -d {lo} -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d {lo} -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d {lo} -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports {out}
+COMMIT
+"
+    )
+}
+
 /// A pod namespace and an upstream host namespace joined by a veth pair.
 #[derive(Debug)]
 pub struct Topology {
@@ -239,6 +291,18 @@ impl Topology {
 
     /// Installs (or replaces) the capture rules for these settings.
     pub fn install_istio_rules_with(&self, c: &CaptureSettings) -> Result<()> {
+        self.restore_rules(|v6| istio_rules_with(v6, c))
+    }
+
+    /// Installs Istio ambient's in-pod rules in the pod namespace (what
+    /// istio-cni does once the pod's network is up).
+    pub fn install_ambient_rules(&self) -> Result<()> {
+        self.restore_rules(ambient_rules)
+    }
+
+    /// Feeds `rules(v6)` to iptables-restore and ip6tables-restore in the
+    /// pod namespace.
+    fn restore_rules(&self, rules: impl Fn(bool) -> String) -> Result<()> {
         for (tool, v6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
             let mut child = self
                 .pod
@@ -252,7 +316,7 @@ impl Topology {
                 .stdin
                 .take()
                 .context("stdin")?
-                .write_all(istio_rules_with(v6, c).as_bytes())?;
+                .write_all(rules(v6).as_bytes())?;
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -317,6 +381,75 @@ mod tests {
             }
             at("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006");
         }
+    }
+
+    /// The rule lines of istio/istio `cni/pkg/iptables/testdata/
+    /// default.golden` (iptables-save form), IPv4: every one of them, in
+    /// the same order within each table.
+    const AMBIENT_GOLDEN_V4: &[(&str, &str)] = &[
+        ("mangle", "-A PREROUTING -j ISTIO_PRERT"),
+        ("mangle", "-A OUTPUT -j ISTIO_OUTPUT"),
+        (
+            "mangle",
+            "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
+        ),
+        (
+            "mangle",
+            "-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+        ),
+        ("nat", "-A OUTPUT -j ISTIO_OUTPUT"),
+        ("nat", "-A PREROUTING -j ISTIO_PRERT"),
+        (
+            "nat",
+            "-A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT",
+        ),
+        (
+            "nat",
+            "-A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT",
+        ),
+        (
+            "nat",
+            "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+        ),
+        (
+            "nat",
+            "-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-port 15053",
+        ),
+        (
+            "nat",
+            "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053",
+        ),
+        (
+            "nat",
+            "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+        ),
+        ("nat", "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT"),
+        (
+            "nat",
+            "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+        ),
+    ];
+
+    #[test]
+    fn ambient_rules_are_istio_cni_s_golden_shapes() {
+        let r = ambient_rules(false);
+        let mut table = "";
+        let mut got = Vec::new();
+        for l in r.lines() {
+            if let Some(t) = l.strip_prefix('*') {
+                table = t;
+            } else if l.starts_with("-A ") {
+                got.push((table, l));
+            }
+        }
+        assert_eq!(got, AMBIENT_GOLDEN_V4);
+        // The IPv6 rules differ only in loopback and the probe address.
+        let v6 = ambient_rules(true);
+        assert!(v6.contains(
+            "-A ISTIO_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"
+        ));
+        assert!(!v6.contains("127.0.0.1"));
+        assert_eq!(v6.lines().count(), r.lines().count());
     }
 
     #[test]

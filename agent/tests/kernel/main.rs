@@ -15,6 +15,7 @@
 //! Run with `cargo test -p connscope --test kernel` (the `testbed` feature,
 //! on by default, is required).
 
+mod ambient;
 mod attribution;
 mod capture;
 mod churn;
