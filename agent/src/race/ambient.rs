@@ -532,12 +532,6 @@ impl Ambient {
             .filter_map(|p| p.who.clone())
             .collect()
     }
-
-    /// Pods and namespaces kept (for state-size metrics and tests).
-    #[cfg(test)]
-    pub(super) fn sizes(&self) -> (usize, usize) {
-        (self.pods.len(), self.netns.len())
-    }
 }
 
 /// What the enrollment timers produce.

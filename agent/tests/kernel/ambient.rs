@@ -118,7 +118,27 @@ fn redirected() -> Value {
 }
 
 fn agent_for(node: &Node, p: &AmbientPod) -> Agent {
-    node.kube_agent(&p.url, &["--ambient-grace-seconds", GRACE])
+    node.kube_agent(&p.url, &["--ambient-grace-seconds", GRACE, "--k8s-events"])
+}
+
+/// The Kubernetes Events with this reason the agent posted.
+fn k8s_events(node: &Node, reason: &str) -> Vec<Value> {
+    node.api_requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST" && r["body"]["reason"] == reason)
+        .map(|r| r["body"].clone())
+        .collect()
+}
+
+fn wait_k8s_event(node: &Node, reason: &str, pod: &str) -> Value {
+    let ev = wait_for(
+        &format!("Kubernetes Event {reason}"),
+        Duration::from_secs(15),
+        || k8s_events(node, reason).into_iter().next(),
+    );
+    assert_eq!(ev["regarding"]["name"], pod, "{ev}");
+    assert_eq!(ev["type"], "Warning");
+    ev
 }
 
 /// The pod's `ambient_enrollment` lines.
@@ -190,6 +210,7 @@ fn enrolled_pod_is_reported_enrolled_and_never_unenrolled() {
     assert_eq!(e["workload"], "amb-enrolled");
     assert_eq!(e["netns"], p.pod.topo.pod.inode().unwrap());
     assert_stays_enrolled(&agent, "amb-enrolled", "amb-enrolled");
+    assert!(k8s_events(&node, "AmbientNeverEnrolled").is_empty());
     drop(p.api);
 }
 
@@ -241,6 +262,8 @@ fn enrollment_lost_is_reported_with_the_close_time() {
     wait_for("the gauge at 1", Duration::from_secs(10), || {
         (gauge(&agent, "amb-lost") == 1.0).then_some(())
     });
+    let ev = wait_k8s_event(&node, "AmbientEnrollmentLost", "amb-lost");
+    assert!(ev["note"].as_str().unwrap().contains("closed"), "{ev}");
     // The app is now refused by the missing 15001: the shutdown race.
     let o = app_dial(&p);
     assert_eq!(o.error, "ECONNREFUSED", "{o:?}");
@@ -285,6 +308,7 @@ fn pod_never_enrolled_is_reported() {
     wait_for("the gauge at 1", Duration::from_secs(10), || {
         (gauge(&agent, "amb-never") == 1.0).then_some(())
     });
+    wait_k8s_event(&node, "AmbientNeverEnrolled", "amb-never");
     // ztunnel comes: enrolled, and the gauge goes.
     let _z = ztunnel(&p.netns_path, &[]);
     wait_state(&agent, "amb-never", "enrolled");
@@ -314,6 +338,9 @@ fn agent_restart_restores_enrollment_without_a_false_report() {
     let e = wait_state(&agent, "amb-restart", "enrolled");
     assert_eq!(e["netns"], p.pod.topo.pod.inode().unwrap());
     assert_stays_enrolled(&agent, "amb-restart", "amb-restart");
+    for reason in ["AmbientEnrollmentLost", "AmbientNeverEnrolled"] {
+        assert!(k8s_events(&node, reason).is_empty(), "no {reason}");
+    }
     server.terminate(Duration::from_secs(3));
     drop(p.api);
 }

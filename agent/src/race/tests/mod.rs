@@ -448,5 +448,6 @@ impl KernelEvent {
     }
 }
 
+mod ambient;
 mod capture;
 mod inbound;
