@@ -55,6 +55,8 @@ pub struct Metrics {
     pub workload_revision_info: IntGaugeVec,
     /// Ambient pods without ztunnel's HBONE listener past the grace period.
     pub ambient_unenrolled_pods: IntGaugeVec,
+    /// Ambient enrollment changes by `state` (enrolled, lost, never).
+    pub ambient_enrollments: IntCounterVec,
     /// Its series, to remove the ones that went back to none.
     ambient_series: std::collections::BTreeSet<Vec<String>>,
     /// The series `workload_revision_info` has, to remove the ones whose
@@ -285,6 +287,11 @@ impl Metrics {
                     &wl,
                 ),
             )?,
+            ambient_enrollments: counters(
+                "connscope_ambient_enrollments_total",
+                "Istio ambient pods' enrollment changes by state: enrolled (ztunnel's HBONE listener appeared in the pod's network namespace), lost (it closed, past the grace period), never (it never appeared, past the grace period)",
+                &with_pod(&["namespace", "workload", "state"], pod_labels),
+            )?,
             ambient_series: Default::default(),
             revision_series: Default::default(),
             event_kinds: RecordType::ALL
@@ -437,6 +444,12 @@ impl Metrics {
         self.revision_series = now.clone();
     }
 
+    /// An ambient pod's enrollment changed to `state`.
+    pub(crate) fn ambient_enrollment(&mut self, who: &Attribution, state: &str) {
+        let l = self.labels("ambient", who, &[state]);
+        self.ambient_enrollments.with_label_values(&strs(&l)).inc();
+    }
+
     /// Sets the unenrolled ambient pods per workload (the whole set: series
     /// with none left are removed).
     pub(crate) fn set_ambient_unenrolled(&mut self, pods: &[Arc<Attribution>]) {
@@ -512,6 +525,7 @@ impl Metrics {
                 "shutdown" => self.shutdown_race_pods.remove_label_values(&l),
                 "inbound" => self.inbound_race_pods.remove_label_values(&l),
                 "app_listen" => self.app_listen_seconds.remove_label_values(&l),
+                "ambient" => self.ambient_enrollments.remove_label_values(&l),
                 _ => Ok(()),
             };
         }

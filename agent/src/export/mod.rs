@@ -411,6 +411,9 @@ impl Exporter {
                 Ok(())
             }
             AmbientOut::Line(l) => {
+                if let Some(m) = m {
+                    m.ambient_enrollment(&l.who, l.state.as_str());
+                }
                 if let (Some(q), Some(ns), Some(pod)) =
                     (&self.opts.k8s_events, &l.who.namespace, &l.who.pod)
                     && let Some((reason, what)) = match l.state {

@@ -135,6 +135,17 @@ pub enum Enrollment {
     Never,
 }
 
+impl Enrollment {
+    /// Label value (metrics) and `state` of the line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enrollment::Enrolled => "enrolled",
+            Enrollment::Lost => "lost",
+            Enrollment::Never => "never",
+        }
+    }
+}
+
 /// An ambient pod's enrollment changed (`ambient_enrollment` line).
 #[derive(Debug, Clone, Serialize)]
 pub struct AmbientEnrollment {
@@ -204,6 +215,8 @@ struct Pod {
     since_ns: Option<u64>,
     /// The last state reported.
     state: Option<Enrollment>,
+    /// Since when its netns has had no HBONE listener (None: it has one).
+    unlistened_ns: Option<u64>,
 }
 
 impl Pod {
@@ -289,7 +302,10 @@ impl Ambient {
         }
         let pod = self.pods.entry(uid.to_string()).or_default();
         if pod.netns != Some(ns) {
+            // A new netns (a new sandbox): its listeners are its own, none
+            // known yet.
             pod.netns = Some(ns);
+            pod.unlistened_ns = Some(t);
             if pod.ambient() {
                 pod.since_ns.get_or_insert(t);
             }
@@ -474,6 +490,7 @@ impl Ambient {
                     recommendation: rec.cloned(),
                 };
             if listening {
+                pod.unlistened_ns = None;
                 if pod.state != Some(Enrollment::Enrolled) {
                     if pod.state.is_some() {
                         self.gauge_dirty = true;
@@ -489,15 +506,17 @@ impl Ambient {
                 }
                 continue;
             }
+            let unlistened = *pod.unlistened_ns.get_or_insert(now_ns);
             if matches!(pod.state, Some(Enrollment::Lost | Enrollment::Never)) {
                 continue;
             }
-            // Lost: the listener was there and closed; never: it was not.
+            // Lost: the listener was there and closed (or the pod moved to
+            // a netns without one); never: it was not.
             let closed = l.and_then(|l| l.closed.get(&p.inbound_port).copied());
             let (state, from, rec) = match (pod.state, closed) {
                 (_, Some(c)) => (Enrollment::Lost, c, &p.recommendation_lost),
                 (Some(Enrollment::Enrolled), None) => {
-                    (Enrollment::Lost, self.now_ns, &p.recommendation_lost)
+                    (Enrollment::Lost, unlistened, &p.recommendation_lost)
                 }
                 _ => (
                     Enrollment::Never,

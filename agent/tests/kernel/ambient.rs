@@ -262,6 +262,11 @@ fn enrollment_lost_is_reported_with_the_close_time() {
     wait_for("the gauge at 1", Duration::from_secs(10), || {
         (gauge(&agent, "amb-lost") == 1.0).then_some(())
     });
+    let counted = metric(
+        agent.http_port,
+        "connscope_ambient_enrollments_total{namespace=\"shop\",state=\"lost\",workload=\"amb-lost\"}",
+    );
+    assert_eq!(counted, 1.0);
     let ev = wait_k8s_event(&node, "AmbientEnrollmentLost", "amb-lost");
     assert!(ev["note"].as_str().unwrap().contains("closed"), "{ev}");
     // The app is now refused by the missing 15001: the shutdown race.

@@ -262,3 +262,25 @@ fn ztunnel_refused_on_hbone_is_the_destination_pod_s() {
         ]
     );
 }
+
+#[test]
+fn a_new_sandbox_without_ztunnel_is_lost_after_the_grace_period() {
+    let mut t = Tracker::new(grace_1s());
+    t.ambient_api(&pod_info(annotated(), false));
+    let out = at(
+        &mut t,
+        vec![app_exec(100), ztunnel(Kind::Listen, 200, 15008)],
+        300,
+    );
+    assert_eq!(lines(&out)[0].state, Enrollment::Enrolled);
+    // The pod's sandbox is recreated (a new netns) and ztunnel never comes.
+    let mut e = ev(Kind::Exec, 400, 0);
+    e.netns = Some(NS + 1);
+    let out = at(&mut t, vec![(e, who("app"), None)], 1300);
+    assert!(lines(&out).is_empty(), "within the grace: {out:?}");
+    let out = at(&mut t, vec![], 2000);
+    let l = lines(&out);
+    assert_eq!(l.len(), 1, "{out:?}");
+    assert_eq!(l[0].state, Enrollment::Lost);
+    assert_eq!(l[0].netns, NS + 1);
+}
