@@ -71,6 +71,13 @@ panels = [
     panel(16, "Proxy refused by its own app, by phase (probes apart)", "timeseries",
           [(f"sum by (phase) (rate(connscope_connect_failures_total{{{SEL}, phase=~\"inbound_.*|probe\"}}[$__rate_interval]))",
             "{{phase}}")], 12, 56, unit="ops"),
+    # Istio ambient: pods marked ambient without ztunnel's HBONE listener in
+    # their network namespace, and their enrollment changes.
+    panel(17, "Ambient pods out of the mesh (no ztunnel HBONE listener), by workload", "timeseries",
+          [f"sum by (namespace, workload) (connscope_ambient_unenrolled_pods{{{SEL}}})"], 0, 64),
+    panel(18, "Ambient enrollment events (enrolled, lost, never)", "timeseries",
+          [(f"sum by (namespace, workload, state) (increase(connscope_ambient_enrollments_total{{{SEL}}}[$__rate_interval]))",
+            "{{namespace}}/{{workload}} {{state}}")], 12, 64),
 ]
 
 # A rollout: a workload revision (template hash, proxy version) that did not

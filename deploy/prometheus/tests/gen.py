@@ -35,14 +35,18 @@ def began(revs):
             " and istiod latency.")
 
 
-def exp(name, labels, query=None):
-    """An alert as expected: its templates expanded for `labels`; a trailing
-    `{{ with query ... }}` block is expected to read `query`."""
+def exp(name, labels, query=None, value=None):
+    """An alert as expected: its templates expanded for `labels` (and
+    `{{ $value }}` for `value`); a trailing `{{ with query ... }}` block is
+    expected to read `query`."""
     ann = {}
     for k, v in alerts[name]["annotations"].items():
         if "{{ with query" in v:
             assert query is not None, f"{name}.{k}: say what its query block reads"
             v = v[:v.index("{{ with query")] + query
+        if "{{ $value }}" in v:
+            assert value is not None, f"{name}.{k}: say what its value is"
+            v = v.replace("{{ $value }}", value)
         ann[k] = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), v)
     return {"exp_labels": {**labels, "severity": alerts[name]["labels"]["severity"]}, "exp_annotations": ann}
 
@@ -93,6 +97,18 @@ quick = [
         {"eval_time": "4m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": [
             exp("ConnscopeInboundShutdownRace", {**SHOP, "workload": "payments"})]},
         {"eval_time": "40m", "alertname": "ConnscopeInboundShutdownRace", "exp_alerts": []},
+    ]},
+    # Ambient enrollment: reviews has a pod out of the mesh for good (two on
+    # a second node from 4m); ratings' pod is back within the 5 minutes.
+    {"interval": "1m", "input_series": [
+        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "reviews"}, "0 0 1x20"),
+        {"series": 'connscope_ambient_unenrolled_pods{namespace="shop",workload="reviews",instance="n2",'
+                   'job="connscope"}', "values": "_x4 2x20"},
+        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "ratings"}, "1x3 0x20"),
+    ], "alert_rule_test": [
+        {"eval_time": "5m", "alertname": "ConnscopeAmbientPodUnenrolled", "exp_alerts": []},
+        {"eval_time": "8m", "alertname": "ConnscopeAmbientPodUnenrolled", "exp_alerts": [
+            exp("ConnscopeAmbientPodUnenrolled", {**SHOP, "workload": "reviews"}, value="3")]},
     ]},
     {"interval": "1m", "input_series": [
         {"series": 'connscope_events_lost_total{instance="n1",job="connscope"}', "values": "0 0 5 5"},
