@@ -275,10 +275,41 @@ fn linkerd_shutdown_race() {
 #[test]
 fn linkerd_inbound_startup_race() {
     let Some(node) = Node::shared() else { return };
-    let agent = agent(&node, &[]);
-    let mesh = MeshBed::linkerd();
-    let mut pod = node.mesh_pod("ledger-7d9f8c6b5-i5n6b", mesh.clone());
-    start_sidecar(&mut pod, 0, 0);
+    let mut pod = node.mesh_pod("ledger-7d9f8c6b5-i5n6b", MeshBed::linkerd());
+    let dst = pod.pod_addr(APP_PORT).to_string();
+    inbound_startup_race(
+        &node,
+        &mut pod,
+        &dst,
+        "proxy",
+        "linkerd-proxy forwarded requests",
+    );
+}
+
+/// The same under Consul: Envoy (threads `wrk:worker_0`) dials the app at
+/// 127.0.0.1, Consul's local app cluster.
+#[test]
+fn consul_inbound_startup_race() {
+    let Some(node) = Node::shared() else { return };
+    let mut pod = node.mesh_pod("billing-7d9f8c6b5-i7c8s", MeshBed::consul());
+    let dst = format!("127.0.0.1:{APP_PORT}");
+    inbound_startup_race(
+        &node,
+        &mut pod,
+        &dst,
+        connscope::testbed::inbound::WORKER_THREAD,
+        "consul-dataplane forwarded requests",
+    );
+}
+
+/// A pod's app listens 1.2 s late while a client sends requests: the
+/// proxy's refused dials (to `dst`, from a thread named `comm`) are the
+/// agent's `inbound_startup` failures, as many as the proxy counted, in
+/// one summary naming the mesh with its advice (starting `advice`).
+fn inbound_startup_race(node: &Node, pod: &mut SimPod, dst: &str, comm: &str, advice: &str) {
+    let agent = agent(node, &[]);
+    let mesh = pod.mesh.clone().unwrap();
+    start_sidecar(pod, 0, 0);
     pod.wait_sidecar(mesh.inbound_port, "listen", Duration::from_secs(10))
         .unwrap();
     let listen_after = slow(Duration::from_millis(1200)).as_millis() as u64;
@@ -288,22 +319,21 @@ fn linkerd_inbound_startup_race() {
             ..Server::default()
         })
         .unwrap();
-    let rs = client(&pod, 60 * time_scale(), 100, 3);
+    let rs = client(pod, 60 * time_scale(), 100, 3);
     app.wait_line("\"state\":\"listen\"", Duration::from_secs(10))
         .unwrap();
-    let refused = proxy_refused(&mut pod, &rs);
+    let refused = proxy_refused(pod, &rs);
     assert!(refused >= 3, "refused while the app started: {rs:?}");
     let uid = pod.pod.uid.clone();
     wait_for_event(&agent, &uid, "inbound_race");
     let events = stop(agent);
     let proxy = pod.sidecar.as_ref().unwrap().child.id();
     let f = failures_of(&events, proxy);
-    let dst = pod.pod_addr(APP_PORT).to_string();
     for e in &f {
         assert_eq!(e["phase"], "inbound_startup", "{e}");
-        assert_eq!(e["dst"], dst.as_str(), "the pod IP, as Linkerd dials: {e}");
-        assert_eq!(e["container"], "linkerd-proxy", "{e}");
-        assert_eq!(e["comm"], "proxy", "linkerd2-proxy's worker thread: {e}");
+        assert_eq!(e["dst"], dst, "where {} dials the app: {e}", mesh.name);
+        assert_eq!(e["container"], mesh.container.as_str(), "{e}");
+        assert_eq!(e["comm"], comm, "the proxy's dialing thread: {e}");
     }
     assert_eq!(f.len() as u64, refused, "the proxy's own count");
     let s = of_pod(&events, &uid, "inbound_race");
@@ -311,10 +341,10 @@ fn linkerd_inbound_startup_race() {
     let s = s[0];
     assert_eq!(s["when"], "startup", "{s}");
     assert_eq!(s["refused"], refused, "{s}");
-    assert_eq!(s["mesh"], "linkerd", "{s}");
+    assert_eq!(s["mesh"], mesh.name.as_str(), "{s}");
     assert_eq!(s["ports"], json!([APP_PORT]), "{s}");
     let rec = s["recommendation"].as_str().unwrap();
-    assert!(rec.starts_with("linkerd-proxy forwarded requests"), "{rec}");
+    assert!(rec.starts_with(advice), "{rec}");
     assert!(
         of_pod(&events, &uid, "startup_race").is_empty(),
         "not outbound"
