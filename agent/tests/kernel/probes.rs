@@ -123,8 +123,13 @@ fn refusals_and_listeners(extra: &[&str]) {
     }
     terminate(&mut sidecar.child, Duration::from_secs(5));
 
-    // 4. What the agent saw.
+    // 4. What the agent saw. Network namespace inodes are reused once
+    // freed: a listener event of another test's pod, from before this pod's
+    // namespace existed, can carry the same inode. This pod's events all
+    // come after its first dial.
     let sidecar_pid = sidecar.child.id();
+    let since = refused[0].start_mono_ns;
+    let after = |e: &Value| e["mono_ns"].as_u64().is_some_and(|t| t >= since);
     wait_for(
         "the close of each sidecar listener in this pod, and the sidecar's exit",
         Duration::from_secs(10),
@@ -140,6 +145,7 @@ fn refusals_and_listeners(extra: &[&str]) {
                         && e["state"] == "closed"
                         && [15001, 15006, 15021, 15090].contains(&e["port"].as_u64().unwrap_or(0))
                         && e["netns"] == pod_netns
+                        && after(e)
                 })
                 .count();
             let exited = events
@@ -198,6 +204,7 @@ fn refusals_and_listeners(extra: &[&str]) {
                         && e["port"] == port
                         && e["uid"] == 1337
                         && e["netns"] == pod_netns
+                        && after(e)
                         && (state == "closed" || e["pid"] == sidecar_pid)
                 })
                 .count();

@@ -8,18 +8,20 @@
 //! written from each mesh's sources, not from the profiles, so a profile
 //! that drifts from the mesh fails here.
 
+mod api;
+mod inbound;
+
 use std::time::Duration;
 
 use connscope::testbed::{
-    client::{Response, responses},
+    client::responses,
     dial::Outcome,
-    inbound::refused_count,
     rules::MeshBed,
-    scenario::{APP_PORT, App, Server, SimPod, outcomes},
+    scenario::{App, Server, outcomes},
 };
 use serde_json::{Value, json};
 
-use crate::fixture::{Agent, Node, failures_of, slow, start_sidecar, time_scale, wait_for};
+use crate::fixture::{Agent, Node, failures_of, start_sidecar, time_scale, wait_for};
 
 /// The agent of these tests: failures of a pod whose mesh is not known yet
 /// are held for a second.
@@ -268,83 +270,6 @@ fn linkerd_shutdown_race() {
     assert!(of_pod(&events, &uid, "startup_race").is_empty());
 }
 
-/// The inbound start-up race under Linkerd: a client's requests reach the
-/// pod before its app listens; linkerd-proxy (uid 2102, threads `proxy`)
-/// dials the app at the pod IP from the pod IP, no bind, as linkerd2-proxy
-/// does. The agent files exactly the refusals the proxy counted.
-#[test]
-fn linkerd_inbound_startup_race() {
-    let Some(node) = Node::shared() else { return };
-    let agent = agent(&node, &[]);
-    let mesh = MeshBed::linkerd();
-    let mut pod = node.mesh_pod("ledger-7d9f8c6b5-i5n6b", mesh.clone());
-    start_sidecar(&mut pod, 0, 0);
-    pod.wait_sidecar(mesh.inbound_port, "listen", Duration::from_secs(10))
-        .unwrap();
-    let listen_after = slow(Duration::from_millis(1200)).as_millis() as u64;
-    let mut app = pod
-        .start_server(&Server {
-            listen_after_ms: listen_after,
-            ..Server::default()
-        })
-        .unwrap();
-    let rs = client(&pod, 60 * time_scale(), 100, 3);
-    app.wait_line("\"state\":\"listen\"", Duration::from_secs(10))
-        .unwrap();
-    let refused = proxy_refused(&mut pod, &rs);
-    assert!(refused >= 3, "refused while the app started: {rs:?}");
-    let uid = pod.pod.uid.clone();
-    wait_for_event(&agent, &uid, "inbound_race");
-    let events = stop(agent);
-    let proxy = pod.sidecar.as_ref().unwrap().child.id();
-    let f = failures_of(&events, proxy);
-    let dst = pod.pod_addr(APP_PORT).to_string();
-    for e in &f {
-        assert_eq!(e["phase"], "inbound_startup", "{e}");
-        assert_eq!(e["dst"], dst.as_str(), "the pod IP, as Linkerd dials: {e}");
-        assert_eq!(e["container"], "linkerd-proxy", "{e}");
-        assert_eq!(e["comm"], "proxy", "linkerd2-proxy's worker thread: {e}");
-    }
-    assert_eq!(f.len() as u64, refused, "the proxy's own count");
-    let s = of_pod(&events, &uid, "inbound_race");
-    assert_eq!(s.len(), 1, "one summary per pod and episode: {s:?}");
-    let s = s[0];
-    assert_eq!(s["when"], "startup", "{s}");
-    assert_eq!(s["refused"], refused, "{s}");
-    assert_eq!(s["mesh"], "linkerd", "{s}");
-    assert_eq!(s["ports"], json!([APP_PORT]), "{s}");
-    let rec = s["recommendation"].as_str().unwrap();
-    assert!(rec.starts_with("linkerd-proxy forwarded requests"), "{rec}");
-    assert!(
-        of_pod(&events, &uid, "startup_race").is_empty(),
-        "not outbound"
-    );
-}
-
-/// Runs a client on the test host to its end: its responses.
-fn client(pod: &SimPod, requests: u32, interval_ms: u64, stop_after_ok: u32) -> Vec<Response> {
-    let mut c = pod
-        .spawn_client(requests, interval_ms, stop_after_ok)
-        .unwrap();
-    responses(&c.wait_exit(Duration::from_secs(60)).unwrap())
-}
-
-/// The stand-in proxy answers each refused dial with an error response and
-/// counts it first: its count, equal to the client's errors.
-fn proxy_refused(pod: &mut SimPod, rs: &[Response]) -> u64 {
-    let errors = rs.iter().filter(|r| r.status != 200).count() as u64;
-    let s = pod.sidecar.as_mut().unwrap();
-    s.wait_lines(
-        "the proxy's refused count reaching the client's errors",
-        Duration::from_secs(5),
-        |l| refused_count(l) >= errors,
-    )
-    .unwrap();
-    let refused = pod.sidecar_refused().unwrap();
-    assert_eq!(refused, errors, "one error per refused dial: {rs:?}");
-    refused
-}
-
 /// The bed itself on the real kernel, per mesh and without the agent: the
 /// app's dials reach the upstream through the stand-in proxy (so the rules
 /// redirect to the mesh's outbound port and exempt the proxy's uid), and a
@@ -397,88 +322,4 @@ fn each_mesh_bed_captures_through_its_proxy() {
         })
         .unwrap();
     }
-}
-
-/// The API's view of a simulated pod of `mesh`: its proxy container next to
-/// the app, these annotations and labels.
-fn api_pod(pod: &SimPod, mesh: &MeshBed, annotations: Value, labels: Value) -> Value {
-    let cid = |n: &str| format!("containerd://{}", pod.pod.container(n).unwrap().id);
-    let status = |n: &str| {
-        json!({"name": n, "ready": true, "restartCount": 0, "image": "i",
-        "imageID": "", "started": true, "containerID": cid(n),
-        "state": {"running": {"startedAt": "2026-11-24T10:00:00Z"}}})
-    };
-    let proxy = mesh.container.as_str();
-    json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod.pod.name, "namespace": pod.pod.namespace, "uid": pod.pod.uid,
-            "annotations": annotations, "labels": labels,
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "ledger",
-                "uid": "s", "controller": true}]},
-        "spec": {"nodeName": "test-node", "containers": [{"name": proxy}, {"name": "app"}]},
-        "status": {"containerStatuses": [status(proxy), status("app")]}})
-}
-
-/// Dials loopback (never the race) until an event of the pod is attributed
-/// through the API: the agent has the pod's API view before the race.
-fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
-    wait_for("API attribution", Duration::from_secs(20), || {
-        let local = App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        };
-        pod.run_app(&local).ok()?;
-        let ev = agent.events();
-        of_pod(&ev, &pod.pod.uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
-}
-
-/// Linkerd's start-up mitigation read from the API: `proxy-await` is on
-/// by default (no annotation), off when the pod says `disabled` (here
-/// under the older `config.alpha.linkerd.io/` key); the advice follows.
-#[test]
-fn linkerd_proxy_await_read_from_the_api() {
-    let Some(node) = Node::shared() else { return };
-    let mesh = MeshBed::linkerd();
-    let marks = json!({"linkerd.io/control-plane-ns": "linkerd"});
-    let version = json!({"linkerd.io/proxy-version": "edge-25.8.3"});
-    let mut off = node.mesh_pod("ledger-0", mesh.clone());
-    let mut on = node.mesh_pod("ledger-1", mesh.clone());
-    let mut off_ann = version.clone();
-    off_ann["config.alpha.linkerd.io/proxy-await"] = json!("disabled");
-    let (_api, url) = node.api(&json!({"pods": [
-        api_pod(&off, &mesh, off_ann, marks.clone()),
-        api_pod(&on, &mesh, version, marks),
-    ]}));
-    let agent = node.kube_agent(&url, &["--hold-seconds", "1"]);
-    wait_for_api_view(&off, &agent);
-    wait_for_api_view(&on, &agent);
-    for pod in [&mut off, &mut on] {
-        start_sidecar(pod, 800, 0);
-        let attempts = pod.run_app(&App::default()).unwrap();
-        assert!(attempts.iter().any(|o| !o.ok), "{attempts:?}");
-        wait_for_event(&agent, &pod.pod.uid, "startup_race");
-    }
-    let events = stop(agent);
-    let s = of_pod(&events, &off.pod.uid, "startup_race")[0];
-    assert_eq!(s["mesh"], "linkerd", "{s}");
-    assert_eq!(s["mitigation"]["hold"], false, "{s}");
-    let rec = s["recommendation"].as_str().unwrap();
-    assert!(
-        rec.starts_with("enable config.linkerd.io/proxy-await"),
-        "{rec}"
-    );
-    let s = of_pod(&events, &on.pod.uid, "startup_race")[0];
-    assert_eq!(
-        s["mitigation"]["hold"], true,
-        "await is Linkerd's default: {s}"
-    );
-    let rec = s["recommendation"].as_str().unwrap();
-    assert!(
-        rec.starts_with("config.linkerd.io/proxy-await is enabled, yet"),
-        "{rec}"
-    );
 }
