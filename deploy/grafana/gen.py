@@ -75,12 +75,12 @@ panels = [
           [(f"sum by (mesh, phase) (rate(connscope_connect_failures_total{{{SEL}, phase=~\"inbound_.*|probe\"}}[$__rate_interval]))",
             "{{phase}} ({{mesh}})")], 12, 56, unit="ops"),
     # Istio ambient: pods marked ambient without ztunnel's HBONE listener in
-    # their network namespace, and their enrollment changes (series of
-    # ambient pods only, without a mesh label: the mesh is istio-ambient).
+    # their network namespace, and their enrollment changes (mesh
+    # istio-ambient).
     panel(17, "Ambient pods out of the mesh (no ztunnel HBONE listener), by workload", "timeseries",
-          [(f"sum by (namespace, workload) (connscope_ambient_unenrolled_pods{{{SEL_W}}})", "{{namespace}}/{{workload}}")], 0, 64),
+          [(f"sum by (namespace, workload) (connscope_ambient_unenrolled_pods{{{SEL}}})", "{{namespace}}/{{workload}}")], 0, 64),
     panel(18, "Ambient enrollment events (enrolled, lost, never)", "timeseries",
-          [(f"sum by (namespace, workload, state) (increase(connscope_ambient_enrollments_total{{{SEL_W}}}[$__rate_interval]))",
+          [(f"sum by (namespace, workload, state) (increase(connscope_ambient_enrollments_total{{{SEL}}}[$__rate_interval]))",
             "{{namespace}}/{{workload}} {{state}}")], 12, 64),
 ]
 

@@ -165,7 +165,7 @@ fn wait_state(agent: &Agent, pod: &str, state: &str) -> Value {
 fn gauge(agent: &Agent, workload: &str) -> f64 {
     metric(
         agent.http_port,
-        &format!("{GAUGE}{{namespace=\"shop\",workload=\"{workload}\"}}"),
+        &format!("{GAUGE}{{mesh=\"istio-ambient\",namespace=\"shop\",workload=\"{workload}\"}}"),
     )
 }
 
@@ -264,7 +264,7 @@ fn enrollment_lost_is_reported_with_the_close_time() {
     });
     let counted = metric(
         agent.http_port,
-        "connscope_ambient_enrollments_total{namespace=\"shop\",state=\"lost\",workload=\"amb-lost\"}",
+        "connscope_ambient_enrollments_total{mesh=\"istio-ambient\",namespace=\"shop\",state=\"lost\",workload=\"amb-lost\"}",
     );
     assert_eq!(counted, 1.0);
     let ev = wait_k8s_event(&node, "AmbientEnrollmentLost", "amb-lost");

@@ -61,7 +61,7 @@ SHOP = {"namespace": "shop"}
 # mesh. Each test below has a second mesh: a workload that fires in it, and one
 # that does not (some with the same name as a firing Istio workload, so an alert
 # that dropped `mesh` from its `by` would merge or fail on them).
-ISTIO, LINKERD, KUMA, CONSUL = ({"mesh": m} for m in ("istio", "linkerd", "kuma", "consul"))
+ISTIO, LINKERD, KUMA, CONSUL, AMBIENT = ({"mesh": m} for m in ("istio", "linkerd", "kuma", "consul", "istio-ambient"))
 quick = [
     {"interval": "1m", "input_series": [
         s("connscope_startup_race_pods_total", {**SHOP, "workload": "checkout", **ISTIO}, "0 0 1 1 1"),
@@ -119,14 +119,14 @@ quick = [
     # Ambient enrollment: reviews has a pod out of the mesh for good (two on
     # a second node from 4m); ratings' pod is back within the 5 minutes.
     {"interval": "1m", "input_series": [
-        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "reviews"}, "0 0 1x20"),
-        {"series": 'connscope_ambient_unenrolled_pods{namespace="shop",workload="reviews",instance="n2",'
-                   'job="connscope"}', "values": "_x4 2x20"},
-        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "ratings"}, "1x3 0x20"),
+        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "reviews", **AMBIENT}, "0 0 1x20"),
+        {"series": 'connscope_ambient_unenrolled_pods{namespace="shop",workload="reviews",mesh="istio-ambient",'
+                   'instance="n2",job="connscope"}', "values": "_x4 2x20"},
+        s("connscope_ambient_unenrolled_pods", {**SHOP, "workload": "ratings", **AMBIENT}, "1x3 0x20"),
     ], "alert_rule_test": [
         {"eval_time": "5m", "alertname": "ConnscopeAmbientPodUnenrolled", "exp_alerts": []},
         {"eval_time": "8m", "alertname": "ConnscopeAmbientPodUnenrolled", "exp_alerts": [
-            exp("ConnscopeAmbientPodUnenrolled", {**SHOP, "workload": "reviews"}, value="3")]},
+            exp("ConnscopeAmbientPodUnenrolled", {**SHOP, "workload": "reviews", **AMBIENT}, value="3")]},
     ]},
     {"interval": "1m", "input_series": [
         {"series": 'connscope_events_lost_total{instance="n1",job="connscope"}', "values": "0 0 5 5"},
