@@ -11,26 +11,26 @@ use crate::k8s::PodInfo;
 
 /// The Istio proxy container's name (the test bed's and the revision
 /// reader's; the race reads it from the `istio` profile).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const PROXY_CONTAINER: &str = "istio-proxy";
 /// The proxy's uid (the test bed's stand-ins run as it).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const PROXY_UID: u32 = 1337;
 /// Inbound capture port: what reaches the pod is redirected here, and
 /// Envoy dials the app from it (the test bed's stand-in).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const INBOUND_CAPTURE_PORT: u16 = 15006;
 /// The source address Envoy binds when it forwards inbound traffic to the
 /// app (Istio >= 1.10, `inbound|passthrough`), and pilot-agent when it runs
 /// the app's probes (the test bed's stand-ins).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const INBOUND_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 /// [`INBOUND_SOURCE_V4`] for IPv6 (`::6`).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const INBOUND_SOURCE_V6: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 /// pilot-agent's process name (the test bed's prober).
-#[cfg(feature = "testbed")]
+#[cfg(any(test, feature = "testbed"))]
 pub(crate) const PILOT_AGENT_COMM: &str = "pilot-agent";
 
 /// Variants Istio publishes of its proxy image, as suffixes of the release
