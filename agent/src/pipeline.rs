@@ -509,6 +509,7 @@ mod tests {
             finished: false,
             annotations: Default::default(),
             labels: Default::default(),
+            namespace_labels: Default::default(),
         };
         // Status updates of the same pod: one change, counted once.
         for _ in 0..3 {

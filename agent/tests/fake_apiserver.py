@@ -6,10 +6,11 @@ Speaks the parts connscope uses, with real Kubernetes JSON:
   GET  /api/v1/pods?watch=true&...                           watch (chunked)
   GET  /apis/apps/v1/namespaces/NS/replicasets/NAME          owner lookups
   GET  /apis/batch/v1/namespaces/NS/jobs/NAME
+  GET  /api/v1/namespaces/NS                                 a namespace's labels (metadata)
   POST /api/v1/namespaces/NS/events                          recorded
   POST /apis/authentication.k8s.io/v1/tokenreviews           from "tokens"
   POST /apis/authorization.k8s.io/v1/subjectaccessreviews    from "grants" (non-resource URLs)
-Objects come from a JSON file {"pods": [...], "owners": {"ReplicaSet/ns/name": {...ownerReference...}},
+Objects come from a JSON file {"pods": [...], "namespaces": {"NS": {"labels": {...}}}, "owners": {"ReplicaSet/ns/name": {...ownerReference...}},
 "tokens": {"TOKEN": {"username": ..., "uid": ..., "groups": [...]}}, "grants": {"USERNAME": ["/metrics", ...]}},
 re-read on every request. Requests are logged, one JSON line each, to --log.
 Usage: fake_apiserver.py --port P --state FILE --log FILE
@@ -90,6 +91,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self.watch(int(q.get("timeoutSeconds", ["30"])[0]))
             return self.send_json(200, {"kind": "PodList", "apiVersion": "v1",
                                         "metadata": {"resourceVersion": "100"}, "items": pods})
+        # /api/v1/namespaces/NS (get, metadata only or whole: the same here)
+        if len(parts) == 4 and parts[:3] == ["api", "v1", "namespaces"]:
+            ns = state().get("namespaces", {}).get(parts[3])
+            if ns is None:
+                return self.not_found(f"namespace {parts[3]}")
+            return self.send_json(200, {
+                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": parts[3], "uid": f"uid-ns-{parts[3]}", "resourceVersion": "100",
+                             "labels": ns.get("labels", {})}})
         # /apis/GROUP/VERSION/namespaces/NS/RESOURCE/NAME
         if len(parts) == 7 and parts[0] == "apis" and parts[3] == "namespaces":
             ns, res, name = parts[4], parts[5], parts[6]

@@ -379,6 +379,7 @@ mod tests {
             finished: false,
             annotations: Default::default(),
             labels: Default::default(),
+            namespace_labels: Default::default(),
         }
     }
 

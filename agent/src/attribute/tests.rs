@@ -136,6 +136,7 @@ fn api(
         finished: false,
         annotations: Default::default(),
         labels: Default::default(),
+        namespace_labels: Default::default(),
     }]));
     s
 }

@@ -85,6 +85,9 @@ pub struct PodInfo {
     /// rest, such as kubectl's last-applied configuration, is not kept).
     pub annotations: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// The labels of the pod's namespace (bounded like the pod's own; empty
+    /// when the API did not say).
+    pub namespace_labels: BTreeMap<String, String>,
 }
 
 /// Annotations (and labels) kept per pod at most.
@@ -93,7 +96,7 @@ pub const MAX_MARKS: usize = 64;
 pub const MAX_MARK_VALUE: usize = 4096;
 
 /// The bounded copy of a pod's annotations or labels ([`PodInfo`]).
-fn marks(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+pub(crate) fn marks(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
     m.into_iter()
         .flatten()
         .filter(|(k, v)| k.len() <= 253 && v.len() <= MAX_MARK_VALUE)
@@ -103,6 +106,15 @@ fn marks(m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
 }
 
 impl PodInfo {
+    /// Takes its namespace's labels: the intents a namespace sets for its
+    /// pods (Istio ambient's `istio.io/dataplane-mode`).
+    pub(crate) fn set_namespace_labels(&mut self, labels: BTreeMap<String, String>) {
+        self.istio.ambient.namespace_mode = labels
+            .get(&crate::race::AmbientProfile::default().label.0)
+            .cloned();
+        self.namespace_labels = labels;
+    }
+
     /// The name of the container with this runtime id.
     pub(crate) fn container_name(&self, id: &str) -> Option<&str> {
         self.containers
@@ -298,6 +310,7 @@ pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {
             .is_some_and(|p| p == "Succeeded" || p == "Failed"),
         annotations: marks(m.annotations.as_ref()),
         labels: marks(m.labels.as_ref()),
+        namespace_labels: BTreeMap::new(),
     })
 }
 
@@ -375,6 +388,7 @@ pub(crate) mod tests_support {
             finished: false,
             annotations: Default::default(),
             labels: Default::default(),
+            namespace_labels: Default::default(),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! The watcher of this node's pods (`spec.nodeName`), with owner lookups to
 //! name each pod's workload.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, watcher},
@@ -13,7 +13,8 @@ use kube::{
 use tokio::sync::mpsc;
 
 use super::pod::{
-    PodInfo, Update, Workload, controller_owner, oversized, owner_to_walk, pod_info, workload,
+    PodInfo, Update, Workload, controller_owner, marks, oversized, owner_to_walk, pod_info,
+    workload,
 };
 
 /// Owner lookups through the API, cached per (kind, namespace, name).
@@ -67,6 +68,52 @@ impl Owners {
     }
 }
 
+/// Namespaces' labels through the API, cached per namespace for
+/// [`NAMESPACE_TTL`]: a label that marks a namespace's pods (Istio ambient's
+/// `istio.io/dataplane-mode`) is read when a pod of it is seen.
+struct Namespaces {
+    client: Client,
+    cache: HashMap<String, (std::time::Instant, BTreeMap<String, String>)>,
+}
+
+/// How long a namespace's labels are taken as known.
+const NAMESPACE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Namespaces {
+    /// The labels of namespace `ns` (none when the API cannot say: the
+    /// pod's own marks still count).
+    async fn labels(&mut self, ns: &str) -> BTreeMap<String, String> {
+        if let Some((at, l)) = self.cache.get(ns)
+            && at.elapsed() < NAMESPACE_TTL
+        {
+            return l.clone();
+        }
+        let meta = Api::<Namespace>::all(self.client.clone())
+            .get_metadata_opt(ns)
+            .await;
+        let labels = match meta {
+            Ok(m) => marks(m.and_then(|m| m.metadata.labels).as_ref()),
+            Err(e) => {
+                tracing::debug!(namespace = ns, error = %e, "namespace labels unavailable");
+                BTreeMap::new()
+            }
+        };
+        if self.cache.len() > 10_000 {
+            self.cache.clear();
+        }
+        self.cache
+            .insert(ns.to_string(), (std::time::Instant::now(), labels.clone()));
+        labels
+    }
+
+    /// `info` with its namespace's labels.
+    async fn fill(&mut self, mut info: PodInfo) -> PodInfo {
+        let labels = self.labels(&info.namespace).await;
+        info.set_namespace_labels(labels);
+        info
+    }
+}
+
 /// How the agent reaches the API.
 #[derive(Debug, Clone)]
 pub(crate) enum Access {
@@ -101,6 +148,10 @@ pub(crate) async fn start_watch(
 pub(crate) async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>) {
     let api: Api<Pod> = Api::all(client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut namespaces = Namespaces {
+        client: client.clone(),
+        cache: HashMap::new(),
+    };
     let mut owners = Owners {
         client,
         cache: HashMap::new(),
@@ -136,7 +187,7 @@ pub(crate) async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>
                 match pod_info(&p, w).map(|p| (oversized(&p), p)) {
                     Some((Some(why), _)) => Some(Update::Error(why)),
                     Some((None, p)) => {
-                        buffer.push(p);
+                        buffer.push(namespaces.fill(p).await);
                         None
                     }
                     None => None,
@@ -145,10 +196,11 @@ pub(crate) async fn watch(client: Client, node: String, tx: mpsc::Sender<Update>
             watcher::Event::InitDone => Some(Update::Replace(std::mem::take(&mut buffer))),
             watcher::Event::Apply(p) => {
                 let w = owners.workload(&p).await;
-                pod_info(&p, w).map(|p| match oversized(&p) {
-                    Some(why) => Update::Error(why),
-                    None => Update::Apply(Box::new(p)),
-                })
+                match pod_info(&p, w).map(|p| (oversized(&p), p)) {
+                    Some((Some(why), _)) => Some(Update::Error(why)),
+                    Some((None, p)) => Some(Update::Apply(Box::new(namespaces.fill(p).await))),
+                    None => None,
+                }
             }
             watcher::Event::Delete(p) => p.metadata.uid.clone().map(Update::Delete),
         };

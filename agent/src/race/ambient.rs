@@ -88,25 +88,29 @@ impl AmbientProfile {
     }
 
     /// Whether the API marks the pod ambient: the redirection annotation,
-    /// or the label (not `none`). None: the API says nothing of ambient.
+    /// or the label on the pod, else on its namespace; the pod's label
+    /// `none` opts it out of a namespace's ambient mode. None: the API says
+    /// nothing of ambient.
     pub fn marks_ambient(&self, m: &AmbientMarks) -> Option<bool> {
         if m.dataplane_mode.as_deref() == Some(self.opt_out.as_str()) {
             return Some(false);
         }
         let annotated = m.redirection.as_deref() == Some(self.annotation.1.as_str());
-        let labelled = m.dataplane_mode.as_deref() == Some(self.label.1.as_str());
+        let mode = m.dataplane_mode.as_deref().or(m.namespace_mode.as_deref());
+        let labelled = mode == Some(self.label.1.as_str());
         (annotated || labelled).then_some(true)
     }
 }
 
-/// The pod's ambient annotation and label as the API gives them (raw).
-/// Read with the default profile's keys. The namespace's label is not read
-/// (it needs a namespace watch): a pod enrolled through its namespace is
-/// known by istio-cni's annotation, set once it is redirected.
+/// The pod's ambient annotation and label, and its namespace's label, as
+/// the API gives them (raw). Read with the default profile's keys; the
+/// namespace's when the pod is seen (cached a minute).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AmbientMarks {
     pub redirection: Option<String>,
     pub dataplane_mode: Option<String>,
+    /// The namespace's `istio.io/dataplane-mode`.
+    pub namespace_mode: Option<String>,
 }
 
 impl AmbientMarks {
@@ -119,6 +123,7 @@ impl AmbientMarks {
         AmbientMarks {
             redirection: annotation(&p.annotation.0),
             dataplane_mode: label(&p.label.0),
+            namespace_mode: None,
         }
     }
 }

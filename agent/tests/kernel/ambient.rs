@@ -88,6 +88,17 @@ struct AmbientPod {
 }
 
 fn ambient_pod(node: &Node, name: &str, annotations: Value, labels: Value) -> AmbientPod {
+    ambient_pod_in(node, name, annotations, labels, json!({}))
+}
+
+/// [`ambient_pod`] in a namespace with these labels (the API's view).
+fn ambient_pod_in(
+    node: &Node,
+    name: &str,
+    annotations: Value,
+    labels: Value,
+    namespace_labels: Value,
+) -> AmbientPod {
     let pod = node.sim_pod(name, false);
     pod.topo.install_ambient_rules().unwrap();
     let state = json!({
@@ -102,7 +113,8 @@ fn ambient_pod(node: &Node, name: &str, annotations: Value, labels: Value) -> Am
                 "podIPs": [{"ip": pod.topo.pod_v4.to_string()}]}
         }],
         "owners": {format!("ReplicaSet/shop/{name}-rs"): {"apiVersion": "apps/v1",
-            "kind": "Deployment", "name": name, "uid": "d-uid", "controller": true}}
+            "kind": "Deployment", "name": name, "uid": "d-uid", "controller": true}},
+        "namespaces": {"shop": {"labels": namespace_labels}}
     });
     let (api, url) = node.api(&state);
     AmbientPod {
@@ -321,6 +333,36 @@ fn pod_never_enrolled_is_reported() {
         (gauge(&agent, "amb-never") == 0.0).then_some(())
     });
     drop(p.api);
+}
+
+/// The intent on the namespace only (`istio.io/dataplane-mode=ambient`),
+/// before istio-cni annotates the pod: never enrolled is reported; a pod
+/// that opts out with its own label `none` is not.
+#[test]
+fn namespace_intent_alone_makes_a_pod_ambient() {
+    let Some(node) = Node::shared() else { return };
+    let ns = json!({"istio.io/dataplane-mode": "ambient"});
+    let p = ambient_pod_in(&node, "amb-ns", json!({}), json!({}), ns.clone());
+    let agent = agent_for(&node, &p);
+    let o = app_dial(&p);
+    let f = agent.failure(o.pid);
+    assert_eq!(f["phase"], "startup_race", "never no_sidecar: {f}");
+    assert_eq!(f["mesh"], "istio-ambient");
+    wait_state(&agent, "amb-ns", "never");
+    wait_k8s_event(&node, "AmbientNeverEnrolled", "amb-ns");
+    drop(agent);
+    drop(p.api);
+    let out = ambient_pod_in(
+        &node,
+        "amb-ns-out",
+        json!({}),
+        json!({"istio.io/dataplane-mode": "none"}),
+        ns,
+    );
+    let agent = agent_for(&node, &out);
+    let o = app_dial(&out);
+    assert_eq!(agent.failure(o.pid)["phase"], "no_sidecar");
+    drop(out.api);
 }
 
 #[test]

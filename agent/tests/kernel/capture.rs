@@ -11,7 +11,7 @@ use connscope::testbed::{
 };
 use serde_json::{Value, json};
 
-use crate::fixture::{Agent, BIN, Node, wait_for};
+use crate::fixture::{Agent, BIN, Node, of_pod, stop, wait_for};
 
 /// A node for one capture test. Its pods take fixed network tags (150 and
 /// up, which [`crate::fixture::net_tag`] never hands out) because their
@@ -56,13 +56,6 @@ impl Env {
     }
 }
 
-fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
-        .collect()
-}
-
 fn failures_of(events: &[Value], pid: u32) -> Vec<Value> {
     events
         .iter()
@@ -92,11 +85,6 @@ fn sidecar_ready_then_stop(pod: &mut SimPod, agent: Agent) -> Vec<Value> {
         (!of_pod(&agent.events(), &uid, "startup_race").is_empty()).then_some(())
     });
     stop(agent)
-}
-
-fn stop(mut agent: Agent) -> Vec<Value> {
-    assert!(agent.stop().success());
-    agent.events()
 }
 
 /// The app's refusals: all of them ECONNREFUSED (the count the app itself

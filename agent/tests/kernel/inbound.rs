@@ -19,27 +19,13 @@ use connscope::testbed::{
 use serde_json::{Value, json};
 
 use crate::fixture::{
-    Agent, Node, failures_of, http_get, slow, start_sidecar, time_scale, wait_for,
+    Agent, Node, failures_of, http_get, of_pod, slow, start_sidecar, stop, time_scale, wait_for,
 };
 
 /// The agent of these tests: failures of a pod whose injection is not known
 /// yet are held for a second.
 fn agent(node: &Node) -> Agent {
     node.agent(&["--hold-seconds", "1"])
-}
-
-/// Stops the agent (which flushes pending summaries) and returns its events.
-fn stop(mut agent: Agent) -> Vec<Value> {
-    assert!(agent.stop().success());
-    agent.events()
-}
-
-/// The events of one type of the pod with this uid.
-fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
-        .collect()
 }
 
 /// An injected pod whose sidecar listens on 15001 and 15006 already.

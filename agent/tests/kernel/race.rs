@@ -13,28 +13,10 @@ use connscope::testbed::{
 };
 use serde_json::{Value, json};
 
-use crate::fixture::{Agent, Bg, Node, closed_target, failures_of, start_sidecar, wait_for};
-
-/// The events of one type of the pod with this uid.
-fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
-        .collect()
-}
-
-/// Waits (10 s) for the first event of type `ty` of the pod with this uid.
-fn wait_for_event(agent: &Agent, uid: &str, ty: &str) -> Value {
-    wait_for(
-        &format!("{ty} of pod {uid}"),
-        Duration::from_secs(10),
-        || {
-            of_pod(&agent.events(), uid, ty)
-                .first()
-                .map(|e| (*e).clone())
-        },
-    )
-}
+use crate::fixture::{
+    Agent, Bg, Node, closed_target, failures_of, of_pod, start_sidecar, stop, wait_for,
+    wait_for_event,
+};
 
 /// The agent of these tests: failures of a pod whose injection is not known
 /// yet are held for a second.
@@ -47,12 +29,6 @@ fn agent_with(node: &Node, extra: &[&str]) -> Agent {
     let mut args = vec!["--hold-seconds", "1"];
     args.extend_from_slice(extra);
     node.agent(&args)
-}
-
-/// Stops the agent (which flushes pending summaries) and returns its events.
-fn stop(mut agent: Agent) -> Vec<Value> {
-    assert!(agent.stop().success());
-    agent.events()
 }
 
 /// An injected pod watched by the agent, whose app started once the sidecar

@@ -13,17 +13,9 @@ use connscope::testbed::{
     pod::{PROXY_IMAGE, image},
     scenario::{App, outcomes},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::fixture::{Agent, Node, http_get, start_sidecar, wait_for};
-
-/// The summaries of type `ty` of the pod with this uid.
-fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
-        .collect()
-}
+use crate::fixture::{Agent, Node, http_get, of_pod, start_sidecar, wait_for};
 
 /// The agent's `/metrics` line of `connscope_workload_revision_info` for
 /// this workload, if any.

@@ -42,13 +42,14 @@ fn pod_info(marks: AmbientMarks, sidecar: bool) -> PodInfo {
             .into_iter()
             .collect(),
         labels: Default::default(),
+        namespace_labels: Default::default(),
     }
 }
 
 fn annotated() -> AmbientMarks {
     AmbientMarks {
         redirection: Some("enabled".into()),
-        dataplane_mode: None,
+        ..Default::default()
     }
 }
 
@@ -123,12 +124,20 @@ fn the_api_s_marks_say_ambient_and_none_opts_out() {
     let p = AmbientProfile::default();
     assert_eq!(p.marks_ambient(&annotated()), Some(true));
     let label = |v: &str| AmbientMarks {
-        redirection: None,
         dataplane_mode: Some(v.into()),
+        ..Default::default()
     };
     assert_eq!(p.marks_ambient(&label("ambient")), Some(true));
     assert_eq!(p.marks_ambient(&label("none")), Some(false));
     assert_eq!(p.marks_ambient(&AmbientMarks::default()), None);
+    // The namespace's intent, unless the pod opts out.
+    let in_ns = |pod: Option<&str>| AmbientMarks {
+        dataplane_mode: pod.map(Into::into),
+        namespace_mode: Some("ambient".into()),
+        ..Default::default()
+    };
+    assert_eq!(p.marks_ambient(&in_ns(None)), Some(true));
+    assert_eq!(p.marks_ambient(&in_ns(Some("none"))), Some(false));
     assert_eq!(p.ports(), [15008, 15006, 15001]);
 }
 

@@ -19,9 +19,11 @@ use connscope::testbed::{
     rules::MeshBed,
     scenario::{App, Server, outcomes},
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::fixture::{Agent, Node, failures_of, start_sidecar, time_scale, wait_for};
+use crate::fixture::{
+    Agent, Node, failures_of, of_pod, start_sidecar, stop, time_scale, wait_for_event,
+};
 
 /// The agent of these tests: failures of a pod whose mesh is not known yet
 /// are held for a second.
@@ -29,33 +31,6 @@ fn agent(node: &Node, extra: &[&str]) -> Agent {
     let mut args = vec!["--hold-seconds", "1"];
     args.extend_from_slice(extra);
     node.agent(&args)
-}
-
-/// Stops the agent (which flushes pending summaries) and returns its events.
-fn stop(mut agent: Agent) -> Vec<Value> {
-    assert!(agent.stop().success());
-    agent.events()
-}
-
-/// The events of one type of the pod with this uid.
-fn of_pod<'a>(events: &'a [Value], uid: &str, ty: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["pod_uid"] == uid && e["type"] == ty)
-        .collect()
-}
-
-/// Waits (10 s) for the first event of type `ty` of the pod with this uid.
-fn wait_for_event(agent: &Agent, uid: &str, ty: &str) -> Value {
-    wait_for(
-        &format!("{ty} of pod {uid}"),
-        Duration::from_secs(10),
-        || {
-            of_pod(&agent.events(), uid, ty)
-                .first()
-                .map(|e| (*e).clone())
-        },
-    )
 }
 
 /// The start-up race of a pod of `mesh`: its proxy's outbound listener
