@@ -66,13 +66,19 @@ pub(crate) type ErrorCounts = HashMap<&'static str, u64>;
 /// as `connscope_metadata_values_rejected_total`.
 pub(crate) type RejectedCounts = HashMap<(&'static str, &'static str), u64>;
 
-/// Attributes events; caches complete answers per cgroup id.
+/// Attributes events; caches answers per cgroup id.
 pub struct Attributor {
     node: Option<String>,
     cgroups: Resolver,
     runtime: Reader,
     proc_root: std::path::PathBuf,
-    cache: rustc_hash::FxHashMap<u64, Arc<Attribution>>,
+    /// Answers by cgroup id, with until when they stand: None for complete
+    /// ones; an incomplete one stands as long as what it lacks cannot
+    /// appear (the runtime's cached absence or failure; API changes and
+    /// cgroup changes drop it sooner). A container with broken metadata
+    /// then costs one lookup per event, not a cgroup parse and allocations
+    /// (storms from such containers overflowed the ring).
+    cache: rustc_hash::FxHashMap<u64, (Arc<Attribution>, Option<std::time::Instant>)>,
     /// Attributions of processes in the v2 root, by pid.
     by_pid_attr: rustc_hash::FxHashMap<u32, (Arc<Attribution>, std::time::Instant)>,
     /// `/proc/<pid>/cgroup` answers by pid, with when they were read.
@@ -257,7 +263,9 @@ impl Attributor {
         ev: &KernelEvent,
         api: Option<&PodStore>,
     ) -> Option<Arc<Attribution>> {
-        if let Some(a) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
+        if let Some((a, until)) = ev.cgroup_id.and_then(|id| self.cache.get(&id))
+            && until.is_none_or(|u| std::time::Instant::now() < u)
+        {
             return Some(a.clone());
         }
         self.poll_metadata();
@@ -283,18 +291,40 @@ impl Attributor {
             self.by_pid_attr.insert(ev.pid, (a.clone(), now));
             return Some(a);
         }
-        // Cache only answers that will not improve (pod fully known, or not a
-        // pod at all); others are retried as runtime files and the API fill in.
+        // Answers that will not improve (pod fully known, or not a pod at
+        // all) stand until their cgroup goes; others only while what they
+        // lack cannot appear.
+        let until = if complete || a.pod_uid.is_none() {
+            Some(None)
+        } else {
+            self.incomplete_until(&a, now).map(Some)
+        };
         if let Some(id) = ev.cgroup_id
-            && (complete || a.pod_uid.is_none())
+            && let Some(until) = until
             && a.cgroup.as_deref() != Some("/")
         {
             if self.cache.len() >= CACHE_MAX {
                 self.cache.clear();
             }
-            self.cache.insert(id, a.clone());
+            self.cache.insert(id, (a.clone(), until));
         }
         Some(a)
+    }
+
+    /// Until when an incomplete pod answer stands: while the runtime's
+    /// absence or failure for its container is cached (None: not cached,
+    /// ask again at the next event); a pod-level cgroup's, whose only other
+    /// source is the API (whose changes drop every answer), for as long as
+    /// an absent bundle is.
+    fn incomplete_until(
+        &self,
+        a: &Attribution,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        match &a.container_id {
+            Some(cid) => self.runtime.none_until(cid),
+            None => Some(now + self.runtime.negative_ttl),
+        }
     }
 
     /// Attributes a cgroup path (relative to the cgroup root). The bool says

@@ -306,6 +306,60 @@ fn cgroup_path_pod_uid_beats_runtime_files() {
 }
 
 #[test]
+fn an_incomplete_answer_stands_only_while_what_it_lacks_cannot_appear() {
+    let node = Node::new("incomplete");
+    let pod = node.pod(Flavor::Containerd, Qos::Burstable, "shop", "web-0");
+    pod.remove_metadata("app").unwrap();
+    let mut runtime = Reader::new(node.roots.clone());
+    runtime.negative_ttl = std::time::Duration::from_millis(300);
+    let mut who = Attributor::new(
+        Some("node-1".into()),
+        Resolver::new(Some(node.cgroup.clone())),
+        runtime,
+        node.dir.join("no-proc"),
+    );
+    let ev = app(&pod);
+    let first = who.attribute_wait(&ev, None);
+    assert_eq!(first.pod, None, "no bundle yet");
+    // While the absence is cached, every event gets the same answer
+    // without building it again.
+    let again = who.attribute(&ev, None).expect("cached");
+    assert!(Arc::ptr_eq(&first, &again));
+    let files = serde_json::json!({"annotations": {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": "app",
+        "io.kubernetes.cri.sandbox-name": "web-0",
+        "io.kubernetes.cri.sandbox-namespace": "shop",
+        "io.kubernetes.cri.sandbox-uid": pod.uid,
+    }});
+    pod.corrupt_metadata("app", files.to_string().as_bytes())
+        .unwrap();
+    // Once the absence expires, the bundle is read again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let named = loop {
+        let a = who.attribute_wait(&ev, None);
+        if a.pod.is_some() || std::time::Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(named.pod.as_deref(), Some("web-0"));
+    assert_eq!(named.container.as_deref(), Some("app"));
+    // An API change drops incomplete answers at once.
+    pod.remove_metadata("app").unwrap();
+    let mut bare = Attributor::new(
+        None,
+        Resolver::new(Some(node.cgroup.clone())),
+        Reader::new(node.roots.clone()),
+        node.dir.join("no-proc"),
+    );
+    let before = bare.attribute_wait(&ev, None);
+    bare.invalidate();
+    let after = bare.attribute_wait(&ev, None);
+    assert!(!Arc::ptr_eq(&before, &after));
+}
+
+#[test]
 fn cgroup_path_alone_names_no_pod() {
     let node = Node::new("path");
     let pod = node.pod(

@@ -160,6 +160,17 @@ impl Reader {
         Lookup::Pending
     }
 
+    /// Until when a lookup's `Known(None)` for `id` stands: its cached
+    /// absence or failure's expiry. None: nothing is cached (the read was
+    /// not queued), so the next lookup asks again.
+    pub(crate) fn none_until(&self, id: &str) -> Option<Instant> {
+        if !id.bytes().all(|b| b.is_ascii_hexdigit()) || id.is_empty() {
+            return Some(Instant::now() + self.negative_ttl);
+        }
+        let c = self.cache.get(id).filter(|c| c.meta.is_none())?;
+        c.ttl.map(|t| c.at + t)
+    }
+
     /// Metadata of a container if it is cached; never queues a read (a
     /// container that did nothing yet is not read on its behalf: its files
     /// may still be being written).
