@@ -14,12 +14,12 @@
 //! The kernel alone shows that a pod is enrolled, never that it should be:
 //! only pods the API marks ambient are ever reported unenrolled.
 //!
-//! Everything that is Istio's own is data in [`AmbientProfile`], so that a
-//! mesh profile can fill it.
+//! Everything that is Istio's own is data: [`AmbientProfile`], the
+//! `ambient` table of the `istio` mesh profile.
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Phase;
 use crate::{
@@ -34,27 +34,25 @@ const MAX_NETNS: usize = 16_384;
 /// Pods kept at most (a node runs a few hundred).
 const MAX_PODS: usize = 20_000;
 
-/// What is Istio's own about ambient mode. Sources: istio/istio
-/// `cni/pkg/config/config.go` (ZtunnelInboundPort 15008,
-/// ZtunnelInboundPlaintextPort 15006, ZtunnelOutboundPort 15001),
-/// `cni/README.md` (the `istio.io/dataplane-mode` label, `none` opts a pod
-/// out), istio/api `annotation` (`ambient.istio.io/redirection`, set to
-/// `enabled` by istio-cni once the pod is redirected).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is a mesh's own about its node-proxy mode, as data: the `ambient`
+/// table of its profile (`mesh/profiles.toml`, which cites Istio's sources).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AmbientProfile {
     /// `mesh` of ambient pods' lines.
-    pub mesh: String,
-    /// ztunnel's HBONE inbound port: enrolled = it listens in the pod's netns.
+    pub mesh: Arc<str>,
+    /// The node proxy's HBONE inbound port: enrolled = it listens in the
+    /// pod's netns.
     pub inbound_port: u16,
-    /// ztunnel's plaintext inbound port.
+    /// Its plaintext inbound port.
     pub plaintext_port: u16,
-    /// ztunnel's outbound capture port: app connects are refused until it listens.
+    /// Its outbound capture port: app connects are refused until it listens.
     pub outbound_port: u16,
     /// Process name of the node proxy.
     pub comm: String,
     /// Pod annotation (key, value) of the actual state.
     pub annotation: (String, String),
-    /// Pod label (key, value) of the intent.
+    /// Pod (or namespace) label (key, value) of the intent.
     pub label: (String, String),
     /// The label value that opts a pod out.
     pub opt_out: String,
@@ -62,23 +60,6 @@ pub struct AmbientProfile {
     pub recommendation_lost: String,
     /// What to do about a pod that was never enrolled.
     pub recommendation_never: String,
-}
-
-impl Default for AmbientProfile {
-    fn default() -> Self {
-        AmbientProfile {
-            mesh: "istio-ambient".into(),
-            inbound_port: 15008,
-            plaintext_port: 15006,
-            outbound_port: 15001,
-            comm: "ztunnel".into(),
-            annotation: ("ambient.istio.io/redirection".into(), "enabled".into()),
-            label: ("istio.io/dataplane-mode".into(), "ambient".into()),
-            opt_out: "none".into(),
-            recommendation_lost: "ztunnel no longer serves this pod (its listeners in the pod's network namespace are gone, often after a ztunnel restart or a node reboot): check the ztunnel and istio-cni logs on this node, then restart the pod to enroll it again".into(),
-            recommendation_never: "the pod is marked for ambient mode but ztunnel never listened in its network namespace: check that istio-cni and ztunnel run on this node and that the pod's namespace is not excluded".into(),
-        }
-    }
 }
 
 impl AmbientProfile {
@@ -119,7 +100,7 @@ impl AmbientMarks {
         annotation: impl Fn(&str) -> Option<String>,
         label: impl Fn(&str) -> Option<String>,
     ) -> AmbientMarks {
-        let p = AmbientProfile::default();
+        let p = crate::race::mesh::installed().ambient();
         AmbientMarks {
             redirection: annotation(&p.annotation.0),
             dataplane_mode: label(&p.label.0),
@@ -460,7 +441,7 @@ impl Ambient {
         out: &mut Vec<AmbientOut>,
     ) {
         self.now_ns = self.now_ns.max(now_ns);
-        let mesh: Arc<str> = Arc::from(p.mesh.as_str());
+        let mesh: Arc<str> = p.mesh.clone();
         for pod in self.pods.values_mut() {
             let (Some(ns), Some(who)) = (pod.netns, pod.who.clone()) else {
                 continue;
@@ -534,10 +515,7 @@ impl Ambient {
             }));
         }
         if std::mem::take(&mut self.gauge_dirty) {
-            out.push(AmbientOut::Unenrolled(
-                Arc::from(p.mesh.as_str()),
-                self.unenrolled(),
-            ));
+            out.push(AmbientOut::Unenrolled(p.mesh.clone(), self.unenrolled()));
         }
     }
 

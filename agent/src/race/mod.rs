@@ -167,8 +167,6 @@ pub struct Config {
     pub capture_match_ns: u64,
     /// Capture resets kept at most, waiting for their failure.
     pub max_capture_resets: usize,
-    /// Istio ambient's facts (ztunnel's ports and name, the pod marks).
-    pub ambient: AmbientProfile,
     /// An ambient pod without ztunnel's HBONE listener this long is reported.
     pub ambient_grace_ns: u64,
 }
@@ -189,7 +187,6 @@ impl Default for Config {
             kernel_capture_ports: Vec::new(),
             capture_match_ns: 1_000_000_000,
             max_capture_resets: 4096,
-            ambient: AmbientProfile::default(),
             ambient_grace_ns: 30_000_000_000,
         }
     }

@@ -13,11 +13,11 @@ use super::{
 use crate::attribute::{Attribution, revision::Revision};
 
 /// The pod's mesh profile: a summary is only made for a pod whose proxy
-/// was seen, so one is known; the built-in default otherwise.
+/// was seen, so one is known; the installed default otherwise.
 fn mesh_of(p: &PodState) -> Arc<Profile> {
-    static DEFAULT: std::sync::LazyLock<Arc<Profile>> =
-        std::sync::LazyLock::new(|| super::Profiles::builtin().default_profile().clone());
-    p.profile.clone().unwrap_or_else(|| DEFAULT.clone())
+    p.profile
+        .clone()
+        .unwrap_or_else(|| super::mesh::installed().default_profile().clone())
 }
 
 /// Kernel times of a pod's start-up that no other event carries, so that

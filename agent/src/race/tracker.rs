@@ -193,7 +193,7 @@ impl Tracker {
 
     /// What the API says of a pod, for ambient enrollment.
     pub(crate) fn ambient_api(&mut self, p: &crate::k8s::PodInfo) {
-        self.ambient.api(p, &self.cfg.ambient);
+        self.ambient.api(p, self.cfg.profiles.ambient());
     }
 
     /// The API deleted a pod.
@@ -211,7 +211,7 @@ impl Tracker {
         now_ns: u64,
     ) {
         self.ambient
-            .restore(ns, pods, ports, now_ns, &self.cfg.ambient);
+            .restore(ns, pods, ports, now_ns, self.cfg.profiles.ambient());
     }
 
     /// Applies one event, in kernel-time order: the pod's handler for its
@@ -234,9 +234,11 @@ impl Tracker {
             ev.errno == ECONNREFUSED && self.resets.take_match(&ev, self.cfg.capture_match_ns)
         });
         // ztunnel refused on a pod's HBONE port: that pod's missing listener.
-        let hbone = self.ambient.hbone_destination(&ev, &self.cfg.ambient);
+        let hbone = self
+            .ambient
+            .hbone_destination(&ev, self.cfg.profiles.ambient());
         let who = hbone.clone().unwrap_or(who);
-        self.ambient.observe(&ev, &who, &self.cfg.ambient);
+        self.ambient.observe(&ev, &who, self.cfg.profiles.ambient());
         // A second handle keeps the pod's uid borrowable while `who` moves on
         // with the event: the uid is copied only for a new pod, not per event.
         let attr = Arc::clone(&who);
@@ -268,7 +270,7 @@ impl Tracker {
         let ambient = match ev.kind {
             Kind::ConnectFailure if hbone.is_some() => Some(Phase::Proxy),
             Kind::ConnectFailure if !is_proxy && p.injected != Some(true) => {
-                self.ambient.classify(uid, &ev, &cfg.ambient)
+                self.ambient.classify(uid, &ev, cfg.profiles.ambient())
             }
             _ => None,
         };
@@ -302,7 +304,7 @@ impl Tracker {
             Kind::ConnectFailure => Some(p.classify(&ev, &who, kernel, cfg)),
         };
         let mesh = match ambient {
-            Some(_) => Some(Arc::from(self.cfg.ambient.mesh.as_str())),
+            Some(_) => Some(self.cfg.profiles.ambient().mesh.clone()),
             None => p.mesh_label(),
         };
         out.push(Output::Event {
@@ -334,7 +336,7 @@ impl Tracker {
             self.held_total -= held.len();
             for (ev, who, kernel) in held {
                 let ambient = (!inj)
-                    .then(|| self.ambient.classify(uid, &ev, &self.cfg.ambient))
+                    .then(|| self.ambient.classify(uid, &ev, self.cfg.profiles.ambient()))
                     .flatten();
                 let phase = if inj {
                     p.classify(&ev, &who, kernel, &self.cfg)
@@ -347,7 +349,7 @@ impl Tracker {
                     phase: Some(phase),
                     capture: Some(p.evidence(kernel, &self.cfg)),
                     mesh: match ambient {
-                        Some(_) => Some(Arc::from(self.cfg.ambient.mesh.as_str())),
+                        Some(_) => Some(self.cfg.profiles.ambient().mesh.clone()),
                         None => p.mesh_label(),
                     },
                 });
@@ -461,8 +463,12 @@ impl Tracker {
             self.finalise(&uid, out);
         }
         let mut ambient = Vec::new();
-        self.ambient
-            .timers(now_ns, cfg.ambient_grace_ns, &cfg.ambient, &mut ambient);
+        self.ambient.timers(
+            now_ns,
+            cfg.ambient_grace_ns,
+            cfg.profiles.ambient(),
+            &mut ambient,
+        );
         out.extend(ambient.into_iter().map(Output::Ambient));
     }
 

@@ -172,7 +172,7 @@ COMMIT
 /// node's SNAT address for kubelet probes. The golden file's raw-table DNS
 /// conntrack-zone rules are left out (UDP only, nothing here uses them).
 pub fn ambient_rules(v6: bool) -> String {
-    let p = crate::race::ambient::AmbientProfile::default();
+    let p = crate::race::mesh::installed().ambient();
     let (lo, probe) = if v6 {
         ("::1/128", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164")
     } else {

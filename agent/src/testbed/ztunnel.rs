@@ -20,8 +20,6 @@ use anyhow::{Context as _, Result, anyhow};
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Socket, Type};
 
-use crate::race::ambient::AmbientProfile;
-
 /// Options of `connscope testbed ztunnel`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -156,7 +154,7 @@ pub fn run(args: Args) -> Result<()> {
     let ports = args
         .ports
         .clone()
-        .unwrap_or_else(|| AmbientProfile::default().ports().to_vec());
+        .unwrap_or_else(|| crate::race::mesh::installed().ambient().ports().to_vec());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

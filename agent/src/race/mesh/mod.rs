@@ -14,7 +14,7 @@ pub use profile::{
     Uncaptured,
 };
 
-use crate::k8s::PodInfo;
+use crate::{k8s::PodInfo, race::ambient::AmbientProfile};
 
 /// The `mesh` label of a pod with no mesh, and of events outside pods.
 pub const NO_MESH: &str = "none";
@@ -222,6 +222,24 @@ impl Profiles {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    /// The node-proxy mode's facts (Istio ambient): the first profile's
+    /// that has them. The built-in `istio` profile has them, and an
+    /// operator's file changes profiles, never removes them.
+    pub fn ambient(&self) -> &AmbientProfile {
+        static BUILTIN_AMBIENT: std::sync::LazyLock<AmbientProfile> =
+            std::sync::LazyLock::new(|| {
+                Profiles::builtin()
+                    .list
+                    .iter()
+                    .find_map(|p| p.ambient.clone())
+                    .expect("the built-in profiles have ambient mode's")
+            });
+        self.list
+            .iter()
+            .find_map(|p| p.ambient.as_ref())
+            .unwrap_or(&BUILTIN_AMBIENT)
     }
 
     fn sidecars(&self) -> impl Iterator<Item = &Arc<Profile>> {

@@ -13,11 +13,10 @@ use crate::k8s::PodInfo;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// A proxy container in the pod, capture rules in the pod's netns.
+    /// A proxy container in the pod, capture rules in the pod's netns. (A
+    /// mesh's node-proxy mode is its profile's `ambient` table.)
     #[default]
     Sidecar,
-    /// A node proxy that listens inside the pod's netns (Istio ambient).
-    Ambient,
 }
 
 /// An inclusive port range, written `"15000-15099"` or `"4191"`.
@@ -240,6 +239,9 @@ pub struct Profile {
     #[serde(default)]
     pub port_roles: Vec<PortRole>,
     pub recommendations: Recommendations,
+    /// The mesh's node-proxy mode (Istio ambient), if it has one.
+    #[serde(default)]
+    pub ambient: Option<crate::race::ambient::AmbientProfile>,
 }
 
 /// Mitigations in effect for a pod.

@@ -121,6 +121,31 @@ proxy_uids = [4242]
 }
 
 #[test]
+fn ambient_mode_is_data_an_operator_can_change_key_by_key() {
+    let builtin = Profiles::builtin();
+    let a = builtin.ambient();
+    assert_eq!(&*a.mesh, "istio-ambient");
+    assert_eq!(a.ports(), [15008, 15006, 15001]);
+    assert_eq!(a.comm, "ztunnel");
+    assert_eq!(a.label.0, "istio.io/dataplane-mode");
+    let dir = Scratch::new("ambient");
+    let f = dir.file(
+        r#"
+[[profile]]
+name = "istio"
+[profile.ambient]
+comm = "my-ztunnel"
+"#,
+    );
+    let p = Profiles::load(Some(&f)).unwrap();
+    assert_eq!(p.ambient().comm, "my-ztunnel");
+    assert_eq!(p.ambient().inbound_port, 15008, "the other keys stay");
+    let typo = dir.file("[[profile]]\nname = \"istio\"\n[profile.ambient]\nhbone = 1\n");
+    let e = format!("{:#}", Profiles::load(Some(&typo)).unwrap_err());
+    assert!(e.contains("hbone"), "{e}");
+}
+
+#[test]
 fn bad_files_say_why() {
     let dir = Scratch::new("badprofiles");
     for (text, why) in [

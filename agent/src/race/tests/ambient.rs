@@ -121,7 +121,7 @@ fn meshed_phases(out: &[Output]) -> Vec<(Phase, Option<String>)> {
 
 #[test]
 fn the_api_s_marks_say_ambient_and_none_opts_out() {
-    let p = AmbientProfile::default();
+    let p = crate::race::mesh::installed().ambient();
     assert_eq!(p.marks_ambient(&annotated()), Some(true));
     let label = |v: &str| AmbientMarks {
         dataplane_mode: Some(v.into()),
