@@ -174,7 +174,14 @@ fn main() -> Result<()> {
             setup()?;
             let kernels = vm::select(&kernel)?;
             if command.is_empty() {
-                return matrix::run(&workspace(), &kernels, matrix::Report::Workspace);
+                // Only a run of every kernel rewrites KERNELS.md and the
+                // README's table: one kernel's run would drop the others.
+                let report = if kernels.len() == vm::select("all")?.len() {
+                    matrix::Report::Workspace
+                } else {
+                    matrix::Report::Target
+                };
+                return matrix::run(&workspace(), &kernels, report);
             }
             let mut failed = Vec::new();
             for series in &kernels {

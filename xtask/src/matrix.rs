@@ -164,7 +164,8 @@ pub(crate) enum Report {
     /// vm`: a maintainer commits what a run found).
     Workspace,
     /// `target/vm/KERNELS.md` only (`cargo xtask test`: CI leaves the
-    /// checkout as it found it).
+    /// checkout as it found it; `cargo xtask vm --kernel <one>`: a partial
+    /// run keeps the committed report whole).
     Target,
 }
 
