@@ -27,7 +27,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::rules::InboundSource;
+use super::mesh::InboundSource;
 use crate::race::istio::{INBOUND_SOURCE_V4, INBOUND_SOURCE_V6};
 
 /// Name of the thread that dials the app (Envoy's first worker).

@@ -9,6 +9,7 @@ pub mod app;
 pub mod client;
 pub mod dial;
 pub mod inbound;
+pub mod mesh;
 pub mod net;
 pub mod pod;
 pub mod prober;

@@ -24,7 +24,7 @@ pub const PROXY_IMAGE: &str = "docker.io/istio/proxyv2:1.22.3";
 /// a mesh's proxy image for its proxy container (Istio's for istio-proxy,
 /// `rules.rs` for the others), else one per namespace and container.
 pub fn image(namespace: &str, container: &str) -> String {
-    super::rules::proxy_image(container)
+    super::mesh::proxy_image(container)
         .unwrap_or_else(|| format!("registry.example/{namespace}/{container}:1.4.2"))
 }
 

@@ -1,216 +1,146 @@
-//! The other sidecar meshes as the test bed simulates them: each one's real
-//! capture rules (as `iptables-restore` input, in the shapes its own sources
-//! and golden files give) and what its proxy container looks like from the
-//! kernel (container name, uid, process names, ports, the address it dials
-//! the app from). This is the bed's own model of the real meshes, written
-//! from their sources, not from the agent's profiles: the end-to-end tests
-//! check the profiles against it. Sources are cited per mesh; the facts are
-//! collected with their lines in /work/shared/mesh-facts.md (issue #19).
+//! Each mesh's real capture rules, as `iptables-restore` input in the
+//! shapes its own sources and golden files give: Istio's sidecar rules
+//! (istio-iptables) and ambient's in-pod rules (istio-cni), Linkerd's
+//! proxy-init, Kuma's and Consul's. Sources are cited per mesh.
 //!
-//! Comments (`-m comment`) are left out of the rules, as in `net.rs`'s
-//! Istio rules: chains, order, matches and targets are the real ones.
+//! Comments (`-m comment`) are left out: chains, order, matches and targets
+//! are the real ones.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-/// Which mesh's rules a [`MeshBed`] installs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Istio,
-    Linkerd,
-    Kuma,
-    Consul,
+/// The `*nat` table's header as `iptables-save` writes it: the built-in
+/// chains, then the mesh's own (`chains`).
+fn nat_header(chains: &[&str]) -> String {
+    let mut s = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
+    for c in chains {
+        s.push_str(&format!(":{c} - [0:0]\n"));
+    }
+    s
 }
 
-/// The source the stand-in proxy dials the app from, for inbound traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum InboundSource {
-    /// Bound to 127.0.0.6 (`::6`), dialing the original destination: Envoy's
-    /// `inbound|passthrough` in Istio >= 1.10 and Kuma's `upstream_bind_config`.
-    Passthrough,
-    /// No bind, dialing the original destination (the pod IP): the kernel
-    /// picks the pod IP as source. linkerd2-proxy's inbound `Forward`.
-    PodIp,
-    /// No bind, dialing 127.0.0.1 (`::1`) at the original port: Consul's
-    /// local app cluster (`LocalServiceAddress` 127.0.0.1).
-    Loopback,
+/// A pod's outbound capture settings, as its
+/// `traffic.sidecar.istio.io/*` annotations give them to istio-iptables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureSettings {
+    /// `includeOutboundIPRanges`: None is `*` (everything); an empty list
+    /// captures nothing.
+    pub include: Option<Vec<String>>,
+    /// `excludeOutboundIPRanges`.
+    pub exclude: Vec<String>,
+    /// `excludeOutboundPorts`.
+    pub exclude_ports: Vec<u16>,
 }
 
-/// A sidecar mesh as the test bed runs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeshBed {
-    /// The profile name the agent should report (`mesh` label).
-    pub name: String,
-    pub kind: Kind,
-    /// The proxy container's name.
-    pub container: String,
-    /// The image the runtime files name for the proxy container.
-    pub image: String,
-    /// The proxy's uid (and, in the stand-in, gid): exempt from capture.
-    pub uid: u32,
-    /// Further uids the rules exempt (Consul's connect-init, 5996).
-    pub exempt_uids: Vec<u32>,
-    /// The proxy process's comm.
-    pub comm: String,
-    /// The comm of the thread that dials the app inbound.
-    pub worker_comm: String,
-    /// Listeners opened at once (admin, readiness).
-    pub early_ports: Vec<u16>,
-    /// Outbound capture port: its LISTEN is "ready".
-    pub outbound_port: u16,
-    /// Inbound capture port.
-    pub inbound_port: u16,
-    /// DNS capture port (UDP), if the mesh redirects DNS.
-    pub dns_port: Option<u16>,
-    /// Where the proxy dials the app from.
-    pub inbound_source: InboundSource,
+/// Istio's outbound/inbound capture rules, as `istio-iptables` writes them
+/// (REDIRECT to 15001 outbound, 15006 inbound; uid/gid 1337 exempt).
+pub fn istio_rules(v6: bool) -> String {
+    istio_rules_with(v6, &CaptureSettings::default())
 }
 
-impl MeshBed {
-    /// Istio's sidecar, as `net.rs` and `sidecar.rs` have always run it.
-    pub fn istio() -> MeshBed {
-        MeshBed {
-            name: "istio".into(),
-            kind: Kind::Istio,
-            container: crate::race::istio::PROXY_CONTAINER.into(),
-            image: super::pod::PROXY_IMAGE.into(),
-            uid: crate::race::istio::PROXY_UID,
-            exempt_uids: Vec::new(),
-            comm: "envoy".into(),
-            worker_comm: super::inbound::WORKER_THREAD.into(),
-            early_ports: vec![15021, 15090],
-            outbound_port: 15001,
-            inbound_port: 15006,
-            dns_port: None,
-            inbound_source: InboundSource::Passthrough,
-        }
+/// [`istio_rules`] for a pod with these capture settings, in the shapes
+/// istio-iptables gives them (its golden files): excluded ports return
+/// first in ISTIO_OUTPUT; excluded ranges return after loopback; included
+/// ranges jump to ISTIO_REDIRECT one by one, or `*` all that is left.
+/// Ranges of the other family are left out, as istio-iptables does.
+pub fn istio_rules_with(v6: bool, c: &CaptureSettings) -> String {
+    let (six, lo) = if v6 {
+        ("::6/128", "::1/128")
+    } else {
+        ("127.0.0.6/32", "127.0.0.1/32")
+    };
+    let family = |r: &&String| r.contains(':') == v6;
+    let mut first = String::new();
+    if !c.exclude_ports.is_empty() {
+        let ports: Vec<String> = c.exclude_ports.iter().map(|p| p.to_string()).collect();
+        first.push_str(&format!(
+            "-A ISTIO_OUTPUT -p tcp -m multiport --dports {} -j RETURN\n",
+            ports.join(",")
+        ));
     }
-
-    /// Linkerd: container `linkerd-proxy`, uid 2102, outbound 4140, inbound
-    /// 4143, admin 4191 (its `/ready`), control 4190 (linkerd/linkerd2
-    /// pkg/k8s/labels.go, charts/linkerd-control-plane/values.yaml,
-    /// charts/partials/templates/_proxy.tpl). The process is
-    /// `linkerd2-proxy`; its tokio workers are threads named `proxy`
-    /// (linkerd/linkerd2-proxy linkerd2-proxy/src/rt.rs).
-    pub fn linkerd() -> MeshBed {
-        MeshBed {
-            name: "linkerd".into(),
-            kind: Kind::Linkerd,
-            container: "linkerd-proxy".into(),
-            image: "cr.l5d.io/linkerd/proxy:edge-25.8.3".into(),
-            uid: 2102,
-            exempt_uids: Vec::new(),
-            comm: "linkerd2-proxy".into(),
-            worker_comm: "proxy".into(),
-            early_ports: vec![4191, 4190],
-            outbound_port: 4140,
-            inbound_port: 4143,
-            dns_port: None,
-            inbound_source: InboundSource::PodIp,
-        }
+    let mut last = String::new();
+    for r in c.exclude.iter().filter(family) {
+        last.push_str(&format!("-A ISTIO_OUTPUT -d {r} -j RETURN\n"));
     }
-
-    /// Kuma / Kong Mesh: container `kuma-sidecar`, uid 5678, outbound 15001,
-    /// inbound 15006, DNS 15053, Envoy admin 9901 and kuma-dp's readiness
-    /// 9902 (kumahq/kuma pkg/plugins/runtime/k8s/util/names.go,
-    /// pkg/config/plugins/runtime/k8s/config.go,
-    /// pkg/transparentproxy/consts/consts.go). Envoy (run by kuma-dp) dials
-    /// the app from 127.0.0.6 (pkg/xds/generator/inbound_proxy_generator.go).
-    pub fn kuma() -> MeshBed {
-        MeshBed {
-            name: "kuma".into(),
-            kind: Kind::Kuma,
-            container: "kuma-sidecar".into(),
-            image: "docker.io/kumahq/kuma-dp:2.11.4".into(),
-            uid: 5678,
-            exempt_uids: Vec::new(),
-            comm: "envoy".into(),
-            worker_comm: super::inbound::WORKER_THREAD.into(),
-            early_ports: vec![9901, 9902],
-            outbound_port: 15001,
-            inbound_port: 15006,
-            dns_port: Some(15053),
-            inbound_source: InboundSource::Passthrough,
-        }
-    }
-
-    /// Consul: container `consul-dataplane`, uid 5995 (5996, connect-init,
-    /// exempt too), outbound 15001, inbound 20000, Envoy admin 19000,
-    /// lifecycle 20600 (hashicorp/consul-k8s
-    /// control-plane/connect-inject/webhook/{mesh_webhook,container_init,
-    /// redirect_traffic}.go, constants/constants.go). Envoy (run by
-    /// consul-dataplane) dials the app at 127.0.0.1
-    /// (controllers/endpoints/endpoints_controller.go `LocalServiceAddress`).
-    pub fn consul() -> MeshBed {
-        MeshBed {
-            name: "consul".into(),
-            kind: Kind::Consul,
-            container: "consul-dataplane".into(),
-            image: "docker.io/hashicorp/consul-dataplane:1.8.1".into(),
-            uid: 5995,
-            exempt_uids: vec![5996],
-            comm: "envoy".into(),
-            worker_comm: super::inbound::WORKER_THREAD.into(),
-            early_ports: vec![19000, 20600],
-            outbound_port: 15001,
-            inbound_port: 20000,
-            dns_port: None,
-            inbound_source: InboundSource::Loopback,
-        }
-    }
-
-    /// The built-in meshes, Istio first.
-    pub fn all() -> [MeshBed; 4] {
-        [
-            MeshBed::istio(),
-            MeshBed::linkerd(),
-            MeshBed::kuma(),
-            MeshBed::consul(),
-        ]
-    }
-
-    /// The capture rules for one family, as `iptables-restore` input.
-    pub fn rules(&self, v6: bool) -> String {
-        match self.kind {
-            Kind::Istio => super::net::istio_rules(v6),
-            Kind::Linkerd => linkerd_rules(v6, self.uid, self.inbound_port, self.outbound_port),
-            Kind::Kuma => kuma_rules(
-                v6,
-                self.uid,
-                self.inbound_port,
-                self.outbound_port,
-                self.dns_port,
-            ),
-            Kind::Consul => consul_rules(
-                v6,
-                self.uid,
-                &self.exempt_uids,
-                self.inbound_port,
-                self.outbound_port,
-            ),
-        }
-    }
-
-    /// The proxy's inbound source address for a family, if it binds one.
-    pub fn inbound_source_ip(&self, v6: bool) -> Option<IpAddr> {
-        match (self.inbound_source, v6) {
-            (InboundSource::Passthrough, false) => Some(Ipv4Addr::new(127, 0, 0, 6).into()),
-            (InboundSource::Passthrough, true) => {
-                Some(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into())
+    match &c.include {
+        None => last.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"),
+        Some(list) => {
+            for r in list.iter().filter(family) {
+                last.push_str(&format!("-A ISTIO_OUTPUT -d {r} -j ISTIO_REDIRECT\n"));
             }
-            (InboundSource::Loopback, false) => Some(Ipv4Addr::LOCALHOST.into()),
-            (InboundSource::Loopback, true) => Some(Ipv6Addr::LOCALHOST.into()),
-            (InboundSource::PodIp, _) => None,
         }
     }
+    let nat = nat_header(&[
+        "ISTIO_INBOUND",
+        "ISTIO_IN_REDIRECT",
+        "ISTIO_OUTPUT",
+        "ISTIO_REDIRECT",
+    ]);
+    format!(
+        "{nat}-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+{first}-A ISTIO_OUTPUT -s {six} -o lo -j RETURN
+-A ISTIO_OUTPUT ! -d {lo} -o lo -p tcp -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT ! -d {lo} -o lo -p tcp -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d {lo} -j RETURN
+{last}-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+"
+    )
 }
 
-/// The proxy image the runtime files name for a mesh's proxy container
-/// (None: not a proxy container the bed knows).
-pub fn proxy_image(container: &str) -> Option<String> {
-    MeshBed::all()
-        .into_iter()
-        .find(|m| m.container == container)
-        .map(|m| m.image)
+/// Istio ambient's in-pod rules, as istio-cni writes them inside the pod's
+/// netns (istio/istio `cni/pkg/iptables/iptables.go` `AppendInpodRules`,
+/// golden file `cni/pkg/iptables/testdata/default.golden`, `_ipv6`): packets
+/// marked 0x539 (1337, ztunnel's own) are never redirected; inbound TCP but
+/// HBONE goes to ztunnel's plaintext port 15006 (15008 is reached directly
+/// on ztunnel's listener), outbound TCP to 15001; 169.254.7.127 is the
+/// node's SNAT address for kubelet probes. The golden file's raw-table DNS
+/// conntrack-zone rules are left out (UDP only, nothing here uses them).
+pub fn ambient_rules(v6: bool) -> String {
+    let [hbone, plain, out] = super::mesh::ZTUNNEL_PORTS;
+    let (lo, probe) = if v6 {
+        ("::1/128", "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164")
+    } else {
+        ("127.0.0.1/32", "169.254.7.127")
+    };
+    let nat = nat_header(&["ISTIO_PRERT", "ISTIO_OUTPUT"]);
+    format!(
+        "*mangle
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_PRERT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A PREROUTING -j ISTIO_PRERT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+{nat}-A OUTPUT -j ISTIO_OUTPUT
+-A PREROUTING -j ISTIO_PRERT
+-A ISTIO_PRERT -s {probe} -p tcp -m tcp -j ACCEPT
+-A ISTIO_OUTPUT -d {probe} -p tcp -m tcp -j ACCEPT
+-A ISTIO_PRERT ! -d {lo} -p tcp ! --dport {hbone} -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports {plain}
+-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-port 15053
+-A ISTIO_OUTPUT ! -d {lo} -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A ISTIO_OUTPUT ! -d {lo} -o lo -j ACCEPT
+-A ISTIO_OUTPUT ! -d {lo} -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports {out}
+COMMIT
+"
+    )
 }
 
 /// Inbound ports Linkerd's chart tells proxy-init to leave alone: control
@@ -231,15 +161,9 @@ const LINKERD_IGNORE_OUTBOUND: &str = "4567,4568";
 /// then all of `lo`, then ignored ports return; everything else to the
 /// outbound port) hooked from OUTPUT. The same rules for both families.
 pub fn linkerd_rules(_v6: bool, uid: u32, inbound: u16, outbound: u16) -> String {
+    let nat = nat_header(&["PROXY_INIT_OUTPUT", "PROXY_INIT_REDIRECT"]);
     format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:PROXY_INIT_OUTPUT - [0:0]
-:PROXY_INIT_REDIRECT - [0:0]
--A PROXY_INIT_REDIRECT -p tcp -m multiport --dports {LINKERD_IGNORE_INBOUND} -j RETURN
+        "{nat}-A PROXY_INIT_REDIRECT -p tcp -m multiport --dports {LINKERD_IGNORE_INBOUND} -j RETURN
 -A PROXY_INIT_REDIRECT -p tcp -j REDIRECT --to-ports {inbound}
 -A PREROUTING -j PROXY_INIT_REDIRECT
 -A PROXY_INIT_OUTPUT -m owner --uid-owner {uid} -j RETURN
@@ -274,17 +198,14 @@ pub fn kuma_rules(v6: bool, uid: u32, inbound: u16, outbound: u16, dns: Option<u
             )
         })
         .unwrap_or_default();
+    let nat = nat_header(&[
+        "KUMA_MESH_INBOUND",
+        "KUMA_MESH_INBOUND_REDIRECT",
+        "KUMA_MESH_OUTBOUND",
+        "KUMA_MESH_OUTBOUND_REDIRECT",
+    ]);
     format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:KUMA_MESH_INBOUND - [0:0]
-:KUMA_MESH_INBOUND_REDIRECT - [0:0]
-:KUMA_MESH_OUTBOUND - [0:0]
-:KUMA_MESH_OUTBOUND_REDIRECT - [0:0]
--A PREROUTING -p tcp -j KUMA_MESH_INBOUND
+        "{nat}-A PREROUTING -p tcp -j KUMA_MESH_INBOUND
 {dns_rules}-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND
 -A KUMA_MESH_INBOUND -p tcp -j KUMA_MESH_INBOUND_REDIRECT
 -A KUMA_MESH_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports {inbound}
@@ -316,18 +237,15 @@ pub fn consul_rules(v6: bool, uid: u32, exempt: &[u32], inbound: u16, outbound: 
             "-A CONSUL_PROXY_OUTPUT -m owner --uid-owner {u} -j RETURN\n"
         ));
     }
+    let nat = nat_header(&[
+        "CONSUL_PROXY_INBOUND",
+        "CONSUL_PROXY_IN_REDIRECT",
+        "CONSUL_PROXY_OUTPUT",
+        "CONSUL_PROXY_REDIRECT",
+        "CONSUL_DNS_REDIRECT",
+    ]);
     format!(
-        "*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
-:CONSUL_PROXY_INBOUND - [0:0]
-:CONSUL_PROXY_IN_REDIRECT - [0:0]
-:CONSUL_PROXY_OUTPUT - [0:0]
-:CONSUL_PROXY_REDIRECT - [0:0]
-:CONSUL_DNS_REDIRECT - [0:0]
--A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports {outbound}
+        "{nat}-A CONSUL_PROXY_REDIRECT -p tcp -j REDIRECT --to-ports {outbound}
 -A OUTPUT -p tcp -j CONSUL_PROXY_OUTPUT
 {exempt_rules}-A CONSUL_PROXY_OUTPUT -m owner --uid-owner {uid} -j RETURN
 -A CONSUL_PROXY_OUTPUT -d {lo} -j RETURN

@@ -20,9 +20,9 @@ use nix::{
 
 use super::{
     dial::{Outcome, parse_outcomes},
+    mesh::{Kind, MeshBed},
     net::Topology,
     pod::{Flavor, Pod},
-    rules::{Kind, MeshBed},
 };
 use crate::{attribute::kubelet::Qos, attribute::runtime::Roots};
 

@@ -19,7 +19,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::rules::InboundSource;
+use super::mesh::InboundSource;
 
 /// Options of `connscope testbed sidecar`.
 #[derive(Debug, Clone, clap::Args)]

@@ -154,7 +154,7 @@ pub fn run(args: Args) -> Result<()> {
     let ports = args
         .ports
         .clone()
-        .unwrap_or_else(|| crate::race::mesh::installed().ambient().ports().to_vec());
+        .unwrap_or_else(|| super::mesh::ZTUNNEL_PORTS.to_vec());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use connscope::testbed::{
-    net::CaptureSettings,
+    rules::CaptureSettings,
     scenario::{App, SimPod},
 };
 use serde_json::{Value, json};

@@ -1,6 +1,9 @@
 //! The meshes' rules in the shapes of their sources' golden files.
 
 use super::*;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::testbed::mesh::{MeshBed, proxy_image};
 
 /// The `-A <chain>` lines of a rule set, in order.
 fn chain<'a>(rules: &'a str, name: &str) -> Vec<&'a str> {
@@ -167,10 +170,7 @@ fn every_mesh_declares_its_chains_and_istio_is_unchanged() {
             }
         }
     }
-    assert_eq!(
-        MeshBed::istio().rules(false),
-        super::super::net::istio_rules(false)
-    );
+    assert_eq!(MeshBed::istio().rules(false), istio_rules(false));
     assert_eq!(
         proxy_image("istio-proxy").as_deref(),
         Some(super::super::pod::PROXY_IMAGE)
@@ -189,4 +189,147 @@ fn inbound_sources() {
         MeshBed::consul().inbound_source_ip(true),
         Some(Ipv6Addr::LOCALHOST.into())
     );
+}
+
+#[test]
+fn rules_redirect_outbound_and_exempt_1337() {
+    let r = istio_rules(false);
+    assert!(r.contains("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
+    assert!(r.contains("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+    assert!(r.contains("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
+    assert!(istio_rules(true).contains("! -d ::1/128"));
+    assert!(r.contains(
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"
+    ));
+}
+
+/// The inbound half as istio-iptables' golden files have it: every
+/// inbound TCP port but the proxy's own goes to 15006, and the proxy's
+/// dials of the app from 127.0.0.6 (`::6`) leave uncaptured.
+#[test]
+fn inbound_rules_redirect_to_15006_and_exempt_the_passthrough_source() {
+    for (v6, six) in [(false, "127.0.0.6/32"), (true, "::6/128")] {
+        let r = istio_rules(v6);
+        let lines: Vec<&str> = r.lines().collect();
+        let at = |l: &str| {
+            lines
+                .iter()
+                .position(|x| *x == l)
+                .unwrap_or_else(|| panic!("{l} missing"))
+        };
+        let exempt = at(&format!("-A ISTIO_OUTPUT -s {six} -o lo -j RETURN"));
+        assert_eq!(
+            lines.iter().position(|l| l.starts_with("-A ISTIO_OUTPUT")),
+            Some(exempt),
+            "the passthrough source returns before any owner rule"
+        );
+        at("-A PREROUTING -p tcp -j ISTIO_INBOUND");
+        let redirect = at("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT");
+        for port in [15008, 15090, 15021, 15020] {
+            assert!(at(&format!("-A ISTIO_INBOUND -p tcp --dport {port} -j RETURN")) < redirect);
+        }
+        at("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006");
+    }
+}
+
+/// The rule lines of istio/istio `cni/pkg/iptables/testdata/
+/// default.golden` (iptables-save form), IPv4: every one of them, in
+/// the same order within each table.
+const AMBIENT_GOLDEN_V4: &[(&str, &str)] = &[
+    ("mangle", "-A PREROUTING -j ISTIO_PRERT"),
+    ("mangle", "-A OUTPUT -j ISTIO_OUTPUT"),
+    (
+        "mangle",
+        "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
+    ),
+    (
+        "mangle",
+        "-A ISTIO_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+    ),
+    ("nat", "-A OUTPUT -j ISTIO_OUTPUT"),
+    ("nat", "-A PREROUTING -j ISTIO_PRERT"),
+    (
+        "nat",
+        "-A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT",
+    ),
+    (
+        "nat",
+        "-A ISTIO_OUTPUT -d 169.254.7.127 -p tcp -m tcp -j ACCEPT",
+    ),
+    (
+        "nat",
+        "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+    ),
+    (
+        "nat",
+        "-A ISTIO_OUTPUT ! -o lo -p udp -m mark ! --mark 0x539/0xfff -m udp --dport 53 -j REDIRECT --to-port 15053",
+    ),
+    (
+        "nat",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp --dport 53 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15053",
+    ),
+    (
+        "nat",
+        "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+    ),
+    ("nat", "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT"),
+    (
+        "nat",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+    ),
+];
+
+#[test]
+fn ambient_rules_are_istio_cni_s_golden_shapes() {
+    let r = ambient_rules(false);
+    let mut table = "";
+    let mut got = Vec::new();
+    for l in r.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = t;
+        } else if l.starts_with("-A ") {
+            got.push((table, l));
+        }
+    }
+    assert_eq!(got, AMBIENT_GOLDEN_V4);
+    // The IPv6 rules differ only in loopback and the probe address.
+    let v6 = ambient_rules(true);
+    assert!(v6.contains(
+        "-A ISTIO_OUTPUT ! -d ::1/128 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"
+    ));
+    assert!(!v6.contains("127.0.0.1"));
+    assert_eq!(v6.lines().count(), r.lines().count());
+}
+
+#[test]
+fn capture_settings_take_istio_iptables_shapes() {
+    let c = CaptureSettings {
+        include: Some(vec!["10.0.0.0/8".into(), "fd00::/16".into()]),
+        exclude: vec!["10.96.0.0/12".into()],
+        exclude_ports: vec![22, 80, 443],
+    };
+    let r = istio_rules_with(false, &c);
+    let out: Vec<&str> = r
+        .lines()
+        .filter(|l| l.starts_with("-A ISTIO_OUTPUT"))
+        .collect();
+    assert_eq!(
+        out.first(),
+        Some(&"-A ISTIO_OUTPUT -p tcp -m multiport --dports 22,80,443 -j RETURN")
+    );
+    assert_eq!(
+        &out[out.len() - 3..],
+        &[
+            "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+            "-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN",
+            "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT",
+        ]
+    );
+    assert!(!r.contains("fd00::/16"));
+    assert!(istio_rules_with(true, &c).contains("-A ISTIO_OUTPUT -d fd00::/16 -j ISTIO_REDIRECT"));
+    let none = CaptureSettings {
+        include: Some(vec![]),
+        ..CaptureSettings::default()
+    };
+    assert!(!istio_rules_with(false, &none).contains("-j ISTIO_REDIRECT\n"));
 }

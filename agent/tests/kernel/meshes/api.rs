@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use connscope::testbed::{
-    rules::MeshBed,
+    mesh::MeshBed,
     scenario::{App, SimPod},
 };
 use serde_json::{Value, json};

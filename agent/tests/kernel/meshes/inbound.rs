@@ -6,7 +6,7 @@ use std::time::Duration;
 use connscope::testbed::{
     client::{Response, responses},
     inbound::refused_count,
-    rules::MeshBed,
+    mesh::MeshBed,
     scenario::{APP_PORT, Server, SimPod},
 };
 use serde_json::json;

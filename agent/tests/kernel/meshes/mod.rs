@@ -1,6 +1,6 @@
 //! The other sidecar meshes end to end (#19): Linkerd, Kuma and Consul pods
 //! simulated with their own capture rules, proxy containers, uids and
-//! ports (`testbed::rules`), the agent classifying their start-up,
+//! ports (`testbed::mesh`), the agent classifying their start-up,
 //! shutdown and inbound races under their profiles.
 //!
 //! Why: a profile is only right if the agent, reading it, finds the real
@@ -16,7 +16,7 @@ use std::time::Duration;
 use connscope::testbed::{
     client::responses,
     dial::Outcome,
-    rules::MeshBed,
+    mesh::MeshBed,
     scenario::{App, Server, outcomes},
 };
 use serde_json::json;
