@@ -11,10 +11,10 @@
 
 use std::{process::Command, time::Duration};
 
-use connscope::testbed::scenario::{App, outcomes};
+use connscope::testbed::scenario::App;
 use serde_json::{Value, json};
 
-use crate::fixture::{Agent, BIN, Node, free_port, start_sidecar, wait_for};
+use crate::fixture::{Agent, BIN, Node, free_port, run_shutdown_race, start_sidecar, wait_for};
 
 /// The agent of these tests: failures of a pod whose injection is not known
 /// yet are held for a second.
@@ -191,18 +191,7 @@ fn explain_draws_a_shutdown_race() {
     let Some(node) = Node::shared() else { return };
     let agent = agent(&node);
     let mut pod = node.sim_pod("mailer-7d9f8c6b5-r5s7k", true);
-    start_sidecar(&mut pod, 0, 1500);
-    let mut app = pod
-        .spawn_app(&App {
-            attempts: 30,
-            interval_ms: 100,
-            keep_going: true,
-            ..App::default()
-        })
-        .unwrap();
-    pod.wait_sidecar(15001, "closed", Duration::from_secs(10))
-        .unwrap();
-    let attempts = outcomes(&app.wait_exit(Duration::from_secs(20)).unwrap()).unwrap();
+    let attempts = run_shutdown_race(&mut pod);
     let refused = attempts.iter().filter(|o| !o.ok).count();
     assert!(attempts[0].ok && refused >= 3, "{attempts:?}");
     let s = wait_summary(&agent, &pod.pod.uid, "shutdown_race");

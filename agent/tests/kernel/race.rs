@@ -14,8 +14,8 @@ use connscope::testbed::{
 use serde_json::{Value, json};
 
 use crate::fixture::{
-    Agent, Bg, Node, closed_target, failures_of, of_pod, start_sidecar, stop, wait_for,
-    wait_for_event,
+    Agent, Bg, Node, closed_target, failures_of, of_pod, run_shutdown_race, start_sidecar, stop,
+    wait_for, wait_for_api_view, wait_for_event,
 };
 
 /// The agent of these tests: failures of a pod whose injection is not known
@@ -189,20 +189,8 @@ fn shutdown_race_sidecar_exits_first() {
     let Some(node) = Node::shared() else { return };
     let agent = agent(&node);
     let mut pod = node.sim_pod("worker-6f7d8c9b5-m3n4p", true);
-    start_sidecar(&mut pod, 0, 1500);
     // The app keeps dialing through the sidecar, which goes away under it.
-    let mut app = pod
-        .spawn_app(&App {
-            attempts: 30,
-            interval_ms: 100,
-            keep_going: true,
-            ..App::default()
-        })
-        .unwrap();
-    pod.wait_sidecar(15001, "closed", Duration::from_secs(10))
-        .unwrap();
-    let lines = app.wait_exit(Duration::from_secs(20)).unwrap();
-    let attempts = outcomes(&lines).unwrap();
+    let attempts = run_shutdown_race(&mut pod);
     let uid = pod.pod.uid.clone();
     let events = stop(agent);
     let f = failures_of(&events, attempts[0].pid);
@@ -312,24 +300,6 @@ fn pod_in_api(
     let (api, url) = node.api(&json!({"pods": [api_pod(&pod, annotations, init_proxy)]}));
     let agent = node.kube_agent(&url, &["--hold-seconds", "1"]);
     (pod, api, agent)
-}
-
-/// Dials loopback (never the race) until an event is attributed through
-/// the API: the agent has the pod's API view before the scenario starts.
-fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
-    wait_for("API attribution", Duration::from_secs(20), || {
-        let local = App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        };
-        pod.run_app(&local).ok()?;
-        let ev = agent.events();
-        of_pod(&ev, &pod.pod.uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
 }
 
 #[test]

@@ -1,8 +1,6 @@
 //! A mesh's start-up mitigation read from the Kubernetes API (the stand-in
 //! API server): Linkerd's `proxy-await`, on by default.
 
-use std::time::Duration;
-
 use connscope::testbed::{
     mesh::MeshBed,
     scenario::{App, SimPod},
@@ -10,7 +8,7 @@ use connscope::testbed::{
 use serde_json::{Value, json};
 
 use super::{of_pod, stop, wait_for_event};
-use crate::fixture::{Agent, Node, start_sidecar, wait_for};
+use crate::fixture::{Node, start_sidecar, wait_for_api_view};
 
 /// The API's view of a simulated pod of `mesh`: its proxy container next to
 /// the app, these annotations and labels.
@@ -29,24 +27,6 @@ fn api_pod(pod: &SimPod, mesh: &MeshBed, annotations: Value, labels: Value) -> V
                 "uid": "s", "controller": true}]},
         "spec": {"nodeName": "test-node", "containers": [{"name": proxy}, {"name": "app"}]},
         "status": {"containerStatuses": [status(proxy), status("app")]}})
-}
-
-/// Dials loopback (never the race) until an event of the pod is attributed
-/// through the API: the agent has the pod's API view before the race.
-fn wait_for_api_view(pod: &SimPod, agent: &Agent) {
-    wait_for("API attribution", Duration::from_secs(20), || {
-        let local = App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        };
-        pod.run_app(&local).ok()?;
-        let ev = agent.events();
-        of_pod(&ev, &pod.pod.uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
 }
 
 /// Linkerd's start-up mitigation read from the API: `proxy-await` is on

@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use connscope::testbed::{
     client::responses,
-    dial::Outcome,
     mesh::MeshBed,
-    scenario::{App, Server, outcomes},
+    scenario::{App, Server},
 };
 use serde_json::json;
 
 use crate::fixture::{
-    Agent, Node, failures_of, of_pod, start_sidecar, stop, time_scale, wait_for_event,
+    Agent, Node, failures_of, of_pod, run_shutdown_race, start_sidecar, stop, time_scale,
+    wait_for_event,
 };
 
 /// The agent of these tests: failures of a pod whose mesh is not known yet
@@ -211,20 +211,8 @@ fn linkerd_shutdown_race() {
     let agent = agent(&node, &[]);
     let mesh = MeshBed::linkerd();
     let mut pod = node.mesh_pod("ledger-7d9f8c6b5-s3d4f", mesh.clone());
-    start_sidecar(&mut pod, 0, 1500);
     // The app keeps dialing through linkerd-proxy, which goes away under it.
-    let mut app = pod
-        .spawn_app(&App {
-            attempts: 30,
-            interval_ms: 100,
-            keep_going: true,
-            ..App::default()
-        })
-        .unwrap();
-    pod.wait_sidecar(mesh.outbound_port, "closed", Duration::from_secs(10))
-        .unwrap();
-    let lines = app.wait_exit(Duration::from_secs(20)).unwrap();
-    let attempts: Vec<Outcome> = outcomes(&lines).unwrap();
+    let attempts = run_shutdown_race(&mut pod);
     let uid = pod.pod.uid.clone();
     let events = stop(agent);
     let f = failures_of(&events, attempts[0].pid);
