@@ -15,7 +15,7 @@ use crate::race::Mitigation;
 
 /// One `/events` line: a kernel event (`connect_failure`, `listener`,
 /// `process`) or a summary (`sidecar_ready`, `startup_race`,
-/// `shutdown_race`).
+/// `shutdown_race`, `inbound_race`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub(crate) struct Line {
@@ -60,6 +60,16 @@ pub(crate) struct Line {
     /// What the pod runs (images, proxy, Istio revision, pod-template hash),
     /// on summaries of agents that know it.
     pub revision: Option<Revision>,
+    /// `inbound_race`: `startup`, `shutdown` or `bind`.
+    pub when: Option<String>,
+    /// `inbound_race`: the app ports refused.
+    pub ports: Vec<u16>,
+    /// `inbound_race` at start-up: the app's first LISTEN on those ports.
+    pub app_listen_mono_ns: Option<u64>,
+    /// `inbound_race` at shutdown: when the app's listener closed.
+    pub listener_close_mono_ns: Option<u64>,
+    /// `inbound_race` for a bind: where the app listened instead.
+    pub bound_addresses: Vec<String>,
 }
 
 /// A pod's revision as summaries carry it; each field absent when unknown.

@@ -28,6 +28,7 @@ pub(crate) enum MarkKind {
     SidecarStart,
     SidecarListen,
     AppListen,
+    AppClosed,
     CaptureClosed,
 }
 
@@ -66,16 +67,28 @@ pub(crate) struct Span {
 }
 
 impl Span {
-    /// Refusals of a race (drawn `x`), not other failures (`o`).
+    /// Refusals a verdict is about (drawn `x`): a race either way, or an
+    /// app bound where the proxy does not dial; not other failures (`o`).
     pub(crate) fn is_race(&self) -> bool {
-        matches!(self.phase.as_str(), "startup_race" | "shutdown_race")
+        RACES.contains(&self.phase.as_str())
     }
 }
+
+/// The phases whose refusals a verdict is about.
+const RACES: [&str; 5] = [
+    "startup_race",
+    "shutdown_race",
+    "inbound_startup",
+    "inbound_shutdown",
+    "inbound_bind",
+];
 
 /// What happened to the pod, in one phrase per race (or one for none).
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Verdict {
-    /// `startup_race`, `shutdown_race`, `no_race`, `no_sidecar`, `unknown`.
+    /// `startup_race`, `shutdown_race`, `inbound_startup`,
+    /// `inbound_shutdown`, `inbound_bind`, `no_race`, `no_sidecar`,
+    /// `unknown`.
     pub phase: &'static str,
     pub text: String,
 }
@@ -123,11 +136,9 @@ pub(crate) struct PodTimeline {
 }
 
 impl PodTimeline {
-    /// Whether the pod hit a race (startup or shutdown).
+    /// Whether the pod hit a race (outbound or inbound) or a bind.
     pub(crate) fn raced(&self) -> bool {
-        self.verdicts
-            .iter()
-            .any(|v| matches!(v.phase, "startup_race" | "shutdown_race"))
+        self.verdicts.iter().any(|v| RACES.contains(&v.phase))
     }
 
     /// `namespace/pod`.
@@ -218,6 +229,83 @@ fn mesh_of(lines: &[&Line]) -> Arc<Profile> {
         .clone()
 }
 
+/// The inbound episodes (`when` of an `inbound_race` summary) and the
+/// phase of their refusals.
+pub(super) const INBOUND: [(&str, &str); 3] = [
+    ("startup", "inbound_startup"),
+    ("shutdown", "inbound_shutdown"),
+    ("bind", "inbound_bind"),
+];
+
+/// The `inbound_race` summaries of one episode kind.
+pub(super) fn of_when<'a>(inbound: &[&'a Line], when: &str) -> Vec<&'a Line> {
+    inbound
+        .iter()
+        .filter(|l| l.when.as_deref() == Some(when))
+        .copied()
+        .collect()
+}
+
+/// An inbound phase's span: counts from its summaries when there are any
+/// (the lines the answer holds may be fewer), else from the lines; from
+/// the first refusal to the app's listen (start-up: the window), from the
+/// listener's close to the last refusal (shutdown), else first to last.
+fn inbound_span(phase: &str, f: Failures, sums: &[&Line]) -> Option<Raw> {
+    let count = if sums.is_empty() {
+        f.seen_ns.len() as u64
+    } else {
+        sums.iter()
+            .filter_map(|s| s.refused)
+            .fold(0, u64::saturating_add)
+    };
+    if count == 0 {
+        return None;
+    }
+    let first = sums
+        .iter()
+        .filter_map(|s| s.first_refusal_mono_ns)
+        .chain(f.seen_ns.iter().copied())
+        .min()?;
+    let last = sums
+        .iter()
+        .filter_map(|s| s.last_refusal_mono_ns)
+        .chain(f.seen_ns.iter().copied())
+        .max()
+        .unwrap_or(first);
+    let from = sums
+        .iter()
+        .filter_map(|s| s.listener_close_mono_ns)
+        .filter(|&c| c <= first)
+        .min()
+        .unwrap_or(first);
+    let to = sums
+        .iter()
+        .filter_map(|s| s.app_listen_mono_ns)
+        .filter(|&l| l >= first)
+        .max()
+        .unwrap_or(last);
+    let mut dests = f.dests;
+    if dests.is_empty() {
+        dests.extend(
+            sums.iter()
+                .flat_map(|s| s.ports.iter().map(|p| format!(":{p}"))),
+        );
+    }
+    let seen_ns = if f.seen_ns.is_empty() {
+        vec![first, last]
+    } else {
+        f.seen_ns
+    };
+    Some(Raw {
+        phase: phase.into(),
+        from,
+        to,
+        count,
+        dests: dests.into_iter().collect(),
+        seen_ns,
+    })
+}
+
 fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     let mesh = mesh_of(lines);
     let m = &*mesh;
@@ -228,6 +316,11 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     let downs: Vec<&Line> = lines
         .iter()
         .filter(|l| l.kind == "shutdown_race")
+        .copied()
+        .collect();
+    let inbound: Vec<&Line> = lines
+        .iter()
+        .filter(|l| l.kind == "inbound_race")
         .copied()
         .collect();
 
@@ -300,6 +393,23 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             _ => {}
         }
     }
+    // The app's listen and close the inbound summaries give (the lines of
+    // listeners are off by default).
+    let mut app_closes: BTreeMap<(String, u16), u64> = BTreeMap::new();
+    for s in &inbound {
+        let c = s.container.clone().unwrap_or_else(|| "app".into());
+        let Some(&port) = s.ports.first() else {
+            continue;
+        };
+        if let Some(t) = s.app_listen_mono_ns {
+            let e = app_listens.entry((c.clone(), port)).or_insert(t);
+            *e = (*e).min(t);
+        }
+        if let Some(t) = s.listener_close_mono_ns {
+            let e = app_closes.entry((c, port)).or_insert(t);
+            *e = (*e).max(t);
+        }
+    }
     let ready = listens.get(&m.outbound_port).copied();
     // A close before the readiness is an earlier sidecar's (or the order
     // is unknown): only a close after it ends the capture.
@@ -355,6 +465,15 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             Some(c.clone()),
             Some(*port),
             format!("{c} listens on :{port}"),
+        );
+    }
+    for ((c, port), &t) in &app_closes {
+        mark(
+            MarkKind::AppClosed,
+            t,
+            Some(c.clone()),
+            Some(*port),
+            format!("{c} stops listening on :{port}"),
         );
     }
     if let Some(t) = closed {
@@ -446,6 +565,11 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
             seen_ns,
         });
     }
+    for (when, phase) in INBOUND {
+        if let Some(r) = inbound_span(phase, take(phase), &of_when(&inbound, when)) {
+            spans.push(r);
+        }
+    }
     for (phase, f) in failures {
         let (Some(&first), Some(&end)) = (f.seen_ns.iter().min(), f.seen_ns.iter().max()) else {
             continue;
@@ -504,6 +628,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     let verdicts = verdicts(
         m,
         &spans,
+        &inbound,
         race,
         ready_summary.or(race),
         ready.is_some() || restored,
@@ -513,6 +638,7 @@ fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {
     for r in race
         .iter()
         .chain(downs.last())
+        .chain(&inbound)
         .filter_map(|l| l.recommendation.clone())
     {
         if !recommendations.contains(&r) {

@@ -3,7 +3,7 @@
 
 use super::{
     events::Line,
-    timeline::{Span, Verdict},
+    timeline::{INBOUND, Span, Verdict, of_when},
 };
 use crate::race::Profile;
 
@@ -46,6 +46,7 @@ pub(super) fn span_label(phase: &str, count: u64, dests: &[String]) -> String {
 pub(super) fn verdicts(
     m: &Profile,
     spans: &[Span],
+    inbound: &[&Line],
     race: Option<&Line>,
     ready_summary: Option<&Line>,
     ready: bool,
@@ -54,7 +55,10 @@ pub(super) fn verdicts(
     let mut out = Vec::new();
     let port = m.outbound_port;
     let proxy = m.proxy_containers.first().map_or("proxy", String::as_str);
-    for s in spans.iter().filter(|s| s.is_race()) {
+    for s in spans
+        .iter()
+        .filter(|s| matches!(s.phase.as_str(), "startup_race" | "shutdown_race"))
+    {
         let text = if s.phase == "startup_race" {
             match (race, race.and_then(|r| r.window_seconds)) {
                 (Some(_), Some(w)) => format!(
@@ -85,7 +89,12 @@ pub(super) fn verdicts(
             text,
         });
     }
+    let inbound: Vec<Verdict> = spans
+        .iter()
+        .filter_map(|s| inbound_verdict(m, s, inbound))
+        .collect();
     if !out.is_empty() {
+        out.extend(inbound);
         return out;
     }
     let verdict = if restored {
@@ -120,5 +129,65 @@ pub(super) fn verdicts(
                     .into(),
         }
     };
-    vec![verdict]
+    if verdict.phase == "unknown" && !inbound.is_empty() {
+        return inbound;
+    }
+    let mut out = vec![verdict];
+    out.extend(inbound);
+    out
+}
+
+/// The verdict of an inbound span: the proxy refused by its own app,
+/// before it listened, after it closed, or because it listens elsewhere.
+fn inbound_verdict(m: &Profile, s: &Span, inbound: &[&Line]) -> Option<Verdict> {
+    let &(when, phase) = INBOUND.iter().find(|(_, p)| *p == s.phase)?;
+    let sums = of_when(inbound, when);
+    let proxy = m.proxy_containers.first().map_or("proxy", String::as_str);
+    let app = sums
+        .iter()
+        .rev()
+        .find_map(|l| l.container.clone())
+        .unwrap_or_else(|| "the app".into());
+    let mut ports: Vec<u16> = sums.iter().flat_map(|l| l.ports.iter().copied()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let ports = if ports.is_empty() {
+        s.destinations.join(", ")
+    } else {
+        ports
+            .iter()
+            .map(|p| format!(":{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let window = sums
+        .iter()
+        .rev()
+        .find_map(|l| l.window_seconds)
+        .map(|w| format!(" over {w:.3} s"))
+        .unwrap_or_default();
+    let n = s.count;
+    let text = match when {
+        "startup" => format!(
+            "inbound startup race: {n} of {proxy}'s dials of the app refused{window} before {app} listened on {ports} (each a failed request)"
+        ),
+        "shutdown" => format!(
+            "inbound shutdown race: {n} of {proxy}'s dials of the app refused{window} after {app} closed its listener on {ports} (each a failed request)"
+        ),
+        _ => {
+            let bound: Vec<String> = sums
+                .iter()
+                .flat_map(|l| l.bound_addresses.iter().cloned())
+                .collect();
+            let bound = if bound.is_empty() {
+                "other addresses".into()
+            } else {
+                bound.join(", ")
+            };
+            format!(
+                "app bound to {bound} only: {n} of {proxy}'s dials of {ports} refused (each a failed request)"
+            )
+        }
+    };
+    Some(Verdict { phase, text })
 }

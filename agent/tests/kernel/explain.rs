@@ -39,7 +39,7 @@ fn explain(port: u16, args: &[&str]) -> (i32, String, String) {
 
 /// Explains one pod of `shop`, as text and as JSON (whose one pod is
 /// returned); both must succeed.
-fn explain_pod(port: u16, pod: &str) -> (String, Value) {
+pub(crate) fn explain_pod(port: u16, pod: &str) -> (String, Value) {
     let (code, text, err) = explain(port, &["--namespace", "shop", "--pod", pod]);
     assert_eq!(code, 0, "explain failed: {err}\n{text}");
     eprintln!("{text}");

@@ -175,6 +175,24 @@ fn startup_race_app_listens_late() {
         (v > 0.0).then_some(v)
     });
     assert_eq!(pods, 1.0, "one pod, one episode");
+    // `connscope explain` draws it: the window, the verdict, the fix.
+    let (text, p) = crate::explain::explain_pod(agent.http_port, &pod.pod.name);
+    let verdict = p["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["phase"] == "inbound_startup")
+        .unwrap_or_else(|| panic!("no inbound verdict: {p}"));
+    let said =
+        format!("inbound startup race: {refused} of istio-proxy's dials of the app refused over");
+    assert!(
+        verdict["text"].as_str().unwrap().contains(&said),
+        "{verdict}"
+    );
+    assert!(
+        text.contains(&said) && text.contains("readinessProbe"),
+        "{text}"
+    );
     let events = stop(agent);
     let f = proxy_failures(&events, &pod, "inbound_startup");
     assert_eq!(f.len() as u64, refused, "the proxy's own count");

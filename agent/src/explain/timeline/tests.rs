@@ -127,3 +127,94 @@ proptest::proptest! {
         }
     }
 }
+
+/// An inbound start-up race and an app bound to loopback, from their
+/// summaries and a few of the refusals' lines: spans drawn as races, the
+/// app's listen and close marks, a verdict and a fix each.
+#[test]
+fn inbound_races_get_spans_marks_and_verdicts() {
+    let who =
+        r#""namespace":"shop","pod":"orders-0","pod_uid":"u9","workload":"orders","mesh":"istio""#;
+    let text = [
+        format!(r#"{{"type":"process","state":"exec","mono_ns":{},"container":"istio-proxy",{who}}}"#, 100 * MS),
+        format!(r#"{{"type":"listener","state":"listen","mono_ns":{},"uid":1337,"port":15001,{who}}}"#, 200 * MS),
+        // Two of the five refusals are still in the answer.
+        format!(r#"{{"type":"connect_failure","phase":"inbound_startup","mono_ns":{},"uid":1337,"container":"istio-proxy","dst":"10.1.2.3:8080",{who}}}"#, 1000 * MS),
+        format!(r#"{{"type":"connect_failure","phase":"inbound_startup","mono_ns":{},"uid":1337,"container":"istio-proxy","dst":"10.1.2.3:8080",{who}}}"#, 1400 * MS),
+        format!(r#"{{"type":"inbound_race","when":"startup","ports":[8080],"refused":5,"first_refusal_mono_ns":{},"last_refusal_mono_ns":{},"app_listen_mono_ns":{},"window_seconds":0.7,"container":"app","recommendation":"add a readinessProbe on port 8080",{who}}}"#, 900 * MS, 1500 * MS, 1600 * MS),
+        format!(r#"{{"type":"inbound_race","when":"shutdown","ports":[8080],"refused":3,"first_refusal_mono_ns":{},"last_refusal_mono_ns":{},"listener_close_mono_ns":{},"window_seconds":0.4,"container":"app","recommendation":"add a preStop delay",{who}}}"#, 9100 * MS, 9400 * MS, 9000 * MS),
+        format!(r#"{{"type":"inbound_race","when":"bind","ports":[9090],"refused":2,"first_refusal_mono_ns":{},"last_refusal_mono_ns":{},"bound_addresses":["127.0.0.1:9090"],"container":"app","recommendation":"listen on 0.0.0.0",{who}}}"#, 2000 * MS, 2100 * MS),
+    ]
+    .join("\n");
+    let (lines, bad) = events::parse(&text);
+    assert_eq!(bad, 0);
+    let pods = build(&lines, None);
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let p = &pods[0];
+    let spans: Vec<(&str, u64, f64, f64, bool)> = p
+        .spans
+        .iter()
+        .map(|s| (s.phase.as_str(), s.count, s.from_s, s.to_s, s.is_race()))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            // First refusal to the app's listen: the window.
+            ("inbound_startup", 5, 0.8, 1.5, true),
+            // The listener's close to the last refusal.
+            ("inbound_shutdown", 3, 8.9, 9.3, true),
+            ("inbound_bind", 2, 1.9, 2.0, true),
+        ]
+    );
+    assert_eq!(p.spans[0].destinations, ["10.1.2.3:8080"]);
+    assert_eq!(p.spans[1].destinations, [":8080"], "from the summary");
+    let marks: Vec<(f64, &str)> = p
+        .marks
+        .iter()
+        .filter(|m| matches!(m.kind, MarkKind::AppListen | MarkKind::AppClosed))
+        .map(|m| (m.at_s, m.label.as_str()))
+        .collect();
+    assert_eq!(
+        marks,
+        [
+            (1.5, "app listens on :8080"),
+            (8.9, "app stops listening on :8080")
+        ]
+    );
+    let verdicts: Vec<&str> = p.verdicts.iter().map(|v| v.phase).collect();
+    assert_eq!(
+        verdicts,
+        [
+            "no_race",
+            "inbound_startup",
+            "inbound_shutdown",
+            "inbound_bind"
+        ]
+    );
+    assert!(
+        p.verdicts[1].text.contains(
+            "5 of istio-proxy's dials of the app refused over 0.700 s before app listened on :8080"
+        ),
+        "{}",
+        p.verdicts[1].text
+    );
+    assert!(
+        p.verdicts[2]
+            .text
+            .contains("after app closed its listener on :8080")
+    );
+    assert!(
+        p.verdicts[3]
+            .text
+            .contains("app bound to 127.0.0.1:9090 only")
+    );
+    assert!(p.raced());
+    assert_eq!(
+        p.recommendations,
+        [
+            "add a readinessProbe on port 8080",
+            "add a preStop delay",
+            "listen on 0.0.0.0"
+        ]
+    );
+}
