@@ -104,6 +104,11 @@ const PACKAGES: &[&str] = &[
     "kmod",
     "busybox-static",
     "binutils",
+    // Real client runtimes the kernel tests dial with (`runtimes.rs`).
+    "golang-go",
+    "nodejs",
+    "openjdk-17-jdk-headless",
+    "curl",
 ];
 /// Debian packages of the tracers the full bench compares against (not
 /// installed for the smoke run in the test suite, which reports them as

@@ -34,4 +34,5 @@ mod meshes;
 mod probes;
 mod race;
 mod revision;
+mod runtimes;
 mod shutdown;
