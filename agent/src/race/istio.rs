@@ -105,10 +105,17 @@ pub struct CaptureRules {
     pub include: Option<Vec<Cidr>>,
     pub exclude: Vec<Cidr>,
     pub exclude_ports: Vec<u16>,
+    /// Ports captured whatever the ranges (istio-iptables `-q`).
+    pub include_ports: Vec<u16>,
     /// The pod's own addresses (`status.podIPs`).
     pub pod_ips: Vec<IpAddr>,
     /// What the mesh's rules never capture (its profile's `uncaptured`).
     pub uncaptured: Vec<Uncaptured>,
+}
+
+/// A comma-separated port list; entries that do not parse are skipped.
+fn ports(v: &str) -> Vec<u16> {
+    v.split(',').filter_map(|s| s.trim().parse().ok()).collect()
 }
 
 impl CaptureRules {
@@ -121,12 +128,14 @@ impl CaptureRules {
                 .and_then(|k| p.annotations.get(k))
                 .map(String::as_str)
         };
-        CaptureRules::parse(
+        let mut rules = CaptureRules::parse(
             get(&k.include_ranges),
             get(&k.exclude_ranges),
             get(&k.exclude_ports),
             &p.pod_ips,
-        )
+        );
+        rules.include_ports = get(&k.include_ports).map(ports).unwrap_or_default();
+        rules
     }
 
     /// From the annotations' values (comma-separated; entries that do not
@@ -156,9 +165,8 @@ impl CaptureRules {
             exclude: exclude
                 .map(|v| items(v).iter().filter_map(|s| Cidr::parse(s)).collect())
                 .unwrap_or_default(),
-            exclude_ports: exclude_ports
-                .map(|v| items(v).iter().filter_map(|s| s.parse().ok()).collect())
-                .unwrap_or_default(),
+            exclude_ports: exclude_ports.map(ports).unwrap_or_default(),
+            include_ports: Vec::new(),
             pod_ips: pod_ips.to_vec(),
             uncaptured: vec![Uncaptured::Lo],
         }
@@ -180,6 +188,9 @@ impl CaptureRules {
         }
         if self.exclude.iter().any(|c| c.contains(ip)) {
             return false;
+        }
+        if self.include_ports.contains(&dst.port()) {
+            return true;
         }
         match &self.include {
             None => true,

@@ -29,6 +29,8 @@ pub struct CaptureSettings {
     pub exclude: Vec<String>,
     /// `excludeOutboundPorts`.
     pub exclude_ports: Vec<u16>,
+    /// `includeOutboundPorts` (`-q`): captured whatever the ranges.
+    pub include_ports: Vec<u16>,
 }
 
 /// Istio's outbound/inbound capture rules, as `istio-iptables` writes them
@@ -40,7 +42,8 @@ pub fn istio_rules(v6: bool) -> String {
 /// [`istio_rules`] for a pod with these capture settings, in the shapes
 /// istio-iptables gives them (its golden files): excluded ports return
 /// first in ISTIO_OUTPUT; excluded ranges return after loopback; included
-/// ranges jump to ISTIO_REDIRECT one by one, or `*` all that is left.
+/// ports jump to ISTIO_REDIRECT next, then included ranges one by one, or
+/// `*` all that is left.
 /// Ranges of the other family are left out, as istio-iptables does.
 pub fn istio_rules_with(v6: bool, c: &CaptureSettings) -> String {
     let (six, lo) = if v6 {
@@ -60,6 +63,11 @@ pub fn istio_rules_with(v6: bool, c: &CaptureSettings) -> String {
     let mut last = String::new();
     for r in c.exclude.iter().filter(family) {
         last.push_str(&format!("-A ISTIO_OUTPUT -d {r} -j RETURN\n"));
+    }
+    for p in &c.include_ports {
+        last.push_str(&format!(
+            "-A ISTIO_OUTPUT -p tcp --dport {p} -j ISTIO_REDIRECT\n"
+        ));
     }
     match &c.include {
         None => last.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n"),

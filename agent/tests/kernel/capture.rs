@@ -332,30 +332,27 @@ fn api_pod(pod: &SimPod, annotations: Value) -> Value {
             "containerStatuses": [status("app"), status("istio-proxy")]}})
 }
 
-/// Without the kernel's proof (the hook disabled, as on kernels before
-/// 6.10), the pod's annotations decide: uncaptured destinations are not the
-/// race, captured ones are, and every failure says `capture: annotations`.
-#[test]
-fn without_kernel_proof_annotations_decide() {
-    let Some(env) = Env::new() else {
-        return;
-    };
-    let settings = CaptureSettings {
-        exclude: vec!["10.213.157.0/30".into()],
-        exclude_ports: vec![CLOSED],
-        ..CaptureSettings::default()
-    };
-    let mut pod = env.pod(157, "annotated-7d9f8c6b5-hhhhh", &settings);
-    let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
-        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.213.157.0/30",
-        "traffic.sidecar.istio.io/excludeOutboundPorts": "9"});
+/// A pod whose rules follow `settings`, the stand-in API holding it with
+/// `annotations`, and an agent that reads the API without the kernel's
+/// capture proof (the hook disabled, as on kernels before 6.10), once it
+/// has the pod's API view.
+fn annotated(
+    env: &Env,
+    tag: u8,
+    name: &str,
+    settings: &CaptureSettings,
+    annotations: Value,
+) -> (SimPod, crate::fixture::Bg, Agent) {
+    let pod = env.pod(tag, name, settings);
+    let dir = env.node.dir.join(format!("api-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
-        env.node.dir.join("state.json"),
-        json!({"pods": [api_pod(&pod, ann)]}).to_string(),
+        dir.join("state.json"),
+        json!({"pods": [api_pod(&pod, annotations)]}).to_string(),
     )
     .unwrap();
     let port = crate::fixture::free_port();
-    let _api = crate::fixture::fake_api(&env.node.dir, port);
+    let api = crate::fixture::fake_api(&dir, port);
     let url = format!("http://127.0.0.1:{port}");
     let mut agent = env.agent(&[
         "--kubernetes",
@@ -366,26 +363,64 @@ fn without_kernel_proof_annotations_decide() {
         "tcp_send_reset",
     ]);
     agent.wait_stderr("watching this node's pods", Duration::from_secs(10));
-    // The API's view first: loopback dials (never the race) until one is
-    // attributed through the API.
-    wait_for("API attribution", Duration::from_secs(20), || {
-        pod.run_app(&App {
-            attempts: 1,
-            target: Some("127.0.0.1:9".into()),
-            ..App::default()
-        })
-        .ok()?;
-        of_pod(&agent.events(), &pod.pod.uid, "connect_failure")
-            .iter()
-            .any(|e| e["workload_source"] == "api")
-            .then_some(())
-    });
+    crate::fixture::wait_for_api_view(&pod, &agent);
+    (pod, api, agent)
+}
+
+/// Three refused dials of each target; then the sidecar listens, and the
+/// phase of every refusal is checked (all `capture: annotations`). The
+/// startup-race summary's count and destinations: those of the race.
+fn annotated_verdicts(mut pod: SimPod, agent: Agent, cases: &[(String, &str)]) {
     let app = |target: String| App {
         attempts: 3,
         interval_ms: 20,
         target: Some(target),
         ..App::default()
     };
+    let mut runs = Vec::new();
+    for (t, phase) in cases {
+        let o = pod.run_app(&app(t.clone())).unwrap();
+        assert_eq!(refused(&o), 3, "{t}: {o:?}");
+        runs.push((o, *phase));
+    }
+    let uid = pod.pod.uid.clone();
+    let events = sidecar_ready_then_stop(&mut pod, agent);
+    for (o, phase) in &runs {
+        let f = failures_of(&events, o[0].pid);
+        assert_eq!(f.len(), 3, "{f:?}");
+        for e in &f {
+            assert_eq!(e["phase"], *phase, "{e}");
+            assert_eq!(e["capture"], "annotations", "{e}");
+        }
+    }
+    let races: Vec<&String> = cases
+        .iter()
+        .filter(|(_, p)| *p == "startup_race")
+        .map(|(t, _)| t)
+        .collect();
+    let s = of_pod(&events, &uid, "startup_race");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0]["refused"], 3 * races.len(), "{}", s[0]);
+    assert_eq!(s[0]["destinations"], json!(races));
+}
+
+/// Without the kernel's proof, the pod's annotations decide: uncaptured
+/// destinations are not the race, captured ones are, and every failure
+/// says `capture: annotations`.
+#[test]
+fn without_kernel_proof_annotations_decide() {
+    let Some(env) = Env::new() else {
+        return;
+    };
+    let settings = CaptureSettings {
+        exclude: vec!["10.213.157.0/30".into()],
+        exclude_ports: vec![CLOSED],
+        ..CaptureSettings::default()
+    };
+    let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.213.157.0/30",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "9"});
+    let (pod, _api, agent) = annotated(&env, 157, "annotated-7d9f8c6b5-hhhhh", &settings, ann);
     // Excluded range (the upstream host's IPv4 /30), excluded port (over
     // IPv6, outside that range), own IP: not the race; the upstream host
     // over IPv6 is captured (include is `*`): the race.
@@ -401,24 +436,31 @@ fn without_kernel_proof_annotations_decide() {
             "startup_race",
         ),
     ];
-    let mut runs = Vec::new();
-    for (t, phase) in &cases {
-        let o = pod.run_app(&app(t.clone())).unwrap();
-        assert_eq!(refused(&o), 3, "{t}: {o:?}");
-        runs.push((o, *phase));
-    }
-    let uid = pod.pod.uid.clone();
-    let events = sidecar_ready_then_stop(&mut pod, agent);
-    for (o, phase) in &runs {
-        let f = failures_of(&events, o[0].pid);
-        assert_eq!(f.len(), 3, "{f:?}");
-        for e in &f {
-            assert_eq!(e["phase"], *phase, "{e}");
-            assert_eq!(e["capture"], "annotations", "{e}");
-        }
-    }
-    let s = of_pod(&events, &uid, "startup_race");
-    assert_eq!(s.len(), 1);
-    assert_eq!(s[0]["refused"], 3, "{}", s[0]);
-    assert_eq!(s[0]["destinations"], json!([cases[3].0]));
+    annotated_verdicts(pod, agent, &cases);
+}
+
+/// `includeOutboundPorts` with no included ranges: only that port is
+/// captured (istio-iptables `-q`), by the annotations as by the rules.
+#[test]
+fn included_outbound_ports_alone_are_captured() {
+    let Some(env) = Env::new() else {
+        return;
+    };
+    let settings = CaptureSettings {
+        include: Some(vec![]),
+        include_ports: vec![8080],
+        ..CaptureSettings::default()
+    };
+    let ann = json!({"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
+        "traffic.sidecar.istio.io/includeOutboundIPRanges": "",
+        "traffic.sidecar.istio.io/includeOutboundPorts": "8080"});
+    let (pod, _api, agent) = annotated(&env, 158, "ports-7d9f8c6b5-jjjjj", &settings, ann);
+    let cases = [
+        (pod.topo.upstream_addr(false, 7).to_string(), "not_captured"),
+        (
+            pod.topo.upstream_addr(false, 8080).to_string(),
+            "startup_race",
+        ),
+    ];
+    annotated_verdicts(pod, agent, &cases);
 }

@@ -140,6 +140,10 @@ pub struct CaptureKeys {
     /// These destination ports are not captured.
     #[serde(default)]
     pub exclude_ports: Option<String>,
+    /// These destination ports are captured whatever the ranges say (but
+    /// for excluded ports, loopback and excluded ranges).
+    #[serde(default)]
+    pub include_ports: Option<String>,
 }
 
 /// What a timeline says of a proxy port when it starts listening

@@ -346,3 +346,40 @@ fn capture_rules_follow_istio_iptables_order() {
     assert!(c.contains(ip("fd00::1")) && !c.contains(ip("1.2.3.4")));
     assert!(istio::Cidr::parse("fd00::/129").is_none());
 }
+
+/// `traffic.sidecar.istio.io/includeOutboundPorts` (istio-iptables `-q`):
+/// those ports are captured whatever the ranges, but excluded ports,
+/// loopback and excluded ranges come first.
+#[test]
+fn included_ports_are_captured_whatever_the_ranges() {
+    let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let mut p = crate::k8s::pod::tests_support::pod();
+    for (k, v) in [
+        ("traffic.sidecar.istio.io/includeOutboundIPRanges", ""),
+        (
+            "traffic.sidecar.istio.io/includeOutboundPorts",
+            "5432, 6379,x",
+        ),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "10.9.0.0/16",
+        ),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "6379"),
+    ] {
+        p.annotations.insert(k.into(), v.into());
+    }
+    let profiles = crate::race::mesh::Profiles::builtin();
+    let r = CaptureRules::of(profiles.default_profile(), &p);
+    assert_eq!(r.include_ports, [5432, 6379]);
+    assert!(r.captures(sa("10.0.0.1:5432"), None), "an included port");
+    assert!(!r.captures(sa("10.0.0.1:80"), None), "nothing else");
+    assert!(
+        !r.captures(sa("10.9.0.1:5432"), None),
+        "excluded range first"
+    );
+    assert!(
+        !r.captures(sa("10.0.0.1:6379"), None),
+        "excluded port first"
+    );
+    assert!(!r.captures(sa("127.0.0.1:5432"), None), "loopback first");
+}

@@ -307,6 +307,7 @@ fn capture_settings_take_istio_iptables_shapes() {
         include: Some(vec!["10.0.0.0/8".into(), "fd00::/16".into()]),
         exclude: vec!["10.96.0.0/12".into()],
         exclude_ports: vec![22, 80, 443],
+        include_ports: vec![5432],
     };
     let r = istio_rules_with(false, &c);
     let out: Vec<&str> = r
@@ -318,10 +319,11 @@ fn capture_settings_take_istio_iptables_shapes() {
         Some(&"-A ISTIO_OUTPUT -p tcp -m multiport --dports 22,80,443 -j RETURN")
     );
     assert_eq!(
-        &out[out.len() - 3..],
+        &out[out.len() - 4..],
         &[
             "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
             "-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN",
+            "-A ISTIO_OUTPUT -p tcp --dport 5432 -j ISTIO_REDIRECT",
             "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT",
         ]
     );
