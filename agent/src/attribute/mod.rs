@@ -74,11 +74,12 @@ pub struct Attributor {
     proc_root: std::path::PathBuf,
     /// Answers by cgroup id, with until when they stand: None for complete
     /// ones; an incomplete one stands as long as what it lacks cannot
-    /// appear (the runtime's cached absence or failure; API changes and
-    /// cgroup changes drop it sooner). A container with broken metadata
-    /// then costs one lookup per event, not a cgroup parse and allocations
-    /// (storms from such containers overflowed the ring).
-    cache: rustc_hash::FxHashMap<u64, (Arc<Attribution>, Option<std::time::Instant>)>,
+    /// appear (the runtime's cached absence or failure, and no change to
+    /// the runtime's cache since; API changes and cgroup changes drop it
+    /// too). A container with broken metadata then costs one lookup per
+    /// event, not a cgroup parse and allocations (storms from such
+    /// containers overflowed the ring).
+    cache: rustc_hash::FxHashMap<u64, (Arc<Attribution>, Option<Incomplete>)>,
     /// Attributions of processes in the v2 root, by pid.
     by_pid_attr: rustc_hash::FxHashMap<u32, (Arc<Attribution>, std::time::Instant)>,
     /// `/proc/<pid>/cgroup` answers by pid, with when they were read.
@@ -98,6 +99,15 @@ pub struct Attributor {
 
 /// Upper bound on cached attributions (cleared when exceeded).
 const CACHE_MAX: usize = 65536;
+
+/// How long an incomplete answer stands: until `until`, while the
+/// runtime's cache has not changed since it was made (a read that was
+/// given up may still finish).
+#[derive(Debug, Clone, Copy)]
+struct Incomplete {
+    until: std::time::Instant,
+    changes: u64,
+}
 
 impl Attributor {
     /// An attributor for this node.
@@ -263,10 +273,16 @@ impl Attributor {
         ev: &KernelEvent,
         api: Option<&PodStore>,
     ) -> Option<Arc<Attribution>> {
-        if let Some((a, until)) = ev.cgroup_id.and_then(|id| self.cache.get(&id))
-            && until.is_none_or(|u| std::time::Instant::now() < u)
-        {
-            return Some(a.clone());
+        if let Some((a, incomplete)) = ev.cgroup_id.and_then(|id| self.cache.get(&id)) {
+            let Some(i) = *incomplete else {
+                return Some(a.clone());
+            };
+            let a = a.clone();
+            // A read that finished since (even one given up) changes it.
+            self.poll_metadata();
+            if i.changes == self.runtime.changes() && std::time::Instant::now() < i.until {
+                return Some(a);
+            }
         }
         self.poll_metadata();
         // The v2 root is ambiguous on hybrid nodes (v1 kubelet pods and host
@@ -297,7 +313,12 @@ impl Attributor {
         let until = if complete || a.pod_uid.is_none() {
             Some(None)
         } else {
-            self.incomplete_until(&a, now).map(Some)
+            self.incomplete_until(&a, now).map(|until| {
+                Some(Incomplete {
+                    until,
+                    changes: self.runtime.changes(),
+                })
+            })
         };
         if let Some(id) = ev.cgroup_id
             && let Some(until) = until

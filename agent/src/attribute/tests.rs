@@ -525,3 +525,42 @@ fn non_kubelet_cgroup_keeps_its_path_and_guesses_nothing() {
     assert_eq!(a.node, None);
     assert_eq!(a.cgroup.as_deref(), Some("/system.slice/sshd.service"));
 }
+
+/// A bundle read that takes a second.
+fn slow_read(p: &Path) -> Result<Option<Vec<u8>>, runtime::MetaError> {
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    runtime::read_bounded(p)
+}
+
+/// A read given up for its slowness, then finished: the next event has
+/// the pod's names at once, not after the failure's 30 s.
+#[test]
+fn a_read_given_up_that_finishes_completes_the_answer_at_once() {
+    let node = Node::new("late");
+    let pod = node.pod(Flavor::Containerd, Qos::Burstable, "shop", "web-0");
+    let mut runtime = Reader::with_read(node.roots.clone(), slow_read);
+    runtime.timeout = std::time::Duration::from_millis(100);
+    let mut who = Attributor::new(
+        Some("node-1".into()),
+        Resolver::new(Some(node.cgroup.clone())),
+        runtime,
+        node.dir.join("no-proc"),
+    );
+    let ev = app(&pod);
+    assert!(who.attribute(&ev, None).is_none(), "being read");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    who.expire_metadata(false);
+    let given_up = who.attribute(&ev, None).expect("given up");
+    assert_eq!(given_up.pod, None);
+    let again = who.attribute(&ev, None).expect("given up");
+    assert!(Arc::ptr_eq(&given_up, &again), "cached meanwhile");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let named = loop {
+        let a = who.attribute(&ev, None).unwrap();
+        if a.pod.is_some() || std::time::Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(named.pod.as_deref(), Some("web-0"));
+}

@@ -325,6 +325,14 @@ impl Metrics {
         mesh: &str,
         extra: &[&str],
     ) -> Vec<String> {
+        let v = self.label_values(who, mesh, extra);
+        self.touched.insert((metric, v.clone()), Instant::now());
+        v
+    }
+
+    /// A pod-level series' label values: namespace, workload, mesh, then
+    /// `extra`, then the pod with `--pod-labels`.
+    fn label_values(&self, who: &Attribution, mesh: &str, extra: &[&str]) -> Vec<String> {
         let mut v = vec![
             who.namespace.clone().unwrap_or_default(),
             who.workload.clone().unwrap_or_default(),
@@ -334,7 +342,6 @@ impl Metrics {
         if self.pod_labels {
             v.push(who.pod.clone().unwrap_or_default());
         }
-        self.touched.insert((metric, v.clone()), Instant::now());
         v
     }
 
@@ -480,15 +487,7 @@ impl Metrics {
     pub(crate) fn set_ambient_unenrolled(&mut self, mesh: &str, pods: &[Arc<Attribution>]) {
         let mut now: std::collections::BTreeMap<Vec<String>, i64> = Default::default();
         for who in pods {
-            let mut l = vec![
-                who.namespace.clone().unwrap_or_default(),
-                who.workload.clone().unwrap_or_default(),
-                mesh.to_string(),
-            ];
-            if self.pod_labels {
-                l.push(who.pod.clone().unwrap_or_default());
-            }
-            *now.entry(l).or_default() += 1;
+            *now.entry(self.label_values(who, mesh, &[])).or_default() += 1;
         }
         for gone in self.ambient_series.iter().filter(|l| !now.contains_key(*l)) {
             let _ = self

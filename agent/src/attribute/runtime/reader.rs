@@ -77,6 +77,9 @@ pub struct Reader {
     pub timeout: Duration,
     /// Upper bound on cached containers (oldest dropped first).
     pub max_entries: usize,
+    /// Bumped whenever the cache changes: answers built from it stand
+    /// only while it is unchanged.
+    changes: u64,
 }
 
 impl std::fmt::Debug for Reader {
@@ -116,6 +119,7 @@ impl Reader {
             error_ttl: Duration::from_secs(30),
             timeout: Duration::from_millis(250),
             max_entries: 16384,
+            changes: 0,
         }
     }
 
@@ -158,6 +162,11 @@ impl Reader {
         }
         self.pending.insert(id.to_string(), (rt, Instant::now()));
         Lookup::Pending
+    }
+
+    /// A count of the cache's changes (see [`Reader::none_until`]).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Until when a lookup's `Known(None)` for `id` stands: its cached
@@ -222,6 +231,7 @@ impl Reader {
     }
 
     fn insert(&mut self, id: String, meta: Option<ContainerMeta>, ttl: Option<Duration>) {
+        self.changes = self.changes.wrapping_add(1);
         if self.cache.len() >= self.max_entries
             && !self.cache.contains_key(&id)
             && let Some(k) = self
@@ -327,6 +337,7 @@ impl Reader {
 
     /// Forgets a container (its cgroup is gone for good).
     pub(crate) fn forget(&mut self, id: &str) {
+        self.changes = self.changes.wrapping_add(1);
         self.cache.remove(id);
     }
 
@@ -334,6 +345,7 @@ impl Reader {
     /// is tried again at its next event rather than after its delay.
     pub(crate) fn retry(&mut self, id: &str) {
         if self.cache.get(id).is_some_and(|c| c.meta.is_none()) {
+            self.changes = self.changes.wrapping_add(1);
             self.cache.remove(id);
         }
     }
