@@ -41,6 +41,9 @@ pub struct SpecContainer {
     pub image: Option<String>,
     /// Declared in `initContainers` (native sidecars included).
     pub init: bool,
+    /// Its `lifecycle.postStart.exec.command` (bounded): how a mesh's
+    /// injector holds the app until the proxy is ready.
+    pub post_start: Vec<String>,
 }
 
 /// Istio's annotations on a pod.
@@ -266,9 +269,26 @@ fn spec_containers(pod: &Pod) -> Vec<SpecContainer> {
             name: c.name.clone(),
             image: c.image.clone(),
             init,
+            post_start: c
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.post_start.as_ref())
+                .and_then(|h| h.exec.as_ref())
+                .and_then(|e| e.command.as_ref())
+                .map(|cmd| {
+                    cmd.iter()
+                        .take(MAX_POST_START_ARGS)
+                        .filter(|a| a.len() <= MAX_MARK_VALUE)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect()
 }
+
+/// Words of a postStart command kept (the injectors' are two or three).
+const MAX_POST_START_ARGS: usize = 8;
 
 /// Builds a [`PodInfo`] from an API object and its resolved workload.
 pub fn pod_info(pod: &Pod, workload: Workload) -> Option<PodInfo> {

@@ -113,6 +113,7 @@ fn api_pods_give_revisions_and_what_they_leave_out_is_counted_once_per_change() 
         name: name.into(),
         image: Some(image.into()),
         init: false,
+        post_start: Vec::new(),
     };
     let pod = PodInfo {
         uid: "u1".into(),

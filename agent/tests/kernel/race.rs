@@ -256,8 +256,18 @@ fn agent_restarted_while_sidecar_is_up() {
     assert!(of_pod(&events, &pod.pod.uid, "startup_race").is_empty());
 }
 
-/// The API's view of a simulated pod, with Istio annotations.
+/// The API's view of a simulated pod, with Istio annotations; as Istio's
+/// injector writes it: a hold in the pod's ProxyConfig gives a classic
+/// istio-proxy its `postStart: pilot-agent wait`.
 fn api_pod(pod: &SimPod, annotations: Value, init_proxy: bool) -> Value {
+    let hold = annotations["proxy.istio.io/config"]
+        .as_str()
+        .and_then(|c| serde_json::from_str::<Value>(c).ok())
+        .is_some_and(|c| c["holdApplicationUntilProxyStarts"] == true);
+    let mut proxy = json!({"name": "istio-proxy"});
+    if hold && !init_proxy {
+        proxy["lifecycle"] = json!({"postStart": {"exec": {"command": ["pilot-agent", "wait"]}}});
+    }
     let cid = |n: &str| format!("containerd://{}", pod.pod.container(n).unwrap().id);
     let status = |n: &str| {
         json!({"name": n, "ready": true, "restartCount": 0, "image": "i",
@@ -273,7 +283,7 @@ fn api_pod(pod: &SimPod, annotations: Value, init_proxy: bool) -> Value {
         )
     } else {
         (
-            json!([{"name": "app"}, {"name": "istio-proxy"}]),
+            json!([proxy, {"name": "app"}]),
             json!([]),
             json!([status("app"), status("istio-proxy")]),
             json!([]),

@@ -8,6 +8,7 @@ fn spec(name: &str, image: &str, init: bool) -> SpecContainer {
         name: name.into(),
         image: Some(image.into()),
         init,
+        post_start: Vec::new(),
     }
 }
 

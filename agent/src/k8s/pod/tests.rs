@@ -138,11 +138,13 @@ fn pod_info_keeps_istio_and_native_sidecar() {
                 name: "istio-proxy".into(),
                 image: Some("docker.io/istio/proxyv2:1.22.3".into()),
                 init: true,
+                post_start: Vec::new(),
             },
             SpecContainer {
                 name: "app".into(),
                 image: Some("registry.example/shop/checkout:1.4.2".into()),
                 init: false,
+                post_start: Vec::new(),
             },
         ]
     );

@@ -120,6 +120,27 @@ pub struct Hold {
     /// Whether it is on when no annotation says (the mesh's default).
     #[serde(default)]
     pub default: bool,
+    /// The proxy container's `postStart` exec command when it is on: its
+    /// program's file name, then words it includes (Istio's `pilot-agent
+    /// wait`). The injector writes it from the pod's annotation and the
+    /// mesh-wide setting alike, so when the API shows the proxy container
+    /// this decides, not the annotation.
+    #[serde(default)]
+    pub post_start: Vec<String>,
+}
+
+impl Hold {
+    /// Whether a `postStart` command is this hold's.
+    fn is_post_start(&self, command: &[String]) -> bool {
+        let (Some(want), Some(prog)) = (self.post_start.first(), command.first()) else {
+            return false;
+        };
+        let file = prog.rsplit('/').next().unwrap_or(prog);
+        file == want
+            && self.post_start[1..]
+                .iter()
+                .all(|w| command[1..].iter().any(|a| a == w))
+    }
 }
 
 fn on_values() -> Vec<String> {
@@ -339,7 +360,16 @@ impl Profile {
 
     /// The mitigations in effect for an API pod of this mesh.
     pub(crate) fn mitigation(&self, p: &PodInfo) -> Mitigation {
+        let spec_proxy = p
+            .spec_containers
+            .iter()
+            .find(|c| self.proxy_container(&c.name));
         let hold = self.hold.as_ref().map(|h| {
+            // What the injector wrote, when the spec shows the proxy (a
+            // native sidecar is never held this way).
+            if let Some(c) = spec_proxy.filter(|_| !h.post_start.is_empty()) {
+                return !c.init && h.is_post_start(&c.post_start);
+            }
             h.annotations
                 .iter()
                 .find_map(|a| p.annotations.get(a))

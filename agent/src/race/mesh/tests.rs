@@ -288,3 +288,88 @@ fn each_mesh_reads_its_own_mitigation() {
             .contains("proxy-await")
     );
 }
+
+/// When the API shows the proxy container, its `postStart` hook says
+/// whether the app is held: the injector writes it from the pod's
+/// annotation and the mesh-wide setting alike (a mesh-wide hold has no
+/// annotation; a custom lifecycle drops the hook the annotation asked for).
+#[test]
+fn the_proxy_s_post_start_hook_is_what_holds_the_app() {
+    use crate::k8s::{PodInfo, pod::SpecContainer};
+    let p = Profiles::builtin();
+    let pod = |ann: &[(&str, &str)], proxy: &str, init: bool, post_start: &[&str]| PodInfo {
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        spec_containers: vec![
+            SpecContainer {
+                name: proxy.into(),
+                image: None,
+                init,
+                post_start: post_start.iter().map(|s| s.to_string()).collect(),
+            },
+            SpecContainer {
+                name: "app".into(),
+                image: None,
+                init: false,
+                post_start: Vec::new(),
+            },
+        ],
+        ..crate::k8s::pod::tests_support::pod()
+    };
+    let hold = |m: &str, p2: &PodInfo| p.get(m).unwrap().mitigation(p2).hold;
+    let istio_on = r#"{"holdApplicationUntilProxyStarts": true}"#;
+    let wait = ["pilot-agent", "wait"];
+    // Mesh-wide: no annotation, the hook is there.
+    assert_eq!(
+        hold("istio", &pod(&[], "istio-proxy", false, &wait)),
+        Some(true)
+    );
+    // The annotation, but a custom lifecycle without the hook.
+    let custom = pod(
+        &[("proxy.istio.io/config", istio_on)],
+        "istio-proxy",
+        false,
+        &[],
+    );
+    assert_eq!(hold("istio", &custom), Some(false));
+    // A native sidecar is not held this way.
+    assert_eq!(
+        hold("istio", &pod(&[], "istio-proxy", true, &wait)),
+        Some(false)
+    );
+    // Another program's hook is not the hold.
+    let other = pod(&[], "istio-proxy", false, &["sh", "-c", "sleep 5"]);
+    assert_eq!(hold("istio", &other), Some(false));
+    // Linkerd: on by default, unless the spec shows no hook.
+    let awaited = [
+        "/usr/lib/linkerd/linkerd-await",
+        "--timeout=2m",
+        "--port=4191",
+    ];
+    assert_eq!(
+        hold("linkerd", &pod(&[], "linkerd-proxy", false, &awaited)),
+        Some(true)
+    );
+    assert_eq!(
+        hold("linkerd", &pod(&[], "linkerd-proxy", false, &[])),
+        Some(false)
+    );
+    let kuma_wait = ["kuma-dp", "wait", "--url", "http://localhost:9901/ready"];
+    assert_eq!(
+        hold("kuma", &pod(&[], "kuma-sidecar", false, &kuma_wait)),
+        Some(true)
+    );
+    // Without the proxy in the spec, the annotation decides.
+    let no_spec = PodInfo {
+        spec_containers: Vec::new(),
+        ..pod(
+            &[("proxy.istio.io/config", istio_on)],
+            "istio-proxy",
+            false,
+            &[],
+        )
+    };
+    assert_eq!(hold("istio", &no_spec), Some(true));
+}

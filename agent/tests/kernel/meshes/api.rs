@@ -11,8 +11,13 @@ use super::{of_pod, stop, wait_for_event};
 use crate::fixture::{Node, start_sidecar, wait_for_api_view};
 
 /// The API's view of a simulated pod of `mesh`: its proxy container next to
-/// the app, these annotations and labels.
+/// the app, these annotations and labels; as Linkerd's injector writes
+/// it: with proxy-await (its default), the proxy's `postStart` runs
+/// linkerd-await.
 fn api_pod(pod: &SimPod, mesh: &MeshBed, annotations: Value, labels: Value) -> Value {
+    let disabled = |k: &str| annotations[k] == "disabled";
+    let wait = !disabled("config.linkerd.io/proxy-await")
+        && !disabled("config.alpha.linkerd.io/proxy-await");
     let cid = |n: &str| format!("containerd://{}", pod.pod.container(n).unwrap().id);
     let status = |n: &str| {
         json!({"name": n, "ready": true, "restartCount": 0, "image": "i",
@@ -20,12 +25,17 @@ fn api_pod(pod: &SimPod, mesh: &MeshBed, annotations: Value, labels: Value) -> V
         "state": {"running": {"startedAt": "2026-11-24T10:00:00Z"}}})
     };
     let proxy = mesh.container.as_str();
+    let mut spec_proxy = json!({"name": proxy});
+    if wait {
+        spec_proxy["lifecycle"] = json!({"postStart": {"exec": {"command":
+            ["/usr/lib/linkerd/linkerd-await", "--timeout=2m", "--port=4191"]}}});
+    }
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod.pod.name, "namespace": pod.pod.namespace, "uid": pod.pod.uid,
             "annotations": annotations, "labels": labels,
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "ledger",
                 "uid": "s", "controller": true}]},
-        "spec": {"nodeName": "test-node", "containers": [{"name": proxy}, {"name": "app"}]},
+        "spec": {"nodeName": "test-node", "containers": [spec_proxy, {"name": "app"}]},
         "status": {"containerStatuses": [status(proxy), status("app")]}})
 }
 
