@@ -9,6 +9,7 @@
 mod change;
 mod events;
 mod fetch;
+mod inbound;
 mod render;
 mod timeline;
 mod verdict;

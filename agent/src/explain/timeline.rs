@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::{
     change::Change,
     events::{Line, Revision},
+    inbound::{INBOUND, inbound_span, of_when},
     verdict::{span_label, verdicts},
 };
 use crate::race::{Mitigation, Profile};
@@ -199,20 +200,20 @@ fn min(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 /// A span before its times are made relative to t = 0.
-struct Raw {
-    phase: String,
-    from: u64,
-    to: u64,
-    count: u64,
-    dests: Vec<String>,
-    seen_ns: Vec<u64>,
+pub(super) struct Raw {
+    pub phase: String,
+    pub from: u64,
+    pub to: u64,
+    pub count: u64,
+    pub dests: Vec<String>,
+    pub seen_ns: Vec<u64>,
 }
 
 /// Failed connects of one phase, as the lines show them.
 #[derive(Default)]
-struct Failures {
-    seen_ns: Vec<u64>,
-    dests: BTreeSet<String>,
+pub(super) struct Failures {
+    pub seen_ns: Vec<u64>,
+    pub dests: BTreeSet<String>,
 }
 
 /// The pod's mesh profile, by the name its lines carry (the built-in
@@ -227,83 +228,6 @@ fn mesh_of(lines: &[&Line]) -> Arc<Profile> {
         .and_then(|m| all.get(m))
         .unwrap_or_else(|| all.default_profile())
         .clone()
-}
-
-/// The inbound episodes (`when` of an `inbound_race` summary) and the
-/// phase of their refusals.
-pub(super) const INBOUND: [(&str, &str); 3] = [
-    ("startup", "inbound_startup"),
-    ("shutdown", "inbound_shutdown"),
-    ("bind", "inbound_bind"),
-];
-
-/// The `inbound_race` summaries of one episode kind.
-pub(super) fn of_when<'a>(inbound: &[&'a Line], when: &str) -> Vec<&'a Line> {
-    inbound
-        .iter()
-        .filter(|l| l.when.as_deref() == Some(when))
-        .copied()
-        .collect()
-}
-
-/// An inbound phase's span: counts from its summaries when there are any
-/// (the lines the answer holds may be fewer), else from the lines; from
-/// the first refusal to the app's listen (start-up: the window), from the
-/// listener's close to the last refusal (shutdown), else first to last.
-fn inbound_span(phase: &str, f: Failures, sums: &[&Line]) -> Option<Raw> {
-    let count = if sums.is_empty() {
-        f.seen_ns.len() as u64
-    } else {
-        sums.iter()
-            .filter_map(|s| s.refused)
-            .fold(0, u64::saturating_add)
-    };
-    if count == 0 {
-        return None;
-    }
-    let first = sums
-        .iter()
-        .filter_map(|s| s.first_refusal_mono_ns)
-        .chain(f.seen_ns.iter().copied())
-        .min()?;
-    let last = sums
-        .iter()
-        .filter_map(|s| s.last_refusal_mono_ns)
-        .chain(f.seen_ns.iter().copied())
-        .max()
-        .unwrap_or(first);
-    let from = sums
-        .iter()
-        .filter_map(|s| s.listener_close_mono_ns)
-        .filter(|&c| c <= first)
-        .min()
-        .unwrap_or(first);
-    let to = sums
-        .iter()
-        .filter_map(|s| s.app_listen_mono_ns)
-        .filter(|&l| l >= first)
-        .max()
-        .unwrap_or(last);
-    let mut dests = f.dests;
-    if dests.is_empty() {
-        dests.extend(
-            sums.iter()
-                .flat_map(|s| s.ports.iter().map(|p| format!(":{p}"))),
-        );
-    }
-    let seen_ns = if f.seen_ns.is_empty() {
-        vec![first, last]
-    } else {
-        f.seen_ns
-    };
-    Some(Raw {
-        phase: phase.into(),
-        from,
-        to,
-        count,
-        dests: dests.into_iter().collect(),
-        seen_ns,
-    })
 }
 
 fn pod(lines: &[&Line], boot_ns: Option<i128>) -> PodTimeline {

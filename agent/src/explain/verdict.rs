@@ -3,7 +3,8 @@
 
 use super::{
     events::Line,
-    timeline::{INBOUND, Span, Verdict, of_when},
+    inbound::inbound_verdict,
+    timeline::{Span, Verdict},
 };
 use crate::race::Profile;
 
@@ -135,59 +136,4 @@ pub(super) fn verdicts(
     let mut out = vec![verdict];
     out.extend(inbound);
     out
-}
-
-/// The verdict of an inbound span: the proxy refused by its own app,
-/// before it listened, after it closed, or because it listens elsewhere.
-fn inbound_verdict(m: &Profile, s: &Span, inbound: &[&Line]) -> Option<Verdict> {
-    let &(when, phase) = INBOUND.iter().find(|(_, p)| *p == s.phase)?;
-    let sums = of_when(inbound, when);
-    let proxy = m.proxy_containers.first().map_or("proxy", String::as_str);
-    let app = sums
-        .iter()
-        .rev()
-        .find_map(|l| l.container.clone())
-        .unwrap_or_else(|| "the app".into());
-    let mut ports: Vec<u16> = sums.iter().flat_map(|l| l.ports.iter().copied()).collect();
-    ports.sort_unstable();
-    ports.dedup();
-    let ports = if ports.is_empty() {
-        s.destinations.join(", ")
-    } else {
-        ports
-            .iter()
-            .map(|p| format!(":{p}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let window = sums
-        .iter()
-        .rev()
-        .find_map(|l| l.window_seconds)
-        .map(|w| format!(" over {w:.3} s"))
-        .unwrap_or_default();
-    let n = s.count;
-    let text = match when {
-        "startup" => format!(
-            "inbound startup race: {n} of {proxy}'s dials of the app refused{window} before {app} listened on {ports} (each a failed request)"
-        ),
-        "shutdown" => format!(
-            "inbound shutdown race: {n} of {proxy}'s dials of the app refused{window} after {app} closed its listener on {ports} (each a failed request)"
-        ),
-        _ => {
-            let bound: Vec<String> = sums
-                .iter()
-                .flat_map(|l| l.bound_addresses.iter().cloned())
-                .collect();
-            let bound = if bound.is_empty() {
-                "other addresses".into()
-            } else {
-                bound.join(", ")
-            };
-            format!(
-                "app bound to {bound} only: {n} of {proxy}'s dials of {ports} refused (each a failed request)"
-            )
-        }
-    };
-    Some(Verdict { phase, text })
 }
