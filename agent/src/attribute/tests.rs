@@ -52,10 +52,15 @@ impl Node {
     /// A fresh attributor (empty caches) on node `node-1`, whose
     /// `/proc` fallback finds nothing.
     fn attributor(&self) -> Attributor {
+        self.attributor_with(Reader::new(self.roots.clone()))
+    }
+
+    /// [`Node::attributor`] with this runtime reader.
+    fn attributor_with(&self, runtime: Reader) -> Attributor {
         Attributor::new(
             Some("node-1".into()),
             Resolver::new(Some(self.cgroup.clone())),
-            Reader::new(self.roots.clone()),
+            runtime,
             self.dir.join("no-proc"),
         )
     }
@@ -312,12 +317,7 @@ fn an_incomplete_answer_stands_only_while_what_it_lacks_cannot_appear() {
     pod.remove_metadata("app").unwrap();
     let mut runtime = Reader::new(node.roots.clone());
     runtime.negative_ttl = std::time::Duration::from_millis(300);
-    let mut who = Attributor::new(
-        Some("node-1".into()),
-        Resolver::new(Some(node.cgroup.clone())),
-        runtime,
-        node.dir.join("no-proc"),
-    );
+    let mut who = node.attributor_with(runtime);
     let ev = app(&pod);
     let first = who.attribute_wait(&ev, None);
     assert_eq!(first.pod, None, "no bundle yet");
@@ -347,12 +347,7 @@ fn an_incomplete_answer_stands_only_while_what_it_lacks_cannot_appear() {
     assert_eq!(named.container.as_deref(), Some("app"));
     // An API change drops incomplete answers at once.
     pod.remove_metadata("app").unwrap();
-    let mut bare = Attributor::new(
-        None,
-        Resolver::new(Some(node.cgroup.clone())),
-        Reader::new(node.roots.clone()),
-        node.dir.join("no-proc"),
-    );
+    let mut bare = node.attributor();
     let before = bare.attribute_wait(&ev, None);
     bare.invalidate();
     let after = bare.attribute_wait(&ev, None);
@@ -540,12 +535,7 @@ fn a_read_given_up_that_finishes_completes_the_answer_at_once() {
     let pod = node.pod(Flavor::Containerd, Qos::Burstable, "shop", "web-0");
     let mut runtime = Reader::with_read(node.roots.clone(), slow_read);
     runtime.timeout = std::time::Duration::from_millis(100);
-    let mut who = Attributor::new(
-        Some("node-1".into()),
-        Resolver::new(Some(node.cgroup.clone())),
-        runtime,
-        node.dir.join("no-proc"),
-    );
+    let mut who = node.attributor_with(runtime);
     let ev = app(&pod);
     assert!(who.attribute(&ev, None).is_none(), "being read");
     std::thread::sleep(std::time::Duration::from_millis(150));
