@@ -135,6 +135,7 @@ impl CaptureRules {
             &p.pod_ips,
         );
         rules.include_ports = get(&k.include_ports).map(ports).unwrap_or_default();
+        rules.uncaptured = profile.uncaptured.clone();
         rules
     }
 

@@ -383,3 +383,20 @@ fn included_ports_are_captured_whatever_the_ranges() {
     );
     assert!(!r.captures(sa("127.0.0.1:5432"), None), "loopback first");
 }
+
+/// The API's view of a pod is read through its mesh's rules: Consul's
+/// capture everything but 127.0.0.1 (`::1`), the pod's own address too.
+#[test]
+fn the_api_s_capture_rules_follow_the_pod_s_mesh() {
+    let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    let mut p = crate::k8s::pod::tests_support::pod();
+    p.pod_ips = vec!["10.244.0.9".parse().unwrap()];
+    let profiles = crate::race::mesh::Profiles::builtin();
+    let consul = CaptureRules::of(profiles.get("consul").unwrap(), &p);
+    assert!(consul.captures(sa("10.244.0.9:8080"), None), "own address");
+    assert!(consul.captures(sa("127.0.0.2:8080"), None));
+    assert!(!consul.captures(sa("127.0.0.1:8080"), None));
+    let istio = CaptureRules::of(profiles.get("istio").unwrap(), &p);
+    assert!(!istio.captures(sa("10.244.0.9:8080"), None), "own address");
+    assert!(!istio.captures(sa("127.0.0.2:8080"), None));
+}
